@@ -1,0 +1,78 @@
+"""Backend registry and selection.
+
+Every backend is a module exposing ``NAME``, ``available() -> (bool, reason)``,
+``supports(device) -> bool`` and the three operator entry points of :mod:`finesteer.reference`
+(``steering_vectors``, ``add_vectors``, ``steer_tokens``) with the same signatures and
+semantics. Modules are imported lazily, so a backend whose toolchain is missing costs nothing.
+
+Selection (``backend="auto"``): the first available backend in :data:`AUTO_ORDER` that supports
+the tensor's device. ``FINESTEER_BACKEND=<name>`` overrides ``auto``. As in Liger-Kernel's
+registry, an auto-selected backend that cannot load is skipped silently, while an explicitly
+requested one that cannot load raises with the reason.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+#: name → module implementing it.
+BACKEND_MODULES = {
+    "reference": "finesteer.reference",
+    "cpu": "finesteer.backends.cpu",
+    "triton": "finesteer.backends.triton",
+    "cuda": "finesteer.backends.cuda",
+}
+
+#: Preference order for ``backend="auto"``, per device type.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+ENV_VAR = "FINESTEER_BACKEND"
+
+_cache: dict[str, tuple[ModuleType | None, str]] = {}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    if name not in _cache:
+        try:
+            mod = importlib.import_module(BACKEND_MODULES[name])
+            ok, reason = mod.available()
+            _cache[name] = (mod if ok else None, reason)
+        except Exception as exc:  # a broken toolchain must not break the package
+            _cache[name] = (None, f"import failed: {type(exc).__name__}: {exc}")
+    return _cache[name]
+
+
+def backends() -> dict[str, str]:
+    """Every known backend with ``"available: <why>"`` or ``"unavailable: <why not>"``."""
+    out = {}
+    for name in BACKEND_MODULES:
+        mod, reason = _load(name)
+        out[name] = ("available: " if mod is not None else "unavailable: ") + reason
+    return out
+
+
+def get_backend(name: str, device: torch.device) -> ModuleType:
+    """Resolve ``name`` (a backend name or ``"auto"``) for tensors on ``device``."""
+    device = torch.device(device)
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            mod, _ = _load(candidate)
+            if mod is not None and mod.supports(device):
+                return mod
+        return _load("reference")[0]
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKEND_MODULES)} or 'auto'")
+    mod, reason = _load(name)
+    if mod is None:
+        raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
+    if not mod.supports(device):
+        raise RuntimeError(f"backend {name!r} does not support tensors on device {device}")
+    return mod
