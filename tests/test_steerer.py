@@ -1,0 +1,48 @@
+"""Steerer construction checks and its convenience methods."""
+import pytest
+import torch
+
+from finesteer import Steerer
+from tests.utils import random_steerer
+
+
+def test_needs_a_mose():
+    with pytest.raises(ValueError, match="needs a fitted MoSE"):
+        Steerer(gate=random_steerer(8).gate)
+
+
+def test_gate_mode_needs_a_gate():
+    mose = random_steerer(8).mose
+    with pytest.raises(ValueError, match="needs an SCS gate"):
+        Steerer(mose=mose, gate_mode="hard")
+    assert Steerer(mose=mose).gate_mode == "off"
+
+
+def test_unknown_gate_mode():
+    s = random_steerer(8)
+    with pytest.raises(ValueError, match="gate_mode must be one of"):
+        Steerer(gate=s.gate, mose=s.mose, gate_mode="sometimes")
+
+
+def test_gate_and_mose_hidden_sizes_must_agree():
+    with pytest.raises(ValueError, match="gate hidden size 8 != MoSE hidden size 16"):
+        Steerer(gate=random_steerer(8).gate, mose=random_steerer(16).mose)
+
+
+def test_bad_temperature_and_layer():
+    s = random_steerer(8)
+    with pytest.raises(ValueError, match="temperature"):
+        Steerer(gate=s.gate, mose=s.mose, temperature=0)
+    with pytest.raises(ValueError, match="layer"):
+        Steerer(gate=s.gate, mose=s.mose, layer=-1)
+
+
+def test_apply_equals_h_plus_vector():
+    s = random_steerer(16, gate_mode="soft")
+    h = torch.randn(4, 16)
+    torch.testing.assert_close(s.apply(h), h + s.vector(h), atol=1e-6, rtol=1e-6)
+
+
+def test_score_of_wrong_width_is_named():
+    with pytest.raises(ValueError, match="SCSGate.score: hidden size mismatch"):
+        random_steerer(16).score(torch.randn(2, 15))
