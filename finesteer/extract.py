@@ -1,0 +1,428 @@
+"""Activation extraction at the steering hook point (DESIGN §1, §3).
+
+``h`` at layer ``ℓ`` is the residual stream after decoder block ``ℓ`` (HF's
+``output_hidden_states[ℓ + 1]``), read with forward hooks on the blocks themselves: HF's last
+``hidden_states`` entry is taken after the final norm in many models, the block output is not.
+Steering (:class:`finesteer.FusedSteerer`) adds at the same point, so fitting and inference agree.
+
+Two quantities:
+
+- :func:`last_token_states` — ``q = h`` at the last prompt token (the query the gate and the
+  MoSE router read);
+- :func:`response_deltas` — ``δ = mean(h over chosen-response tokens) − mean(h over rejected-response
+  tokens)``, each response following the same prompt (the paper's definition), plus the queries.
+
+Prompts are formatted with the tokenizer's chat template when it has one and ``chat_template``
+is true (a user turn, then the generation prompt); otherwise the raw text is tokenized with the
+tokenizer's special tokens. Batches are padded on the tokenizer's ``padding_side`` with explicit
+attention masks and position ids, sorted by length to waste little compute; results are
+independent of batching and padding up to float rounding. Outputs are fp32 on the CPU.
+
+Prompts must be non-empty and, with their responses, no longer than the model's context:
+longer inputs are **refused** (a ``ValueError`` naming the row), never truncated, because
+truncation would silently move the token whose state is measured.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .integrations.hf import find_decoder_layers, model_context_length, model_hidden_size
+
+__all__ = ["last_token_states", "response_deltas", "format_prompt", "encode_prompts"]
+
+log = logging.getLogger(__name__)
+
+Positions = Union[str, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenisation
+
+
+def _has_template(tokenizer, chat_template: bool) -> bool:
+    return bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer, prompt: str, chat_template: bool = True) -> str:
+    """The text the model sees for ``prompt``: one user turn plus the generation prompt when the
+    tokenizer has a chat template and ``chat_template`` is true, else ``prompt`` unchanged."""
+    if _has_template(tokenizer, chat_template):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def _encode(tokenizer, text: str, templated: bool) -> list:
+    # A rendered chat template already carries BOS etc.; adding special tokens again would double them.
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
+def _check_text(value, what: str, row: int) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} {row}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{what} {row}: empty or whitespace-only text")
+    return value
+
+
+def _check_length(n: int, context: Optional[int], what: str, row: int) -> None:
+    if n == 0:
+        raise ValueError(f"{what} {row}: tokenizes to zero tokens")
+    if context is not None and n > context:
+        raise ValueError(f"{what} {row}: {n} tokens, longer than the model's context of {context} tokens; "
+                         f"shorten or drop it (finesteer refuses rather than truncates, because truncation "
+                         f"would move the measured token)")
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True,
+                   context: Optional[int] = None) -> list:
+    """Token ids of every prompt as the model sees it (see :func:`format_prompt`); validates each."""
+    templated = _has_template(tokenizer, chat_template)
+    out = []
+    for i, p in enumerate(prompts):
+        ids = _encode(tokenizer, format_prompt(tokenizer, _check_text(p, "prompt", i), chat_template), templated)
+        _check_length(len(ids), context, "prompt", i)
+        out.append(ids)
+    return out
+
+
+def _join_plain(prompt: str, response: str) -> str:
+    # Without a template, prompt and response are joined by one space unless one side already
+    # has whitespace at the junction.
+    if prompt[-1:].isspace() or response[:1].isspace():
+        return prompt + response
+    return prompt + " " + response
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode_response(tokenizer, prompt: str, response: str, templated: bool, where: str):
+    """Ids of prompt+response and the half-open token range ``[start, end)`` covering the response.
+
+    The response occupies characters ``[c0, c1)`` of the full text. ``start`` is the number of
+    leading tokens shared by the tokenisation of ``full[:c0]`` and of the full text: when the
+    tokenizer merges a token across the boundary, that merged token carries response text and
+    counts as a response token. ``end`` likewise from ``full[:c1]``, so trailing chat-template
+    tokens (end-of-turn markers) are not averaged.
+    """
+    if templated:
+        prompt_text = format_prompt(tokenizer, prompt, True)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}], tokenize=False)
+        base = len(prompt_text) if full.startswith(prompt_text) else 0
+        content = response.strip()
+        c0 = full.find(content, base)
+        if c0 < 0:
+            raise ValueError(f"{where}: the chat template does not render the response text verbatim, so its "
+                             f"tokens cannot be located; use chat_template=False (CLI: --no-chat-template)")
+        c1 = c0 + len(content)
+    else:
+        full = _join_plain(prompt, response)
+        c0 = len(full) - len(response)  # the joining space, if any, stays on the prompt side
+        c1 = len(full)
+    ids = _encode(tokenizer, full, templated)
+    head = _encode(tokenizer, full[:c0], templated)
+    start = _common_prefix(head, ids)
+    if c1 == len(full):
+        end = len(ids)
+    else:
+        upto = _encode(tokenizer, full[:c1], templated)
+        shared = _common_prefix(upto, ids)
+        end = shared if shared == len(upto) else shared + 1
+    end = min(end, len(ids))
+    if end <= start:
+        raise ValueError(f"{where}: the response produces no tokens of its own")
+    return ids, start, end
+
+
+# ---------------------------------------------------------------------------------------------
+# batched forward with capture
+
+
+class _Stop(Exception):
+    """Raised from the hook of the deepest requested layer: later blocks need not run."""
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _pad(seqs: list, pad_id: int, side: str, device):
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), S), dtype=torch.long)
+    offsets = []
+    for b, s in enumerate(seqs):
+        off = S - len(s) if side == "left" else 0
+        ids[b, off:off + len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, off:off + len(s)] = 1
+        offsets.append(off)
+    # Positions count real tokens only, so a left-padded row gets the positions of its unpadded self.
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device), offsets
+
+
+def _forward_capture(model, blocks, layers: list, ids, mask, pos, reduce) -> dict:
+    """One forward; returns ``{layer: reduce(h_layer)}`` with ``h_layer`` the block output [B, S, d]."""
+    out, handles = {}, []
+    deepest = max(layers)
+
+    def make(layer):
+        def hook(module, args, output):
+            h = output if isinstance(output, torch.Tensor) else output[0]
+            out[layer] = reduce(h)
+            if layer == deepest:
+                raise _Stop
+        return hook
+
+    for layer in sorted(set(layers)):
+        handles.append(blocks[layer].register_forward_hook(make(layer)))
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params:
+        kwargs["position_ids"] = pos
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    try:
+        with torch.no_grad():  # not inference_mode: outputs may feed a training loop
+            model(**kwargs)
+    except _Stop:
+        pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        raise RuntimeError(f"{type(model).__name__}: the forward pass never ran decoder layer(s) {missing}")
+    return out
+
+
+def _run_batches(model, tokenizer, seqs: list, layers: list, batch_size: int, reduce_for, progress: bool,
+                 desc: str, padding_side: Optional[str]) -> dict:
+    """Run ``seqs`` in length-sorted batches; ``reduce_for(rows, offsets)`` builds each batch's reducer."""
+    from tqdm.auto import tqdm
+
+    blocks = find_decoder_layers(model)
+    for layer in layers:
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"layer {layer} is out of range: {type(model).__name__} has {len(blocks)} decoder "
+                             f"layers (valid: 0..{len(blocks) - 1})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    device = _model_device(model)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    results: dict = {layer: [None] * len(seqs) for layer in layers}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for rows in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        ids, mask, pos, offsets = _pad([seqs[i] for i in rows], pad_id, side, device)
+        captured = _forward_capture(model, blocks, layers, ids, mask, pos, reduce_for(rows, offsets, ids.shape[1]))
+        for layer in layers:
+            vals = captured[layer].float().cpu()
+            for j, i in enumerate(rows):
+                results[layer][i] = vals[j]
+    if not seqs:
+        d = model_hidden_size(model) or 0
+        return {layer: torch.zeros(0, d) for layer in layers}
+    return {layer: torch.stack(results[layer]) for layer in layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def _fingerprint(model) -> dict:
+    """What identifies the model's function cheaply: name, class, config, dtype, a few weights."""
+    config = getattr(model, "config", None)
+    conf = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    params = list(model.parameters())
+    probe = []
+    for p in (params[:2] + params[-2:]) if params else []:
+        flat = p.detach().reshape(-1)[:4096].float().cpu()
+        probe.append(hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16])
+    return {"name": getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", ""),
+            "class": type(model).__name__, "config": hashlib.sha256(conf.encode()).hexdigest(),
+            "dtype": str(params[0].dtype) if params else "", "weights": probe}
+
+
+def _cache_key(model, kind: str, layers: list, payload) -> str:
+    doc = {"kind": kind, "model": _fingerprint(model), "layers": list(layers), "payload": payload,
+           "format": 1}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_load(cache_file, key: str) -> Optional[dict]:
+    if cache_file is None or not os.path.isfile(cache_file):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(cache_file), framework="pt") as f:
+            if (f.metadata() or {}).get("finesteer_cache_key") != key:
+                log.info("%s: cache is for other inputs; recomputing", cache_file)
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # a corrupt cache is recomputed, not fatal
+        log.warning("%s: unreadable cache (%s); recomputing", cache_file, exc)
+        return None
+
+
+def _cache_save(cache_file, key: str, tensors: dict) -> None:
+    if cache_file is None:
+        return
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(cache_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"finesteer_cache_key": key})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _layer_list(layers) -> list:
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    if not layers:
+        raise ValueError("layers: need at least one layer index")
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layers: expected integer layer indices, got {layer!r}")
+    return sorted(set(layers))
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def last_token_states(model, tokenizer, prompts: Sequence[str], layers, batch_size: int = 8,
+                      chat_template: bool = True, cache_file=None, progress: bool = True,
+                      padding_side: Optional[str] = None) -> dict:
+    """``h`` at the last prompt token after each decoder block in ``layers``.
+
+    Semantics::
+
+        out[ℓ][i] = h_ℓ(format(prompts[i]))[last token]       # fp32, CPU
+
+    Shapes: ``prompts`` N strings → ``{ℓ: Tensor[N, d]}``. ``layers`` an int or a list of ints
+    (all captured in the same forward pass; blocks after the deepest one are not run).
+    ``cache_file``: a ``.safetensors`` path; when it holds the result for the same model,
+    layers, token ids and options it is returned without a forward pass, otherwise it is
+    (re)written. ``padding_side`` overrides the tokenizer's.
+    """
+    layers = _layer_list(layers)
+    context = model_context_length(model)
+    seqs = encode_prompts(tokenizer, prompts, chat_template, context)
+    key = _cache_key(model, "last_token_states", layers, {"ids": seqs})
+    hit = _cache_load(cache_file, key)
+    if hit is not None:
+        return {layer: hit[f"layer_{layer}"] for layer in layers}
+    lengths = [len(s) for s in seqs]
+
+    def reduce_for(rows, offsets, S):
+        last = torch.tensor([offsets[j] + lengths[i] - 1 for j, i in enumerate(rows)])
+
+        def reduce(h):
+            return h[torch.arange(h.shape[0], device=h.device), last.to(h.device)].float()
+        return reduce
+
+    out = _run_batches(model, tokenizer, seqs, layers, batch_size, reduce_for, progress,
+                       "extract: prompt states", padding_side)
+    _cache_save(cache_file, key, {f"layer_{layer}": t for layer, t in out.items()})
+    return out
+
+
+def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                    layers, positions: Positions = "all", batch_size: int = 8, chat_template: bool = True,
+                    cache_file=None, progress: bool = True, padding_side: Optional[str] = None):
+    """Queries and response-shift deltas for (prompt, chosen, rejected) triples (DESIGN §3).
+
+    Semantics (``R(x)`` = the response tokens of ``x`` following ``prompts[i]``)::
+
+        queries[ℓ][i] = h_ℓ(prompt_i)[last token]
+        deltas[ℓ][i]  = mean_{t ∈ R(chosen_i)} h_ℓ[t] − mean_{t ∈ R(rejected_i)} h_ℓ[t]
+
+    ``positions="all"`` averages every response token (the paper's default); an int ``n``
+    averages the first ``n`` (fewer when the response is shorter). Response tokens are the
+    tokens of the full prompt+response text that cover the response (with a chat template: the
+    assistant message, without its end-of-turn markers; without one: prompt and response joined
+    by a space). Returns ``(queries, deltas)``, each ``{ℓ: Tensor[N, d]}`` fp32 on the CPU.
+    ``cache_file`` and ``padding_side`` as in :func:`last_token_states`.
+    """
+    layers = _layer_list(layers)
+    if not (positions == "all" or (isinstance(positions, int) and not isinstance(positions, bool)
+                                   and positions > 0)):
+        raise ValueError(f"positions must be 'all' or a positive int (first n response tokens), got {positions!r}")
+    n = len(prompts)
+    if len(chosen) != n or len(rejected) != n:
+        raise ValueError(f"prompts, chosen and rejected must have the same length, got {n}, {len(chosen)}, "
+                         f"{len(rejected)}")
+    context = model_context_length(model)
+    templated = _has_template(tokenizer, chat_template)
+    seqs, spans = [], []
+    for i in range(n):
+        _check_text(prompts[i], "prompt", i)
+        for name, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
+            _check_text(resp, f"{name} response of pair", i)
+            ids, start, end = _encode_response(tokenizer, prompts[i], resp, templated, f"pair {i} ({name})")
+            _check_length(len(ids), context, f"pair {i} ({name}, prompt + response)", i)
+            if positions != "all":
+                end = min(end, start + positions)
+            seqs.append(ids)
+            spans.append((start, end))
+    prompt_seqs = encode_prompts(tokenizer, prompts, chat_template, context)
+    key = _cache_key(model, "response_deltas", layers, {"ids": seqs, "spans": spans, "prompts": prompt_seqs,
+                                                        "positions": positions})
+    hit = _cache_load(cache_file, key)
+    if hit is not None:
+        return ({layer: hit[f"queries_{layer}"] for layer in layers},
+                {layer: hit[f"deltas_{layer}"] for layer in layers})
+
+    queries = last_token_states(model, tokenizer, prompts, layers, batch_size, chat_template, None, progress,
+                                padding_side)
+
+    def reduce_for(rows, offsets, S):
+        w = torch.zeros(len(rows), S)
+        for j, i in enumerate(rows):
+            s, e = spans[i]
+            w[j, offsets[j] + s:offsets[j] + e] = 1.0 / (e - s)
+
+        def reduce(h):
+            return torch.einsum("bs,bsd->bd", w.to(h.device), h.float())
+        return reduce
+
+    means = _run_batches(model, tokenizer, seqs, layers, batch_size, reduce_for, progress,
+                         "extract: response means", padding_side)
+    deltas = {layer: means[layer][0::2] - means[layer][1::2] for layer in layers}
+    tensors = {f"queries_{layer}": queries[layer] for layer in layers}
+    tensors.update({f"deltas_{layer}": deltas[layer] for layer in layers})
+    _cache_save(cache_file, key, tensors)
+    return queries, deltas

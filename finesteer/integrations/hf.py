@@ -1,0 +1,443 @@
+"""Steer HuggingFace ``transformers`` models: :class:`FusedSteerer` and decoder-layer location.
+
+The hook point is DESIGN §1: the residual stream **after** decoder block ``ℓ`` (HF's
+``output_hidden_states[ℓ + 1]``). A forward hook on ``layers[ℓ]`` rewrites that block's output,
+so everything downstream (later blocks, later steered layers, the KV cache of later layers) sees
+the steered stream in the same pass.
+
+Nothing in this module imports ``transformers``: it works on any ``nn.Module`` whose decoder
+blocks sit in an ``nn.ModuleList`` and whose blocks return the hidden states (a tensor, or a
+tuple whose first element is the hidden states).
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+from .._backends import get_backend
+from ..bank import SteeringBank
+from ..steerer import Steerer
+
+__all__ = ["FusedSteerer", "find_decoder_layers", "model_context_length", "model_hidden_size"]
+
+#: Where the decoder blocks live, tried in order. Causal-LM wrappers first, then bare bodies.
+#: Llama, Qwen2, Mistral, Gemma2, Phi3 (``model.layers``), GPT-2 (``transformer.h``), GPT-NeoX
+#: (``gpt_neox.layers``), BERT-style encoders (``bert.encoder.layer`` / ``encoder.layer``),
+#: plus the common multimodal and encoder-decoder placements.
+LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "model.text_model.layers",
+    "language_model.model.layers",
+    "language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+    "transformer.blocks",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "encoder.layer",
+    "layers",
+    "h",
+    "blocks",
+)
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential)):
+            idx = int(part)
+            if idx >= len(obj):
+                return None
+            obj = obj[idx]
+        else:
+            obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        try:
+            return config.get_text_config()
+        except Exception:  # some remote-code configs break get_text_config; the plain config still helps
+            return config
+    return config
+
+
+def model_hidden_size(model: nn.Module) -> Optional[int]:
+    """The residual-stream width of ``model`` from its config (``None`` when it has no config)."""
+    config = _text_config(model)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def model_context_length(model: nn.Module) -> Optional[int]:
+    """The longest sequence ``model`` supports, from its config (``None`` when unknown)."""
+    config = _text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def find_decoder_layers(model: nn.Module, module_path: Optional[str] = None) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder (or encoder) blocks of ``model``.
+
+    ``module_path`` is a dotted attribute path from ``model`` (e.g. ``"model.layers"``); without it
+    the known placements in :data:`LAYER_PATHS` are tried, and where the config states the number of
+    layers the list must have that length. Raises ``ValueError`` naming the model class and what
+    was tried when nothing fits.
+    """
+    cls = type(model).__name__
+    if module_path is not None:
+        found = _get_path(model, module_path)
+        if not isinstance(found, nn.ModuleList):
+            what = "nothing" if found is None else f"a {type(found).__name__}"
+            raise ValueError(f"{cls}: module path {module_path!r} resolves to {what}, not an nn.ModuleList of "
+                             f"decoder blocks")
+        return found
+    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
+    for path in LAYER_PATHS:
+        found = _get_path(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) and (not isinstance(n_layers, int)
+                                                               or len(found) == n_layers):
+            return found
+    raise ValueError(f"cannot find the decoder layers of {cls}: none of {', '.join(LAYER_PATHS)} is an "
+                     f"nn.ModuleList of its {n_layers if n_layers is not None else '?'} blocks; pass the "
+                     f"dotted path explicitly (module_path='...', CLI: --layers-path)")
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return default
+
+
+def _hidden_of(output):
+    """The hidden-state tensor of a block's output (a tensor or a tuple/list starting with it)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"decoder block returned {type(output).__name__}; expected a tensor or a tuple whose first "
+                    f"element is the hidden states")
+
+
+def _with_hidden(output, hidden: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [hidden, *output[1:]]
+
+
+# Every block FusedSteerer currently has a hook on, so a second attach to the same block fails
+# loudly instead of steering twice. Weak keys: a model that is garbage-collected leaves nothing here.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+IndexLike = Union[None, torch.Tensor, Sequence[int], Mapping[int, object]]
+
+
+class _LayerState:
+    """One steered block: its bank, bank index and per-sequence vector cache."""
+
+    __slots__ = ("layer", "module", "bank", "device", "index", "index_rows", "vectors", "handle")
+
+    def __init__(self, layer: int, module: nn.Module, bank: SteeringBank, device: torch.device):
+        self.layer, self.module, self.bank, self.device = layer, module, bank, device
+        self.index: Optional[torch.Tensor] = None       # [B0] as given by the user (validated)
+        self.index_rows: Optional[torch.Tensor] = None  # [B] expanded to the running batch (prefill)
+        self.vectors: Optional[torch.Tensor] = None     # [B, d] fp32 prompt-mode cache
+        self.handle = None
+
+
+class FusedSteerer:
+    """Steerers attached to a model's decoder blocks (DESIGN §4, §5).
+
+    Create with :meth:`attach`; use as a context manager or call :meth:`detach`. While attached,
+    every forward of the model (``model(...)``, ``model.generate(...)``) is steered:
+
+    Semantics (per steered layer ``ℓ`` with bank ``N`` steerers, batch row ``b`` with bank index
+    ``i_b``; ``i_b = −1`` leaves the row bit-identical)::
+
+        prompt mode, prefill (no past tokens):
+            v_b = λ·g(h_ℓ[b, last_b])·s(h_ℓ[b, last_b])      # last_b = last REAL prompt token
+            out[b, t] = h_ℓ[b, t] + v_b                        # every position t
+        prompt mode, decode (past tokens present):
+            out[b, t] = h_ℓ[b, t] + v_b                        # the v_b cached at prefill
+        token mode:
+            out[b, t] = h_ℓ[b, t] + λ·g(h_ℓ[b, t])·s(h_ℓ[b, t])
+
+    ``last_b`` comes from the attention mask seen by a forward pre-hook on ``model`` (left or
+    right padding both work); without a 2-D mask the last position is used. Prefill and decode
+    are told apart from host-known shapes only: the 2-D mask is longer than the new tokens, or
+    else the KV cache reports a non-zero length. The decode-path hook does no host–device
+    synchronisation and allocates nothing proportional to the sequence length; the vector cache
+    (``[B, d]`` fp32 per steered layer) is allocated at prefill and reused while the batch size
+    stays the same. Call the model object that was attached (the pre-hook lives on it).
+    """
+
+    def __init__(self, model: nn.Module, states: list, mode: str, backend: str):
+        self.model = model
+        self.mode = mode
+        self.backend = backend
+        self._states = states
+        self._pre_handle = None
+        self._attached = False
+        # Per-forward facts captured by the pre-hook (host-side Python values and small tensors).
+        self._batch = 0
+        self._seq = 0
+        self._prefill = True
+        self._last = None  # [B] long, last real prompt position (prefill only)
+        self._forward_params = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def attach(cls, model: nn.Module, steerers, mode: str = "prompt", backend: str = "auto",
+               index: IndexLike = None, module_path: Optional[str] = None) -> "FusedSteerer":
+        """Attach ``steerers`` to ``model`` and return the :class:`FusedSteerer` (a context manager).
+
+        ``steerers``: a :class:`~finesteer.Steerer` or a list of them. Each goes to decoder block
+        ``steerer.layer``; several steerers at one layer form a bank (packed once, in list order,
+        on that block's device). ``index``: bank index per batch row (``[B]``; −1 = unsteered),
+        applied at every steered layer, or a dict ``{layer: index}``; ``None`` = every row uses
+        bank entry 0. ``module_path``: dotted path of the block list when it cannot be found
+        automatically. Raises on a hidden-size mismatch, a layer out of range, an unknown mode or
+        backend, or a block that already has a FusedSteerer attached.
+        """
+        if mode not in ("prompt", "token"):
+            raise ValueError(f"mode must be 'prompt' or 'token', got {mode!r}")
+        if isinstance(steerers, Steerer):
+            steerers = [steerers]
+        steerers = list(steerers)
+        if not steerers or not all(isinstance(s, Steerer) for s in steerers):
+            raise TypeError("FusedSteerer.attach: steerers must be a Steerer or a non-empty list of Steerers")
+        layers = find_decoder_layers(model, module_path)
+        cls_name = type(model).__name__
+        hidden = model_hidden_size(model)
+        groups: dict[int, list] = {}
+        for i, s in enumerate(steerers):
+            if s.layer >= len(layers):
+                raise ValueError(f"steerer {i} is for layer {s.layer}, but {cls_name} has {len(layers)} decoder "
+                                 f"layers (valid: 0..{len(layers) - 1})")
+            if hidden is not None and s.hidden_size != hidden:
+                raise ValueError(f"steerer {i} (layer {s.layer}) was fitted for hidden size {s.hidden_size}, "
+                                 f"{cls_name} has hidden size {hidden}")
+            groups.setdefault(s.layer, []).append(s)
+        for layer in groups:
+            if layers[layer] in _ATTACHED:
+                raise RuntimeError(f"layer {layer} of {cls_name} already has a FusedSteerer attached; detach it "
+                                   f"first (or pass all steerers for that layer in one attach call: they form a bank)")
+        # Resolve the backend now so a bad name fails at attach, not inside generate.
+        default_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        states = []
+        for layer in sorted(groups):
+            module = layers[layer]
+            device = _module_device(module, default_device)
+            get_backend(backend, device)
+            bank = SteeringBank.from_steerers(groups[layer], device=device)
+            states.append(_LayerState(layer, module, bank, device))
+        self = cls(model, states, mode, backend)
+        self.set_index(index)
+        self._register()
+        return self
+
+    def _register(self) -> None:
+        try:
+            self._pre_handle = self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            for st in self._states:
+                st.handle = st.module.register_forward_hook(self._make_hook(st))
+                _ATTACHED[st.module] = id(self)
+            self._attached = True
+        except BaseException:
+            self.detach()
+            raise
+
+    # ------------------------------------------------------------------ public controls
+    @property
+    def layers(self) -> tuple:
+        """The steered layer indices, ascending."""
+        return tuple(st.layer for st in self._states)
+
+    def bank(self, layer: int) -> SteeringBank:
+        """The packed bank at ``layer`` (its ``strength``/``threshold`` may be edited in place)."""
+        for st in self._states:
+            if st.layer == layer:
+                return st.bank
+        raise KeyError(f"no steerer attached at layer {layer}; attached layers: {self.layers}")
+
+    def set_index(self, index: IndexLike) -> None:
+        """Set the per-row bank index used from the next forward on (validated here, on the host).
+
+        ``None``: every row uses bank entry 0. A sequence/tensor ``[B]``: row ``b`` uses entry
+        ``index[b]`` (−1 = unsteered) at every steered layer. A dict ``{layer: index}``: per layer
+        (layers not in the dict use ``None``). When the running batch is a multiple of ``B`` (as
+        with ``num_return_sequences`` or beams), each entry is repeated for its consecutive rows.
+        """
+        per_layer = index if isinstance(index, Mapping) else {st.layer: index for st in self._states}
+        unknown = set(per_layer) - set(self.layers)
+        if unknown:
+            raise KeyError(f"set_index: no steerer attached at layer(s) {sorted(unknown)}; attached: {self.layers}")
+        new = {}
+        for st in self._states:
+            idx = per_layer.get(st.layer)
+            if idx is None:
+                new[st.layer] = None
+                continue
+            t = torch.as_tensor(idx).detach().to("cpu")
+            if t.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+                raise TypeError(f"set_index: layer {st.layer}: index must hold integers, got {t.dtype}")
+            if t.dim() != 1 or t.numel() == 0:
+                raise ValueError(f"set_index: layer {st.layer}: index must be a non-empty 1-D [batch] sequence, "
+                                 f"got shape {tuple(t.shape)}")
+            lo, hi, n = int(t.min()), int(t.max()), st.bank.num_steerers
+            if lo < -1 or hi >= n:
+                raise IndexError(f"set_index: layer {st.layer}: index values must be in [-1, {n - 1}] (bank of {n} "
+                                 f"steerer{'s' if n != 1 else ''}), got range [{lo}, {hi}]")
+            new[st.layer] = t.to(device=st.device, dtype=torch.long)
+        for st in self._states:
+            st.index, st.index_rows = new[st.layer], None
+
+    def detach(self) -> None:
+        """Remove every hook; the model computes exactly what it computed before :meth:`attach`."""
+        if self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+        for st in self._states:
+            if st.handle is not None:
+                st.handle.remove()
+                st.handle = None
+            if _ATTACHED.get(st.module) == id(self):
+                del _ATTACHED[st.module]
+            st.vectors = None
+            st.index_rows = None
+        self._last = None
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def __enter__(self) -> "FusedSteerer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        sizes = {st.layer: st.bank.num_steerers for st in self._states}
+        return (f"FusedSteerer(model={type(self.model).__name__}, mode={self.mode!r}, backend={self.backend!r}, "
+                f"steerers per layer={sizes}, attached={self._attached})")
+
+    # ------------------------------------------------------------------ hooks
+    def _bind(self, args, kwargs) -> dict:
+        if not args:
+            return kwargs
+        if self._forward_params is None:
+            self._forward_params = list(inspect.signature(self.model.forward).parameters)
+        named = dict(zip(self._forward_params, args))
+        named.update(kwargs)
+        return named
+
+    def _pre_hook(self, module, args, kwargs):
+        """Record batch size, new-token count, prefill/decode and the last real prompt position.
+
+        Host-side only: shapes and Python objects, plus (at prefill) one small device op on the mask.
+        """
+        inputs = self._bind(args, kwargs)
+        ref = inputs.get("input_ids")
+        if ref is None:
+            ref = inputs.get("inputs_embeds")
+        if ref is None:
+            ref = inputs.get("hidden_states")
+        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+            raise ValueError(f"FusedSteerer: cannot tell batch and sequence sizes of a {type(module).__name__} "
+                             f"call without input_ids or inputs_embeds of shape [batch, seq, ...]")
+        B, S = int(ref.shape[0]), int(ref.shape[1])
+        mask = inputs.get("attention_mask")
+        mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if mask2d is not None:
+            past = int(mask2d.shape[1]) - S
+        else:
+            cache = inputs.get("past_key_values")
+            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        prefill = past <= 0
+        if not prefill and self.mode == "prompt":
+            for st in self._states:
+                if st.vectors is None or st.vectors.shape[0] != B:
+                    # Decoding on a cache this steerer never prefilled (user-supplied past):
+                    # compute the vector from the tokens of this call instead.
+                    prefill = True
+                    break
+        if prefill:
+            if mask2d is not None:
+                # Position of the last non-zero mask entry = last real token (left or right padding).
+                pos = torch.arange(S, device=mask2d.device)
+                self._last = ((mask2d[:, -S:] != 0).long() * (pos + 1)).argmax(-1)
+            else:
+                self._last = torch.full((B,), S - 1, dtype=torch.long, device=ref.device)
+            for st in self._states:
+                st.index_rows = self._expand_index(st, B)
+        elif any(st.index_rows is not None and st.index_rows.shape[0] != B for st in self._states):
+            raise RuntimeError(f"FusedSteerer: batch size changed from prefill to decode (now {B}); prompt-mode "
+                               f"steering needs the batch of the prefill")
+        self._batch, self._seq, self._prefill = B, S, prefill
+        return None
+
+    def _expand_index(self, st: _LayerState, B: int) -> Optional[torch.Tensor]:
+        if st.index is None:
+            return None
+        n = st.index.shape[0]
+        if n == B:
+            return st.index
+        if B % n == 0:
+            return st.index.repeat_interleave(B // n)
+        raise ValueError(f"FusedSteerer: layer {st.layer}: the bank index has {n} entries but the batch has {B} "
+                         f"rows; call set_index with one entry per row")
+
+    def _make_hook(self, st: _LayerState):
+        def hook(module, args, output):
+            h = _hidden_of(output)
+            shape = h.shape
+            d = shape[-1]
+            B, S = self._batch, self._seq
+            if h.dim() != 3 or shape[0] != B or shape[1] != S:
+                raise RuntimeError(f"FusedSteerer: layer {st.layer} produced hidden states of shape {tuple(shape)}, "
+                                   f"expected [{B}, {S}, {d}] from the model call; call the model object that "
+                                   f"was attached")
+            h2 = h.reshape(B * S, d)
+            idx = st.index_rows
+            if self.mode == "token":
+                rows = idx if (idx is None or S == 1) else idx.repeat_interleave(S)
+                out = ops.steer_tokens(h2, st.bank, rows, self.backend)
+            else:
+                if self._prefill:
+                    last_rows = h[torch.arange(B, device=h.device), self._last.to(h.device)]
+                    vec = ops.steering_vectors(last_rows, st.bank, idx, self.backend)
+                    if st.vectors is None or st.vectors.shape != vec.shape or st.vectors.device != vec.device:
+                        st.vectors = torch.empty_like(vec, dtype=torch.float32)
+                    st.vectors.copy_(vec)
+                slot = None if S == 1 else torch.arange(B, device=h.device, dtype=torch.int32).repeat_interleave(S)
+                out = ops.add_vectors(h2, st.vectors, slot, self.backend)
+            return _with_hidden(output, out.reshape(shape))
+
+        return hook
+
+
+def attached_layers(model: nn.Module, module_path: Optional[str] = None) -> list:
+    """Indices of ``model``'s decoder layers that currently carry a FusedSteerer hook."""
+    layers = find_decoder_layers(model, module_path)
+    return [i for i, m in enumerate(layers) if m in _ATTACHED]
+

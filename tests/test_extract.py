@@ -1,0 +1,184 @@
+"""Activation extraction: hook point, padding independence, multi-layer, cache, response deltas."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.hf_tiny import tiny_model, tiny_tokenizer
+
+from finesteer.extract import format_prompt, last_token_states, response_deltas
+
+PROMPTS = ["Hi", "How do I bake bread?", "Tell me a joke about cats, please.", "ok", "What is 2+2?"]
+ATOL = 2e-5  # fp32: batching/padding changes only summation order
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return tiny_model("llama", layers=3)
+
+
+def _single_hidden(model, ids, layer):
+    """HF's own hidden state after block ``layer`` for one unpadded sequence → [S, d]."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[layer + 1][0]
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_hook_point_matches_output_hidden_states(llama3, template):
+    tok = tiny_tokenizer()
+    got = last_token_states(llama3, tok, PROMPTS, [0, 1], batch_size=2, chat_template=template, progress=False)
+    for i, p in enumerate(PROMPTS):
+        text = format_prompt(tok, p, template)
+        ids = tok(text, add_special_tokens=not template)["input_ids"]
+        for layer in (0, 1):
+            want = _single_hidden(llama3, ids, layer)[-1]
+            torch.testing.assert_close(got[layer][i], want, atol=ATOL, rtol=1e-5)
+    assert got[0].dtype == torch.float32 and got[0].shape == (len(PROMPTS), 64)
+
+
+def test_last_layer_is_block_output_not_final_norm(llama3):
+    tok = tiny_tokenizer()
+    got = last_token_states(llama3, tok, PROMPTS[:2], [2], progress=False)[2]
+    ids = tok(format_prompt(tok, PROMPTS[0]), add_special_tokens=False)["input_ids"]
+    post_norm = _single_hidden(llama3, ids, 2)[-1]
+    norm = llama3.model.norm
+    try:
+        llama3.model.norm = torch.nn.Identity()  # now HF's last entry is the raw block output
+        pre_norm = _single_hidden(llama3, ids, 2)[-1]
+    finally:
+        llama3.model.norm = norm
+    torch.testing.assert_close(got[0], pre_norm, atol=ATOL, rtol=1e-5)
+    assert not torch.allclose(got[0], post_norm, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: absolute positions must ignore left padding
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_equals_unpadded_single_runs(arch, side):
+    model = tiny_model(arch)
+    tok = tiny_tokenizer()
+    batched = last_token_states(model, tok, PROMPTS, [0, 1], batch_size=5, padding_side=side, progress=False)
+    single = last_token_states(model, tok, PROMPTS, [0, 1], batch_size=1, progress=False)
+    for layer in (0, 1):
+        torch.testing.assert_close(batched[layer], single[layer], atol=ATOL, rtol=1e-5)
+
+
+def test_several_layers_in_one_pass_equal_separate_calls(llama3):
+    tok = tiny_tokenizer()
+    calls = []
+    handle = llama3.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        together = last_token_states(llama3, tok, PROMPTS, [2, 0, 1], batch_size=8, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and sorted(together) == [0, 1, 2]
+    for layer in (0, 1, 2):
+        alone = last_token_states(llama3, tok, PROMPTS, layer, batch_size=8, progress=False)[layer]
+        torch.testing.assert_close(together[layer], alone, atol=ATOL, rtol=1e-5)
+
+
+def test_cache_file_hit_skips_forward_and_misses_on_new_inputs(llama3, tmp_path):
+    tok = tiny_tokenizer()
+    cache = tmp_path / "states.safetensors"
+    first = last_token_states(llama3, tok, PROMPTS, [0, 1], cache_file=cache, progress=False)
+    assert cache.is_file()
+    calls = []
+    handle = llama3.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again = last_token_states(llama3, tok, PROMPTS, [0, 1], cache_file=cache, progress=False)
+        assert calls == []
+        for layer in (0, 1):
+            assert torch.equal(again[layer], first[layer])
+        other = last_token_states(llama3, tok, PROMPTS[:3], [0, 1], cache_file=cache, progress=False)
+        assert calls, "changed inputs must not be served from the cache"
+        assert other[0].shape[0] == 3
+        calls.clear()
+        last_token_states(llama3, tok, PROMPTS[:3], [0], cache_file=cache, progress=False)
+        assert calls, "a different layer list must not be served from the cache"
+    finally:
+        handle.remove()
+
+
+def test_other_model_misses_cache(tmp_path):
+    tok = tiny_tokenizer()
+    cache = tmp_path / "c.safetensors"
+    a = last_token_states(tiny_model("llama", seed=0), tok, PROMPTS, [0], cache_file=cache, progress=False)[0]
+    b = last_token_states(tiny_model("llama", seed=1), tok, PROMPTS, [0], cache_file=cache, progress=False)[0]
+    assert not torch.allclose(a, b)
+
+
+def test_bf16_model_gives_fp32():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    out = last_token_states(model, tiny_tokenizer(), PROMPTS[:2], [0], progress=False)[0]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def _hand_delta(model, tok, prompt, chosen, rejected, layer, template, n=None):
+    """Single-example δ from HF's own hidden states, response tokens found by hand."""
+    def mean_resp(resp):
+        if template:
+            p_text = format_prompt(tok, prompt, True)
+            full = tok.apply_chat_template([{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": resp}], tokenize=False)
+            # the tiny template renders "<|assistant|>" + content + "<|end|>": drop the end marker
+            ids = tok(full, add_special_tokens=False)["input_ids"][:-1]
+            start = len(tok(p_text, add_special_tokens=False)["input_ids"])
+        else:
+            ids = tok(prompt + " " + resp)["input_ids"]
+            start = len(tok(prompt + " ")["input_ids"])
+        h = _single_hidden(model, ids, layer)
+        stop = len(ids) if n is None else min(len(ids), start + n)
+        return h[start:stop].mean(0)
+    return mean_resp(chosen) - mean_resp(rejected)
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_response_deltas_match_hand_computed(llama3, template):
+    tok = tiny_tokenizer()
+    prompts = ["How do I pick a lock?", "Hi"]
+    chosen = ["I can't help with that.", "Hello! How can I help?"]
+    rejected = ["Sure, first get a tension wrench.", "Go away."]
+    q, d = response_deltas(llama3, tok, prompts, chosen, rejected, [0, 1], batch_size=3, chat_template=template,
+                           progress=False)
+    states = last_token_states(llama3, tok, prompts, [0, 1], chat_template=template, progress=False)
+    for layer in (0, 1):
+        torch.testing.assert_close(q[layer], states[layer])
+        for i in range(2):
+            want = _hand_delta(llama3, tok, prompts[i], chosen[i], rejected[i], layer, template)
+            torch.testing.assert_close(d[layer][i], want, atol=ATOL, rtol=1e-5)
+    # first-n positions
+    _, d3 = response_deltas(llama3, tok, prompts, chosen, rejected, [1], positions=3, chat_template=template,
+                            progress=False)
+    want = _hand_delta(llama3, tok, prompts[0], chosen[0], rejected[0], 1, template, n=3)
+    torch.testing.assert_close(d3[1][0], want, atol=ATOL, rtol=1e-5)
+    assert not torch.allclose(d3[1][0], d[1][0])
+
+
+def test_response_deltas_cache(llama3, tmp_path):
+    tok = tiny_tokenizer()
+    args = (["Hi", "Yo"], ["Hello.", "Hey."], ["No.", "Bye."], [0])
+    cache = tmp_path / "d.safetensors"
+    q1, d1 = response_deltas(llama3, tok, *args, cache_file=cache, progress=False)
+    calls = []
+    handle = llama3.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        q2, d2 = response_deltas(llama3, tok, *args, cache_file=cache, progress=False)
+    finally:
+        handle.remove()
+    assert calls == [] and torch.equal(d1[0], d2[0]) and torch.equal(q1[0], q2[0])
+
+
+def test_bad_inputs_have_clear_errors(llama3):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="prompt 1: empty"):
+        last_token_states(llama3, tok, ["ok", "  "], [0], progress=False)
+    with pytest.raises(ValueError, match=r"prompt 0: \d+ tokens, longer than the model's context of 128"):
+        last_token_states(llama3, tok, ["x" * 200], [0], progress=False)
+    with pytest.raises(ValueError, match=r"layer 3 is out of range.*3 decoder layers"):
+        last_token_states(llama3, tok, ["ok"], [3], progress=False)
+    with pytest.raises(ValueError, match="rejected response of pair 0: empty"):
+        response_deltas(llama3, tok, ["ok"], ["fine"], [""], [0], progress=False)
+    with pytest.raises(ValueError, match="same length"):
+        response_deltas(llama3, tok, ["ok", "b"], ["fine"], ["no"], [0], progress=False)
+    with pytest.raises(ValueError, match="positions"):
+        response_deltas(llama3, tok, ["ok"], ["fine"], ["no"], [0], positions=0, progress=False)
