@@ -215,11 +215,11 @@ def _forward_capture(model, blocks, layers: list, ids, mask, pos, reduce) -> dic
 
 
 def _run_batches(model, tokenizer, seqs: list, layers: list, batch_size: int, reduce_for, progress: bool,
-                 desc: str, padding_side: Optional[str]) -> dict:
+                 desc: str, padding_side: Optional[str], module_path: Optional[str]) -> dict:
     """Run ``seqs`` in length-sorted batches; ``reduce_for(rows, offsets)`` builds each batch's reducer."""
     from tqdm.auto import tqdm
 
-    blocks = find_decoder_layers(model)
+    blocks = find_decoder_layers(model, module_path)
     for layer in layers:
         if not 0 <= layer < len(blocks):
             raise ValueError(f"layer {layer} is out of range: {type(model).__name__} has {len(blocks)} decoder "
@@ -325,7 +325,7 @@ def _layer_list(layers) -> list:
 
 def last_token_states(model, tokenizer, prompts: Sequence[str], layers, batch_size: int = 8,
                       chat_template: bool = True, cache_file=None, progress: bool = True,
-                      padding_side: Optional[str] = None) -> dict:
+                      padding_side: Optional[str] = None, module_path: Optional[str] = None) -> dict:
     """``h`` at the last prompt token after each decoder block in ``layers``.
 
     Semantics::
@@ -355,14 +355,15 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers, batch_si
         return reduce
 
     out = _run_batches(model, tokenizer, seqs, layers, batch_size, reduce_for, progress,
-                       "extract: prompt states", padding_side)
+                       "extract: prompt states", padding_side, module_path)
     _cache_save(cache_file, key, {f"layer_{layer}": t for layer, t in out.items()})
     return out
 
 
 def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                     layers, positions: Positions = "all", batch_size: int = 8, chat_template: bool = True,
-                    cache_file=None, progress: bool = True, padding_side: Optional[str] = None):
+                    cache_file=None, progress: bool = True, padding_side: Optional[str] = None,
+                    module_path: Optional[str] = None):
     """Queries and response-shift deltas for (prompt, chosen, rejected) triples (DESIGN §3).
 
     Semantics (``R(x)`` = the response tokens of ``x`` following ``prompts[i]``)::
@@ -375,7 +376,7 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
     tokens of the full prompt+response text that cover the response (with a chat template: the
     assistant message, without its end-of-turn markers; without one: prompt and response joined
     by a space). Returns ``(queries, deltas)``, each ``{ℓ: Tensor[N, d]}`` fp32 on the CPU.
-    ``cache_file`` and ``padding_side`` as in :func:`last_token_states`.
+    ``cache_file``, ``padding_side`` and ``module_path`` as in :func:`last_token_states`.
     """
     layers = _layer_list(layers)
     if not (positions == "all" or (isinstance(positions, int) and not isinstance(positions, bool)
@@ -407,7 +408,7 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
                 {layer: hit[f"deltas_{layer}"] for layer in layers})
 
     queries = last_token_states(model, tokenizer, prompts, layers, batch_size, chat_template, None, progress,
-                                padding_side)
+                                padding_side, module_path)
 
     def reduce_for(rows, offsets, S):
         w = torch.zeros(len(rows), S)
@@ -420,7 +421,7 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
         return reduce
 
     means = _run_batches(model, tokenizer, seqs, layers, batch_size, reduce_for, progress,
-                         "extract: response means", padding_side)
+                         "extract: response means", padding_side, module_path)
     deltas = {layer: means[layer][0::2] - means[layer][1::2] for layer in layers}
     tensors = {f"queries_{layer}": queries[layer] for layer in layers}
     tensors.update({f"deltas_{layer}": deltas[layer] for layer in layers})

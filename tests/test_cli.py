@@ -1,0 +1,186 @@
+"""The `finesteer` CLI end to end on a tiny local Llama directory, and its errors on bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.hf_tiny import save_tiny
+from tests.utils import random_steerer
+
+from finesteer import Steerer
+from finesteer.cli import _explain_load_error, main
+
+WORDS = "lock bread cat dog safe key door code bank math sun rain".split()
+FIT_SMALL = ["--rank", "2", "--k-min", "2", "--k-max", "3", "--residual-dim", "2", "--hidden", "16",
+             "--epochs", "5", "--quiet"]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A saved tiny Llama + tokenizer, small data files, and a steerer fitted by `finesteer fit`."""
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny(root / "model")
+    g = torch.Generator().manual_seed(0)
+    pick = lambda n: " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=g))  # noqa: E731
+    files = {
+        "pairs": _jsonl(root / "pairs.jsonl", [{"prompt": f"How do I {pick(3)}?", "chosen": f"I can't help with "
+                                                f"{pick(2)}.", "rejected": f"Sure, {pick(4)}."} for _ in range(24)]),
+        "target": _jsonl(root / "target.jsonl", [{"prompt": f"How do I steal a {pick(2)}?"} for _ in range(20)]),
+        "benign": _jsonl(root / "benign.jsonl", [{"prompt": f"What is the {pick(2)} like today"}
+                                                 for _ in range(20)]),
+        "prompts": _jsonl(root / "prompts.jsonl", [{"prompt": "How do I steal a cat code?"},
+                                                   {"prompt": "What is the sun like today"},
+                                                   {"prompt": "How do I steal a bank key?"}]),
+    }
+    artifact = root / "st.safetensors"
+    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
+               files["target"], "--benign", files["benign"], "-o", str(artifact), "--cache-dir",
+               str(root / "cache"), *FIT_SMALL])
+    assert rc == 0
+    return root, files, artifact
+
+
+def test_fit_writes_a_valid_artifact(work):
+    root, files, artifact = work
+    s = Steerer.load(artifact, hidden_size=64)
+    assert s.layer == 1 and s.gate is not None and s.gate.rank == 2 and 2 <= s.mose.num_experts <= 3
+    assert s.mose.residual_dim == 2 and s.mose.mlp_hidden == 16
+    assert s.gate.report is not None
+    assert s.metadata["model_name_or_path"] == str(root / "model")
+    assert sorted(p.name for p in (root / "cache").iterdir()) == ["benign-layer1.safetensors",
+                                                                   "pairs-layer1.safetensors",
+                                                                   "target-layer1.safetensors"]
+
+
+def test_fit_prints_calibration_and_mose_stats(work, capsys):
+    root, files, _ = work
+    out = root / "again.safetensors"
+    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
+               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
+               *FIT_SMALL])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "SCS gate (energy, rank 2): tau=" in text and "AUROC=" in text
+    assert "MoSE: K=" in text and "cluster sizes" in text and "val_loss=" in text
+    # a seeded fit on cached activations reproduces the artifact byte for byte
+    assert out.read_bytes() == work[2].read_bytes()
+
+
+def test_generate_writes_base_and_steered_side_by_side(work, tmp_path):
+    root, files, artifact = work
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--model", str(root / "model"), "--steerer", str(artifact), "--prompts",
+               files["prompts"], "--strength", "8", "--max-new-tokens", "6", "-o", str(out), "--quiet"])
+    assert rc == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == [json.loads(x)["prompt"] for x in open(files["prompts"])]
+    for r in recs:
+        assert set(r) == {"prompt", "base", "steered", "layer", "gate_score", "gate"}
+        assert 0.0 <= r["gate_score"] <= 1.0 and r["gate"] in (0.0, 1.0) and r["layer"] == 1
+        if r["gate"] == 0.0:
+            assert r["steered"] == r["base"], "a closed gate must leave the answer unchanged"
+    opened = [r for r in recs if r["gate"] == 1.0]
+    assert opened and any(r["steered"] != r["base"] for r in opened)
+
+
+def test_inspect_human_and_json(work, capsys):
+    _, _, artifact = work
+    assert main(["inspect", str(artifact)]) == 0
+    text = capsys.readouterr().out
+    for needle in ("layer:        1", "hidden size: 64", "SCS energy, rank 2", "calibration:", "cluster sizes",
+                   "MoSE:         K="):
+        assert needle in text
+    assert main(["inspect", str(artifact), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layer"] == 1 and info["hidden_size"] == 64
+    assert sum(info["mose"]["cluster_sizes"]) == info["fit"]["n_train"]
+    assert info["calibration"]["n_target"] == 4
+
+
+def _err(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("finesteer: error: ")
+    return err
+
+
+def test_bad_inputs(work, tmp_path, capsys):
+    root, files, artifact = work
+    model = str(root / "model")
+    fit = ["fit", "--model", model, "--pairs", files["pairs"], "--target", files["target"], "--benign",
+           files["benign"], "-o", str(tmp_path / "x.safetensors"), *FIT_SMALL]
+    assert "--layer 2 is out of range: LlamaForCausalLM has 2 decoder layers" in _err(capsys, fit + ["--layer", "2"])
+    assert "--k-min 3 is larger than --k-max 2" in _err(capsys, fit + ["--layer", "0", "--k-min", "3", "--k-max",
+                                                                      "2"])
+    assert "missing field 'question'" in _err(capsys, fit + ["--layer", "0", "--prompt-field", "question"])
+
+    gen = ["generate", "--model", model, "--prompts", files["prompts"], "--max-new-tokens", "2", "--quiet"]
+    small = tmp_path / "d32.safetensors"
+    random_steerer(32, layer=0).save(small)
+    assert "artifact is for hidden size 32" in _err(capsys, gen + ["--steerer", str(small)])
+    far = tmp_path / "layer5.safetensors"
+    random_steerer(64, layer=5).save(far)
+    assert "--layer 5 is out of range" in _err(capsys, gen + ["--steerer", str(far)])
+    assert "fitted for layer 1, not the requested --layer 0" in _err(capsys, gen + ["--steerer", str(artifact),
+                                                                                   "--layer", "0"])
+    gen_ok = ["generate", "--model", model, "--steerer", str(artifact), "--max-new-tokens", "2", "--quiet"]
+    missing = _jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}, {"question": "no prompt here"}])
+    assert "q.jsonl: record 2 (line 2): missing field 'prompt' (fields: question)" in \
+        _err(capsys, gen_ok + ["--prompts", missing])
+    empty = _jsonl(tmp_path / "e.jsonl", [{"prompt": ""}])
+    assert "record 1 (line 1): field 'prompt' is empty" in _err(capsys, gen_ok + ["--prompts", empty])
+    long = _jsonl(tmp_path / "l.jsonl", [{"prompt": "ok"}, {"prompt": "x" * 200}])
+    assert "prompt 1: 204 tokens, longer than the model's context of 128 tokens" in \
+        _err(capsys, gen_ok + ["--prompts", long])
+    assert "no such steerer file" in _err(capsys, gen_ok[:4] + [str(tmp_path / "none.safetensors"), "--prompts",
+                                                                files["prompts"]])
+    assert "no such directory" in _err(capsys, ["generate", "--model", str(tmp_path / "nomodel"), "--steerer",
+                                                str(artifact), "--prompts", files["prompts"]])
+    (tmp_path / "empty_dir").mkdir()
+    assert "has no config.json" in _err(capsys, ["generate", "--model", str(tmp_path / "empty_dir"), "--steerer",
+                                                 str(artifact), "--prompts", files["prompts"]])
+    assert "no such steerer file" in _err(capsys, ["inspect", str(tmp_path / "nope.safetensors")])
+
+
+def test_load_error_messages_say_what_to_do():
+    gated = _explain_load_error("meta/llama", OSError("You are trying to access a gated repo. 401 Client Error"))
+    assert "gated" in gated and "huggingface-cli login" in gated and "HF_TOKEN" in gated
+    offline = _explain_load_error("a/b", OSError("We couldn't connect to 'https://huggingface.co' to load the files, "
+                                                 "and couldn't find them in the cached files."))
+    assert "cannot be reached" in offline and "local model directory" in offline
+    missing = _explain_load_error("a/b", OSError("a/b is not a local folder and is not a valid model identifier"))
+    assert "no such model" in missing
+
+
+def test_help_lists_the_commands_including_demo(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for cmd in ("fit", "generate", "inspect", "demo"):
+        assert f"    {cmd} " in text
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--prompt-field", "--chosen-field", "--rejected-field", "--no-chat-template", "--max-benign-fpr",
+                "--delta-positions", "--k-min", "--residual-dim", "--hidden", "--epochs", "--seed", "--strength",
+                "--gate-mode", "--device", "--dtype"):
+        assert opt in text
+
+
+def test_console_script_runs():
+    exe = shutil.which("finesteer")
+    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "finesteer.cli", "--help"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "generate" in res.stdout and "demo" in res.stdout
