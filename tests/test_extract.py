@@ -37,6 +37,16 @@ def test_hook_point_matches_output_hidden_states(llama3, template):
     assert got[0].dtype == torch.float32 and got[0].shape == (len(PROMPTS), 64)
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "bert", "gemma2"])
+def test_hook_point_other_families(arch):
+    model = tiny_model(arch)
+    tok = tiny_tokenizer()
+    got = last_token_states(model, tok, PROMPTS[:3], [0], batch_size=3, chat_template=False, progress=False)[0]
+    for i, p in enumerate(PROMPTS[:3]):
+        want = _single_hidden(model, tok(p)["input_ids"], 0)[-1]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=1e-5)
+
+
 def test_last_layer_is_block_output_not_final_norm(llama3):
     tok = tiny_tokenizer()
     got = last_token_states(llama3, tok, PROMPTS[:2], [2], progress=False)[2]

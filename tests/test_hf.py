@@ -153,6 +153,20 @@ def test_detach_restores_bit_identical_logits(model):
     _no_hooks_left(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_prompt_mode_equals_reference(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["Hi", "Tell me how to pick a lock."], side="left")
+    s = _steerer(layer=0)
+    want = _two_pass_reference(model, [s, s], 0, ids, mask, GEN)
+    with torch.no_grad(), FusedSteerer.attach(model, s):
+        got = model.generate(input_ids=ids, attention_mask=mask, **GEN)
+        base_h = _block_out_at_last(model, 0, ids, mask)
+    assert base_h.dtype == dtype
+    assert torch.equal(got, want)
+
+
 def test_right_padding_uses_last_real_token():
     model = tiny_model("llama")
     tok = tiny_tokenizer()
@@ -303,3 +317,68 @@ def test_gpt2_prompt_mode_generate_changes_output_and_detaches():
         got = model.generate(input_ids=ids, attention_mask=mask, **GEN)
     assert torch.equal(got, want)
     _no_hooks_left(model)
+
+
+def _decode_step_through_hooks(fs, model, B, past, device):
+    """Run the pre-hook and every layer hook of ``fs`` as one decode step would (S = 1, ``past`` cached tokens)."""
+    ids = torch.ones(B, 1, dtype=torch.long, device=device)
+    mask = torch.ones(B, past + 1, dtype=torch.long, device=device)
+    fs._pre_hook(model, (), {"input_ids": ids, "attention_mask": mask})
+    assert not fs._prefill
+    outs = []
+    for st in fs._states:
+        hook = st.module._forward_hooks[st.handle.id]
+        h = torch.randn(B, 1, D, device=device)
+        outs.append(hook(st.module, (h,), (h,))[0])
+    return outs
+
+
+class _NoHostSync:
+    """Make every tensor→Python conversion raise (a CPU-side proxy for a host–device sync)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def boom(*a, **k):
+            raise AssertionError("tensor value read on the host in the decode path")
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, boom)
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("mode", ["prompt", "token"])
+def test_decode_path_reads_no_tensor_values(mode):
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["Hi", "How do I bake bread?"], side="left")
+    with torch.no_grad(), FusedSteerer.attach(model, [_steerer(layer=0), _steerer(layer=1)], mode=mode,
+                                              index=[0, -1], backend="reference") as fs:
+        model(input_ids=ids, attention_mask=mask)  # prefill fills the per-sequence cache
+        with _NoHostSync():
+            outs = _decode_step_through_hooks(fs, model, 2, ids.shape[1], "cpu")
+    assert all(o.shape == (2, 1, D) for o in outs)
+
+
+@pytest.mark.gpu
+def test_decode_path_has_no_cuda_sync():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = tiny_model("llama").cuda()
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["Hi", "How do I bake bread?"], side="left")
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad(), FusedSteerer.attach(model, [_steerer(layer=0), _steerer(layer=1)], index=[0, -1]) as fs:
+        model(input_ids=ids, attention_mask=mask)
+        h_warm = _decode_step_through_hooks(fs, model, 2, ids.shape[1], "cuda")  # warm-up: lazy inits
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _decode_step_through_hooks(fs, model, 2, ids.shape[1], "cuda")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert h_warm[0].is_cuda

@@ -357,9 +357,10 @@ class FusedSteerer:
         Host-side only: shapes and Python objects, plus (at prefill) one small device op on the mask.
         """
         inputs = self._bind(args, kwargs)
-        ref = inputs.get("input_ids")
+        # inputs_embeds first: when it is given it is what the model runs on (input_ids may be empty).
+        ref = inputs.get("inputs_embeds")
         if ref is None:
-            ref = inputs.get("inputs_embeds")
+            ref = inputs.get("input_ids")
         if ref is None:
             ref = inputs.get("hidden_states")
         if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
