@@ -184,3 +184,14 @@ def test_console_script_runs():
     cmd = [exe, "--help"] if exe else [sys.executable, "-m", "finesteer.cli", "--help"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "generate" in res.stdout and "demo" in res.stdout
+
+
+def test_demo_subcommand_is_wired_lazily(capsys):
+    try:
+        import finesteer.demo.cli  # noqa: F401
+    except ImportError:
+        pytest.skip("finesteer.demo.cli is not in this checkout; `finesteer --help` listing demo is tested above")
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: finesteer demo")
