@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fit", help="extract activations, fit the SCS gate and MoSE, save a steerer artifact",
         description="Extract activations of --model at --layer (h after decoder block L), fit the SCS gate on "
                     "--target vs --benign prompts and the MoSE on the --pairs preference triples, and save "
-                    "one .safetensors steerer. Prints the gate's calibration report and the MoSE fit statistics.")
+                    "one .safetensors steerer. Prints the gate's calibration report and the MoSE fit statistics. "
+                    "Empty prompts or responses, and inputs longer than the model's context, are refused "
+                    "(never truncated: truncation would move the measured token).")
     _model_options(fit)
     fit.add_argument("--layer", type=int, required=True, help="0-based decoder layer to steer (h after block L)")
     fit.add_argument("--pairs", required=True,
@@ -197,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate with and without a steerer, side by side, as JSONL",
         description="For every prompt, generate the base (unsteered) and the steered continuation and write one "
                     "JSON object per line: prompt, base, steered, layer, gate_score (the SCS score at the last "
-                    "prompt token) and gate (the gate value g in [0, 1]; 0 means the steerer left the prompt "
-                    "alone).")
+                    "prompt token, read in the steered run's own prefill) and gate (the gate value g in [0, 1]; "
+                    "in prompt mode 0 means the steerer left the answer alone). Prompts are formatted with the tokenizer's chat template unless --no-chat-template; empty "
+                    "prompts and prompts longer than the model's context are refused, not truncated.")
     _model_options(gen)
     gen.add_argument("--steerer", required=True, help="steerer artifact (.safetensors) written by `finesteer fit`")
     gen.add_argument("--prompts", required=True, help="prompts file (.jsonl/.json/.csv/.tsv or datasets folder)")
@@ -315,7 +318,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .data import load_prompts
-    from .extract import encode_prompts, last_token_states
+    from .extract import encode_prompts
     from .integrations.hf import FusedSteerer, model_context_length, model_hidden_size
     from .steerer import Steerer
 
@@ -344,11 +347,6 @@ def cmd_generate(args) -> int:
             warnings.warn(f"{len(long)} prompt(s) (first: prompt {long[0]}) plus --max-new-tokens "
                           f"{args.max_new_tokens} exceed the model's context of {context} tokens; their answers "
                           f"may degrade", stacklevel=1)
-    h = last_token_states(model, tok, prompts, [steerer.layer], batch_size=args.batch_size, chat_template=template,
-                          progress=_progress(args), module_path=args.layers_path)[steerer.layer]
-    scores = steerer.score(h).tolist()
-    gates = steerer.gate_value(h).tolist()
-
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                       pad_token_id=tok.pad_token_id)
     if args.do_sample:
@@ -374,21 +372,26 @@ def cmd_generate(args) -> int:
     try:
         batches = [list(range(i, min(i + args.batch_size, len(prompts))))
                    for i in range(0, len(prompts), args.batch_size)]
+        gates_all = []
         for b, rows in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not _progress(args))):
             base = run_batch(rows, b)
             with FusedSteerer.attach(model, steerer, mode=args.mode, backend=args.backend,
-                                     module_path=args.layers_path):
+                                     module_path=args.layers_path) as fs:
                 steered = run_batch(rows, b)
+                # The gate as the steered run saw it: h at the last prompt token of its own prefill.
+                h = fs.prompt_states()
+                scores, gates = steerer.score(h).tolist(), steerer.gate_value(h).tolist()
+            gates_all += gates
             for j, i in enumerate(rows):
                 rec = {"prompt": prompts[i], "base": base[j], "steered": steered[j], "layer": steerer.layer,
-                       "gate_score": scores[i], "gate": gates[i]}
+                       "gate_score": scores[j], "gate": gates[j]}
                 out_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out_f.flush()
     finally:
         if out_f is not sys.stdout:
             out_f.close()
     if args.output:
-        n_open = sum(g > 0 for g in gates)
+        n_open = sum(g > 0 for g in gates_all)
         print(f"wrote {len(prompts)} records to {args.output} (gate open on {n_open}/{len(prompts)})",
               file=sys.stderr)
     return 0

@@ -292,6 +292,14 @@ def test_layer_location_for_known_families_and_explicit_path():
         blocks = find_decoder_layers(m)
         assert len(blocks) == 2 and type(blocks[0]).__name__ == cls
         assert model_hidden_size(m) == D
+    import transformers
+    for cfg, cls, block in [(transformers.MistralConfig, transformers.MistralForCausalLM, "MistralDecoderLayer"),
+                            (transformers.Phi3Config, transformers.Phi3ForCausalLM, "Phi3DecoderLayer")]:
+        m = cls(cfg(vocab_size=96, hidden_size=D, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2))
+        assert type(find_decoder_layers(m)[0]).__name__ == block and len(find_decoder_layers(m)) == 2
+        assert type(find_decoder_layers(m.model)[0]).__name__ == block  # the bare body works too
     m = tiny_model("llama")
     assert find_decoder_layers(m, "model.layers") is m.model.layers
     with pytest.raises(ValueError, match="'model.norm' resolves to a LlamaRMSNorm"):
@@ -382,3 +390,18 @@ def test_decode_path_has_no_cuda_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert h_warm[0].is_cuda
+
+
+def test_prompt_states_are_what_the_gate_read():
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["Hi", "How do I bake bread?", "Why"], side="right")
+    s = _steerer(layer=1)
+    with torch.no_grad(), FusedSteerer.attach(model, s) as fs:
+        with pytest.raises(RuntimeError, match="no prefill"):
+            fs.prompt_states()
+        model(input_ids=ids, attention_mask=mask)
+        got = fs.prompt_states()
+        with pytest.raises(KeyError, match="no steerer attached at layer 0"):
+            fs.prompt_states(0)
+    torch.testing.assert_close(got, _block_out_at_last(model, 1, ids, mask), atol=1e-6, rtol=1e-6)

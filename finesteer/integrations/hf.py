@@ -153,13 +153,14 @@ IndexLike = Union[None, torch.Tensor, Sequence[int], Mapping[int, object]]
 class _LayerState:
     """One steered block: its bank, bank index and per-sequence vector cache."""
 
-    __slots__ = ("layer", "module", "bank", "device", "index", "index_rows", "vectors", "handle")
+    __slots__ = ("layer", "module", "bank", "device", "index", "index_rows", "vectors", "prompt_h", "handle")
 
     def __init__(self, layer: int, module: nn.Module, bank: SteeringBank, device: torch.device):
         self.layer, self.module, self.bank, self.device = layer, module, bank, device
         self.index: Optional[torch.Tensor] = None       # [B0] as given by the user (validated)
         self.index_rows: Optional[torch.Tensor] = None  # [B] expanded to the running batch (prefill)
         self.vectors: Optional[torch.Tensor] = None     # [B, d] fp32 prompt-mode cache
+        self.prompt_h: Optional[torch.Tensor] = None    # [B, d] h at the last prompt token, last prefill
         self.handle = None
 
 
@@ -278,6 +279,20 @@ class FusedSteerer:
                 return st.bank
         raise KeyError(f"no steerer attached at layer {layer}; attached layers: {self.layers}")
 
+    def prompt_states(self, layer: Optional[int] = None) -> torch.Tensor:
+        """``h`` at each sequence's last real prompt token at ``layer`` (default: the only/first steered
+        layer), as read during the most recent prefill, before that layer's steering → ``[B, d]``.
+
+        In prompt mode these are exactly the rows the gate and vectors were computed from, so e.g.
+        ``steerer.gate_value(fs.prompt_states())`` is the gate each sequence got.
+        """
+        st = self._states[0] if layer is None else next((s for s in self._states if s.layer == layer), None)
+        if st is None:
+            raise KeyError(f"no steerer attached at layer {layer}; attached layers: {self.layers}")
+        if st.prompt_h is None:
+            raise RuntimeError("prompt_states: no prefill has run since attach")
+        return st.prompt_h
+
     def set_index(self, index: IndexLike) -> None:
         """Set the per-row bank index used from the next forward on (validated here, on the host).
 
@@ -323,6 +338,7 @@ class FusedSteerer:
                 del _ATTACHED[st.module]
             st.vectors = None
             st.index_rows = None
+            st.prompt_h = None
         self._last = None
         self._attached = False
 
@@ -420,13 +436,16 @@ class FusedSteerer:
                                    f"was attached")
             h2 = h.reshape(B * S, d)
             idx = st.index_rows
+            if self._prefill:
+                # h (before this layer's steering) at each sequence's last real prompt token:
+                # what the prompt-mode gate reads; kept for prompt_states().
+                st.prompt_h = h[torch.arange(B, device=h.device), self._last.to(h.device)]
             if self.mode == "token":
                 rows = idx if (idx is None or S == 1) else idx.repeat_interleave(S)
                 out = ops.steer_tokens(h2, st.bank, rows, self.backend)
             else:
                 if self._prefill:
-                    last_rows = h[torch.arange(B, device=h.device), self._last.to(h.device)]
-                    vec = ops.steering_vectors(last_rows, st.bank, idx, self.backend)
+                    vec = ops.steering_vectors(st.prompt_h, st.bank, idx, self.backend)
                     if st.vectors is None or st.vectors.shape != vec.shape or st.vectors.device != vec.device:
                         st.vectors = torch.empty_like(vec, dtype=torch.float32)
                     st.vectors.copy_(vec)
