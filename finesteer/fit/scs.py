@@ -1,0 +1,133 @@
+"""Fitting the SCS gate (DESIGN §2): a target subspace ``P``, a centre ``μ`` and a calibrated τ.
+
+The fit returns the inference-time container :class:`finesteer.gate.SCSGate`; everything here
+runs once, offline, on the CPU in fp64.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..gate import CalibrationReport, SCSGate
+from ._validate import (as_matrix, check_choice, check_int, check_real, child_generator,
+                        holdout_split)
+from .linalg import fix_signs, orthonormalize, principal_directions
+from .metrics import auroc, threshold_at_fpr
+
+METHODS = ("energy", "contrastive")
+CENTERS = ("benign", "target", "all")
+_WHERE = "fit_scs"
+
+
+def calibration_split(n_target: int, n_benign: int, calib_fraction: float = 0.2, seed: int = 0) -> dict:
+    """The seeded (fit, held-out) row split used by :func:`fit_scs`.
+
+    Returns ``{"target": (fit_idx, held_idx), "benign": (fit_idx, held_idx)}`` (sorted int64
+    index tensors). Each held-out part is ``max(1, round(calib_fraction·n))`` rows; the same
+    ``seed`` always gives the same split, so a caller can re-score exactly the rows τ was
+    calibrated on.
+    """
+    g = child_generator(seed, 0)
+    return {"target": holdout_split(n_target, calib_fraction, g, "target", _WHERE),
+            "benign": holdout_split(n_benign, calib_fraction, g, "benign", _WHERE)}
+
+
+def fit_scs(target, benign, rank: int = 16, method: str = "energy", max_benign_fpr: float = 0.05,
+            calib_fraction: float = 0.2, seed: int = 0, center: str = "benign",
+            benign_rank: Optional[int] = None) -> SCSGate:
+    """Fit an SCS gate from target activations ``target`` [Nt, d] and benign activations ``benign`` [Nb, d].
+
+    Semantics::
+
+        split    each of target / benign into a fit part and a held-out part (calib_fraction, seeded)
+        μ        mean of the benign fit part  (center="target": of the target fit part; "all": of both)
+        energy:      P = top-r right singular vectors of (H_t − μ)
+        contrastive: Q_b = top-r_b right singular vectors of (H_b − μ);
+                     P = top-r right singular vectors of (H_t − μ)(I − Q_b Q_bᵀ), re-orthonormalised
+                     in the complement of span(Q_b)
+        s(h)     = ‖Pᵀ(h − μ)‖² / (‖h − μ‖² + ε)              # ε = GATE_EPS, s ∈ [0, 1]
+        τ        = smallest threshold with held-out benign FPR = mean(s_b > τ) ≤ max_benign_fpr,
+                   i.e. the operating point with the largest allowed false-positive rate and so the
+                   highest TPR (the gate is hard: g = 1[s > τ])
+
+    The calibration scores are computed by the returned gate's own :meth:`~SCSGate.score` (fp32),
+    so the reported TPR/FPR are exactly what the gate does on the held-out rows; AUROC is the rank
+    statistic with ties counted half. Use :func:`calibration_split` to recover the held-out rows.
+
+    Args:
+        target, benign: float tensors or arrays [N, d] (any dtype/device; fitted in fp64 on the CPU).
+        rank: r, the subspace dimension; 1 ≤ r ≤ min(target fit rows, d) (contrastive: ≤ d − r_b).
+        method: ``"energy"`` or ``"contrastive"``.
+        max_benign_fpr: bound on the held-out benign false-positive rate, in [0, 1).
+        calib_fraction: fraction of each of target and benign held out for calibration, in (0, 1).
+        seed: seeds the split (the fit itself is deterministic).
+        center: ``"benign"`` (default), ``"target"`` or ``"all"``.
+        benign_rank: r_b for ``contrastive`` (default ``rank``; 0 makes it ``energy``); ignored by ``energy``.
+
+    Returns: :class:`SCSGate` with ``P`` fp32 [d, r] (orthonormal columns), ``mu`` fp32 [d],
+    ``threshold`` τ, ``method`` and a :class:`CalibrationReport` of the held-out split.
+    """
+    Ht = as_matrix(target, "target", _WHERE)
+    Hb = as_matrix(benign, "benign", _WHERE)
+    if Ht.shape[1] != Hb.shape[1]:
+        raise ValueError(f"{_WHERE}: hidden size mismatch: target has {Ht.shape[1]} features, benign has "
+                         f"{Hb.shape[1]}")
+    d = Ht.shape[1]
+    check_choice(method, "method", _WHERE, METHODS)
+    check_choice(center, "center", _WHERE, CENTERS)
+    max_benign_fpr = check_real(max_benign_fpr, "max_benign_fpr", _WHERE, 0.0, 1.0, high_open=True)
+    calib_fraction = check_real(calib_fraction, "calib_fraction", _WHERE, 0.0, 1.0, low_open=True, high_open=True)
+    seed = check_int(seed, "seed", _WHERE, 0)
+    rank = check_int(rank, "rank", _WHERE, 1)
+
+    split = calibration_split(Ht.shape[0], Hb.shape[0], calib_fraction, seed)
+    t_fit, t_cal = Ht[split["target"][0]], Ht[split["target"][1]]
+    b_fit, b_cal = Hb[split["benign"][0]], Hb[split["benign"][1]]
+
+    limit = min(t_fit.shape[0], d)
+    if rank > limit:
+        raise ValueError(f"{_WHERE}: rank={rank} exceeds min(target fit rows={t_fit.shape[0]}, hidden size={d}) "
+                         f"= {limit}")
+
+    mu = {"benign": b_fit, "target": t_fit, "all": torch.cat([t_fit, b_fit])}[center].mean(0)
+    if method == "energy":
+        P = principal_directions(t_fit - mu, rank)
+    else:
+        r_b = rank if benign_rank is None else check_int(benign_rank, "benign_rank", _WHERE, 0)
+        P = _contrastive_subspace(t_fit - mu, b_fit - mu, rank, r_b)
+
+    P32, mu32 = P.float().contiguous(), mu.float().contiguous()
+    probe = SCSGate(P=P32, mu=mu32, threshold=0.0, method=method)
+    s_t, s_b = probe.score(t_cal.float()), probe.score(b_cal.float())
+    tau = threshold_at_fpr(s_b, max_benign_fpr)
+    report = CalibrationReport(threshold=tau, tpr=float((s_t > tau).double().mean()),
+                               fpr=float((s_b > tau).double().mean()), auroc=auroc(s_t, s_b),
+                               n_target=int(s_t.numel()), n_benign=int(s_b.numel()),
+                               max_benign_fpr=max_benign_fpr)
+    return SCSGate(P=P32, mu=mu32, threshold=tau, method=method, report=report)
+
+
+def _contrastive_subspace(Xt: torch.Tensor, Xb: torch.Tensor, rank: int, r_b: int) -> torch.Tensor:
+    """Top-``rank`` directions of centred target rows ``Xt`` outside the top-``r_b`` principal
+    subspace of centred benign rows ``Xb``: the energy that benign activations do not also carry."""
+    d = Xt.shape[1]
+    if r_b > min(Xb.shape[0], d):
+        raise ValueError(f"{_WHERE}: benign_rank={r_b} exceeds min(benign fit rows={Xb.shape[0]}, hidden size={d})")
+    if rank + r_b > d:
+        raise ValueError(f"{_WHERE}: rank={rank} + benign_rank={r_b} exceeds the hidden size {d}: the target "
+                         "subspace must fit in the complement of the benign one")
+    if r_b == 0:
+        return principal_directions(Xt, rank)
+    Qb = principal_directions(Xb, r_b)
+    Y = Xt - (Xt @ Qb) @ Qb.T
+    P = principal_directions(Y, rank)
+    # Projecting again removes the rounding leak into span(Q_b); it matters for directions with
+    # (near-)zero singular value, which the SVD may return anywhere in the null space of Y.
+    P = P - Qb @ (Qb.T @ P)
+    try:
+        P = orthonormalize(P, "contrastive subspace")
+    except ValueError:
+        raise ValueError(f"{_WHERE}: the target data has fewer than rank={rank} directions outside the top-{r_b} "
+                         "benign subspace; lower rank or benign_rank") from None
+    return fix_signs(P)

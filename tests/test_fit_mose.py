@@ -1,0 +1,263 @@
+"""fit_mose: expert selection, export exactness, quality vs the mean difference, determinism, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finesteer import MoSE
+from finesteer.fit import MoSENetwork, fit_mose, fit_mose_network
+from finesteer.fit._validate import child_generator, holdout_split
+from finesteer.fit.kmeans import calinski_harabasz, kmeans, select_k
+from finesteer.fit.mose import _train_loss
+
+D = 32
+FAST = dict(hidden=32, epochs=40, batch_size=128, attn_dim=16, progress=False)
+
+
+def mixture(n: int, d: int = D, modes: int = 5, seed: int = 0, noise: float = 0.3):
+    """δ around ``modes`` orthogonal behaviour directions (norm √d); each query carries a
+    mode-specific key, so the mode (and thus δ) is predictable from the query. The mixture
+    itself is fixed; ``seed`` draws the rows."""
+    g = torch.Generator().manual_seed(1234 + d + modes)
+    centers = torch.linalg.qr(torch.randn(d, modes, generator=g))[0].T * d ** 0.5
+    keys = 3.0 * torch.randn(modes, d, generator=g)
+    offset = 2.0 * torch.randn(d, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.arange(n) % modes
+    q = offset + keys[z] + torch.randn(n, d, generator=g)
+    delta = centers[z] + noise * torch.randn(n, d, generator=g)
+    return q, delta, centers
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    q, delta, centers = mixture(300)
+    mose, net = fit_mose_network(q, delta, **FAST, k_range=(3, 8))
+    return q, delta, centers, mose, net
+
+
+def test_calinski_harabasz_picks_true_number_of_modes(fitted):
+    q, delta, centers, mose, _ = fitted
+    fs = mose.fit_stats
+    assert fs["num_experts"] == mose.num_experts == 5
+    assert sorted(int(k) for k in fs["ch_scores"]) == list(range(3, 9))
+    assert max(fs["ch_scores"], key=fs["ch_scores"].get) == "5"
+    # The clustering recovers the modes exactly, and the prototypes are the raw-δ means of the
+    # training rows of each mode.
+    train, _ = holdout_split(300, 0.1, child_generator(0, 0), "rows", "test")
+    mode_of_expert = torch.cdist(mose.prototypes, centers).argmin(1)
+    assert sorted(mode_of_expert.tolist()) == [0, 1, 2, 3, 4]
+    for j, mode in enumerate(mode_of_expert.tolist()):
+        rows = train[train % 5 == mode]
+        torch.testing.assert_close(mose.prototypes[j], delta[rows].mean(0), atol=1e-5, rtol=0)
+        assert int(mose.cluster_sizes[j]) == rows.numel()
+    assert torch.equal(mose.V, mose.prototypes)
+    assert int(mose.cluster_sizes.sum()) == fs["n_train"] == 270
+
+
+def test_beats_mean_difference_on_held_out_data(fitted):
+    q, delta, _, mose, _ = fitted
+    q_new, d_new, _ = mixture(200, seed=1)
+    mse = float((mose.vector(q_new) - d_new).square().mean())
+    mse_mean = float((delta.mean(0) - d_new).square().mean())
+    assert mse < 0.25 * mse_mean
+    assert mse < 2.0 * 0.3 ** 2  # close to the noise floor
+
+
+def test_routing_picks_the_right_expert(fitted):
+    q, delta, centers, mose, _ = fitted
+    q_new, _, _ = mixture(100, seed=2)
+    expert_of_mode = torch.cdist(centers, mose.prototypes).argmin(1)   # [modes]
+    chosen = mose.routing(q_new).argmax(1)
+    assert torch.equal(chosen, expert_of_mode[torch.arange(100) % 5])
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(learned_values=True), dict(residual="prototype_residual"),
+                                    dict(query_dim=6), dict(query_dim=None)])
+def test_export_matches_trained_module(kwargs):
+    q, delta, _ = mixture(200)
+    mose, net = fit_mose_network(q, delta, **{**FAST, "epochs": 15, **kwargs})
+    assert isinstance(net, MoSENetwork) and isinstance(mose, MoSE)
+    g = torch.Generator().manual_seed(7)
+    probes = torch.cat([mixture(50, seed=3)[0], 3.0 * torch.randn(20, D, generator=g)])
+    with torch.no_grad():
+        alpha, vec = net.routing(probes), net(probes)
+    # α from the collapsed R, c (fp32) equals the module's attention; the exported vector equals
+    # the module's output.
+    torch.testing.assert_close(torch.softmax(probes @ mose.R + mose.c, -1), alpha, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mose.routing(probes), alpha, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mose.vector(probes), vec, atol=1e-5, rtol=1e-5)
+    for name in MoSE.TENSORS:
+        t = getattr(mose, name)
+        assert t.dtype == torch.float32 and t.is_contiguous() and bool(torch.isfinite(t).all()), name
+
+
+def test_learned_values_start_at_prototypes():
+    q, delta, _ = mixture(100)
+    _, net = fit_mose_network(q, delta, **{**FAST, "epochs": 1, "lr": 1e-12, "learned_values": True})
+    torch.testing.assert_close(net.values(), net.C, atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_statistics_and_history(fitted):
+    _, _, _, mose, _ = fitted
+    K, m, H = 5, 10, 32
+    shapes = dict(R=(D, K), c=(K,), V=(K, D), U=(D, m), W1=(H, D), b1=(H,), W2=(m, H), b2=(m,),
+                  prototypes=(K, D), cluster_sizes=(K,))
+    for name, shape in shapes.items():
+        assert tuple(getattr(mose, name).shape) == shape, name
+    torch.testing.assert_close(mose.U.T @ mose.U, torch.eye(m), atol=1e-5, rtol=0)
+    fs = mose.fit_stats
+    json.dumps(fs, allow_nan=False)  # JSON-serialisable, finite
+    hist = mose.history
+    assert len(hist["train_loss"]) == len(hist["val_loss"]) == fs["epochs_run"]
+    assert 1 <= fs["best_epoch"] <= fs["epochs_run"] <= 40
+    assert fs["val_loss"] == min(hist["val_loss"]) == hist["val_loss"][fs["best_epoch"] - 1]
+    assert fs["val_loss"] < fs["val_loss_mean_delta"]
+    assert (fs["n_samples"], fs["n_train"], fs["n_val"], fs["seed"]) == (300, 270, 30, 0)
+    assert fs["hyperparameters"]["hidden"] == 32 and fs["network_input_dim"] == D
+
+
+def test_early_stopping_restores_best_weights():
+    q, delta, _ = mixture(200)
+    # A large learning rate makes the validation loss bounce, so training stops early.
+    mose = fit_mose(q, delta, **{**FAST, "epochs": 200, "patience": 3, "lr": 3e-2, "batch_size": 16})
+    fs = mose.fit_stats
+    assert fs["stopped_early"] and fs["best_epoch"] < fs["epochs_run"] < 200
+    _, val = holdout_split(200, 0.1, child_generator(0, 0), "rows", "test")
+    val_mse = float((mose.vector(q[val]) - delta[val]).square().mean())
+    assert val_mse == pytest.approx(fs["val_loss"], rel=1e-4)
+    assert val_mse < mose.history["val_loss"][-1]
+
+
+def test_reduced_loss_equals_direct_loss():
+    q, delta, _ = mixture(120)
+    _, net = fit_mose_network(q, delta, **{**FAST, "epochs": 2})
+    x = net.features(q).detach()
+    idx = torch.arange(0, 120, 3)
+    losses, grads = [], []
+    for fixed in (True, False):
+        net.zero_grad()
+        loss = _train_loss(net, x, delta.double(), fixed_values=fixed)(idx)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_prototype_residual_basis_is_orthogonal_to_prototypes():
+    q, delta, _ = mixture(200)
+    mose = fit_mose(q, delta, **{**FAST, "epochs": 2, "residual": "prototype_residual", "residual_dim": 4})
+    Qc = torch.linalg.qr(mose.prototypes.T)[0]
+    assert float((Qc.T @ mose.U).abs().max()) < 1e-5
+
+
+def test_same_seed_identical_and_global_rng_untouched():
+    q, delta, _ = mixture(150)
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    a = fit_mose(q, delta, **{**FAST, "epochs": 5})
+    assert torch.equal(torch.get_rng_state(), state)
+    b = fit_mose(q, delta, **{**FAST, "epochs": 5})
+    for name in MoSE.TENSORS + ("prototypes", "cluster_sizes"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.fit_stats == b.fit_stats and a.history == b.history
+    c = fit_mose(q, delta, **{**FAST, "epochs": 5, "seed": 1})
+    assert not torch.equal(a.W1, c.W1)
+
+
+def test_progress_bar(capsys):
+    q, delta, _ = mixture(100)
+    fit_mose(q, delta, **{**FAST, "epochs": 2, "progress": True})
+    assert "MoSE fit" in capsys.readouterr().err
+    fit_mose(q, delta, **{**FAST, "epochs": 2, "progress": False})
+    assert "MoSE fit" not in capsys.readouterr().err
+
+
+# --- K-means and Calinski–Harabasz ----------------------------------------------------------
+
+def test_calinski_harabasz_matches_definition():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    labels = torch.arange(40) % 4
+    mean = X.mean(0)
+    B = sum(int((labels == j).sum()) * float((X[labels == j].mean(0) - mean).square().sum()) for j in range(4))
+    W = sum(float((X[labels == j] - X[labels == j].mean(0)).square().sum()) for j in range(4))
+    assert calinski_harabasz(X, labels, 4) == pytest.approx((B / 3) / (W / 36), rel=1e-12)
+
+
+def test_kmeans_finds_blobs_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    centers = 10.0 * torch.randn(3, 4, generator=g, dtype=torch.float64)
+    X = centers[torch.arange(90) % 3] + 0.1 * torch.randn(90, 4, generator=g, dtype=torch.float64)
+    best, scores = select_k(X, 2, 6, torch.Generator().manual_seed(1))
+    assert best.centers.shape[0] == 3 and max(scores, key=scores.get) == 3
+    assert torch.equal(best.labels, best.labels[torch.arange(90) % 3][torch.arange(90) % 3])
+    assert len(set(best.labels.tolist())) == 3
+    a = kmeans(X, 4, torch.Generator().manual_seed(5))
+    b = kmeans(X, 4, torch.Generator().manual_seed(5))
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.labels, b.labels)
+    assert bool((a.sizes > 0).all())
+
+
+def test_kmeans_with_duplicate_rows_keeps_clusters_non_empty():
+    X = torch.tensor([[0.0, 0.0]] * 6 + [[1.0, 1.0]] * 2, dtype=torch.float64)
+    res = kmeans(X, 3, torch.Generator().manual_seed(0))
+    assert bool((res.sizes > 0).all()) and int(res.sizes.sum()) == 8
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _good(n=60, d=16):
+    q, delta, _ = mixture(n, d=d, modes=4)
+    return q, delta
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda q, dl: (q[:-1], dl), "queries has 59 rows but deltas has 60"),
+    (lambda q, dl: (q, dl[:, :4]), "hidden size mismatch: queries has 16 features, deltas has 4"),
+    (lambda q, dl: (q[:0], dl[:0]), "queries is empty"),
+    (lambda q, dl: (q, dl[:, :0]), "deltas is empty"),
+    (lambda q, dl: (q.index_put((torch.tensor([2]), torch.tensor([1])), torch.tensor(float("nan"))), dl),
+     "queries contains NaN or Inf .*row 2, column 1"),
+    (lambda q, dl: (q, dl.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("-inf")))),
+     "deltas contains NaN or Inf"),
+    (lambda q, dl: (q[:10], dl[:10]), "10 rows leave 9 training rows .* need more than k_max=10"),
+    (lambda q, dl: (q[:1], dl[:1]), "1 rows, too few to split"),
+    (lambda q, dl: (q, torch.ones_like(dl)), "all deltas rows are identical"),
+    (lambda q, dl: (q[None], dl), r"queries must be 2-D"),
+])
+def test_bad_data(mutate, match):
+    q, dl = mutate(*_good())
+    with pytest.raises(ValueError, match=match):
+        fit_mose(q, dl, **FAST)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k_range=(1, 5)), r"k_range\[0\] \(k_min\) must be >= 2"),
+    (dict(k_range=(6, 4)), r"k_range=\(6, 4\) is empty"),
+    (dict(k_range=(4,)), "k_range must be a pair"),
+    (dict(k_range=4), "k_range must be a pair"),
+    (dict(k_range=(4, 6.5)), r"k_range\[1\] \(k_max\) must be an integer"),
+    (dict(residual_dim=17), r"residual_dim=17 exceeds min\(training rows=54, hidden size=16\)"),
+    (dict(residual_dim=0), "residual_dim must be >= 1"),
+    (dict(residual="pca"), "unknown residual 'pca'"),
+    (dict(val_fraction=0.0), r"val_fraction must be in \(0.0, 1.0\)"),
+    (dict(val_fraction=1.0), r"val_fraction must be in \(0.0, 1.0\)"),
+    (dict(lr=0.0), r"lr must be in \(0.0, inf\)"),
+    (dict(weight_decay=-1.0), r"weight_decay must be in \[0.0, inf\)"),
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(hidden=0), "hidden must be >= 1"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(patience=0), "patience must be >= 1"),
+    (dict(attn_dim=0), "attn_dim must be >= 1"),
+    (dict(pca_dim=0), "pca_dim must be >= 1"),
+    (dict(query_dim=0), "query_dim must be >= 1"),
+    (dict(seed=True), "seed must be an integer"),
+])
+def test_bad_arguments(kwargs, match):
+    q, dl = _good()
+    with pytest.raises(ValueError, match=match):
+        fit_mose(q, dl, **{**FAST, **kwargs})
