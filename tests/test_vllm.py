@@ -4,7 +4,8 @@ The end-to-end test serves a tiny random Llama through ``vllm.LLM`` with the plu
 steerer (greedy, fp32) and checks the generated tokens against HuggingFace token-mode steering
 on the same weights: a forward hook applying :func:`finesteer.reference.steer_tokens` to the
 decoder layer's output, which is the definition (DESIGN §1, §4). vLLM spawns its engine and
-worker processes, so the engine runs in a child ``python`` (see :func:`serve_main`).
+worker processes, so the engine runs in a child ``python`` (see :func:`serve_main`), with two
+tensor-parallel ranks where the machine allows (two CPU cores on vLLM's CPU build).
 
 The model and steerer are built so the check cannot pass vacuously: one "trigger" token has a
 large embedding along a direction ``e``; the steerer's gate subspace is ``e`` (so the gate opens
@@ -31,7 +32,16 @@ from finesteer.reference import steer_tokens as reference_steer_tokens
 from tests.utils import random_steerer
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def _vllm_importable() -> bool:
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_VLLM = _vllm_importable()
 SKIP_REASON = "vLLM is not installed (pip install 'finesteer[vllm]'; on CPU: bash scripts/install_vllm_cpu.sh)"
 
 # Tiny Llama: head_dim 64 (vLLM's CPU attention has no kernel for head_dim 16).
@@ -243,6 +253,20 @@ def test_load_and_check_errors(tmp_path):
 # a real vLLM engine
 # --------------------------------------------------------------------------------------------
 
+def _tensor_parallel_size() -> int:
+    """2 when this machine can run two vLLM ranks (two CPU cores on the CPU build, two GPUs), else 1."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return 1
+        # vLLM's automatic binding wants one NUMA node per rank; bind one core per rank instead.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+        return 2
+    return 2 if torch.cuda.device_count() >= 2 else 1
+
+
 def serve_main(job_path: str) -> None:
     """Child-process body: bad configurations first (each must fail before an engine starts), then
     serve the good one and write the generated tokens. Run as ``python -c`` from the repo root."""
@@ -251,7 +275,10 @@ def serve_main(job_path: str) -> None:
 
     common = dict(model=job["model"], dtype="float32", gpu_memory_utilization=0.3, max_model_len=128,
                   max_num_seqs=4, max_num_batched_tokens=128, enforce_eager=True, seed=0)
-    common.update(job.get("engine", {}))  # e.g. {"enforce_eager": false} or {"tensor_parallel_size": 2}
+    # Two tensor-parallel ranks where the machine has them: the stream is replicated on every
+    # rank and each rank must steer it identically (on CPU each rank is a process on one core).
+    common["tensor_parallel_size"] = _tensor_parallel_size()
+    common.update(job.get("engine", {}))  # e.g. {"enforce_eager": false} or {"tensor_parallel_size": 1}
     results = {"bad": {}}
     for name, conf in job["bad"].items():
         t0 = time.perf_counter()
@@ -265,6 +292,7 @@ def serve_main(job_path: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
     results["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+    results["tensor_parallel_size"] = common["tensor_parallel_size"]
     Path(job["out"]).write_text(json.dumps(results))
 
 
@@ -317,14 +345,15 @@ def test_vllm_token_mode_matches_hf(vllm_run):
     hf_plain, _ = hf_generate(model_dir, None, prompts, NEW_TOKENS)
     hf_steered, gates = hf_generate(model_dir, steerer, prompts, NEW_TOKENS)
     got = vllm_run["results"]["tokens"]
+    tp = vllm_run["results"]["tensor_parallel_size"]
     # Preconditions that make the comparison meaningful.
     assert gates[0][-1] == 1 and gates[0][:-1].eq(0).all(), f"gate should open on the trigger row only: {gates[0]}"
     assert gates[1].eq(0).all(), f"benign prompt rows should all have a closed gate: {gates[1]}"
     assert TRIGGER not in hf_plain[1] and TRIGGER not in hf_steered[1]
     assert hf_steered[0] != hf_plain[0], "the steerer must change the steered prompt's generation"
     # vLLM with the plugin == HF token-mode steering; the benign prompt, batched with it, is unchanged.
-    assert got[0] == hf_steered[0], f"steered prompt: vLLM {got[0]} != HF {hf_steered[0]} (unsteered {hf_plain[0]})"
-    assert got[1] == hf_plain[1] == hf_steered[1], f"benign prompt: vLLM {got[1]}, HF {hf_plain[1]}"
+    assert got[0] == hf_steered[0], f"steered prompt: vLLM (TP={tp}) {got[0]} != HF {hf_steered[0]} (unsteered {hf_plain[0]})"
+    assert got[1] == hf_plain[1] == hf_steered[1], f"benign prompt: vLLM (TP={tp}) {got[1]}, HF {hf_plain[1]}"
 
 
 @pytest.mark.vllm
