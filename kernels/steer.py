@@ -42,8 +42,9 @@ bf16); ``B`` is ~7 % of that. The grid is ``(row blocks, SPLIT)``:
   fill plus one kernel; an unsplit launch (``SPLIT == 1``, prefill) is exactly one kernel and the
   same program reads back its own partials after a CTA barrier.
 * **Epilogue + phase 2 (one program per row block).** Gate, softmax (padding experts have
-  ``c = −inf``, so ``exp`` gives exactly 0), relu, ``β = relu·W2ᵀ + b2``, ``coef = λ·g·[α; β]``,
-  then a pass over d: ``v = coef @ B`` tile, ``out = select(v == 0, h, h + v)``. In split mode
+  ``c = −inf``, so ``exp`` gives exactly 0), relu and ``β = relu·W2ᵀ + b2`` (``BLOCK_HE``
+  hidden units at a time, read back from the workspace), ``coef = λ·g·[α; β]``, then a pass
+  over d: ``v = coef @ B`` tile, ``out = select(v == 0, h, h + v)``. In split mode
   this pass over ``B`` (K + m rows) and ``h`` runs on one program per row block; at T = 1 that
   is ~0.3 MB fp32 through one SM (~2 µs), the price of keeping one kernel with no grid-wide
   wait (a spin-wait would deadlock the interpreter and is not guaranteed co-resident on GPU).
@@ -72,7 +73,10 @@ columns are a separate ``[BLOCK_D, BLOCK_R]`` tile of the same cache lines, so `
 comes from DRAM once. (``bank.ptmu``/``bank.mu_sq`` are therefore not read here.)
 
 Every ``tl.dot`` operand is at least 16 wide (Triton's minimum on NVIDIA); padding rows/columns
-are masked to 0. All arithmetic is fp32; ``out`` is rounded once to ``h``'s dtype.
+are masked to 0. All arithmetic is fp32 (weights of any float dtype are upcast on load); ``out``
+is rounded once, to nearest even, to ``h``'s dtype (see ``_round_like`` for bf16).
+``python -m finesteer._triton.compile_check`` compiles the launch configurations for sm_90
+without a GPU and prints their register use.
 Runs compiled on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before this module
 is imported: Triton decides interpreted vs compiled when the kernels are decorated).
 """
