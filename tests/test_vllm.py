@@ -2,8 +2,9 @@
 
 The end-to-end test serves a tiny random Llama through ``vllm.LLM`` with the plugin and one
 steerer (greedy, fp32) and checks the generated tokens against HuggingFace token-mode steering
-on the same weights: a forward hook applying :func:`finesteer.reference.steer_tokens` to the
-decoder layer's output, which is the definition (DESIGN §1, §4). vLLM spawns its engine and
+on the same weights: :class:`finesteer.FusedSteerer` (``mode="token"``), itself checked against
+a forward hook applying :func:`finesteer.reference.steer_tokens` to the decoder layer's output,
+which is the definition (DESIGN §1, §4). vLLM spawns its engine and
 worker processes, so the engine runs in a child ``python`` (see :func:`serve_main`), with two
 tensor-parallel ranks where the machine allows (two CPU cores on vLLM's CPU build).
 
@@ -93,24 +94,36 @@ def build_steerer(layer: int = STEER_LAYER, d: int = D) -> Steerer:
     return Steerer(gate=gate, mose=mose, strength=1.0, layer=layer, gate_mode="hard")
 
 
-def hf_generate(model_dir: Path, steerer, prompts, new_tokens: int):
-    """Greedy HF generation; with ``steerer``, token mode by a hook on its decoder layer.
+def hf_generate(model_dir: Path, steerer, prompts, new_tokens: int, how: str = "hook"):
+    """Greedy HF generation (no KV cache: each step reruns the sequence, so token mode sees every row).
+
+    ``steerer=None``: unsteered. ``how="hook"``: a forward hook on the steerer's decoder layer
+    applying :func:`finesteer.reference.steer_tokens` (the definition). ``how="fused"``:
+    :class:`finesteer.FusedSteerer` in token mode (the project's HF integration).
     Returns (token lists, per-prompt gate values of the prompt rows at the first forward)."""
     from transformers import LlamaForCausalLM
 
+    from finesteer import FusedSteerer
+
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     gates = []
-    handle = None
+    layer = model.model.layers[steerer.layer] if steerer is not None else None
+    handles = []
     if steerer is not None:
+        # Records the gate of every row the steerer sees (the block output, before steering).
+        handles.append(layer.register_forward_hook(
+            lambda m, a, out: gates.append(steerer.gate_value((out[0] if isinstance(out, tuple) else out)[0]))))
+    if steerer is not None and how == "hook":
         bank = steerer.bank()
 
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            gates.append(steerer.gate_value(h[0].detach()))
             out = reference_steer_tokens(h.reshape(-1, h.shape[-1]), bank, None).reshape(h.shape)
             return (out, *output[1:]) if isinstance(output, tuple) else out
 
-        handle = model.model.layers[steerer.layer].register_forward_hook(hook)
+        handles.append(layer.register_forward_hook(hook))
+    fused = FusedSteerer.attach(model, steerer, mode="token", backend="reference") \
+        if steerer is not None and how == "fused" else None
     results, prompt_gates = [], []
     with torch.no_grad():
         for prompt in prompts:
@@ -122,8 +135,10 @@ def hf_generate(model_dir: Path, steerer, prompts, new_tokens: int):
             if steerer is not None:
                 prompt_gates.append(gates[0])
             results.append(ids[0, len(prompt):].tolist())
-    if handle is not None:
+    for handle in handles:
         handle.remove()
+    if fused is not None:
+        fused.detach()
     return results, prompt_gates
 
 
@@ -343,7 +358,9 @@ def test_vllm_token_mode_matches_hf(vllm_run):
     model_dir, steerer = vllm_run["model_dir"], vllm_run["steerer"]
     prompts = [PROMPT_STEERED, PROMPT_BENIGN]
     hf_plain, _ = hf_generate(model_dir, None, prompts, NEW_TOKENS)
-    hf_steered, gates = hf_generate(model_dir, steerer, prompts, NEW_TOKENS)
+    hf_steered, _ = hf_generate(model_dir, steerer, prompts, NEW_TOKENS, how="fused")
+    hf_defined, gates = hf_generate(model_dir, steerer, prompts, NEW_TOKENS, how="hook")
+    assert hf_steered == hf_defined, "FusedSteerer token mode disagrees with the reference hook"
     got = vllm_run["results"]["tokens"]
     tp = vllm_run["results"]["tensor_parallel_size"]
     # Preconditions that make the comparison meaningful.
