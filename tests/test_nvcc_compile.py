@@ -22,7 +22,11 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: the CUDA
 
 
 def _compile(src: Path, arch: str, out_dir: Path) -> subprocess.CompletedProcess:
+    # The __CUDA_NO_*__ defines are the ones torch's extension builds add: the kernels must not rely
+    # on implicit half/bfloat16 conversions or operators.
     cmd = [NVCC, "-c", "-std=c++17", "-O3", "-DNDEBUG", "-gencode", f"arch=compute_{arch},code=sm_{arch}",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
            "-I", str(CSRC), "-I", str(CSRC / "cuda"), "-Xcompiler", "-Wall",
            str(src), "-o", str(out_dir / f"{src.stem}_sm{arch}.o")]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
