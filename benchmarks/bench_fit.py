@@ -5,7 +5,11 @@ The activations are synthetic but structured like real ones: a shared offset, a 
 "background" every row carries, a few target directions for the gate, and δ drawn around six
 behaviour modes whose queries share a mode-specific component. Run:
 
-    python benchmarks/bench_fit.py [--n 1000] [--d 4096] [--seed 0] [--no-progress]
+    python benchmarks/bench_fit.py [--n 1000] [--d 4096] [--seed 0] [--threads T] [--no-progress]
+
+``--threads`` calls ``torch.set_num_threads`` in this process only (default: torch's choice).
+On a CPU shared with other busy processes, 2 OpenMP threads can be several times slower than 1
+(every small op waits for a descheduled worker), so compare both when the machine is loaded.
 
 Prints one line per stage and a JSON summary line (stage seconds, threads, chosen K, epochs).
 """
@@ -44,8 +48,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from finesteer.fit import fit_mose, fit_scs
 

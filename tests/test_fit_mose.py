@@ -154,6 +154,23 @@ def test_prototype_residual_basis_is_orthogonal_to_prototypes():
     assert float((Qc.T @ mose.U).abs().max()) < 1e-5
 
 
+def test_more_experts_than_hidden_size():
+    # K > d: the prototypes are linearly dependent; keys, values and the prototype-residual
+    # basis must still be well defined.
+    g = torch.Generator().manual_seed(0)
+    z = torch.arange(120) % 6
+    centers = 3.0 * torch.randn(6, 4, generator=g)
+    delta = centers[z] + 0.05 * torch.randn(120, 4, generator=g)
+    q = 2.0 * centers[z] + 0.1 * torch.randn(120, 4, generator=g)
+    for residual in ("all", "prototype_residual"):
+        mose, net = fit_mose_network(q, delta, **{**FAST, "epochs": 3, "k_range": (5, 7), "residual_dim": 2,
+                                                  "residual": residual, "normalize": False})
+        assert mose.num_experts == 6
+        torch.testing.assert_close(mose.U.T @ mose.U, torch.eye(2), atol=1e-5, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(mose.vector(q), net(q), atol=1e-5, rtol=1e-5)
+
+
 def test_same_seed_identical_and_global_rng_untouched():
     q, delta, _ = mixture(150)
     torch.manual_seed(99)

@@ -13,7 +13,7 @@ import torch
 from ..mose import MoSE
 from ._validate import as_matrix, check_choice, check_int, check_real, child_generator, holdout_split
 from .kmeans import cluster_sums, select_k
-from .linalg import orthonormalize, principal_directions
+from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
 from .train import train_early_stopping
 
@@ -131,7 +131,7 @@ def fit_mose_network(queries, deltas, k_range=(4, 10), residual_dim: int = 10, h
     if residual == "all":
         U = principal_directions(d_tr - d_tr.mean(0), residual_dim)
     else:
-        Qc = orthonormalize(C.T.contiguous(), f"{_WHERE}: prototypes")
+        Qc = row_basis(C)  # rank-revealing: prototypes may be linearly dependent when K > d
         rest = d_tr - (d_tr @ Qc) @ Qc.T
         U = principal_directions(rest - rest.mean(0), residual_dim)
 
