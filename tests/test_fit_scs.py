@@ -191,6 +191,8 @@ def _good():
      "target contains NaN or Inf .*row 3, column 5"),
     (lambda t, b: (t, b.index_put((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("inf")))),
      "benign contains NaN or Inf"),
+    (lambda t, b: (t.double().index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(1e300, dtype=torch.float64)), b),
+     "target has values beyond the fp32 range .*row 1, column 2"),
     (lambda t, b: (t[:1], b), "target has 1 rows, too few to split"),
     (lambda t, b: (t, b[:1]), "benign has 1 rows, too few to split"),
     (lambda t, b: (t.bool(), b), "target must hold real numbers"),

@@ -34,6 +34,11 @@ def as_matrix(x, name: str, where: str) -> torch.Tensor:
         row, col = (~finite).nonzero()[0].tolist()
         raise ValueError(f"{where}: {name} contains NaN or Inf ({int((~finite).sum())} values; first at row "
                          f"{row}, column {col})")
+    # Fitted tensors and the kernels are fp32: a value that overflows there is as bad as an Inf.
+    big = t.abs() > torch.finfo(torch.float32).max
+    if bool(big.any()):
+        row, col = big.nonzero()[0].tolist()
+        raise ValueError(f"{where}: {name} has values beyond the fp32 range (first at row {row}, column {col})")
     return t
 
 
