@@ -51,11 +51,13 @@ def _steer_variant(io: str, w: str, write_vectors: bool, has_index: bool, split:
 
 def variants():
     """(name, kernel, signature, constexprs, compile options) for the configurations worth compiling."""
-    yield _steer_variant("bf16", "bf16", False, True, 32, 1, 16, 10, 256, 10)    # decode, split-d
+    yield _steer_variant("bf16", "bf16", False, True, 32, 1, 16, 10, 256, 10)    # decode T=1, split-d
+    yield _steer_variant("fp32", "bf16", False, True, 16, 3, 16, 10, 256, 10)    # decode T=3, split-d
     yield _steer_variant("fp32", "fp32", True, False, 1, 513, 4, 3, 16, 2)       # prefill vectors
     yield _steer_variant("fp16", "fp32", False, True, 1, 64, 5, 7, 300, 3)       # H > BLOCK_H
     fn = k._add_vectors_kernel
-    consts = dict(HAS_SLOT=True, BLOCK_T=8, BLOCK_D=1024)
+    block_t, block_d = k._add_vectors_blocks(64, 4096)
+    consts = dict(HAS_SLOT=True, BLOCK_T=block_t, BLOCK_D=block_d)
     sig = {a: "constexpr" if a in consts else ("*bf16" if a in ("h_ptr", "out_ptr") else "*fp32" if a == "vec_ptr"
                                                else "*i32" if a == "slot_ptr" else "i32") for a in fn.arg_names}
     yield "add_vectors[bf16 slot]", fn, sig, consts, dict(num_warps=4)

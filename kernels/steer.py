@@ -72,8 +72,9 @@ bf16-rounded ``P``. Loading μ costs d·4 bytes per row block, negligible next t
 columns are a separate ``[BLOCK_D, BLOCK_R]`` tile of the same cache lines, so ``A`` still
 comes from DRAM once. (``bank.ptmu``/``bank.mu_sq`` are therefore not read here.)
 
-Every ``tl.dot`` operand is at least 16 wide (Triton's minimum on NVIDIA); padding rows/columns
-are masked to 0. All arithmetic is fp32 (weights of any float dtype are upcast on load); ``out``
+Products go through ``_mm``: ``tl.dot`` for row blocks of ≥ 16 (every operand at least 16 wide,
+Triton's minimum on NVIDIA), a broadcast multiply + reduction for the 1–4-row blocks of decode;
+padding rows/columns are masked to 0. All arithmetic is fp32 (weights of any float dtype are upcast on load); ``out``
 is rounded once, to nearest even, to ``h``'s dtype (see ``_round_like`` for bf16).
 ``python -m finesteer._triton.compile_check`` compiles the launch configurations for sm_90
 without a GPU and prints their register use.
@@ -117,6 +118,19 @@ def _round_like(y, x):
 
 
 @triton.jit
+def _mm(a, b):
+    """``a @ b`` in fp32 (``a`` [M, K], ``b`` [K, N], both fp32).
+
+    Row blocks of ≥ 16 use ``tl.dot`` (exact fp32 FMA, never TF32). Decode blocks of 1–8 rows
+    use a broadcast multiply and a reduction instead: ``tl.dot`` needs M ≥ 16, and padding one
+    real row to 16 would multiply the FMA work of a bandwidth-bound GEMV by 16."""
+    if a.shape[0] >= 16:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
 def _phase1_partial(h_ptr, ws_row_ptr, A_n, mu_n, rows64, sel, d_lo, d_hi, r, K, H, J,
                     stride_ht, stride_hd,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -143,9 +157,9 @@ def _phase1_partial(h_ptr, ws_row_ptr, A_n, mu_n, rows64, sel, d_lo, d_hi, r, K,
         ssq += tl.sum(xc * xc, axis=1)
         a_rows = A_n + offs_d.to(tl.int64)[:, None] * J
         p = tl.load(a_rows + offs_r[None, :], mask=dm[:, None] & (offs_r < r)[None, :], other=0.0)
-        acc_g += tl.dot(xc, p.to(tl.float32), input_precision="ieee")
+        acc_g += _mm(xc, p.to(tl.float32))
         rr = tl.load(a_rows + r + offs_k[None, :], mask=dm[:, None] & (offs_k < K)[None, :], other=0.0)
-        acc_r += tl.dot(x, rr.to(tl.float32), input_precision="ieee")
+        acc_r += _mm(x, rr.to(tl.float32))
     tl.store(ws_row_ptr[:, None] + offs_r[None, :], acc_g, mask=sel[:, None])
     tl.store(ws_row_ptr[:, None] + BLOCK_R + offs_k[None, :], acc_r, mask=sel[:, None])
     tl.store(ws_row_ptr + BLOCK_R + BLOCK_K, ssq, mask=sel)
@@ -162,7 +176,7 @@ def _phase1_partial(h_ptr, ws_row_ptr, A_n, mu_n, rows64, sel, d_lo, d_hi, r, K,
                         other=0.0).to(tl.float32)
             w = tl.load(A_n + offs_d.to(tl.int64)[:, None] * J + (r + K) + cols[None, :],
                         mask=dm[:, None] & cm[None, :], other=0.0)
-            acc_p += tl.dot(x, w.to(tl.float32), input_precision="ieee")
+            acc_p += _mm(x, w.to(tl.float32))
         tl.store(ws_row_ptr[:, None] + WS_PRE + cols[None, :], acc_p, mask=sel[:, None] & cm[None, :])
 
 
@@ -233,7 +247,7 @@ def _epilogue_and_apply(h_ptr, out_ptr, ws_row_ptr, n, rows64, sel,
         act = tl.maximum(pre + b1[None, :], 0.0)
         w2t = tl.load(W2_ptr + n64 * m * H + offs_m[None, :] * H + cols[:, None],
                       mask=cm[:, None] & mmask[None, :], other=0.0)
-        beta += tl.dot(act, w2t.to(tl.float32), input_precision="ieee")
+        beta += _mm(act, w2t.to(tl.float32))
     beta += tl.load(b2_ptr + n64 * m + offs_m, mask=mmask, other=0.0)[None, :]
 
     # A closed gate makes both coefficient vectors exactly 0, so v == 0 and the row is kept.
@@ -250,8 +264,8 @@ def _epilogue_and_apply(h_ptr, out_ptr, ws_row_ptr, n, rows64, sel,
         vt = tl.load(B_n + offs_k[:, None] * d + offs_d[None, :], mask=kmask[:, None] & dm[None, :], other=0.0)
         ut = tl.load(B_n + (K + offs_m)[:, None] * d + offs_d[None, :], mask=mmask[:, None] & dm[None, :],
                      other=0.0)
-        v = tl.dot(coef_a, vt.to(tl.float32), input_precision="ieee")
-        v += tl.dot(coef_b, ut.to(tl.float32), input_precision="ieee")
+        v = _mm(coef_a, vt.to(tl.float32))
+        v += _mm(coef_b, ut.to(tl.float32))
         m2 = sel2 & dm[None, :]
         if WRITE_VECTORS:
             tl.store(o_rows + offs_d[None, :], v, mask=m2)
@@ -472,20 +486,27 @@ def _choose_split(n_row_blocks: int, d: int, block_d: int, device: torch.device,
 def _default_config(T: int, H: int) -> dict:
     """Block sizes and warps.
 
-    GPU: register budget checked with ptxas for sm_90 (no spills): a phase-1 weight tile of
-    ≤ 4K elements, 16 hidden units per epilogue step, 64-wide phase-2 tiles, 16 rows per block
-    (``tl.dot``'s minimum), and no software pipelining (``num_stages=1``: with fp32 weights the
-    pipelined loads spill). Tuning belongs to ``benchmarks/``.
-    Interpreter: every Triton op costs ~0.1–1 ms of numpy overhead regardless of its size, so
-    larger tiles (fewer loop trips) make CI ~5× faster; the code path is the same, and tests also
-    run the GPU configuration on small shapes through ``config=``.
+    GPU (register budget checked with ptxas for sm_90, no spills; tuning belongs to
+    ``benchmarks/``): decode batches of 1, 2 or 3–4 rows get a row block of that size and the
+    broadcast-reduce product of :func:`_mm`; larger batches get 16-row blocks and ``tl.dot``.
+    Phase-1 weight tiles hold ≤ 4–8K elements, the epilogue takes 16 hidden units per step,
+    phase-2 tiles are 64 wide, and loops are not software-pipelined (``num_stages=1``: with
+    fp32 weights the pipelined loads spill).
+    Interpreter: every Triton op costs ~0.1–1 ms of numpy overhead whatever its size, so larger
+    tiles (fewer loop trips) make CI ~5× faster; the code path is the same, and tests also run
+    the GPU configuration on small shapes through ``config=``.
     """
     BLOCK_H = min(_np2(H), 256)
+    BLOCK_T = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 16
     if INTERPRETED:
-        return dict(BLOCK_T=64 if T > 16 else 16, BLOCK_D=max(16, min(256, 32768 // BLOCK_H)), BLOCK_DO=512,
+        return dict(BLOCK_T=64 if T > 16 else BLOCK_T, BLOCK_D=max(16, min(256, 32768 // BLOCK_H)), BLOCK_DO=512,
                     BLOCK_H=BLOCK_H, BLOCK_HE=BLOCK_H, num_warps=4, num_stages=1)
-    return dict(BLOCK_T=16, BLOCK_D=max(16, min(32, 4096 // BLOCK_H)), BLOCK_DO=64,
-                BLOCK_H=BLOCK_H, BLOCK_HE=min(BLOCK_H, 16), num_warps=8 if BLOCK_H >= 256 else 4, num_stages=1)
+    if BLOCK_T < 16:
+        block_d = max(16, min(32, 8192 // (BLOCK_T * BLOCK_H)))
+    else:
+        block_d = max(16, min(32, 4096 // BLOCK_H))
+    return dict(BLOCK_T=BLOCK_T, BLOCK_D=block_d, BLOCK_DO=64, BLOCK_H=BLOCK_H, BLOCK_HE=min(BLOCK_H, 16),
+                num_warps=8 if BLOCK_H >= 256 else 4, num_stages=1)
 
 
 _CONFIG_KEYS = ("BLOCK_T", "BLOCK_D", "BLOCK_DO", "BLOCK_H", "BLOCK_HE", "num_warps", "num_stages")
@@ -509,9 +530,9 @@ def _steer_launch(h: torch.Tensor, bank, index: Optional[torch.Tensor], write_ve
             raise ValueError(f"{where}: unknown config keys {sorted(unknown)}; known: {list(_CONFIG_KEYS)}")
         cfg.update(config)
     for key in _CONFIG_KEYS[:5]:
-        v = cfg[key]
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{where}: config {key}={v} must be a power of two ≥ 16")
+        v, lo = cfg[key], 1 if key == "BLOCK_T" else 16
+        if v < lo or v & (v - 1):
+            raise ValueError(f"{where}: config {key}={v} must be a power of two ≥ {lo}")
     n_row_blocks = triton.cdiv(T, cfg["BLOCK_T"])
     SPLIT, d_chunk = _choose_split(n_row_blocks, d, cfg["BLOCK_D"], h.device, split_d)
     BLOCK_R, BLOCK_K, BLOCK_M = _np2(r), _np2(K), _np2(m)
@@ -571,6 +592,11 @@ def steering_vectors_forward(h: torch.Tensor, bank, index: Optional[torch.Tensor
     return _steer_launch(h, bank, index, True, split_d, config, "triton steering_vectors")
 
 
+def _add_vectors_blocks(T: int, d: int) -> tuple[int, int]:
+    """Tiles of ≤ 2K elements: enough programs to spread a decode step's few rows over the SMs."""
+    return min(_np2(T, lo=1), 4), min(_np2(d, lo=16), 512)
+
+
 def add_vectors_forward(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Add cached per-sequence vectors (prompt-mode decode) in one launch.
 
@@ -599,8 +625,7 @@ def add_vectors_forward(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[t
     out = torch.empty((T, d), dtype=h.dtype, device=h.device)
     if T == 0 or d == 0:
         return out
-    BLOCK_T = min(_np2(T, lo=1), 8)
-    BLOCK_D = min(_np2(d, lo=16), 1024)
+    BLOCK_T, BLOCK_D = _add_vectors_blocks(T, d)
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(d, BLOCK_D))
     _add_vectors_kernel[grid](
         h, vectors, slot if slot is not None else vectors, out, T, d, vectors.shape[0],

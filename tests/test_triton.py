@@ -201,12 +201,15 @@ def test_split_d_matches_reference(d, T, split):
     assert torch.equal(a, k.steer_tokens_forward(h, bank, index, split_d=split))
 
 
-@pytest.mark.parametrize("d, T, H, split", [(80, 37, 40, 1), (80, 37, 40, 2), (200, 5, 300, 1)])
-def test_gpu_block_configuration(d, T, H, split):
-    """The GPU's block sizes: several row blocks, several phase-1 H chunks, masked tails."""
+@pytest.mark.parametrize("d, T, H, split, block_t", [(80, 37, 40, 1, 16), (80, 37, 40, 2, 16), (200, 5, 300, 1, 16),
+                                                     (80, 7, 40, 3, 2), (80, 1, 40, 2, 1)])
+def test_gpu_block_configuration(d, T, H, split, block_t):
+    """The GPU's block sizes: several row blocks (tl.dot or, below 16 rows, broadcast-reduce),
+    several phase-1 H chunks, masked tails."""
     bank = make_bank(d, [dict(r=3, K=5, H=H, m=3, gate_mode="hard"), dict(r=1, K=1, H=7, m=1, gate_mode="soft")])
     h = rand_h(T, d, torch.float16, seed=7)
-    check_against_reference(h, bank, cyclic_index(T, 2), split_d=split, config=GPU_CONFIG, what="gpu-config")
+    check_against_reference(h, bank, cyclic_index(T, 2), split_d=split, config=dict(GPU_CONFIG, BLOCK_T=block_t),
+                            what="gpu-config")
 
 
 def test_wide_mlp_chunks_over_H():
@@ -358,7 +361,8 @@ def _bad_cases():
         ("mu dtype", lambda: tok(h, bad_mu, None), TypeError, "bank.mu must be float32"),
         ("gate_mode dtype", lambda: tok(h, bad_mode, None), TypeError, "bank.gate_mode must be int32"),
         ("A layout", lambda: tok(h, strided_a, None), ValueError, "bank.A must be contiguous"),
-        ("config", lambda: tok(h, bank, None, config=dict(BLOCK_D=24)), ValueError, "BLOCK_D=24 must be a power of two"),
+        ("config", lambda: tok(h, bank, None, config=dict(BLOCK_D=24)), ValueError, "BLOCK_D=24 must be a power of two ≥ 16"),
+        ("config T", lambda: tok(h, bank, None, config=dict(BLOCK_T=3)), ValueError, "BLOCK_T=3 must be a power of two ≥ 1"),
         ("config key", lambda: tok(h, bank, None, config=dict(BLOCK_Q=16)), ValueError, "unknown config keys"),
         ("vectors dtype", lambda: k.add_vectors_forward(h, vec.half(), None), TypeError, "vectors must be a float32"),
         ("vectors d", lambda: k.add_vectors_forward(h, vec[:, :-1], None), ValueError, r"vectors must be \[S, d\]"),
@@ -429,4 +433,4 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-m", "finesteer._triton.compile_check", "--arch", "90"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, f"compile_check failed:\n{res.stdout}\n{res.stderr[-4000:]}"
-    assert res.stdout.count(": ok") == 4, res.stdout
+    assert res.stdout.count(": ok") == 5, res.stdout
