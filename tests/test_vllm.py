@@ -230,6 +230,21 @@ def test_parse_config_forms_and_errors():
             fv.parse_config(conf)
 
 
+def test_only_the_served_model_is_steered_not_a_drafter():
+    from types import SimpleNamespace as NS
+
+    target, draft = object(), object()
+    plain = NS(model_config=target, speculative_config=None)
+    assert fv.is_served_model(plain, target)
+    assert not fv.is_served_model(plain, draft)
+    spec = NS(draft_model_config=draft)
+    assert fv.is_served_model(NS(model_config=target, speculative_config=spec), target)
+    # EAGLE heads: target config, draft model config passed explicitly.
+    assert not fv.is_served_model(NS(model_config=target, speculative_config=spec), draft)
+    # Draft models: a config copy whose model_config is the draft config.
+    assert not fv.is_served_model(NS(model_config=draft, speculative_config=spec), draft)
+
+
 def test_load_and_check_errors(tmp_path):
     good = tmp_path / "good.safetensors"
     random_steerer(D, layer=1).save(good)

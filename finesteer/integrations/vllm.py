@@ -302,12 +302,25 @@ def _wrap_create_engine_config(orig):
     return create_engine_config
 
 
+def is_served_model(vllm_config, model_config) -> bool:
+    """Whether a loader call loads the served (target) model rather than a speculative drafter.
+
+    The target is loaded with ``vllm_config.model_config``. A drafter is loaded either with the
+    speculative config's ``draft_model_config`` passed explicitly (EAGLE heads) or inside a copy
+    of the config whose ``model_config`` *is* that draft config (draft models), so the draft
+    config's identity tells them apart in both cases.
+    """
+    if model_config is not vllm_config.model_config:
+        return False
+    spec = getattr(vllm_config, "speculative_config", None)
+    return spec is None or model_config is not getattr(spec, "draft_model_config", None)
+
+
 def _wrap_load_model(orig):
     @functools.wraps(orig)
     def load_model(self, vllm_config, model_config, *args, **kwargs):
         model = orig(self, vllm_config, model_config, *args, **kwargs)
-        # Only the served model: a speculative-decoding drafter is loaded with its own model config.
-        if model_config is vllm_config.model_config and not getattr(model, _HOOKS_ATTR, None):
+        if is_served_model(vllm_config, model_config) and not getattr(model, _HOOKS_ATTR, None):
             steerers = check_vllm_config(vllm_config)
             if steerers is not None:
                 cfg = parse_config(vllm_config.additional_config)
