@@ -17,6 +17,7 @@ Usage:
     python benchmarks/bench_steer.py                       # CPU, fp32 (DESIGN §7 CPU target)
     python benchmarks/bench_steer.py --device cuda --dtype bfloat16 --flush-l2
     python benchmarks/bench_steer.py --T 1 4 --d 2048 --budget 3
+    python benchmarks/bench_steer.py --stat min        # on a busy shared machine
 Writes benchmarks/results/<machine>.json (``--out`` to change, ``--no-write`` to skip).
 """
 from __future__ import annotations
@@ -105,7 +106,9 @@ def run(args) -> dict:
             nbytes = bytes_moved(bank, T, dtype)
             row = {"d": d, "T": T, "dtype": args.dtype, "bytes": nbytes}
             for name, r in res.items():
-                row[f"{name}_us"] = r["median_us"]
+                row[f"{name}_us"] = r[f"{args.stat}_us"]
+                row[f"{name}_median_us"] = r["median_us"]
+                row[f"{name}_min_us"] = r["min_us"]
                 row[f"{name}_p20_us"] = r["p20_us"]
                 row[f"{name}_p80_us"] = r["p80_us"]
                 row[f"{name}_reps"] = r["reps"]
@@ -145,16 +148,21 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per shape (all providers)")
     p.add_argument("--flush-l2", action="store_true", help="CUDA: evict L2 before every sample")
     p.add_argument("--skip-reference-above", type=int, default=0, help="skip the reference for T above this")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="statistic of the table and ratios (min: robust on a busy shared machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (CPU)")
     p.add_argument("--out", default=None, help="result name (default: the machine descriptor)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     payload = run(args)
     fused = [n for n in FUSED if any(f"{n}_us" in r for r in payload["rows"])]
     print()
     print(f"{payload['env']['machine']}  dtype={args.dtype}  threads={payload['env']['threads']}  "
-          f"torch={payload['env']['torch']}")
+          f"torch={payload['env']['torch']}  statistic={args.stat}")
     print(format_table(payload["rows"], table_columns(fused, bool(payload["bandwidth_Bps"]))))
     if not args.no_write:
         path = write_results(payload, args.out or machine_descriptor(torch.device(args.device)))

@@ -3,7 +3,9 @@
 Timing rules (DESIGN §7: performance is measured by scripts, never asserted in tests):
 - providers are timed *interleaved* in one process (round-robin, the order rotated every round),
   so slow drifts of a shared machine (other jobs, frequency) hit every provider alike;
-- the statistic is the median (with the 20th/80th percentiles) over many repetitions;
+- the statistic is the median (with the 20th/80th percentiles) over many repetitions; the
+  minimum is kept too: on a shared, oversubscribed machine it is the robust estimate of the
+  uncontended time (``bench_steer.py --stat min``);
 - on CUDA each sample is a batch of calls between two CUDA events (launch overhead included, as
   a decode step sees it); with ``flush_l2`` a buffer larger than L2 is rewritten before each
   sample so weights are read from HBM, as in a real decode step where other layers evict them.
@@ -73,7 +75,7 @@ def _percentile(sorted_vals, q):
 def _summary(samples_s) -> dict:
     s = sorted(samples_s)
     return {"median_us": statistics.median(s) * 1e6, "p20_us": _percentile(s, 0.2) * 1e6,
-            "p80_us": _percentile(s, 0.8) * 1e6, "reps": len(s)}
+            "p80_us": _percentile(s, 0.8) * 1e6, "min_us": s[0] * 1e6, "reps": len(s)}
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, budget_s: float = 2.0,
@@ -81,7 +83,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     """Median time per call of every provider in ``fns``, timed round-robin in this process.
 
     The number of rounds is chosen from a warm-up so that all providers together take about
-    ``budget_s``; returns ``{name: {"median_us", "p20_us", "p80_us", "reps"}}``.
+    ``budget_s``; returns ``{name: {"median_us", "p20_us", "p80_us", "min_us", "reps"}}``.
     """
     names = list(fns)
     cuda = device.type == "cuda"
