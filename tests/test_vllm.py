@@ -384,7 +384,8 @@ def test_vllm_token_mode_matches_hf(vllm_run):
     assert TRIGGER not in hf_plain[1] and TRIGGER not in hf_steered[1]
     assert hf_steered[0] != hf_plain[0], "the steerer must change the steered prompt's generation"
     # vLLM with the plugin == HF token-mode steering; the benign prompt, batched with it, is unchanged.
-    assert got[0] == hf_steered[0], f"steered prompt: vLLM (TP={tp}) {got[0]} != HF {hf_steered[0]} (unsteered {hf_plain[0]})"
+    assert got[0] == hf_steered[0], \
+        f"steered prompt: vLLM (TP={tp}) {got[0]} != HF {hf_steered[0]} (unsteered {hf_plain[0]})"
     assert got[1] == hf_plain[1] == hf_steered[1], f"benign prompt: vLLM (TP={tp}) {got[1]}, HF {hf_plain[1]}"
 
 

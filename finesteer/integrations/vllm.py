@@ -47,7 +47,6 @@ from ..artifact import ArtifactError, load_steerer, read_metadata
 from .._backends import get_backend
 from ..bank import SteeringBank
 from ..ops import steer_tokens
-from ..steerer import Steerer
 
 # Under vLLM's "vllm" logger, so the lines appear in vLLM's own log format and level.
 logger = logging.getLogger("vllm.finesteer")
