@@ -40,8 +40,10 @@ def test_round_trip_is_exact(saved):
         assert torch.equal(getattr(loaded.gate, name), getattr(s.gate, name))
     for name in fs.MoSE.TENSORS:
         assert torch.equal(getattr(loaded.mose, name), getattr(s.mose, name))
+    # Tensors are bit-equal above; the vectors may differ in the last bit only because the
+    # original P (from a QR) is strided while the loaded one is contiguous (another BLAS path).
     h = torch.randn(5, 24)
-    assert torch.equal(loaded.vector(h), s.vector(h))
+    torch.testing.assert_close(loaded.vector(h), s.vector(h), atol=1e-6, rtol=1e-6)
     meta = fs.read_metadata(path)
     assert meta["format_version"] == FORMAT_VERSION and meta["hidden_size"] == 24
     assert meta["model_name_or_path"] == "tiny-llama" and meta["package_version"] == fs.__version__
