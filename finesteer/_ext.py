@@ -50,22 +50,6 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
-def _schema_defined() -> bool:
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "CPU") or
-                   _op_exists(op) for op in OPS)
-    except Exception:
-        return False
-
-
-def _op_exists(op: str) -> bool:
-    try:
-        getattr(getattr(torch.ops, NAMESPACE), op)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _build_dir(name: str) -> str | None:
     root = os.environ.get("FINESTEER_BUILD_DIR")
     if not root:

@@ -7,7 +7,10 @@ tests that check bit-identity use gates that are closed by a wide margin.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,7 +24,13 @@ from finesteer.backends import cpu
 from .utils import TOLERANCES, assert_close_verbose, random_steerer
 
 OK, REASON = cpu.available()
-pytestmark = pytest.mark.skipif(not OK, reason=f"cpu backend unavailable: {REASON}")
+
+
+@pytest.fixture(autouse=True)
+def _needs_extension(request):
+    """Every test needs the built extension except the fallback tests, which run without it."""
+    if not OK and not request.node.name.startswith("test_fallback"):
+        pytest.skip(f"cpu backend unavailable: {REASON}")
 
 MARGIN = 1e-4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -329,3 +338,58 @@ if given is not None:
         h = (torch.randn(T, d, generator=g) * 3).to(dtype)
         index = torch.randint(-1, n_steerers, (T,), generator=g) if use_index else None
         check_against_reference(h, bank, index, f"T={T} d={d} r={r} K={K} H={H} m={m}")
+
+
+# ---- without the extension ----------------------------------------------------------------------
+
+_FALLBACK_SCRIPT = """
+import torch, finesteer
+from finesteer._backends import backends, get_backend
+from finesteer import SteeringBank
+from tests.utils import random_steerer
+b = backends()
+print("CPU:", b["cpu"])
+assert b["cpu"].startswith("unavailable"), b["cpu"]
+assert get_backend("auto", torch.device("cpu")).NAME == "reference"
+s = random_steerer(32, seed=0, gate_mode="off")
+h = torch.randn(3, 32)
+out = finesteer.steer(h, s, backend="auto")
+assert out.shape == h.shape
+try:
+    finesteer.steer(h, s, backend="cpu")
+except RuntimeError as exc:
+    assert "unavailable" in str(exc)
+else:
+    raise AssertionError("backend='cpu' should raise when the extension is unavailable")
+"""
+
+
+@pytest.mark.parametrize("how", ["no_compiler", "disabled"])
+def test_fallback_without_the_extension(tmp_path, how):
+    """No compiler (and no cached build) or FINESTEER_DISABLE_EXT=1: the package still works on the
+    reference, and finesteer.backends() says why the cpu backend is missing."""
+    env = {**os.environ, "FINESTEER_BUILD_DIR": str(tmp_path / "build")}
+    if how == "no_compiler":
+        env["CXX"] = str(tmp_path / "no-such-compiler")
+        expect = "no C++ compiler"
+    else:
+        env["FINESTEER_DISABLE_EXT"] = "1"
+        expect = "FINESTEER_DISABLE_EXT=1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    if "prebuilt finesteer._C" not in res.stdout:  # an installed _C needs no compiler
+        assert expect in res.stdout, res.stdout
+
+
+def test_traces_under_torch_compile_without_graph_breaks():
+    bank = make_bank(48, modes=("soft",))
+    h = torch.randn(5, 48)
+    idx = torch.tensor([0, -1, 0, 0, 0])
+
+    def f(x):
+        return cpu.steer_tokens(x, bank, idx) * 2.0
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(h), f(h))

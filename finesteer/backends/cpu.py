@@ -16,18 +16,22 @@ from .. import _ext
 from .._constants import GATE_EPS
 from ..bank import SteeringBank
 
+_OPS = None
+
 NAME = "cpu"
 
 
 def available() -> tuple[bool, str]:
-    return _ext.load_cpu()
+    global _OPS
+    ok, reason = _ext.load_cpu()
+    if ok:
+        # Bound here so that traced code (torch.compile) only ever sees a plain global afterwards.
+        _OPS = torch.ops.finesteer_ext
+    return ok, reason
 
 
 def supports(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
-
-
-_OPS = None
 
 
 def _ops():

@@ -21,18 +21,22 @@ from .. import _ext
 from .._constants import GATE_EPS
 from ..bank import SteeringBank
 
+_OPS = None
+
 NAME = "cuda"
 
 
 def available() -> tuple[bool, str]:
-    return _ext.load_cuda()
+    global _OPS
+    ok, reason = _ext.load_cuda()
+    if ok:
+        # Bound here so that traced code (torch.compile) only ever sees a plain global afterwards.
+        _OPS = torch.ops.finesteer_ext
+    return ok, reason
 
 
 def supports(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
-
-
-_OPS = None
 
 
 def _ops():
