@@ -65,8 +65,19 @@ def _extensions():
         ext = CppExtension("finesteer._C", CPU_SOURCES, include_dirs=include,
                            extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
         _note(f"building finesteer._C with CPU kernels only ({why})")
-    ext.optional = True  # a failed compile warns instead of failing the install
-    return [ext], {"build_ext": BuildExtension}
+    class OptionalBuildExtension(BuildExtension):
+        """A failed compile warns instead of failing the install (torch's ninja build raises a
+        RuntimeError, which setuptools' own ``optional`` handling does not catch)."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure
+                _note(f"WARNING: building finesteer._C failed ({type(exc).__name__}: {exc}); installing without "
+                      f"it (kernels build at first use from a source checkout, else the reference is used)")
+                self.extensions = []  # nothing to copy or package
+
+    return [ext], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = _extensions()
