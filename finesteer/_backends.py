@@ -21,9 +21,9 @@ import torch
 #: name → module implementing it.
 BACKEND_MODULES = {
     "reference": "finesteer.reference",
-    "cpu": "finesteer.backends.cpu",
-    "triton": "finesteer.backends.triton",
-    "cuda": "finesteer.backends.cuda",
+    "cpu": "finesteer.fused.cpu",
+    "triton": "finesteer.fused.triton",
+    "cuda": "finesteer.fused.cuda",
 }
 
 #: Preference order for ``backend="auto"``, per device type.

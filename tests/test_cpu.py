@@ -19,7 +19,7 @@ import finesteer
 from finesteer import SteeringBank
 from finesteer import reference as ref
 from finesteer._constants import GATE_EPS, GATE_HARD
-from finesteer.backends import cpu
+from finesteer.fused import cpu
 
 from .utils import TOLERANCES, assert_close_verbose, random_steerer
 
@@ -43,8 +43,6 @@ def test_extension_builds_when_a_compiler_is_present():
         pytest.skip("no C++ compiler or no csrc/ checkout")
     ok, reason = _ext.load_cpu()
     assert ok, reason
-    # finesteer.backends is also the name of the subpackage holding this backend (imported above):
-    # calling it must still list the backends.
     assert finesteer.backends()["cpu"].startswith("available")
 
 

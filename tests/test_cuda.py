@@ -23,7 +23,7 @@ from .utils import TOLERANCES, assert_close_verbose, random_steerer
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from finesteer.backends import cuda  # noqa: E402
+from finesteer.fused import cuda  # noqa: E402
 
 OK, REASON = cuda.available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"cuda backend unavailable: {REASON}")]

@@ -32,7 +32,7 @@ pytest.importorskip("triton")
 import finesteer as fs  # noqa: E402
 from finesteer import _backends, reference  # noqa: E402
 from finesteer._constants import GATE_EPS, GATE_HARD  # noqa: E402
-from finesteer.backends import triton as triton_backend  # noqa: E402
+from finesteer.fused import triton as triton_backend  # noqa: E402
 from finesteer.bank import SteeringBank  # noqa: E402
 from tests.utils import TOLERANCES, assert_close_verbose, random_steerer  # noqa: E402
 
