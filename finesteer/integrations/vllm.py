@@ -10,7 +10,7 @@ engine core and each worker). Steering is configured through vLLM's own ``additi
 Configuration (the value of ``additional_config["finesteer"]``)::
 
     steerers  list of artifact paths, or of {"path": str, "strength": float} to override λ
-    mode      "token" (default; the only mode served inside vLLM today, see docs/vllm.md)
+    mode      "token" (default; the only mode served inside vLLM today, see the README, "Serving with vLLM")
     backend   finesteer backend name or "auto" (default)
 
 Where it hooks. vLLM decoder layers (Llama, Mistral, Qwen2/3, Gemma2/3) return the pair
@@ -109,7 +109,7 @@ def parse_config(additional_config) -> Optional[VllmSteeringConfig]:
                                    f"known: {sorted(_KEYS)}")
     mode = raw.get("mode", "token")
     if mode not in _MODES:
-        hint = (" (prompt mode needs per-request prefill metadata inside the model; see docs/vllm.md)"
+        hint = (" (prompt mode needs per-request prefill metadata inside the model; see the README, section Serving with vLLM)"
                 if mode == "prompt" else "")
         raise FineSteerConfigError(f"mode {mode!r} is not supported inside vLLM; use 'token'{hint}")
     backend = raw.get("backend", "auto")
