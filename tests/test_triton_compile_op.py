@@ -38,6 +38,9 @@ from tests.utils import TOLERANCES, assert_close_verbose, random_steerer  # noqa
 _ok, _why = triton_backend.available()
 if not _ok:
     pytest.skip(f"Triton backend unavailable: {_why}", allow_module_level=True)
+if not triton_backend.HAS_CUSTOM_OPS:
+    pytest.skip(f"torch {torch.__version__} has no torch.library.custom_op (needs torch >= 2.4)",
+                allow_module_level=True)
 
 from finesteer._triton import steer as k  # noqa: E402
 
@@ -185,3 +188,35 @@ def test_compile_with_dynamic_batch(bank):
         h = rand_h(T, seed=T)
         assert_close_verbose(compiled(h), reference.steer_tokens(h, bank, None), *TOLERANCES[torch.float32],
                              what=f"dynamic T={T}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV.type != "cuda", reason="CUDA graphs need a CUDA device (the interpreter runs on the CPU)")
+@pytest.mark.parametrize("T", [1, 8])
+def test_cuda_graph_capture_and_replay(bank, T):
+    """Both decode-path ops (token mode; prompt-mode add) captured in one CUDA graph and replayed on
+    new inputs written into the captured buffers give what eager calls give (DESIGN §5)."""
+    _warm_registry()
+    idx = index_for(T)
+    h_static = rand_h(T, torch.bfloat16, seed=7)
+    vectors = torch.randn(T, D, device=DEV)
+
+    def step(x):
+        return fs.ops.add_vectors(fs.ops.steer_tokens(x, bank, idx, backend="triton"), vectors, None,
+                                  backend="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (lazy inits, autotuning)
+        for _ in range(2):
+            step(h_static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = step(h_static)
+    for seed in (8, 9):
+        fresh = rand_h(T, torch.bfloat16, seed=seed)
+        h_static.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out_static, step(fresh)), f"replay differs from eager (seed {seed})"

@@ -101,57 +101,62 @@ def _bank_args(bank) -> tuple:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{NAMESPACE}::steering_vectors", mutates_args=())
-def _steering_vectors_op(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W2: torch.Tensor, mu: torch.Tensor,
+# torch < 2.4 has no torch.library.custom_op: there the entry points call the launchers directly
+# (eager use works; torch.compile then breaks its graph at each call).
+HAS_CUSTOM_OPS = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
+
+if HAS_CUSTOM_OPS:
+    @torch.library.custom_op(f"{NAMESPACE}::steering_vectors", mutates_args=())
+    def _steering_vectors_op(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W2: torch.Tensor, mu: torch.Tensor,
+                             c: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, gate_mode: torch.Tensor,
+                             threshold: torch.Tensor, temperature: torch.Tensor, strength: torch.Tensor,
+                             r: int, K: int, H: int, m: int, index: Optional[torch.Tensor]) -> torch.Tensor:
+        bank = _BankArgs(A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m)
+        return _kernels().steering_vectors_forward(h, bank, index)
+
+
+    @torch.library.custom_op(f"{NAMESPACE}::steer_tokens", mutates_args=())
+    def _steer_tokens_op(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W2: torch.Tensor, mu: torch.Tensor,
                          c: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, gate_mode: torch.Tensor,
                          threshold: torch.Tensor, temperature: torch.Tensor, strength: torch.Tensor,
                          r: int, K: int, H: int, m: int, index: Optional[torch.Tensor]) -> torch.Tensor:
-    bank = _BankArgs(A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m)
-    return _kernels().steering_vectors_forward(h, bank, index)
+        bank = _BankArgs(A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m)
+        return _kernels().steer_tokens_forward(h, bank, index)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::steer_tokens", mutates_args=())
-def _steer_tokens_op(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W2: torch.Tensor, mu: torch.Tensor,
-                     c: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, gate_mode: torch.Tensor,
-                     threshold: torch.Tensor, temperature: torch.Tensor, strength: torch.Tensor,
-                     r: int, K: int, H: int, m: int, index: Optional[torch.Tensor]) -> torch.Tensor:
-    bank = _BankArgs(A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m)
-    return _kernels().steer_tokens_forward(h, bank, index)
+    @torch.library.custom_op(f"{NAMESPACE}::add_vectors", mutates_args=())
+    def _add_vectors_op(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[torch.Tensor]) -> torch.Tensor:
+        return _kernels().add_vectors_forward(h, vectors, slot)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::add_vectors", mutates_args=())
-def _add_vectors_op(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[torch.Tensor]) -> torch.Tensor:
-    return _kernels().add_vectors_forward(h, vectors, slot)
+    def _fake_check_h(h: torch.Tensor, d: int, where: str) -> None:
+        # Shape facts the launchers also check; repeated here so a traced graph fails at trace time
+        # with the same kind of message instead of producing a wrongly shaped placeholder.
+        if h.dim() != 2:
+            raise ValueError(f"{where}: h must be 2-D [T, d], got shape {tuple(h.shape)}")
+        if h.shape[1] != d:
+            raise ValueError(f"{where}: h has hidden size {h.shape[1]}, the bank has {d}")
 
 
-def _fake_check_h(h: torch.Tensor, d: int, where: str) -> None:
-    # Shape facts the launchers also check; repeated here so a traced graph fails at trace time
-    # with the same kind of message instead of producing a wrongly shaped placeholder.
-    if h.dim() != 2:
-        raise ValueError(f"{where}: h must be 2-D [T, d], got shape {tuple(h.shape)}")
-    if h.shape[1] != d:
-        raise ValueError(f"{where}: h has hidden size {h.shape[1]}, the bank has {d}")
+    @_steering_vectors_op.register_fake
+    def _(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m, index):
+        """fp32 ``[T, d]``, contiguous."""
+        _fake_check_h(h, A.shape[1], "triton steering_vectors")
+        return h.new_empty(h.shape, dtype=torch.float32)
 
 
-@_steering_vectors_op.register_fake
-def _(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m, index):
-    """fp32 ``[T, d]``, contiguous."""
-    _fake_check_h(h, A.shape[1], "triton steering_vectors")
-    return h.new_empty(h.shape, dtype=torch.float32)
+    @_steer_tokens_op.register_fake
+    def _(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m, index):
+        """``[T, d]`` of ``h``'s dtype, contiguous."""
+        _fake_check_h(h, A.shape[1], "triton steer_tokens")
+        return h.new_empty(h.shape)
 
 
-@_steer_tokens_op.register_fake
-def _(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m, index):
-    """``[T, d]`` of ``h``'s dtype, contiguous."""
-    _fake_check_h(h, A.shape[1], "triton steer_tokens")
-    return h.new_empty(h.shape)
-
-
-@_add_vectors_op.register_fake
-def _(h, vectors, slot):
-    """``[T, d]`` of ``h``'s dtype, contiguous."""
-    _fake_check_h(h, vectors.shape[-1], "triton add_vectors")
-    return h.new_empty(h.shape)
+    @_add_vectors_op.register_fake
+    def _(h, vectors, slot):
+        """``[T, d]`` of ``h``'s dtype, contiguous."""
+        _fake_check_h(h, vectors.shape[-1], "triton add_vectors")
+        return h.new_empty(h.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,14 +166,20 @@ def _(h, vectors, slot):
 
 def steering_vectors(h: torch.Tensor, bank, index: Optional[torch.Tensor]) -> torch.Tensor:
     """λ·g(h)·s(h) per row → fp32 [T, d] (index −1: zero row). See :func:`finesteer.reference.steering_vectors`."""
+    if not HAS_CUSTOM_OPS:
+        return _kernels().steering_vectors_forward(h, bank, index)
     return torch.ops.finesteer_triton.steering_vectors(h, *_bank_args(bank), index)
 
 
 def add_vectors(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[torch.Tensor]) -> torch.Tensor:
     """``h[t] + vectors[slot[t]]`` (slot −1: unchanged). See :func:`finesteer.reference.add_vectors`."""
+    if not HAS_CUSTOM_OPS:
+        return _kernels().add_vectors_forward(h, vectors, slot)
     return torch.ops.finesteer_triton.add_vectors(h, vectors, slot)
 
 
 def steer_tokens(h: torch.Tensor, bank, index: Optional[torch.Tensor]) -> torch.Tensor:
     """Token mode, one fused launch. See :func:`finesteer.reference.steer_tokens`."""
+    if not HAS_CUSTOM_OPS:
+        return _kernels().steer_tokens_forward(h, bank, index)
     return torch.ops.finesteer_triton.steer_tokens(h, *_bank_args(bank), index)
