@@ -114,7 +114,6 @@ if HAS_CUSTOM_OPS:
         bank = _BankArgs(A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m)
         return _kernels().steering_vectors_forward(h, bank, index)
 
-
     @torch.library.custom_op(f"{NAMESPACE}::steer_tokens", mutates_args=())
     def _steer_tokens_op(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W2: torch.Tensor, mu: torch.Tensor,
                          c: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, gate_mode: torch.Tensor,
@@ -123,11 +122,9 @@ if HAS_CUSTOM_OPS:
         bank = _BankArgs(A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m)
         return _kernels().steer_tokens_forward(h, bank, index)
 
-
     @torch.library.custom_op(f"{NAMESPACE}::add_vectors", mutates_args=())
     def _add_vectors_op(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[torch.Tensor]) -> torch.Tensor:
         return _kernels().add_vectors_forward(h, vectors, slot)
-
 
     def _fake_check_h(h: torch.Tensor, d: int, where: str) -> None:
         # Shape facts the launchers also check; repeated here so a traced graph fails at trace time
@@ -137,20 +134,17 @@ if HAS_CUSTOM_OPS:
         if h.shape[1] != d:
             raise ValueError(f"{where}: h has hidden size {h.shape[1]}, the bank has {d}")
 
-
     @_steering_vectors_op.register_fake
     def _(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m, index):
         """fp32 ``[T, d]``, contiguous."""
         _fake_check_h(h, A.shape[1], "triton steering_vectors")
         return h.new_empty(h.shape, dtype=torch.float32)
 
-
     @_steer_tokens_op.register_fake
     def _(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, r, K, H, m, index):
         """``[T, d]`` of ``h``'s dtype, contiguous."""
         _fake_check_h(h, A.shape[1], "triton steer_tokens")
         return h.new_empty(h.shape)
-
 
     @_add_vectors_op.register_fake
     def _(h, vectors, slot):
