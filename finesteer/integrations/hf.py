@@ -18,7 +18,6 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import ops
 from .._backends import get_backend
 from ..bank import SteeringBank
 from ..steerer import Steerer
@@ -153,10 +152,12 @@ IndexLike = Union[None, torch.Tensor, Sequence[int], Mapping[int, object]]
 class _LayerState:
     """One steered block: its bank, bank index and per-sequence vector cache."""
 
-    __slots__ = ("layer", "module", "bank", "device", "index", "index_rows", "vectors", "prompt_h", "handle")
+    __slots__ = ("layer", "module", "bank", "device", "impl", "index", "index_rows", "vectors", "prompt_h",
+                 "handle")
 
-    def __init__(self, layer: int, module: nn.Module, bank: SteeringBank, device: torch.device):
+    def __init__(self, layer: int, module: nn.Module, bank: SteeringBank, device: torch.device, impl):
         self.layer, self.module, self.bank, self.device = layer, module, bank, device
+        self.impl = impl  # the backend module, resolved once at attach (no lookup on the hot path)
         self.index: Optional[torch.Tensor] = None       # [B0] as given by the user (validated)
         self.index_rows: Optional[torch.Tensor] = None  # [B] expanded to the running batch (prefill)
         self.vectors: Optional[torch.Tensor] = None     # [B, d] fp32 prompt-mode cache
@@ -241,15 +242,17 @@ class FusedSteerer:
             if layers[layer] in _ATTACHED:
                 raise RuntimeError(f"layer {layer} of {cls_name} already has a FusedSteerer attached; detach it "
                                    f"first (or pass all steerers for that layer in one attach call: they form a bank)")
-        # Resolve the backend now so a bad name fails at attach, not inside generate.
+        # Resolve the backend once, now: a bad name fails at attach, not inside generate, and the
+        # hooks call the backend module directly (no per-call lookup, nothing for torch.compile
+        # to trace through).
         default_device = next((p.device for p in model.parameters()), torch.device("cpu"))
         states = []
         for layer in sorted(groups):
             module = layers[layer]
             device = _module_device(module, default_device)
-            get_backend(backend, device)
+            impl = get_backend(backend, device)
             bank = SteeringBank.from_steerers(groups[layer], device=device)
-            states.append(_LayerState(layer, module, bank, device))
+            states.append(_LayerState(layer, module, bank, device, impl))
         self = cls(model, states, mode, backend)
         self.set_index(index)
         self._register()
@@ -442,15 +445,15 @@ class FusedSteerer:
                 st.prompt_h = h[torch.arange(B, device=h.device), self._last.to(h.device)]
             if self.mode == "token":
                 rows = idx if (idx is None or S == 1) else idx.repeat_interleave(S)
-                out = ops.steer_tokens(h2, st.bank, rows, self.backend)
+                out = st.impl.steer_tokens(h2, st.bank, rows)
             else:
                 if self._prefill:
-                    vec = ops.steering_vectors(st.prompt_h, st.bank, idx, self.backend)
+                    vec = st.impl.steering_vectors(st.prompt_h, st.bank, idx)
                     if st.vectors is None or st.vectors.shape != vec.shape or st.vectors.device != vec.device:
                         st.vectors = torch.empty_like(vec, dtype=torch.float32)
                     st.vectors.copy_(vec)
                 slot = None if S == 1 else torch.arange(B, device=h.device, dtype=torch.int32).repeat_interleave(S)
-                out = ops.add_vectors(h2, st.vectors, slot, self.backend)
+                out = st.impl.add_vectors(h2, st.vectors, slot)
             return _with_hidden(output, out.reshape(shape))
 
         return hook
