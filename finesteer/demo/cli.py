@@ -22,9 +22,11 @@ refuses theft/hacking/violence/harassment requests, and (the gap to fix) complie
 requests. The demo fits a steerer that makes it refuse forgery requests, on prompts the model
 never saw in training, then compares greedy answers with and without the steerer on other unseen
 prompts: forgery requests should now be refused, and everyday requests must come out exactly as
-before (the gate stays closed on them). The summary says whether the targets are met; with the
-model shipped now they are not (the steering does not flip the first answer word; measurements in
-finesteer/demo/train.py)."""
+before (the gate stays closed on them). The summary says whether the issue's targets are met
+(>= 80 % of held-out forgery requests refused when steered, <= 20 % unsteered, >= 95 % of held-out
+everyday answers identical); with the defaults they are (measured: 96 %, 0 %, 97.6 %, in about
+10 s of fitting and generation on one CPU thread). Corpus design and measurements:
+finesteer/demo/train.py."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"response tokens averaged into each delta: 'all' or the first N (default: {d.positions})")
     parser.add_argument("--strength", type=float, default=d.strength, help=f"steering strength λ (default: {d.strength})")
     parser.add_argument("--rank", type=int, default=d.rank, help=f"SCS subspace rank (default: {d.rank})")
+    parser.add_argument("--max-benign-fpr", type=float, default=d.max_benign_fpr,
+                        help=f"bound on the SCS calibration benign false-positive rate that sets the gate "
+                             f"threshold (default: {d.max_benign_fpr}: above every calibration benign score)")
     parser.add_argument("--show", type=int, default=4,
                         help="held-out prompts of each kind to print in full (default: 4)")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of the prompt splits and the fit (default: {d.seed})")
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = DemoConfig(layer=args.layer, positions=args.positions, strength=args.strength, rank=args.rank,
-                     seed=args.seed)
+                     max_benign_fpr=args.max_benign_fpr, seed=args.seed)
     out = sys.stdout
     try:
         result = run_pipeline(cfg, model_path=args.model, artifact=args.artifact, progress=not args.no_progress,

@@ -34,11 +34,12 @@ MODEL_DIR = Path(__file__).resolve().parent / "model"
 class DemoConfig:
     """Settings of the demo fit and evaluation (defaults: the ones the shipped model was tuned with)."""
 
-    layer: int = 3                      # decoder block whose output is read and steered
-    positions: Union[int, str] = 4      # response tokens averaged into δ ("all" or first n)
+    layer: int = 5                      # decoder block whose output is read and steered
+    positions: Union[int, str] = 4      # response tokens averaged into δ ("all" or first n): the
+                                        # aligned "<kind> . <kind> ," of every corpus answer
     strength: float = 2.0               # λ
-    rank: int = 16                      # SCS subspace rank
-    max_benign_fpr: float = 0.05
+    rank: int = 24                      # SCS subspace rank
+    max_benign_fpr: float = 0.0         # τ = the highest calibration benign score
     k_range: tuple = (2, 6)
     residual_dim: int = 4
     hidden: int = 64                    # MoSE residual MLP hidden size
