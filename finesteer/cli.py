@@ -122,7 +122,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _positions(text: str):
+def positions_arg(text: str):
     if text == "all":
         return "all"
     try:
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rejected-field", default="rejected",
                    help="field of the undesired response (default: rejected)")
     f.add_argument("--limit", type=int, default=None, help="use at most this many records of each file")
-    f.add_argument("--delta-positions", type=_positions, default="all",
+    f.add_argument("--delta-positions", type=positions_arg, default="all",
                    help="response tokens averaged for the deltas: 'all' (default, the paper's) or N = the first "
                         "N response tokens")
     f.add_argument("--cache-dir", default=None,

@@ -13,6 +13,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from ..cli import positions_arg
+
 DEFAULT_ARTIFACT = Path(tempfile.gettempdir()) / "finesteer-demo.safetensors"
 
 DESCRIPTION = """\
@@ -42,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="model directory (default: the embedded demo model shipped in finesteer/demo/model)")
     parser.add_argument("--layer", type=int, default=d.layer, help=f"decoder layer to steer (default: {d.layer})")
-    parser.add_argument("--positions", type=_positions, default=d.positions,
+    parser.add_argument("--positions", type=positions_arg, default=d.positions,
                         help=f"response tokens averaged into each delta: 'all' or the first N (default: {d.positions})")
     parser.add_argument("--strength", type=float, default=d.strength, help=f"steering strength λ (default: {d.strength})")
     parser.add_argument("--rank", type=int, default=d.rank, help=f"SCS subspace rank (default: {d.rank})")
@@ -56,18 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: 1 — the model is tiny, and on a busy machine more "
                              "threads spin against each other and run several times slower)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
-
-def _positions(text: str):
-    if text == "all":
-        return "all"
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--positions must be 'all' or a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--positions must be 'all' or a positive integer, got {text!r}")
-    return n
 
 
 def _wrap(label: str, text: str) -> str:

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from ._native import bank_args
+
 NAME = "triton"
 NAMESPACE = "finesteer_triton"
 
@@ -91,9 +93,9 @@ class _BankArgs:
 
 
 def _bank_args(bank) -> tuple:
-    """The op arguments standing for ``bank`` (order of :class:`_BankArgs`)."""
-    return (bank.A, bank.B, bank.W2, bank.mu, bank.c, bank.b1, bank.b2, bank.gate_mode, bank.threshold,
-            bank.temperature, bank.strength, bank.r, bank.K, bank.H, bank.m)
+    """The op arguments standing for ``bank`` (order of :class:`_BankArgs`): the native ops'
+    bank arguments plus the padded sizes, which the Triton launchers need as integers."""
+    return bank_args(bank) + (bank.r, bank.K, bank.H, bank.m)
 
 
 # ----------------------------------------------------------------------------------------------
