@@ -1,6 +1,6 @@
 """The ``cpu`` backend (csrc/cpu/steer_cpu.cpp) against :mod:`finesteer.reference`.
 
-Hard gates: a row whose SCS score lies within ``MARGIN`` of τ may legitimately open in one
+Hard gates: a row whose SCS score lies within ``tests.utils.GATE_MARGIN`` of τ may legitimately open in one
 implementation and stay closed in the other (the score differs by summation order, ~1e-7).
 Such rows are excluded from the comparison (``decided_rows``); every other row must match, and
 tests that check bit-identity use gates that are closed by a wide margin.
@@ -18,10 +18,11 @@ import torch
 import finesteer
 from finesteer import SteeringBank
 from finesteer import reference as ref
-from finesteer._constants import GATE_EPS, GATE_HARD
+from finesteer._constants import GATE_EPS
 from finesteer.fused import cpu
 
-from .utils import TOLERANCES, assert_close_verbose, random_steerer
+from .utils import (TOLERANCES, assert_close_verbose, check_backend_against_reference, decided_rows,
+                    random_steerer)
 
 OK, REASON = cpu.available()
 
@@ -32,7 +33,6 @@ def _needs_extension(request):
     if not OK and not request.node.name.startswith("test_fallback"):
         pytest.skip(f"cpu backend unavailable: {REASON}")
 
-MARGIN = 1e-4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -55,40 +55,13 @@ def make_bank(d, r=5, K=3, H=17, m=3, modes=("hard", "soft", "off"), weight_dtyp
     return SteeringBank.from_steerers(steerers, weight_dtype=weight_dtype)
 
 
-def decided_rows(h, bank, index):
-    """Rows whose gate decision is not within MARGIN of a hard threshold (see module docstring)."""
-    h64 = h.double()
-    keep = torch.ones(h.shape[0], dtype=torch.bool)
-    for n in range(bank.num_steerers):
-        if int(bank.gate_mode[n]) != GATE_HARD:
-            continue
-        P = bank.A[n, :, :bank.r].double()
-        hc = h64 - bank.mu[n].double()
-        score = (hc @ P).square().sum(-1) / (hc.square().sum(-1) + GATE_EPS)
-        near = (score - float(bank.threshold[n])).abs() < MARGIN
-        uses = torch.ones_like(keep) if index is None else (index == n)
-        keep &= ~(near & uses)
-    return keep
-
-
 def random_index(T, N, seed=0, with_none=True):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-1 if with_none else 0, N, (T,), generator=g)
 
 
 def check_against_reference(h, bank, index, what=""):
-    keep = decided_rows(h, bank, index)
-    atol, rtol = TOLERANCES[h.dtype]
-    out = cpu.steer_tokens(h, bank, index)
-    exp = ref.steer_tokens(h, bank, index)
-    assert out.dtype == h.dtype and out.shape == h.shape
-    assert_close_verbose(out[keep], exp[keep], atol, rtol, f"steer_tokens {what}")
-    vec = cpu.steering_vectors(h, bank, index)
-    vexp = ref.steering_vectors(h, bank, index)
-    assert vec.dtype == torch.float32
-    # The vectors are fp32 whatever h's dtype (h converts exactly): fp32 tolerance.
-    assert_close_verbose(vec[keep], vexp[keep], *TOLERANCES[torch.float32], f"steering_vectors {what}")
-    return keep
+    return check_backend_against_reference(cpu, h, bank, index, what)
 
 
 # ---- correctness sweeps -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ``cuda`` backend (csrc/cuda/) against :mod:`finesteer.reference` on a GPU.
 
 Skipped cleanly without a CUDA device or without the built extension (the skip reason says
-which). Hard gates: rows whose SCS score lies within ``MARGIN`` of τ may legitimately flip
+which). Hard gates: rows whose SCS score lies within ``tests.utils.GATE_MARGIN`` of τ may legitimately flip
 between implementations (summation order); they are excluded from comparisons, and the
 bit-identity tests use gates closed by a wide margin.
 
@@ -16,9 +16,10 @@ import torch
 import finesteer
 from finesteer import SteeringBank
 from finesteer import reference as ref
-from finesteer._constants import GATE_EPS, GATE_HARD
+from finesteer._constants import GATE_EPS
 
-from .utils import TOLERANCES, assert_close_verbose, random_steerer
+from .utils import (TOLERANCES, assert_close_verbose, check_backend_against_reference, decided_rows,
+                    random_steerer)
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
@@ -29,7 +30,6 @@ OK, REASON = cuda.available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"cuda backend unavailable: {REASON}")]
 
 DEV = torch.device("cuda")
-MARGIN = 1e-4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -40,38 +40,13 @@ def make_bank(d, r=5, K=3, H=17, m=3, modes=("hard", "soft", "off"), weight_dtyp
     return SteeringBank.from_steerers(steerers, device=DEV, weight_dtype=weight_dtype)
 
 
-def decided_rows(h, bank, index):
-    """Rows whose hard-gate decision is not within MARGIN of τ (see the module docstring)."""
-    h64 = h.double()
-    keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-    for n in range(bank.num_steerers):
-        if int(bank.gate_mode[n]) != GATE_HARD:
-            continue
-        P = bank.A[n, :, :bank.r].double()
-        hc = h64 - bank.mu[n].double()
-        score = (hc @ P).square().sum(-1) / (hc.square().sum(-1) + GATE_EPS)
-        near = (score - float(bank.threshold[n])).abs() < MARGIN
-        uses = torch.ones_like(keep) if index is None else (index == n)
-        keep &= ~(near & uses)
-    return keep
-
-
 def random_index(T, N, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-1, N, (T,), generator=g).to(DEV)
 
 
 def check_against_reference(h, bank, index, what=""):
-    keep = decided_rows(h, bank, index)
-    out = cuda.steer_tokens(h, bank, index)
-    exp = ref.steer_tokens(h, bank, index)
-    assert out.dtype == h.dtype and out.shape == h.shape and out.device == h.device
-    assert_close_verbose(out[keep], exp[keep], *TOLERANCES[h.dtype], f"steer_tokens {what}")
-    vec = cuda.steering_vectors(h, bank, index)
-    vexp = ref.steering_vectors(h, bank, index)
-    assert vec.dtype == torch.float32
-    assert_close_verbose(vec[keep], vexp[keep], *TOLERANCES[torch.float32], f"steering_vectors {what}")
-    return keep
+    return check_backend_against_reference(cuda, h, bank, index, what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from finesteer import MoSE, SCSGate, Steerer
+from finesteer import reference
+from finesteer._constants import GATE_EPS, GATE_HARD
 
 #: Tolerances (atol, rtol) of a kernel's output against the fp32 reference, per I/O dtype.
 #: fp32 differs only by summation order; bf16/fp16 by one rounding of the output element
@@ -47,3 +49,40 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: flo
         raise AssertionError(f"{what}: {int(bad.sum())}/{a.numel()} elements differ (max abs err {worst:.3g}); "
                              f"first at {idx}: got {[a[tuple(i)].item() for i in idx]}, "
                              f"expected {[e[tuple(i)].item() for i in idx]}")
+
+
+#: A hard-gated row whose score lies within this distance of τ may legitimately be gated
+#: differently by two summation orders; comparisons exclude exactly those rows.
+GATE_MARGIN = 1e-4
+
+
+def decided_rows(h: torch.Tensor, bank, index, margin: float = GATE_MARGIN) -> torch.Tensor:
+    """Rows whose hard-gate decision is not within ``margin`` of τ (scores computed in fp64)."""
+    h64 = h.double()
+    keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    for n in range(bank.num_steerers):
+        if int(bank.gate_mode[n]) != GATE_HARD:
+            continue
+        P = bank.A[n, :, :bank.r].double()
+        hc = h64 - bank.mu[n].double()
+        score = (hc @ P).square().sum(-1) / (hc.square().sum(-1) + GATE_EPS)
+        near = (score - float(bank.threshold[n])).abs() < margin
+        uses = torch.ones_like(keep) if index is None else (index == n)
+        keep &= ~(near & uses)
+    return keep
+
+
+def check_backend_against_reference(backend, h: torch.Tensor, bank, index, what: str = "") -> torch.Tensor:
+    """``backend``'s token mode and steering vectors against :mod:`finesteer.reference` on the
+    decided rows (returned). Outputs use ``h``'s dtype tolerance; the vectors are fp32 whatever
+    ``h``'s dtype (h converts exactly), so they use the fp32 tolerance."""
+    keep = decided_rows(h, bank, index)
+    out = backend.steer_tokens(h, bank, index)
+    exp = reference.steer_tokens(h, bank, index)
+    assert out.dtype == h.dtype and out.shape == h.shape and out.device == h.device
+    assert_close_verbose(out[keep], exp[keep], *TOLERANCES[h.dtype], f"steer_tokens {what}")
+    vec = backend.steering_vectors(h, bank, index)
+    vexp = reference.steering_vectors(h, bank, index)
+    assert vec.dtype == torch.float32
+    assert_close_verbose(vec[keep], vexp[keep], *TOLERANCES[torch.float32], f"steering_vectors {what}")
+    return keep

@@ -6,7 +6,6 @@ dispatches to :func:`run`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import textwrap

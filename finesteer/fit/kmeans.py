@@ -68,7 +68,7 @@ def lloyd(X: torch.Tensor, centers: torch.Tensor, max_iter: int = 100) -> KMeans
     An emptied cluster is re-seeded with the point farthest from its current centre, so the
     result always has K non-empty clusters (N ≥ K; duplicate rows may give equal centres).
     """
-    n, k = X.shape[0], centers.shape[0]
+    k = centers.shape[0]
     x_sq = X.square().sum(1)
     C = centers.clone()
     labels = None
