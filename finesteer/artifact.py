@@ -45,8 +45,6 @@ def _package_version() -> str:
 
 def save_steerer(steerer, path, model_name_or_path: Optional[str] = None) -> None:
     """Write ``steerer`` to ``path`` atomically; an existing file is replaced only when the new one is complete."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     mo, gate = steerer.mose, steerer.gate
     tensors = {name: getattr(mo, name) for name in MoSE.TENSORS}
@@ -85,12 +83,20 @@ def save_steerer(steerer, path, model_name_or_path: Optional[str] = None) -> Non
         "package_version": _package_version(),
     }
     header = {METADATA_KEY: json.dumps(meta, sort_keys=True, allow_nan=False)}
+    save_safetensors_atomic(tensors, path, header)
 
+
+def save_safetensors_atomic(tensors: dict, path, metadata: dict) -> None:
+    """Write ``tensors`` to ``path`` through a temporary file in the same folder and a rename, so
+    ``path`` is either its old file or the complete new one, and no temporary file is left behind."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -29,7 +29,6 @@ import inspect
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -292,21 +291,10 @@ def _cache_load(cache_file, key: str) -> Optional[dict]:
 def _cache_save(cache_file, key: str, tensors: dict) -> None:
     if cache_file is None:
         return
-    import tempfile
+    from .artifact import save_safetensors_atomic
 
-    from safetensors.torch import save_file
-
-    path = Path(cache_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"finesteer_cache_key": key})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_safetensors_atomic(tensors, cache_file, {"finesteer_cache_key": key})
 
 
 def _layer_list(layers) -> list:
