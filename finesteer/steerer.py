@@ -97,17 +97,20 @@ class Steerer:
 
     def _pack_stamp(self) -> tuple:
         """``(objects, stamp)``: what the packed bank depends on. ``stamp`` is a flat tuple of plain
-        numbers and strings (compared in one C-level ``==``, ~2 µs): the scalars, the ids of the gate,
-        the MoSE and their tensors, and each tensor's version counter (bumped by in-place edits)."""
-        gate, mose = self.gate, self.mose
-        tensors = [getattr(mose, name) for name in mose.TENSORS]
+        numbers and strings (compared in one C-level ``==``): the scalars, the ids of the gate, the
+        MoSE and their tensors, and each tensor's version counter (bumped by in-place edits).
+        Written out rather than looped: it runs on every public call (~1 µs)."""
+        gate, mo = self.gate, self.mose
+        R, c, V, U, W1, b1, W2, b2 = mo.R, mo.c, mo.V, mo.U, mo.W1, mo.b1, mo.W2, mo.b2
+        stamp = (self.strength, self.gate_mode, self.temperature, id(mo),
+                 id(R), R._version, id(c), c._version, id(V), V._version, id(U), U._version,
+                 id(W1), W1._version, id(b1), b1._version, id(W2), W2._version, id(b2), b2._version)
+        tensors = (R, c, V, U, W1, b1, W2, b2)
         if gate is not None:
-            tensors += [gate.P, gate.mu]
-        stamp = [self.strength, self.gate_mode, self.temperature, None if gate is None else float(gate.threshold),
-                 id(gate), id(mose)]
-        for t in tensors:
-            stamp += (id(t), t._version)
-        return (gate, mose, tensors), tuple(stamp)
+            P, mu = gate.P, gate.mu
+            stamp += (float(gate.threshold), id(gate), id(P), P._version, id(mu), mu._version)
+            tensors += (P, mu)
+        return (gate, mo, tensors), stamp
 
     def invalidate_packed(self) -> None:
         """Drop the cached packed banks (not needed after the changes :meth:`packed_bank` tracks)."""

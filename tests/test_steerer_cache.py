@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finesteer
-from finesteer import SteeringBank, reference
+from finesteer import MoSE, SteeringBank, reference
 from tests.utils import random_steerer
 
 D = 24
@@ -85,6 +85,17 @@ def test_any_change_repacks(change, count_packs):
     assert torch.equal(after, fresh(h, st))
     assert not torch.equal(after, before)
     assert torch.equal(finesteer.steer(h, st), after) and len(count_packs) == 3  # fresh() packs once too
+
+
+@pytest.mark.parametrize("owner,name", [("mose", n) for n in MoSE.TENSORS] + [("gate", "P"), ("gate", "mu")])
+def test_in_place_edit_of_every_packed_tensor_repacks(owner, name):
+    """Every tensor the bank is packed from is watched (MoSE.TENSORS and the gate's P, μ)."""
+    st = random_steerer(D, seed=8, gate_mode="off" if owner == "mose" else "soft")
+    bank = st.packed_bank("cpu")
+    getattr(getattr(st, owner), name).mul_(1.5)
+    assert st.packed_bank("cpu") is not bank
+    h = torch.randn(4, D)
+    assert torch.equal(finesteer.steer(h, st), fresh(h, st))
 
 
 def test_unchanged_values_reassigned_do_not_repack(count_packs):
