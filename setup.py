@@ -76,7 +76,8 @@ class PrebuildCacheBuildPy(build_py):
         if probe.returncode != 0:
             _note("torch is not installed in the target environment either; the CPU kernel builds at first use")
             return
-        _note(f"building the CPU kernel into the first-use build cache ({BUILD.cache_root(env)}); ~2 min")
+        _note(f"CPU kernel -> first-use build cache in {BUILD.cache_root(env)} (a build takes ~2 min; "
+              f"a cached one is reused)")
         proc = subprocess.run([sys.executable, os.path.join(HERE, "finesteer", "_build.py"), "prebuild"], env=env,
                               capture_output=True, text=True)
         if proc.returncode == 0:

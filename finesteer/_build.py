@@ -277,4 +277,8 @@ def _prebuild_main(argv: Iterable[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a script, sys.path[0] is finesteer/ itself, whose modules (ops, data, ...) must not
+    # shadow top-level names for torch's imports.
+    if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+        del sys.path[0]
     sys.exit(_prebuild_main(sys.argv[1:]))

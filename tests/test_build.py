@@ -186,6 +186,11 @@ def test_setup_py_reads_the_same_configuration():
     assert mod.CPU_SOURCES == _build.CPU_SOURCES and mod.cxx_flags() == _build.cxx_flags()
 
 
+def test_prebuild_script_usage():
+    proc = subprocess.run([sys.executable, str(ROOT / "finesteer" / "_build.py")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: python finesteer/_build.py prebuild" in proc.stderr
+
+
 # ---- a real second checkout ------------------------------------------------------------------
 
 # Imports finesteer from the checkout given as argv[1] and loads its CPU kernel.
@@ -226,6 +231,12 @@ def test_second_checkout_reuses_the_first_ones_build(tmp_path):
     entry = _build.cache_entry("cpu", torch.__version__, cuda_version=torch.version.cuda, csrc=CSRC)
     assert entry.is_complete()
     stamp = {p: os.stat(p).st_mtime_ns for p in [entry.library, *entry.dir.rglob("*.o")]}
+
+    # setup.py's install-time prebuild (run as a script) finds the same entry and does nothing.
+    pre = subprocess.run([sys.executable, str(ROOT / "finesteer" / "_build.py"), "prebuild"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert pre.returncode == 0 and "already cached" in pre.stdout and str(entry.library) in pre.stdout, pre
+    assert "building the CPU kernel" not in pre.stderr
 
     second_run = load_from(second)
     assert second_run.stdout.startswith("OK") and "build cache" in second_run.stdout, second_run.stdout
