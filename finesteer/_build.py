@@ -121,8 +121,12 @@ def python_tag() -> str:
 
 
 def key_inputs(csrc: Path, kind: str, torch_version: str, python: Optional[str] = None,
-               cuda_version: Optional[str] = None, env: Optional[dict] = None) -> dict:
-    """Everything the cache key hashes, as a JSON-able dict (also written to ``built.json``)."""
+               cuda_version: Optional[str] = None, env: Optional[dict] = None,
+               extra: Optional[dict] = None) -> dict:
+    """Everything the cache key hashes, as a JSON-able dict (also written to ``built.json``).
+
+    ``extra``: further JSON-able facts the binary depends on (the CUDA loader passes the visible
+    device's compute capability, for which torch's extension builder adds code)."""
     env = os.environ if env is None else env
     inputs = {
         "format": CACHE_FORMAT,
@@ -138,6 +142,9 @@ def key_inputs(csrc: Path, kind: str, torch_version: str, python: Optional[str] 
     if kind == "cuda":
         inputs["cuda"] = str(cuda_version)
         inputs["nvcc_flags"] = nvcc_flags(cuda_archs(env))
+        inputs["torch_cuda_arch_list"] = env.get("TORCH_CUDA_ARCH_LIST")
+    if extra:
+        inputs["extra"] = dict(extra)
     return inputs
 
 
@@ -217,10 +224,10 @@ class CacheEntry:
 
 
 def cache_entry(kind: str, torch_version: str, cuda_version: Optional[str] = None, csrc: Optional[Path] = None,
-                root: Optional[Path] = None, env: Optional[dict] = None) -> CacheEntry:
+                root: Optional[Path] = None, env: Optional[dict] = None, extra: Optional[dict] = None) -> CacheEntry:
     """The cache entry a ``kind`` build of ``csrc`` (default: this checkout's) with this torch uses."""
     csrc = csrc_dir() if csrc is None else Path(csrc)
-    inputs = key_inputs(csrc, kind, torch_version, cuda_version=cuda_version, env=env)
+    inputs = key_inputs(csrc, kind, torch_version, cuda_version=cuda_version, env=env, extra=extra)
     return CacheEntry(cache_root(env) if root is None else Path(root), kind, inputs)
 
 

@@ -87,8 +87,11 @@ def _try_prebuilt() -> str:
 def _jit_build(kind: str) -> tuple[bool, str]:
     """Load the ``kind`` library from the keyed build cache, building it there first if needed."""
     label = "CPU kernel" if kind == "cpu" else "CUDA kernels"
+    extra = None
+    if kind == "cuda":  # torch's builder also compiles for the visible device's architecture
+        extra = {"device_capability": "%d.%d" % torch.cuda.get_device_capability()}
     try:
-        entry = _build.cache_entry(kind, torch.__version__, cuda_version=torch.version.cuda, csrc=CSRC)
+        entry = _build.cache_entry(kind, torch.__version__, cuda_version=torch.version.cuda, csrc=CSRC, extra=extra)
     except FileNotFoundError as exc:
         return False, f"C++ sources incomplete ({exc}); reinstall with a compiler"
     if entry.is_complete():  # cache hit: no compiler, no ninja, no lock needed

@@ -72,6 +72,11 @@ def test_key_changes_with_torch_python_compiler_and_cuda():
     assert key(CSRC, kind="cuda", cuda="12.4") != key(CSRC, kind="cuda", cuda="12.8")
     assert key(CSRC, kind="cuda", cuda="12.4", env={"FINESTEER_CUDA_ARCHS": "90"}) != \
         key(CSRC, kind="cuda", cuda="12.4", env={"FINESTEER_CUDA_ARCHS": "80;90"})
+    assert key(CSRC, kind="cuda", cuda="12.4", env={"TORCH_CUDA_ARCH_LIST": "9.0"}) != \
+        key(CSRC, kind="cuda", cuda="12.4")
+    with_cap = lambda cap: _build.build_key(_build.key_inputs(  # noqa: E731
+        CSRC, "cuda", "2.13.0", cuda_version="12.4", env={}, extra={"device_capability": cap}))
+    assert with_cap("9.0") != with_cap("8.0")
 
 
 def test_python_tag_names_this_interpreter():
