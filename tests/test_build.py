@@ -181,6 +181,18 @@ def test_loader_reports_a_broken_cached_library(tmp_path, monkeypatch):
     assert not ok and "failed to load" in reason and str(entry.dir) in reason
 
 
+@needs_csrc
+def test_loader_names_a_missing_ninja(tmp_path, monkeypatch):
+    """No cached build and no ninja: a clear reason (the dependency is what fixes it), no attempt."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("FINESTEER_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setattr(_build, "jit_build", lambda *a, **k: pytest.fail("must not try to build"))
+    ok, reason = _ext._jit_build("cpu")
+    assert not ok and "ninja is not installed (pip install ninja)" in reason
+
+
 def test_setup_py_reads_the_same_configuration():
     """setup.py takes its sources and flags from finesteer/_build.py (loaded by path)."""
     text = (ROOT / "setup.py").read_text()
