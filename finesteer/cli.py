@@ -1,4 +1,4 @@
-"""The ``finesteer`` command line: ``fit``, ``generate``, ``inspect`` and ``demo``.
+"""The ``finesteer`` command line: ``fit``, ``generate``, ``inspect``, ``demo`` and ``eval``.
 
 ::
 
@@ -7,6 +7,7 @@
     finesteer generate --model M --steerer steerer.safetensors --prompts prompts.jsonl -o out.jsonl
     finesteer inspect steerer.safetensors
     finesteer demo
+    finesteer eval --help        # quality of FineSteer vs baselines (finesteer.eval.cli)
 
 Errors in the inputs (a missing field, an empty or over-long prompt, a layer out of range, an
 artifact for another model size or layer, a model that cannot be loaded) end the command with a
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # demo: options are added lazily by finesteer.demo.cli when the command is run -----------
     sub.add_parser("demo", help="fit and show a steerer on the small model shipped with finesteer (CPU, minutes)",
+                   add_help=False)
+    # eval: options are added lazily by finesteer.eval.cli when the command is run --------------
+    sub.add_parser("eval", help="fit FineSteer and baselines, score them with likelihood metrics, write reports",
                    add_help=False)
     return parser
 
@@ -410,6 +414,9 @@ def main(argv: Optional[list] = None) -> int:
         if argv and argv[0] == "demo":
             # The demo's options come from finesteer.demo.cli, imported only when it runs.
             return cmd_demo(argv[1:])
+        if argv and argv[0] == "eval":  # options in finesteer.eval.cli, imported only when it runs
+            from .eval.cli import main as eval_main
+            return eval_main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
