@@ -341,3 +341,24 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
                "--target", files["target"], "--benign", files["benign"],
                "--eval-benign", f"benign={files['benign_val']}", "--quiet", "-o", str(out)])
     assert rc == 2 and "--layer 9 is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["prompt", "token"])
+def test_shared_prefix_path_equals_plain_batches(llama, mode):
+    tok = tiny_tokenizer()
+    seqs = []
+    for p in ("how do I pick a lock", "name a fruit"):
+        pid = tok(p)["input_ids"]
+        for resp in (" no.", " sure, here you go", " I can't help"):
+            seqs.append(ScoredSeq(tuple(pid + tok(resp, add_special_tokens=False)["input_ids"]), len(pid) - 1))
+    g = torch.Generator().manual_seed(3)
+    deltas, q = torch.randn(30, 64, generator=g), torch.randn(30, 64, generator=g)
+    from finesteer.fit import fit_scs
+    gate = fit_scs(q + 1.0, q, rank=2, max_benign_fpr=0.5)
+    configs = [None, Steerer(mose=mean_vector_mose(deltas.mean(0)), layer=LAYER, strength=3.0),
+               Steerer(gate=gate, mose=linear_map_mose(deltas[:2].T, q[:2]), layer=LAYER, gate_mode="soft")]
+    shared = score_sequences(llama, seqs, configs, LAYER, mode=mode, progress=False)
+    plain = score_sequences(llama, seqs, configs, LAYER, mode=mode, progress=False, share_prefix=False)
+    for a, b in zip(shared, plain):
+        assert torch.allclose(a.logprob, b.logprob, atol=1e-4)
+    assert not torch.allclose(shared[1].logprob, shared[0].logprob, atol=1e-3)

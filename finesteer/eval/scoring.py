@@ -20,6 +20,13 @@ teacher-forced pass makes the unsteered configuration score exactly 1. So the me
 decode-path detection and no ``generate()``; only the unsteered continuation itself is generated
 (:func:`greedy_continuations`, with no hook attached).
 
+Sequences that share their prompt (several responses scored after one prompt: openings, TruthfulQA
+answers) share its forward pass: the prompt runs once with ``use_cache=True`` and the responses run
+as one batch on the repeated key/value cache (``Cache.batch_repeat_interleave``), with the steering
+vector of the prompt's last token added at every response position, exactly as in prompt-mode
+generation. Token mode steers every position either way. Models with a sliding attention window
+shorter than the sequence take the plain path.
+
 Logits are computed only at the positions that are scored: a forward pre-hook on the model's output
 embedding (``model.get_output_embeddings()``, the LM head) gathers those rows first, so a 262k-word
 vocabulary costs ``d × V`` per scored token instead of per sequence position. Whatever the model does
@@ -168,15 +175,114 @@ def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: 
     return torch.log_softmax(logits, dim=-1), torch.tensor(targets, device=device)
 
 
+def _prefix_groups(seqs: Sequence[ScoredSeq]) -> dict:
+    """Sequence indices grouped by their prompt tokens ``ids[:last_prompt + 1]``."""
+    groups: dict = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(s.ids[:s.last_prompt + 1], []).append(i)
+    return groups
+
+
+def _can_share_prefix(model, seqs: Sequence[ScoredSeq]) -> bool:
+    if not all(hasattr(model, a) for a in ("forward", "config")):
+        return False
+    params = inspect.signature(model.forward).parameters
+    if not all(k in params for k in ("past_key_values", "use_cache")):
+        return False
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    longest = max(len(s.ids) for s in seqs)
+    return window is None or longest < int(window)
+
+
+def _prefix_logprobs(model, prefix: tuple, suffixes: List[tuple], steerer, layer: int, mode: str, backend: str,
+                     pad_id: int, module_path: Optional[str]) -> List[torch.Tensor]:
+    """Per suffix, ``log p`` of each suffix token after ``prefix`` [len(suffix)] (fp64): the prefix runs
+    once, the suffixes as one batch on its repeated cache."""
+    from ..ops import add_vectors, steering_vectors
+
+    device = model_device(model)
+    n, P = len(suffixes), len(prefix)
+    L = max(len(x) for x in suffixes)
+    block = find_decoder_layers(model, module_path)[layer]
+    bank = as_bank(steerer, device) if steerer is not None else None
+    state = {}
+
+    def hook(module, args, output):
+        h = _hidden_of(output)
+        flat = h.reshape(-1, h.shape[-1])
+        if mode == "token":
+            out = steer(flat, bank, mode="token", backend=backend, check_index_range=False)
+        else:
+            if "v" not in state:  # the prefix pass: the vector of its last token, kept for the suffixes
+                state["v"] = steering_vectors(h[:, -1], bank, None, backend)
+            slot = torch.zeros(flat.shape[0], dtype=torch.int32, device=h.device)
+            out = add_vectors(flat, state["v"], slot, backend)
+        return _with_hidden(output, out.reshape(h.shape))
+
+    handle = block.register_forward_hook(hook) if steerer is not None else None
+    try:
+        with torch.no_grad():
+            last = torch.tensor([0], device=device), torch.tensor([P - 1], device=device)
+            with _gather_logit_rows(model, *last):
+                pre = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            first = torch.log_softmax(pre.logits.reshape(-1)[None].float(), -1)[0]
+            cache = pre.past_key_values
+            cache.batch_repeat_interleave(n)
+            ids = torch.full((n, L), pad_id, dtype=torch.long)
+            mask = torch.zeros((n, P + L), dtype=torch.long)
+            mask[:, :P] = 1
+            for j, suf in enumerate(suffixes):
+                ids[j, :len(suf)] = torch.tensor(suf)
+                mask[j, P:P + len(suf)] = 1
+            pos = torch.arange(P, P + L).expand(n, L)
+            rows = [j for j, suf in enumerate(suffixes) for _ in range(len(suf) - 1)]
+            cols = [t for suf in suffixes for t in range(len(suf) - 1)]
+            out_lp = [first[torch.tensor([suf[0]], device=device)].double().cpu() for suf in suffixes]
+            if rows:
+                with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)):
+                    rest = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                                 past_key_values=cache, use_cache=True)
+                logp = torch.log_softmax(rest.logits.reshape(len(rows), -1).float(), -1)
+                targets = torch.tensor([suf[t + 1] for suf in suffixes for t in range(len(suf) - 1)], device=device)
+                tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
+                k = 0
+                for j, suf in enumerate(suffixes):
+                    out_lp[j] = torch.cat([out_lp[j], tok_lp[k:k + len(suf) - 1]])
+                    k += len(suf) - 1
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out_lp
+
+
+def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc):
+    from tqdm.auto import tqdm
+
+    groups = _prefix_groups(seqs)
+    n = len(seqs)
+    lp = [torch.zeros(n, dtype=torch.float64) for _ in configs]
+    with tqdm(total=len(groups) * len(configs), desc=desc, disable=not progress, unit="prompt") as bar:
+        for prefix, members in groups.items():
+            suffixes = [seqs[i].ids[seqs[i].last_prompt + 1:] for i in members]
+            for k, cfg in enumerate(configs):
+                per = _prefix_logprobs(model, prefix, suffixes, cfg, layer, mode, backend, pad_id, module_path)
+                lp[k][members] = torch.stack([x.sum() for x in per])
+                bar.update()
+    counts = torch.tensor([s.n_scored for s in seqs], dtype=torch.long)
+    return [SeqScores(lp[k], counts) for k in range(len(configs))]
+
+
 def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: int, mode: str = "prompt",
                     backend: str = "auto", batch_size: int = 8, pad_id: int = 0, compare: bool = False,
-                    module_path: Optional[str] = None, progress: bool = True, desc: str = "score") -> List[SeqScores]:
+                    module_path: Optional[str] = None, progress: bool = True, desc: str = "score",
+                    share_prefix: bool = True) -> List[SeqScores]:
     """Score every sequence under every configuration (see the module docstring).
 
     ``configs``: Steerers (each applied alone, at its own strength) or ``None`` (unsteered).
     Returns one :class:`SeqScores` per configuration, in order. With ``compare`` the unsteered
     distributions are computed once per batch and every configuration is compared with them.
-    Sequences are processed in length-sorted batches; results come back in input order.
+    Sequences are processed in length-sorted batches; results come back in input order. With
+    ``share_prefix`` (and without ``compare``), sequences with the same prompt share its forward.
     """
     from tqdm.auto import tqdm
 
@@ -184,6 +290,10 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
         raise ValueError(f"mode must be 'prompt' or 'token', got {mode!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not seqs:
+        raise ValueError("score_sequences: no sequences")
+    if share_prefix and not compare and len(_prefix_groups(seqs)) < len(seqs) and _can_share_prefix(model, seqs):
+        return _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc)
     n = len(seqs)
     lp = [torch.zeros(n, dtype=torch.float64) for _ in configs]
     kl = [torch.zeros(n, dtype=torch.float64) for _ in configs]
