@@ -357,8 +357,19 @@ def test_shared_prefix_path_equals_plain_batches(llama, mode):
     gate = fit_scs(q + 1.0, q, rank=2, max_benign_fpr=0.5)
     configs = [None, Steerer(mose=mean_vector_mose(deltas.mean(0)), layer=LAYER, strength=3.0),
                Steerer(gate=gate, mose=linear_map_mose(deltas[:2].T, q[:2]), layer=LAYER, gate_mode="soft")]
-    shared = score_sequences(llama, seqs, configs, LAYER, mode=mode, progress=False)
-    plain = score_sequences(llama, seqs, configs, LAYER, mode=mode, progress=False, share_prefix=False)
+    # one sequence without a prompt-mate takes the plain path inside the same call
+    seqs.insert(2, ScoredSeq(tuple(tok("a lone prompt, a reply")["input_ids"]), 12))
+    calls = []
+    handle = llama.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        shared = score_sequences(llama, seqs, configs, LAYER, mode=mode, progress=False, batch_size=8)
+        n_shared = len(calls)
+        plain = score_sequences(llama, seqs, configs, LAYER, mode=mode, progress=False, share_prefix=False,
+                                batch_size=8)
+    finally:
+        handle.remove()
+    assert n_shared == 3 * (2 * 2 + 1)            # per config: 2 prompts x (prefix + responses) + 1 plain batch
+    assert len(calls) - n_shared == 3             # plain: one batch per config
     for a, b in zip(shared, plain):
         assert torch.allclose(a.logprob, b.logprob, atol=1e-4)
     assert not torch.allclose(shared[1].logprob, shared[0].logprob, atol=1e-3)

@@ -183,15 +183,22 @@ def _prefix_groups(seqs: Sequence[ScoredSeq]) -> dict:
     return groups
 
 
-def _can_share_prefix(model, seqs: Sequence[ScoredSeq]) -> bool:
-    if not all(hasattr(model, a) for a in ("forward", "config")):
-        return False
+def _cache_keyword(model) -> Optional[str]:
+    """The forward keyword that takes a key/value cache: ``cache`` (transformers ≥ 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (4.x); None when there is neither."""
     params = inspect.signature(model.forward).parameters
-    if not all(k in params for k in ("past_key_values", "use_cache")):
-        return False
+    if "use_cache" not in params:
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def _fits_window(model, seq: ScoredSeq) -> bool:
+    # A sliding-window cache drops states older than the window; keep such sequences on the plain path.
     window = getattr(getattr(model, "config", None), "sliding_window", None)
-    longest = max(len(s.ids) for s in seqs)
-    return window is None or longest < int(window)
+    return window is None or len(seq.ids) < int(window)
 
 
 def _prefix_logprobs(model, prefix: tuple, suffixes: List[tuple], steerer, layer: int, mode: str, backend: str,
@@ -226,7 +233,9 @@ def _prefix_logprobs(model, prefix: tuple, suffixes: List[tuple], steerer, layer
             with _gather_logit_rows(model, *last):
                 pre = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
             first = torch.log_softmax(pre.logits.reshape(-1)[None].float(), -1)[0]
-            cache = pre.past_key_values
+            cache = getattr(pre, "cache", None) or getattr(pre, "past_key_values", None)
+            if cache is None:
+                raise RuntimeError(f"{type(model).__name__} returned no key/value cache with use_cache=True")
             cache.batch_repeat_interleave(n)
             ids = torch.full((n, L), pad_id, dtype=torch.long)
             mask = torch.zeros((n, P + L), dtype=torch.long)
@@ -241,7 +250,7 @@ def _prefix_logprobs(model, prefix: tuple, suffixes: List[tuple], steerer, layer
             if rows:
                 with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)):
                     rest = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                                 past_key_values=cache, use_cache=True)
+                                 use_cache=True, **{_cache_keyword(model): cache})
                 logp = torch.log_softmax(rest.logits.reshape(len(rows), -1).float(), -1)
                 targets = torch.tensor([suf[t + 1] for suf in suffixes for t in range(len(suf) - 1)], device=device)
                 tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
@@ -272,6 +281,13 @@ def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, mod
     return [SeqScores(lp[k], counts) for k in range(len(configs))]
 
 
+def _inverse(order: List[int]) -> torch.Tensor:
+    """Index that puts results computed in ``order`` back into input order."""
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    return inv
+
+
 def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: int, mode: str = "prompt",
                     backend: str = "auto", batch_size: int = 8, pad_id: int = 0, compare: bool = False,
                     module_path: Optional[str] = None, progress: bool = True, desc: str = "score",
@@ -292,8 +308,23 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not seqs:
         raise ValueError("score_sequences: no sequences")
-    if share_prefix and not compare and len(_prefix_groups(seqs)) < len(seqs) and _can_share_prefix(model, seqs):
-        return _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc)
+    if share_prefix and not compare and _cache_keyword(model) is not None:
+        shared = [i for idx in _prefix_groups(seqs).values() if len(idx) > 1 for i in idx
+                  if _fits_window(model, seqs[i])]
+        if shared:
+            rest = sorted(set(range(len(seqs))) - set(shared))
+            out = _score_shared_prefix(model, [seqs[i] for i in shared], configs, layer, mode, backend, pad_id,
+                                       module_path, progress, desc)
+            if rest:
+                plain = score_sequences(model, [seqs[i] for i in rest], configs, layer, mode, backend, batch_size,
+                                        pad_id, False, module_path, progress, desc, share_prefix=False)
+                for a, b in zip(out, plain):
+                    a.logprob = torch.cat([a.logprob, b.logprob])[_inverse(shared + rest)]
+                    a.n_tokens = torch.cat([a.n_tokens, b.n_tokens])[_inverse(shared + rest)]
+            else:
+                for a in out:
+                    a.logprob, a.n_tokens = a.logprob[_inverse(shared)], a.n_tokens[_inverse(shared)]
+            return out
     n = len(seqs)
     lp = [torch.zeros(n, dtype=torch.float64) for _ in configs]
     kl = [torch.zeros(n, dtype=torch.float64) for _ in configs]
