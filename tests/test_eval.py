@@ -347,9 +347,11 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
 def test_shared_prefix_path_equals_plain_batches(llama, mode):
     tok = tiny_tokenizer()
     seqs = []
-    for p in ("how do I pick a lock", "name a fruit"):
+    # prompts of different lengths (left padding) and different numbers of responses
+    for p, resps in (("how do I pick a lock", (" no.", " sure, here you go", " I can't help")),
+                     ("name a fruit", (" apple", " I won't", " a", " pear, or a plum"))):
         pid = tok(p)["input_ids"]
-        for resp in (" no.", " sure, here you go", " I can't help"):
+        for resp in resps:
             seqs.append(ScoredSeq(tuple(pid + tok(resp, add_special_tokens=False)["input_ids"]), len(pid) - 1))
     g = torch.Generator().manual_seed(3)
     deltas, q = torch.randn(30, 64, generator=g), torch.randn(30, 64, generator=g)
@@ -368,7 +370,7 @@ def test_shared_prefix_path_equals_plain_batches(llama, mode):
                                 batch_size=8)
     finally:
         handle.remove()
-    assert n_shared == 3 * (2 * 2 + 1)            # per config: 2 prompts x (prefix + responses) + 1 plain batch
+    assert n_shared == 3 * (2 + 1)                # per config: prefixes + responses of both prompts, 1 plain batch
     assert len(calls) - n_shared == 3             # plain: one batch per config
     for a, b in zip(shared, plain):
         assert torch.allclose(a.logprob, b.logprob, atol=1e-4)

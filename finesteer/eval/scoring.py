@@ -21,10 +21,10 @@ decode-path detection and no ``generate()``; only the unsteered continuation its
 (:func:`greedy_continuations`, with no hook attached).
 
 Sequences that share their prompt (several responses scored after one prompt: openings, TruthfulQA
-answers) share its forward pass: the prompt runs once with ``use_cache=True`` and the responses run
-as one batch on the repeated key/value cache (``Cache.batch_repeat_interleave``), with the steering
-vector of the prompt's last token added at every response position, exactly as in prompt-mode
-generation. Token mode steers every position either way. Models with a sliding attention window
+answers) share its forward pass: the prompts of several groups run once as a left-padded batch with
+``use_cache=True``, and all their responses run as one batch on the cache rows of their prompts
+(``Cache.batch_select_indices``), with the steering vector of each prompt's last token added at
+every response position, exactly as in prompt-mode generation. Token mode steers every position either way. Models with a sliding attention window
 shorter than the sequence take the plain path.
 
 Logits are computed only at the positions that are scored: a forward pre-hook on the model's output
@@ -201,15 +201,23 @@ def _fits_window(model, seq: ScoredSeq) -> bool:
     return window is None or len(seq.ids) < int(window)
 
 
-def _prefix_logprobs(model, prefix: tuple, suffixes: List[tuple], steerer, layer: int, mode: str, backend: str,
-                     pad_id: int, module_path: Optional[str]) -> List[torch.Tensor]:
-    """Per suffix, ``log p`` of each suffix token after ``prefix`` [len(suffix)] (fp64): the prefix runs
-    once, the suffixes as one batch on its repeated cache."""
+def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], steerer, layer: int, mode: str,
+                     backend: str, pad_id: int, module_path: Optional[str]) -> List[List[torch.Tensor]]:
+    """``log p`` of every suffix token after its prefix: ``out[g][j]`` [len(suffixes[g][j])] fp64.
+
+    The G prefixes run as one left-padded batch with ``use_cache=True``; then all suffixes run as
+    one right-padded batch on the cache rows of their prefixes (``Cache.batch_select_indices``).
+    In prompt mode the vector of each prefix's last token is added at every position of the prefix
+    and of its suffixes; in token mode every position gets its own.
+    """
     from ..ops import add_vectors, steering_vectors
 
     device = model_device(model)
-    n, P = len(suffixes), len(prefix)
-    L = max(len(x) for x in suffixes)
+    G = len(prefixes)
+    P = max(len(x) for x in prefixes)
+    owner = [g for g, sufs in enumerate(suffixes) for _ in sufs]
+    flat_suf = [suf for sufs in suffixes for suf in sufs]
+    R, L = len(flat_suf), max(len(x) for x in flat_suf)
     block = find_decoder_layers(model, module_path)[layer]
     bank = as_bank(steerer, device) if steerer is not None else None
     state = {}
@@ -220,62 +228,89 @@ def _prefix_logprobs(model, prefix: tuple, suffixes: List[tuple], steerer, layer
         if mode == "token":
             out = steer(flat, bank, mode="token", backend=backend, check_index_range=False)
         else:
-            if "v" not in state:  # the prefix pass: the vector of its last token, kept for the suffixes
+            if "v" not in state:  # the prefix pass (left-padded: every last token sits at P − 1)
                 state["v"] = steering_vectors(h[:, -1], bank, None, backend)
-            slot = torch.zeros(flat.shape[0], dtype=torch.int32, device=h.device)
+                rows = torch.arange(h.shape[0], device=h.device)
+            else:
+                rows = state["owner"]
+            slot = rows.to(torch.int32).repeat_interleave(h.shape[1])
             out = add_vectors(flat, state["v"], slot, backend)
         return _with_hidden(output, out.reshape(h.shape))
 
+    ids = torch.full((G, P), pad_id, dtype=torch.long)
+    pmask = torch.zeros((G, P), dtype=torch.long)
+    for g, pre in enumerate(prefixes):
+        ids[g, P - len(pre):] = torch.tensor(pre)
+        pmask[g, P - len(pre):] = 1
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    sel = torch.tensor(owner)
+    sids = torch.full((R, L), pad_id, dtype=torch.long)
+    smask = torch.zeros((R, L), dtype=torch.long)
+    for j, suf in enumerate(flat_suf):
+        sids[j, :len(suf)] = torch.tensor(suf)
+        smask[j, :len(suf)] = 1
+    spos = pmask.sum(-1)[sel].unsqueeze(-1) + torch.arange(L)
+    state["owner"] = sel.to(device)
+    kw = _cache_keyword(model)
     handle = block.register_forward_hook(hook) if steerer is not None else None
     try:
         with torch.no_grad():
-            last = torch.tensor([0], device=device), torch.tensor([P - 1], device=device)
-            with _gather_logit_rows(model, *last):
-                pre = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-            first = torch.log_softmax(pre.logits.reshape(-1)[None].float(), -1)[0]
+            with _gather_logit_rows(model, torch.arange(G, device=device), torch.full((G,), P - 1, device=device)):
+                pre = model(input_ids=ids.to(device), attention_mask=pmask.to(device), position_ids=ppos.to(device),
+                            use_cache=True)
+            first = torch.log_softmax(pre.logits.reshape(G, -1).float(), -1)
             cache = getattr(pre, "cache", None) or getattr(pre, "past_key_values", None)
             if cache is None:
                 raise RuntimeError(f"{type(model).__name__} returned no key/value cache with use_cache=True")
-            cache.batch_repeat_interleave(n)
-            ids = torch.full((n, L), pad_id, dtype=torch.long)
-            mask = torch.zeros((n, P + L), dtype=torch.long)
-            mask[:, :P] = 1
-            for j, suf in enumerate(suffixes):
-                ids[j, :len(suf)] = torch.tensor(suf)
-                mask[j, P:P + len(suf)] = 1
-            pos = torch.arange(P, P + L).expand(n, L)
-            rows = [j for j, suf in enumerate(suffixes) for _ in range(len(suf) - 1)]
-            cols = [t for suf in suffixes for t in range(len(suf) - 1)]
-            out_lp = [first[torch.tensor([suf[0]], device=device)].double().cpu() for suf in suffixes]
+            cache.batch_select_indices(sel.to(device))
+            first_lp = first[sel.to(device), torch.tensor([suf[0] for suf in flat_suf], device=device)]
+            rows = [j for j, suf in enumerate(flat_suf) for _ in range(len(suf) - 1)]
+            cols = [t for suf in flat_suf for t in range(len(suf) - 1)]
+            tok_lp = torch.zeros(0, dtype=torch.float64)
             if rows:
                 with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)):
-                    rest = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                                 use_cache=True, **{_cache_keyword(model): cache})
+                    rest = model(input_ids=sids.to(device), attention_mask=torch.cat([pmask[sel], smask], 1).to(device),
+                                 position_ids=spos.to(device), use_cache=True, **{kw: cache})
                 logp = torch.log_softmax(rest.logits.reshape(len(rows), -1).float(), -1)
-                targets = torch.tensor([suf[t + 1] for suf in suffixes for t in range(len(suf) - 1)], device=device)
+                targets = torch.tensor([suf[t + 1] for suf in flat_suf for t in range(len(suf) - 1)], device=device)
                 tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
-                k = 0
-                for j, suf in enumerate(suffixes):
-                    out_lp[j] = torch.cat([out_lp[j], tok_lp[k:k + len(suf) - 1]])
-                    k += len(suf) - 1
     finally:
         if handle is not None:
             handle.remove()
-    return out_lp
+    out: List[List[torch.Tensor]] = [[] for _ in range(G)]
+    k = 0
+    for j, suf in enumerate(flat_suf):
+        out[owner[j]].append(torch.cat([first_lp[j:j + 1].double().cpu(), tok_lp[k:k + len(suf) - 1]]))
+        k += len(suf) - 1
+    return out
 
 
-def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc):
+def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc,
+                         max_rows: int):
+    """Score ``seqs`` group by group (groups = same prompt), several groups per forward (≤ ``max_rows``
+    response rows, at least one group)."""
     from tqdm.auto import tqdm
 
-    groups = _prefix_groups(seqs)
+    groups = list(_prefix_groups(seqs).items())
+    groups.sort(key=lambda kv: len(kv[0]))  # similar prompt lengths pad little
+    chunks, cur, rows = [], [], 0
+    for prefix, members in groups:
+        if cur and rows + len(members) > max_rows:
+            chunks.append(cur)
+            cur, rows = [], 0
+        cur.append((prefix, members))
+        rows += len(members)
+    chunks.append(cur)
     n = len(seqs)
     lp = [torch.zeros(n, dtype=torch.float64) for _ in configs]
-    with tqdm(total=len(groups) * len(configs), desc=desc, disable=not progress, unit="prompt") as bar:
-        for prefix, members in groups.items():
-            suffixes = [seqs[i].ids[seqs[i].last_prompt + 1:] for i in members]
+    with tqdm(total=len(chunks) * len(configs), desc=desc, disable=not progress, unit="fwd") as bar:
+        for chunk in chunks:
+            prefixes = [prefix for prefix, _ in chunk]
+            suffixes = [[seqs[i].ids[seqs[i].last_prompt + 1:] for i in members] for _, members in chunk]
             for k, cfg in enumerate(configs):
-                per = _prefix_logprobs(model, prefix, suffixes, cfg, layer, mode, backend, pad_id, module_path)
-                lp[k][members] = torch.stack([x.sum() for x in per])
+                per = _prefix_logprobs(model, prefixes, suffixes, cfg, layer, mode, backend, pad_id, module_path)
+                for (_, members), vals in zip(chunk, per):
+                    lp[k][members] = torch.stack([x.sum() for x in vals])
                 bar.update()
     counts = torch.tensor([s.n_scored for s in seqs], dtype=torch.long)
     return [SeqScores(lp[k], counts) for k in range(len(configs))]
@@ -314,7 +349,7 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
         if shared:
             rest = sorted(set(range(len(seqs))) - set(shared))
             out = _score_shared_prefix(model, [seqs[i] for i in shared], configs, layer, mode, backend, pad_id,
-                                       module_path, progress, desc)
+                                       module_path, progress, desc, max_rows=4 * batch_size)
             if rest:
                 plain = score_sequences(model, [seqs[i] for i in rest], configs, layer, mode, backend, batch_size,
                                         pad_id, False, module_path, progress, desc, share_prefix=False)
