@@ -271,8 +271,7 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     bset = result.sets["benign"]
     assert "reference_logprob_per_token" in bset["results"]["caa"]["4.0"]
     assert set(bset["gate"]) == {"cast", "scs_mean", "finesteer"}
-    assert set(result.fit["delta_prediction_heldout"]) == {"caa", "cast", "alphasteer", "scs_mean", "mose_nogate",
-                                                           "finesteer"}
+    assert set(result.fit["delta_prediction_heldout"]) == {"mean_vector", "alphasteer", "mose"}
     assert "linear_probe_gate" in result.not_expressible
     assert result.timings["total"] > 0 and "extract" in result.timings
 

@@ -26,7 +26,7 @@ import torch
 from .. import extract
 from ..models import model_context_length
 from . import metrics
-from .baselines import NOT_EXPRESSIBLE, FitData, build_methods, with_strength
+from .baselines import NOT_EXPRESSIBLE, FitData, build_methods, mean_vector_mose, with_strength
 from .config import EvalConfig
 from .data import (PromptSet, disjoint_split, load_prompt_set, load_train_pairs, load_train_prompts,
                    load_truthfulqa)
@@ -248,10 +248,12 @@ class _Run:
             methods = build_methods(data, self.cfg.methods, cfg.layer, gate=gate, mose=mose,
                                     max_benign_fpr=cfg.max_benign_fpr, calib_fraction=cfg.calib_fraction,
                                     seed=cfg.seed)
-        pred = {}
-        for name, st in methods.items():
-            if st is not None:
-                pred[name] = metrics.delta_prediction(st.mose.vector(q[held]), d[held])
+        # How well each distinct vector field predicts held-out response shifts (the gate aside):
+        # the mean vector (CAA, CAST, SCS + mean), the AlphaSteer map, the MoSE.
+        fields = {"mean_vector": mean_vector_mose(d[~held].double().mean(0).float()), "mose": mose}
+        if "alphasteer" in methods:
+            fields["alphasteer"] = methods["alphasteer"].mose
+        pred = {name: metrics.delta_prediction(f.vector(q[held]), d[held]) for name, f in fields.items()}
         fit = {"n_target": len(inputs.target), "n_benign": len(inputs.benign), "n_pairs_fit": int((~held).sum()),
                "n_pairs_heldout": int(held.sum()), "gate": gate.report.to_dict(),
                "mose": {k: v for k, v in (mose.fit_stats or {}).items() if isinstance(v, (int, float, str, list))},

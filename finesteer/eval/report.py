@@ -71,7 +71,7 @@ def _markdown(doc: dict) -> str:
     pred = fit.get("delta_prediction_heldout") or {}
     if pred:
         out += ["", f"Held-out response-shift prediction ({fit.get('n_pairs_heldout')} pairs, prompts unseen in the fit):",
-                "", "| method | cosine | MSE |", "|---|---|---|"]
+                "", "| vector field | cosine | MSE |", "|---|---|---|"]
         out += [f"| {k} | {v['cosine']:.3f} | {v['mse']:.4g} |" for k, v in pred.items()]
     if doc.get("generation"):
         out += ["", "Keyword refusal rate of greedy generations:", ""]
