@@ -374,3 +374,18 @@ def test_shared_prefix_path_equals_plain_batches(llama, mode):
     for a, b in zip(shared, plain):
         assert torch.allclose(a.logprob, b.logprob, atol=1e-4)
     assert not torch.allclose(shared[1].logprob, shared[0].logprob, atol=1e-3)
+
+
+def test_generation_reports_keyword_refusal_rates(llama, files, tmp_path):
+    cfg = _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "caa"), strengths=(1.0,), generate=True,
+                  limit_generate=2, generate_tokens=3)
+    result = run_eval(llama, tiny_tokenizer(), cfg)
+    gen = result.generation
+    assert set(gen) == {"harmful", "benign"} and gen["harmful"]["n"] == 2
+    for s in gen.values():
+        assert set(s["results"]) == {"unsteered", "caa"}
+        for per in s["results"].values():
+            for r in per.values():
+                assert 0.0 <= r["refusal_rate"] <= 1.0 and len(r["examples"]) == 2
+    assert "Keyword refusal rate" in (write_reports(result, tmp_path / "g") and
+                                      (tmp_path / "g" / "eval.md").read_text())
