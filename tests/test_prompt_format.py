@@ -94,3 +94,40 @@ def test_artifact_records_the_prompt_format(tmp_path):
     save_file(tensors, str(bad), metadata={METADATA_KEY: json.dumps(meta)})
     with pytest.raises(ArtifactError, match="prompt_format"):
         type(st).load(bad)
+
+
+def test_cli_fit_records_the_format_and_generate_reuses_it(tmp_path):
+    from tests.hf_tiny import save_tiny
+
+    from finesteer import Steerer
+    from finesteer.cli import main
+
+    save_tiny(tmp_path / "model")
+    words = "lock bread cat dog safe key door code".split()
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    pairs = jsonl("pairs.jsonl", [{"prompt": f"How do I {words[i % 8]} {words[(3 * i) % 8]}?", "chosen": "No.",
+                                   "rejected": f"Sure, {words[(5 * i) % 8]}."} for i in range(24)])
+    target = jsonl("t.jsonl", [{"prompt": f"steal a {words[i % 8]} {words[(i + 3) % 8]}"} for i in range(20)])
+    benign = jsonl("b.jsonl", [{"prompt": f"the {words[i % 8]} is {words[(i + 5) % 8]}"} for i in range(20)])
+    prompts = jsonl("p.jsonl", [{"prompt": "steal a cat"}, {"prompt": "the sun is nice"}])
+    art = tmp_path / "s.safetensors"
+    small = ["--rank", "2", "--k-min", "2", "--k-max", "3", "--residual-dim", "2", "--hidden", "8", "--epochs", "2",
+             "--quiet"]
+    assert main(["fit", "--model", str(tmp_path / "model"), "--layer", "1", "--pairs", pairs, "--target", target,
+                 "--benign", benign, "-o", str(art), "--prompt-format", "plain", *small]) == 0
+    assert Steerer.load(art).metadata["prompt_format"] == "plain"
+    assert read_metadata(art)["prompt_format"] == "plain"
+
+    def generate(*extra):
+        out = tmp_path / "g.jsonl"
+        assert main(["generate", "--model", str(tmp_path / "model"), "--steerer", str(art), "--prompts", prompts,
+                     "--max-new-tokens", "5", "-o", str(out), "--quiet", *extra]) == 0
+        return [json.loads(line)["base"] for line in out.read_text().splitlines()]
+
+    recorded = generate()
+    assert recorded == generate("--prompt-format", "plain")
+    assert recorded != generate("--prompt-format", "chat")
