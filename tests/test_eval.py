@@ -331,15 +331,21 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
                "--methods", "unsteered,caa,finesteer", "--strengths", "2", "--rank", "2", "--k-min", "2",
                "--k-max", "2", "--residual-dim", "2", "--hidden", "8", "--epochs", "3", "--openings-per-side", "1",
                "--continuation-tokens", "2", "--limit-eval", "2", "--pairs-per-prompt", "1", "--threads", "1",
+               "--mose-option", "loss=mse_cosine", "--mose-option", "query_dim=none", "--scs-method", "contrastive",
+               "--benign-rank", "1",
                "--quiet", "-o", str(out)])
     assert rc == 0
     doc = json.loads((out / "eval.json").read_text())
     assert [r["method"] for r in doc["rows"]] == ["unsteered", "caa", "finesteer"]
+    assert doc["config"]["mose_options"]["loss"] == "mse_cosine" and doc["config"]["mose_options"]["query_dim"] is None
+    assert doc["config"]["scs_method"] == "contrastive" and doc["config"]["benign_rank"] == 1
     assert (out / "curve.png").is_file() and (out / "cache").is_dir()
     rc = main(["eval", "--model", str(model_dir), "--layer", "9", "--opening-pairs", files["target"],
                "--target", files["target"], "--benign", files["benign"],
                "--eval-benign", f"benign={files['benign_val']}", "--quiet", "-o", str(out)])
     assert rc == 2 and "--layer 9 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--mose-option", "nonsense=1"])
 
 
 @pytest.mark.parametrize("mode", ["prompt", "token"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..fit.scs import METHODS as SCS_METHODS
 from .baselines import METHODS
 
 __all__ = ["add_arguments", "run"]
@@ -42,6 +43,36 @@ def _methods(text: str):
     if bad or not vals:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; choose from {', '.join(METHODS)}")
     return vals
+
+
+def _mose_option(text: str):
+    """``NAME=VALUE`` for a :class:`~finesteer.fit.mose.MoSEOptions` field, VALUE parsed as the field's type."""
+    import dataclasses
+
+    from ..fit.mose import MoSEOptions
+
+    name, sep, value = text.partition("=")
+    known = {f.name: f for f in dataclasses.fields(MoSEOptions)}
+    if not sep or name not in known:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(sorted(known))}, "
+                                         f"got {text!r}")
+    default = getattr(MoSEOptions(), name)
+    if value.lower() == "none":
+        return name, None
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return name, value.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            return name, tuple(int(x) for x in value.split(","))
+        if isinstance(default, (int, float)):
+            return name, type(default)(value)
+        if default is None:  # Optional[int] fields
+            return name, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mose-option {name}: cannot parse {value!r}") from None
+    return name, value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,7 +158,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--delta-positions", type=positions_arg, default="all",
                    help="response tokens averaged for δ: 'all' (default) or the first N")
     f.add_argument("--rank", type=int, default=16, help="SCS subspace rank r (default: 16)")
-    f.add_argument("--scs-method", default="energy", choices=["energy", "contrastive"], help="SCS subspace fit")
+    f.add_argument("--scs-method", default="energy", choices=list(SCS_METHODS),
+                   help="SCS subspace fit (default: energy; see finesteer.fit.fit_scs)")
+    f.add_argument("--benign-rank", type=int, default=None, help="benign subspace rank r_b of the contrastive gate "
+                                                                 "(default: --rank)")
     f.add_argument("--max-benign-fpr", type=float, default=0.05,
                    help="gate threshold: the largest allowed held-out benign FPR (default: 0.05)")
     f.add_argument("--calib-fraction", type=float, default=0.2, help="gate prompts held out to calibrate τ "
@@ -137,6 +171,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--residual-dim", type=int, default=10, help="MoSE residual basis size m (default: 10)")
     f.add_argument("--hidden", type=int, default=256, help="MoSE residual MLP hidden size H (default: 256)")
     f.add_argument("--epochs", type=int, default=200, help="most MoSE training epochs (default: 200)")
+    f.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
+                   help="any other MoSEOptions field, e.g. loss=mse_cosine, weight_decay=0.1, query_dim=none; "
+                        "repeatable")
     f.add_argument("--seed", type=int, default=0, help="seed of every split and fit (default: 0)")
     f.add_argument("--mode", default="prompt", choices=["prompt", "token"],
                    help="prompt: one vector per prompt from its last token (default); token: every token")
@@ -160,6 +197,7 @@ def config_from_args(args):
         raise ValueError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     mose = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
                 epochs=args.epochs)
+    mose.update(dict(args.mose_option))
     return EvalConfig(
         layer=args.layer, target=args.target, benign=args.benign, pairs=args.pairs, opening_pairs=args.opening_pairs,
         pairs_per_prompt=args.pairs_per_prompt, eval_sets=sets, truthfulqa=args.truthfulqa, methods=args.methods,
@@ -168,7 +206,7 @@ def config_from_args(args):
         limit_generate=args.limit_generate, limit_train=args.limit_train, limit_pairs=args.limit_pairs,
         limit_eval=args.limit_eval, limit_truthfulqa=args.limit_truthfulqa, fit_fraction=args.fit_fraction,
         holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
-        scs_method=args.scs_method, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
+        scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
         mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
         prompt_format=args.prompt_format, module_path=args.layers_path,
         cache_dir=args.cache_dir or str(Path(args.output_dir) / "cache"), progress=not args.quiet)

@@ -52,7 +52,7 @@ class EvalConfig:
         generate: also generate greedy answers with the steerer attached and report keyword refusal
             rates (for instruct models); generate_tokens, limit_generate bound the cost.
     Methods: ``methods`` ⊆ :data:`~finesteer.eval.baselines.METHODS`; ``strengths`` the λ grid.
-    Fit options: delta_positions, rank, scs_method, max_benign_fpr, calib_fraction, mose_options
+    Fit options: delta_positions, rank, scs_method, benign_rank, max_benign_fpr, calib_fraction, mose_options
     (keyword arguments of :func:`finesteer.fit_mose`), holdout_fraction (pairs held out to measure how
     well each method predicts response shifts; the steerers are fitted on the rest), seed.
     Execution: mode (prompt/token), backend, batch_size, prompt_format (None: the extraction default),
@@ -84,6 +84,7 @@ class EvalConfig:
     delta_positions: Union[str, int] = "all"
     rank: int = 16
     scs_method: str = "energy"
+    benign_rank: Optional[int] = None
     max_benign_fpr: float = 0.05
     calib_fraction: float = 0.2
     mose_options: Dict = field(default_factory=dict)

@@ -239,7 +239,7 @@ class _Run:
         held = torch.tensor([p in held_set for p in inputs.pairs[0]])
         with self.time("fit"):
             gate = fit_scs(h_t, h_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=cfg.max_benign_fpr,
-                           calib_fraction=cfg.calib_fraction, seed=cfg.seed)
+                           calib_fraction=cfg.calib_fraction, seed=cfg.seed, benign_rank=cfg.benign_rank)
             opts = dict(cfg.mose_options)
             opts.setdefault("seed", cfg.seed)
             opts.setdefault("progress", cfg.progress)
