@@ -395,3 +395,19 @@ def test_generation_reports_keyword_refusal_rates(llama, files, tmp_path):
                 assert 0.0 <= r["refusal_rate"] <= 1.0 and len(r["examples"]) == 2
     assert "Keyword refusal rate" in (write_reports(result, tmp_path / "g") and
                                       (tmp_path / "g" / "eval.md").read_text())
+
+
+def test_skipping_closed_gates_changes_no_number(llama, files, tmp_path, monkeypatch):
+    """Prompts whose hard gate is closed reuse the unsteered scores; scoring them anyway gives the same."""
+    import finesteer.eval.harness as harness
+
+    cfg = _config(files, tmp_path, methods=("unsteered", "cast", "finesteer"), strengths=(4.0,), truthfulqa=None)
+    skipped = run_eval(llama, tiny_tokenizer(), cfg)
+    opens = [g["open_rate"] for s in skipped.sets.values() for g in s["gate"].values()]
+    assert min(opens) < 1.0, "the test needs some closed gates"
+    monkeypatch.setattr(harness, "GATE_SKIP_MARGIN", float("inf"))  # nothing counts as surely closed
+    scored = run_eval(llama, tiny_tokenizer(), cfg)
+    for a, b in zip(skipped.rows, scored.rows):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-4), k

@@ -30,9 +30,13 @@ from .baselines import NOT_EXPRESSIBLE, FitData, build_methods, mean_vector_mose
 from .config import EvalConfig
 from .data import (PromptSet, disjoint_split, load_prompt_set, load_train_pairs, load_train_prompts,
                    load_truthfulqa)
-from .scoring import ScoredSeq, greedy_continuations, score_sequences
+from .scoring import ScoredSeq, SeqScores, greedy_continuations, score_sequences
 
 __all__ = ["EvalResult", "run_eval"]
+
+#: Gate scores this far below τ count as surely closed when deciding which steered forwards to skip
+#: (the extraction pass and the scoring pass agree on a score to float rounding, far below this).
+GATE_SKIP_MARGIN = 1e-4
 
 #: Lower-cased substrings that mark a generated answer as a refusal (``--generate``).
 REFUSAL_KEYWORDS = ("i'm sorry", "i am sorry", "i apologize", "i can't", "i cannot", "i can not", "i won't",
@@ -213,11 +217,51 @@ class _Run:
                                          cache_file=self._cache_file(name), progress=cfg.progress,
                                          module_path=cfg.module_path, prompt_format=self.enc.fmt)[cfg.layer]
 
-    def _score(self, seqs: List[ScoredSeq], configs: list, desc: str, compare: bool = False):
+    def _score_raw(self, seqs: List[ScoredSeq], configs: list, desc: str, compare: bool):
         cfg = self.cfg
         return score_sequences(self.model, seqs, configs, cfg.layer, mode=cfg.mode, backend=cfg.backend,
                                batch_size=cfg.batch_size, pad_id=self.pad_id, compare=compare,
                                module_path=cfg.module_path, progress=cfg.progress, desc=desc)
+
+    def _closed(self, steerer, h_prompts: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Prompts [P] whose hard gate is surely closed at the last prompt token (prompt mode), or None.
+
+        A closed hard gate makes the prompt-mode vector exactly zero, so the steered forward is the
+        unsteered one bit for bit and need not run. The scores come from the extraction pass, which
+        may differ from the scoring pass by float rounding, so only scores below τ − GATE_SKIP_MARGIN
+        count as surely closed; the rest are scored by a steered forward.
+        """
+        if (h_prompts is None or steerer is None or steerer.gate is None or steerer.gate_mode != "hard"
+                or self.cfg.mode != "prompt"):
+            return None
+        return steerer.gate.score(h_prompts) <= steerer.gate.threshold - GATE_SKIP_MARGIN
+
+    def _score(self, seqs: List[ScoredSeq], configs: list, desc: str, compare: bool = False,
+               prompt_of: Optional[List[int]] = None, h_prompts: Optional[torch.Tensor] = None):
+        """Scores of ``seqs`` under ``configs`` (the first is None: unsteered). ``prompt_of[i]`` is the
+        prompt of sequence i and ``h_prompts`` [P, d] the prompts' states at the layer: with them,
+        sequences whose hard gate is surely closed reuse the unsteered scores (see :meth:`_closed`)."""
+        closed = [self._closed(c, h_prompts) if prompt_of is not None else None for c in configs]
+        full = [k for k, c in enumerate(closed) if c is None]
+        out = [None] * len(configs)
+        for k, sc in zip(full, self._score_raw(seqs, [configs[k] for k in full], desc, compare)):
+            out[k] = sc
+        base = out[0]
+        for k, c in enumerate(closed):
+            if c is None:
+                continue
+            active = [i for i, p in enumerate(prompt_of) if not bool(c[p])]
+            sc = SeqScores(base.logprob.clone(), base.n_tokens,
+                           torch.zeros_like(base.kl) if compare else None,
+                           torch.ones_like(base.identical) if compare else None)
+            if active:
+                got = self._score_raw([seqs[i] for i in active], [configs[k]], f"{desc} (gate open)", compare)[0]
+                idx = torch.tensor(active)
+                sc.logprob[idx] = got.logprob
+                if compare:
+                    sc.kl[idx], sc.identical[idx] = got.kl, got.identical
+            out[k] = sc
+        return out
 
     # -- steps --------------------------------------------------------------------------------
     def fit(self, inputs: _Inputs):
@@ -298,14 +342,16 @@ class _Run:
         k = cfg.openings_per_side
         refusals, compliances = list(SCORE_REFUSALS[:k]), list(SCORE_COMPLIANCES[:k])
         toward_o, away_o = (refusals, compliances) if cfg.toward == "refusal" else (compliances, refusals)
-        seqs, layout = [], []
+        seqs, layout, prompt_of = [], [], []
         for i, (prompt, pair) in enumerate(zip(ps.prompts, ps.pairs)):
             tw, aw = ([pair[0]], [pair[1]]) if pair is not None else (toward_o, away_o)
             start = len(seqs)
             for j, resp in enumerate(tw + aw):
                 seqs.append(self.enc.response(prompt, resp, f"{ps.name}: prompt {i}, response {j}"))
+                prompt_of.append(i)
             layout.append((start, len(tw), len(aw)))
-        scores = self._score(seqs, self._with_base(), f"margins {ps.name}")
+        scores = self._score(seqs, self._with_base(), f"margins {ps.name}", prompt_of=prompt_of,
+                             h_prompts=self._states(ps.prompts, f"eval-{ps.name}"))
 
         def margin(sc):
             vals = []
@@ -340,7 +386,8 @@ class _Run:
         with self.time("continuations"):
             conts = self._continuations(ps, prompt_ids)
         seqs = [ScoredSeq(tuple(p) + tuple(c), len(p) - 1) for p, c in zip(prompt_ids, conts)]
-        scores = self._score(seqs, self._with_base(), f"KL {ps.name}", compare=True)
+        scores = self._score(seqs, self._with_base(), f"KL {ps.name}", compare=True, prompt_of=list(range(len(seqs))),
+                             h_prompts=self._states(ps.prompts, f"eval-{ps.name}"))
         return self._split_base(scores)
 
     def references(self, ps: PromptSet):
@@ -348,7 +395,8 @@ class _Run:
         if not rows:
             return None
         seqs = [self.enc.response(ps.prompts[i], ps.references[i], f"{ps.name}: reference {i}") for i in rows]
-        scores = self._score(seqs, self._with_base(), f"references {ps.name}")
+        scores = self._score(seqs, self._with_base(), f"references {ps.name}", prompt_of=rows,
+                             h_prompts=self._states(ps.prompts, f"eval-{ps.name}"))
         return self._split_base(scores)
 
     def evaluate_set(self, ps: PromptSet) -> dict:
@@ -381,14 +429,16 @@ class _Run:
         return out
 
     def truthfulqa(self, questions) -> dict:
-        seqs, layout = [], []
+        seqs, layout, prompt_of = [], [], []
         for qi, q in enumerate(questions):
             start = len(seqs)
             answers = [q.best] + q.correct + q.incorrect
             for j, a in enumerate(answers):
                 seqs.append(self.enc.response(q.question, a, f"truthfulqa: question {qi}, answer {j}"))
+                prompt_of.append(qi)
             layout.append((start, len(q.correct), len(q.incorrect)))
-        scores = self._score(seqs, self._with_base(), "TruthfulQA")
+        h = self._states([q.question for q in questions], "eval-truthfulqa")
+        scores = self._score(seqs, self._with_base(), "TruthfulQA", prompt_of=prompt_of, h_prompts=h)
 
         def mc(sc):
             lp = sc.logprob
