@@ -137,16 +137,18 @@ def plot_gate_histograms(sets: dict, path: Path) -> bool:
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.8), squeeze=False)
+    import numpy as np
+
     for ax, m in zip(axes[0], methods):
-        tau = None
-        for name, s in sets.items():
-            g = s["gate"].get(m)
-            if g is None:
-                continue
-            tau = g["threshold"]
-            edges, counts = g["histogram"]["edges"], g["histogram"]["counts"]
-            total = max(1, sum(counts))
-            ax.stairs([c / total for c in counts], edges, label=f"{name} ({s['role']})", fill=False)
+        gates = {name: s["gate"][m] for name, s in sets.items() if m in s["gate"]}
+        tau = next(iter(gates.values()))["threshold"]
+        # common bins over the range the scores and τ actually occupy (scores often sit in a narrow band)
+        allv = [v for g in gates.values() for v in g["scores"]] + [tau]
+        lo, hi = min(allv), max(allv)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+        for name, g in gates.items():
+            counts, _ = np.histogram(np.clip(g["scores"], lo, hi), bins=edges)
+            ax.stairs(counts / max(1, counts.sum()), edges, label=f"{name} ({sets[name]['role']})", fill=False)
         if tau is not None:
             ax.axvline(tau, color="k", linestyle="--", label=f"τ={tau:.3g}")
         ax.set_title(m)
