@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain", "raw"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS), help="results root (one folder per task)")
-    p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "bench_quality"))
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "finesteer" / "bench_quality"),
+                   help="extraction and continuation cache, outside the repository (default: "
+                        "~/.cache/finesteer/bench_quality/<task>)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `finesteer eval` options, after --")
