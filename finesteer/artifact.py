@@ -4,6 +4,8 @@ Tensors: ``P, mu`` (gate; absent when the steerer has none), ``R, c, V, U, W1, b
 (MoSE inference form), and the fit statistics ``prototypes`` and ``cluster_sizes`` when known.
 The header's ``__metadata__`` holds one key, ``"finesteer"``, whose value is a JSON document:
 ``format_version``, ``method``, ``layer``, ``hidden_size``, ``model_name_or_path``,
+``prompt_format`` (how prompts were formatted at fit time — ``"chat"``, ``"plain"`` or ``"raw"``,
+see :mod:`finesteer.extract`; ``null`` when unknown — so generation and evaluation use the same),
 ``hyperparameters``, ``calibration``, ``fit`` (seed and MoSE statistics), ``package_version``.
 
 Saving is atomic (temporary file in the same folder, then rename), and the same steerer always
@@ -65,6 +67,7 @@ def save_steerer(steerer, path, model_name_or_path: Optional[str] = None) -> Non
         "layer": steerer.layer,
         "hidden_size": steerer.hidden_size,
         "model_name_or_path": model_name_or_path or steerer.metadata.get("model_name_or_path"),
+        "prompt_format": steerer.metadata.get("prompt_format"),
         "hyperparameters": {
             "strength": steerer.strength,
             "gate_mode": steerer.gate_mode,
@@ -79,7 +82,7 @@ def save_steerer(steerer, path, model_name_or_path: Optional[str] = None) -> Non
         "threshold": gate.threshold if gate is not None else None,
         "calibration": gate.report.to_dict() if (gate is not None and gate.report is not None) else None,
         "fit": mo.fit_stats,
-        "extra": {k: v for k, v in steerer.metadata.items() if k != "model_name_or_path"},
+        "extra": {k: v for k, v in steerer.metadata.items() if k not in ("model_name_or_path", "prompt_format")},
         "package_version": _package_version(),
     }
     header = {METADATA_KEY: json.dumps(meta, sort_keys=True, allow_nan=False)}
@@ -203,7 +206,12 @@ def load_steerer(path, hidden_size: Optional[int] = None, device=None):
                 cluster_sizes=to(tensors["cluster_sizes"]) if "cluster_sizes" in tensors else None,
                 fit_stats=meta.get("fit") or {})
     extra = dict(meta.get("extra") or {})
-    if meta.get("model_name_or_path"):
-        extra["model_name_or_path"] = meta["model_name_or_path"]
+    fmt = meta.get("prompt_format")
+    if fmt is not None and fmt not in ("chat", "plain", "raw"):
+        raise ArtifactError(path, "prompt_format", f"unknown prompt format {fmt!r} (expected 'chat', 'plain' or "
+                            f"'raw')")
+    for key in ("model_name_or_path", "prompt_format"):
+        if meta.get(key):
+            extra[key] = meta[key]
     return Steerer(gate=gate, mose=mose, strength=hp.get("strength", 1.0), layer=meta["layer"],
                    gate_mode=gate_mode, temperature=hp.get("temperature", 0.05), metadata=extra)

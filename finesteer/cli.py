@@ -1,4 +1,4 @@
-"""The ``finesteer`` command line: ``fit``, ``generate``, ``inspect`` and ``demo``.
+"""The ``finesteer`` command line: ``fit``, ``generate``, ``inspect``, ``demo`` and ``eval``.
 
 ::
 
@@ -7,6 +7,7 @@
     finesteer generate --model M --steerer steerer.safetensors --prompts prompts.jsonl -o out.jsonl
     finesteer inspect steerer.safetensors
     finesteer demo
+    finesteer eval --help        # quality of FineSteer vs baselines (finesteer.eval.cli)
 
 Errors in the inputs (a missing field, an empty or over-long prompt, a layer out of range, an
 artifact for another model size or layer, a model that cannot be loaded) end the command with a
@@ -50,7 +51,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local model directory or HuggingFace hub id")
+    g.add_argument("--model", required=True, help="local model directory, HuggingFace hub id, or a .gguf file "
+                                                   "(converted once into ~/.cache/finesteer/gguf; "
+                                                   "FINESTEER_GGUF_CACHE overrides)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model weight dtype (default: bfloat16/float16 on CUDA, float32 on CPU)")
@@ -60,6 +63,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
     g.add_argument("--no-chat-template", action="store_true",
                    help="feed prompts as raw text even when the tokenizer has a chat template")
+    g.add_argument("--prompt-format", default=None, choices=["auto", "chat", "plain", "raw"],
+                   help="how prompts are formatted: auto (the chat template where there is one, else "
+                        "'User: {prompt}\\nAssistant:'), chat, plain or raw; fit records it in the steerer and "
+                        "generate reuses the recorded one (default: auto, or raw with --no-chat-template)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -173,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     # demo: options are added lazily by finesteer.demo.cli when the command is run -----------
     sub.add_parser("demo", help="fit and show a steerer on the small model shipped with finesteer (CPU, minutes)",
                    add_help=False)
+    # eval: options are added lazily by finesteer.eval.cli when the command is run --------------
+    sub.add_parser("eval", help="fit FineSteer and baselines, score them with likelihood metrics, write reports",
+                   add_help=False)
     return parser
 
 
@@ -194,6 +204,15 @@ def _check_layer(model, layer: int, layers_path: Optional[str]) -> None:
     if not 0 <= layer < n:
         raise CLIError(f"--layer {layer} is out of range: {type(model).__name__} has {n} decoder layers "
                        f"(valid: 0..{n - 1})")
+
+
+def _prompt_format(tok, name, chat_template: bool) -> str:
+    from .extract import resolve_prompt_format
+
+    try:
+        return resolve_prompt_format(tok, name, chat_template)
+    except ValueError as exc:
+        raise CLIError(f"--prompt-format: {exc}") from None
 
 
 def _cache(args, name: str):
@@ -218,7 +237,8 @@ def cmd_fit(args) -> int:
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))
     _check_layer(model, args.layer, args.layers_path)
     template = not args.no_chat_template
-    common = dict(batch_size=args.batch_size, chat_template=template, progress=_progress(args),
+    fmt = _prompt_format(tok, args.prompt_format, template)
+    common = dict(batch_size=args.batch_size, prompt_format=fmt, progress=_progress(args),
                   module_path=args.layers_path)
     layer = args.layer
     h_t = last_token_states(model, tok, target, [layer], cache_file=_cache(args, "target"), **common)[layer]
@@ -235,7 +255,7 @@ def cmd_fit(args) -> int:
     _print_mose(mose)
     steerer = Steerer(gate=gate, mose=mose, strength=args.strength, layer=layer, gate_mode=args.gate_mode,
                       temperature=args.temperature,
-                      metadata={"delta_positions": args.delta_positions, "chat_template": template,
+                      metadata={"delta_positions": args.delta_positions, "prompt_format": fmt,
                                 "n_pairs": len(pairs[0]), "n_target": len(target), "n_benign": len(benign)})
     steerer.save(args.output, model_name_or_path=args.model)
     print(f"saved {args.output}: {steerer}")
@@ -284,9 +304,11 @@ def cmd_generate(args) -> int:
     _check_layer(model, steerer.layer, args.layers_path)
     if args.strength is not None:
         steerer.strength = float(args.strength)
-    template = not args.no_chat_template
+    # The steerer's recorded format unless the command line names one: fitting and generation must agree.
+    recorded = None if (args.prompt_format or args.no_chat_template) else steerer.metadata.get("prompt_format")
+    fmt = _prompt_format(tok, args.prompt_format or recorded, not args.no_chat_template)
     context = model_context_length(model)
-    seqs = encode_prompts(tok, prompts, template, context)
+    seqs = encode_prompts(tok, prompts, context=context, prompt_format=fmt)
     if context is not None:
         long = [i for i, s in enumerate(seqs) if len(s) + args.max_new_tokens > context]
         if long:
@@ -410,6 +432,9 @@ def main(argv: Optional[list] = None) -> int:
         if argv and argv[0] == "demo":
             # The demo's options come from finesteer.demo.cli, imported only when it runs.
             return cmd_demo(argv[1:])
+        if argv and argv[0] == "eval":  # options in finesteer.eval.cli, imported only when it runs
+            from .eval.cli import main as eval_main
+            return eval_main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:

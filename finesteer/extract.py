@@ -12,9 +12,18 @@ Two quantities:
 - :func:`response_deltas` — ``δ = mean(h over chosen-response tokens) − mean(h over rejected-response
   tokens)``, each response following the same prompt (the paper's definition), plus the queries.
 
-Prompts are formatted with the tokenizer's chat template when it has one and ``chat_template``
-is true (a user turn, then the generation prompt); otherwise the raw text is tokenized with the
-tokenizer's special tokens. Batches are padded on the tokenizer's ``padding_side`` with explicit
+Prompt formats (:data:`PROMPT_FORMATS`, option ``prompt_format`` of every function here, recorded
+in the steerer artifact so generation and evaluation format prompts exactly as fitting did):
+
+- ``"chat"`` — the tokenizer's chat template: one user turn, then the generation prompt;
+- ``"plain"`` — :data:`PLAIN_TEMPLATE`, ``"User: {prompt}\nAssistant:"``, for models without a
+  chat template (base models, GGUF files); a response follows after one space;
+- ``"raw"`` — the prompt text unchanged;
+- ``"auto"`` — ``"chat"`` when the tokenizer has a chat template, else ``"plain"``.
+
+Without ``prompt_format`` the older switch ``chat_template`` decides: true → ``"auto"``, false →
+``"raw"``. Non-chat text is tokenized with the tokenizer's special tokens (BOS); a rendered chat
+template already carries them. Batches are padded on the tokenizer's ``padding_side`` with explicit
 attention masks and position ids, sorted by length to waste little compute; results are
 independent of batching and padding up to float rounding. Outputs are fp32 on the CPU.
 
@@ -35,7 +44,8 @@ import torch
 
 from .models import find_decoder_layers, model_context_length, model_device, model_hidden_size
 
-__all__ = ["last_token_states", "response_deltas", "format_prompt", "encode_prompts"]
+__all__ = ["PLAIN_TEMPLATE", "PROMPT_FORMATS", "encode_prompts", "format_prompt", "last_token_states",
+           "resolve_prompt_format", "response_deltas"]
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +56,42 @@ Positions = Union[str, int]
 # tokenisation
 
 
-def _has_template(tokenizer, chat_template: bool) -> bool:
-    return bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
+#: Prompt formats accepted by ``prompt_format`` (see the module docstring).
+PROMPT_FORMATS = ("auto", "chat", "plain", "raw")
+#: The ``"plain"`` format: a documented user/assistant frame for models without a chat template.
+PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
 
 
-def format_prompt(tokenizer, prompt: str, chat_template: bool = True) -> str:
-    """The text the model sees for ``prompt``: one user turn plus the generation prompt when the
-    tokenizer has a chat template and ``chat_template`` is true, else ``prompt`` unchanged."""
-    if _has_template(tokenizer, chat_template):
+def resolve_prompt_format(tokenizer, prompt_format: Optional[str] = None, chat_template: bool = True) -> str:
+    """The concrete format (``"chat"``, ``"plain"`` or ``"raw"``) used for ``tokenizer``.
+
+    ``prompt_format`` ``None`` defers to ``chat_template`` (true → ``"auto"``, false → ``"raw"``);
+    ``"auto"`` is ``"chat"`` when the tokenizer has a chat template, else ``"plain"``. Raises
+    ``ValueError`` for an unknown format, or ``"chat"`` with a tokenizer that has no template.
+    """
+    if prompt_format is None:
+        prompt_format = "auto" if chat_template else "raw"
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "plain"
+    if prompt_format == "chat" and not has_template:
+        raise ValueError("prompt_format='chat' but the tokenizer has no chat template; use 'plain' (the "
+                         "'User: ...\\nAssistant:' format) or 'raw'")
+    return prompt_format
+
+
+def format_prompt(tokenizer, prompt: str, chat_template: bool = True, prompt_format: Optional[str] = None) -> str:
+    """The text the model sees for ``prompt`` in the format :func:`resolve_prompt_format` picks:
+    one chat-templated user turn plus the generation prompt, ``PLAIN_TEMPLATE`` filled in, or the
+    prompt unchanged."""
+    fmt = resolve_prompt_format(tokenizer, prompt_format, chat_template)
+    if fmt == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
+    if fmt == "plain":
+        return PLAIN_TEMPLATE.format(prompt=prompt)
     return prompt
 
 
@@ -82,12 +118,13 @@ def _check_length(n: int, context: Optional[int], what: str, row: int) -> None:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True,
-                   context: Optional[int] = None) -> list:
+                   context: Optional[int] = None, prompt_format: Optional[str] = None) -> list:
     """Token ids of every prompt as the model sees it (see :func:`format_prompt`); validates each."""
-    templated = _has_template(tokenizer, chat_template)
+    fmt = resolve_prompt_format(tokenizer, prompt_format, chat_template)
+    templated = fmt == "chat"
     out = []
     for i, p in enumerate(prompts):
-        ids = _encode(tokenizer, format_prompt(tokenizer, _check_text(p, "prompt", i), chat_template), templated)
+        ids = _encode(tokenizer, format_prompt(tokenizer, _check_text(p, "prompt", i), prompt_format=fmt), templated)
         _check_length(len(ids), context, "prompt", i)
         out.append(ids)
     return out
@@ -110,7 +147,7 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def _encode_response(tokenizer, prompt: str, response: str, templated: bool, where: str):
+def _encode_response(tokenizer, prompt: str, response: str, fmt: str, where: str):
     """Ids of prompt+response and the half-open token range ``[start, end)`` covering the response.
 
     The response occupies characters ``[c0, c1)`` of the full text. ``start`` is the number of
@@ -119,8 +156,9 @@ def _encode_response(tokenizer, prompt: str, response: str, templated: bool, whe
     counts as a response token. ``end`` likewise from ``full[:c1]``, so trailing chat-template
     tokens (end-of-turn markers) are not averaged.
     """
+    templated = fmt == "chat"
     if templated:
-        prompt_text = format_prompt(tokenizer, prompt, True)
+        prompt_text = format_prompt(tokenizer, prompt, prompt_format="chat")
         full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": response}], tokenize=False)
         base = len(prompt_text) if full.startswith(prompt_text) else 0
@@ -128,10 +166,10 @@ def _encode_response(tokenizer, prompt: str, response: str, templated: bool, whe
         c0 = full.find(content, base)
         if c0 < 0:
             raise ValueError(f"{where}: the chat template does not render the response text verbatim, so its "
-                             f"tokens cannot be located; use chat_template=False (CLI: --no-chat-template)")
+                             f"tokens cannot be located; use prompt_format='plain' or 'raw'")
         c1 = c0 + len(content)
     else:
-        full = _join_plain(prompt, response)
+        full = _join_plain(format_prompt(tokenizer, prompt, prompt_format=fmt), response)
         c0 = len(full) - len(response)  # the joining space, if any, stays on the prompt side
         c1 = len(full)
     ids = _encode(tokenizer, full, templated)
@@ -307,7 +345,8 @@ def _layer_list(layers) -> list:
 
 def last_token_states(model, tokenizer, prompts: Sequence[str], layers, batch_size: int = 8,
                       chat_template: bool = True, cache_file=None, progress: bool = True,
-                      padding_side: Optional[str] = None, module_path: Optional[str] = None) -> dict:
+                      padding_side: Optional[str] = None, module_path: Optional[str] = None,
+                      prompt_format: Optional[str] = None) -> dict:
     """``h`` at the last prompt token after each decoder block in ``layers``.
 
     Semantics::
@@ -316,13 +355,14 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers, batch_si
 
     Shapes: ``prompts`` N strings → ``{ℓ: Tensor[N, d]}``. ``layers`` an int or a list of ints
     (all captured in the same forward pass; blocks after the deepest one are not run).
+    ``prompt_format`` (or the older ``chat_template`` switch) as in :func:`resolve_prompt_format`.
     ``cache_file``: a ``.safetensors`` path; when it holds the result for the same model,
     layers, token ids and options it is returned without a forward pass, otherwise it is
     (re)written. ``padding_side`` overrides the tokenizer's.
     """
     layers = _layer_list(layers)
     context = model_context_length(model)
-    seqs = encode_prompts(tokenizer, prompts, chat_template, context)
+    seqs = encode_prompts(tokenizer, prompts, chat_template, context, prompt_format)
     key = _cache_key(model, "last_token_states", layers, {"ids": seqs})
     hit = _cache_load(cache_file, key)
     if hit is not None:
@@ -345,7 +385,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers, batch_si
 def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                     layers, positions: Positions = "all", batch_size: int = 8, chat_template: bool = True,
                     cache_file=None, progress: bool = True, padding_side: Optional[str] = None,
-                    module_path: Optional[str] = None):
+                    module_path: Optional[str] = None, prompt_format: Optional[str] = None):
     """Queries and response-shift deltas for (prompt, chosen, rejected) triples (DESIGN §3).
 
     Semantics (``R(x)`` = the response tokens of ``x`` following ``prompts[i]``)::
@@ -356,9 +396,10 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
     ``positions="all"`` averages every response token (the paper's default); an int ``n``
     averages the first ``n`` (fewer when the response is shorter). Response tokens are the
     tokens of the full prompt+response text that cover the response (with a chat template: the
-    assistant message, without its end-of-turn markers; without one: prompt and response joined
-    by a space). Returns ``(queries, deltas)``, each ``{ℓ: Tensor[N, d]}`` fp32 on the CPU.
-    ``cache_file``, ``padding_side`` and ``module_path`` as in :func:`last_token_states`.
+    assistant message, without its end-of-turn markers; otherwise: the formatted prompt and the
+    response joined by a space). Returns ``(queries, deltas)``, each ``{ℓ: Tensor[N, d]}`` fp32 on
+    the CPU. ``cache_file``, ``padding_side``, ``module_path`` and ``prompt_format`` as in
+    :func:`last_token_states`.
     """
     layers = _layer_list(layers)
     if not (positions == "all" or (isinstance(positions, int) and not isinstance(positions, bool)
@@ -369,19 +410,19 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
         raise ValueError(f"prompts, chosen and rejected must have the same length, got {n}, {len(chosen)}, "
                          f"{len(rejected)}")
     context = model_context_length(model)
-    templated = _has_template(tokenizer, chat_template)
+    fmt = resolve_prompt_format(tokenizer, prompt_format, chat_template)
     seqs, spans = [], []
     for i in range(n):
         _check_text(prompts[i], "prompt", i)
         for name, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
             _check_text(resp, f"{name} response of pair", i)
-            ids, start, end = _encode_response(tokenizer, prompts[i], resp, templated, f"pair {i} ({name})")
+            ids, start, end = _encode_response(tokenizer, prompts[i], resp, fmt, f"pair {i} ({name})")
             _check_length(len(ids), context, f"pair {i} ({name}, prompt + response)", i)
             if positions != "all":
                 end = min(end, start + positions)
             seqs.append(ids)
             spans.append((start, end))
-    prompt_seqs = encode_prompts(tokenizer, prompts, chat_template, context)
+    prompt_seqs = encode_prompts(tokenizer, prompts, context=context, prompt_format=fmt)
     key = _cache_key(model, "response_deltas", layers, {"ids": seqs, "spans": spans, "prompts": prompt_seqs,
                                                         "positions": positions})
     hit = _cache_load(cache_file, key)
@@ -389,8 +430,8 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
         return ({layer: hit[f"queries_{layer}"] for layer in layers},
                 {layer: hit[f"deltas_{layer}"] for layer in layers})
 
-    queries = last_token_states(model, tokenizer, prompts, layers, batch_size, chat_template, None, progress,
-                                padding_side, module_path)
+    queries = last_token_states(model, tokenizer, prompts, layers, batch_size, cache_file=None, progress=progress,
+                                padding_side=padding_side, module_path=module_path, prompt_format=fmt)
 
     def reduce_for(rows, offsets, S):
         w = torch.zeros(len(rows), S)

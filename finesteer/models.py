@@ -3,8 +3,10 @@
 One home for what the CLI, the demo, activation extraction, the evaluation harness and
 :class:`~finesteer.FusedSteerer` all need to know about a model:
 
-- :func:`load_model` — a causal LM and its tokenizer from a local directory or a hub id, in eval
-  mode, with errors that say what is wrong (:class:`ModelLoadError`);
+- :func:`load_model` — a causal LM and its tokenizer from a local directory, a hub id or a GGUF
+  file, in eval mode, with errors that say what is wrong (:class:`ModelLoadError`);
+- :func:`gguf_model_dir` — a GGUF file converted once into a transformers folder in a cache
+  (:func:`gguf_cache_root`, overridden by the ``FINESTEER_GGUF_CACHE`` environment variable);
 - :func:`find_decoder_layers` — the ``nn.ModuleList`` of decoder blocks (the hook point of
   DESIGN §1 is the output of block ``ℓ``);
 - :func:`model_hidden_size`, :func:`model_context_length`, :func:`model_device`.
@@ -14,6 +16,12 @@ sit in an ``nn.ModuleList`` and whose config (if any) uses the usual attribute n
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -21,9 +29,12 @@ import torch
 from torch import nn
 
 __all__ = [
+    "GGUF_CACHE_ENV",
     "LAYER_PATHS",
     "ModelLoadError",
     "find_decoder_layers",
+    "gguf_cache_root",
+    "gguf_model_dir",
     "load_model",
     "model_context_length",
     "model_device",
@@ -168,6 +179,116 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return dtypes[name]
 
 
+# ---------------------------------------------------------------------------------------------
+# GGUF files: converted once into a transformers folder, then loaded like any local model
+
+#: Environment variable naming the folder that holds converted GGUF models (see :func:`gguf_cache_root`).
+GGUF_CACHE_ENV = "FINESTEER_GGUF_CACHE"
+#: Bumped when the conversion changes, so old cache entries are not reused.
+_GGUF_CACHE_FORMAT = 1
+_GGUF_MARKER = "finesteer_gguf.json"
+
+
+def gguf_cache_root() -> Path:
+    """Where converted GGUF models live: ``$FINESTEER_GGUF_CACHE`` when set, else
+    ``$XDG_CACHE_HOME/finesteer/gguf`` (``~/.cache/finesteer/gguf`` without ``XDG_CACHE_HOME``)."""
+    env = os.environ.get(GGUF_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "finesteer" / "gguf"
+
+
+def _gguf_key(path: Path) -> str:
+    """Cache key of a GGUF file: the SHA-256 of its bytes (a renamed or moved copy reuses the
+    conversion; an edited file does not), 24 hex digits, plus the conversion format."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return f"{h.hexdigest()[:24]}-v{_GGUF_CACHE_FORMAT}"
+
+
+def _gguf_available() -> bool:
+    # transformers reads GGUF with the gguf package and refuses to without accelerate
+    return all(importlib.util.find_spec(name) is not None for name in ("gguf", "accelerate"))
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Dequantise the GGUF file ``path`` into a plain fp32 transformers folder ``out``.
+
+    ``save_pretrained`` refuses a model loaded from GGUF ("quantized with gguf and is not
+    serializable"), so the model class is built from the GGUF's config without its
+    ``quantization_config`` and the dequantised state dict is copied into it; both give
+    identical logits. The tokenizer is saved beside it.
+    """
+    import transformers
+
+    folder, name = str(path.parent), path.name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied weights (lm_head = embeddings) may be absent from the state dict; anything else is a bug.
+    missing = [k for k in missing if k not in (getattr(plain, "_tied_weights_keys", None) or ())]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF file {str(path)!r}: converting to a transformers model left weights "
+                             f"unmatched (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    plain.tie_weights()
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if getattr(loaded, "generation_config", None) is not None:
+        loaded.generation_config.save_pretrained(out)
+
+
+def gguf_model_dir(gguf_path, cache_root=None, progress: bool = True) -> Path:
+    """A transformers model folder for the GGUF file ``gguf_path``, converted on first use.
+
+    The folder is ``<cache_root>/<key>/`` (``cache_root`` defaults to :func:`gguf_cache_root`;
+    ``key`` = a content hash of the file, so the conversion is reused whatever the file is
+    called). Conversion writes into a temporary sibling folder and renames it into place, so an
+    interrupted conversion leaves nothing that a later call would take for a finished one.
+    Raises :class:`ModelLoadError` when the file is missing, the ``gguf`` or ``accelerate``
+    package (needed by transformers to read GGUF) is not installed, or transformers cannot read it.
+    """
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {str(gguf_path)!r}: no such file")
+    root = Path(cache_root).expanduser() if cache_root is not None else gguf_cache_root()
+    out = root / _gguf_key(path)
+    if (out / _GGUF_MARKER).is_file():
+        return out
+    if not _gguf_available():
+        raise ModelLoadError(f"GGUF file {str(path)!r}: reading GGUF needs the gguf and accelerate packages: "
+                             f"pip install gguf accelerate (or pip install 'finesteer[eval]')")
+    if progress:
+        print(f"converting {path} once into {out} (dequantised fp32; later loads reuse it)", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=root))
+    try:
+        try:
+            _convert_gguf(path, tmp)
+        except (OSError, ValueError, ImportError, KeyError) as exc:
+            # transformers raises these for a GGUF it cannot read (unknown architecture, bad file)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(f"GGUF file {str(path)!r}: cannot convert it to a transformers model "
+                                 f"({type(exc).__name__}: {first})") from exc
+        (tmp / _GGUF_MARKER).write_text(json.dumps({"source": str(path.resolve()), "key": out.name,
+                                                     "format": _GGUF_CACHE_FORMAT}, indent=1))
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / _GGUF_MARKER).is_file():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+
 def _explain_load_error(model: str, exc: Exception) -> str:
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
@@ -188,10 +309,14 @@ def _explain_load_error(model: str, exc: Exception) -> str:
 
 
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-               progress: bool = True):
+               progress: bool = True, gguf_file: Optional[str] = None):
     """Load a causal LM and its tokenizer → ``(model, tokenizer)``, the model in eval mode on ``device``.
 
-    ``name_or_path``: a local model directory (with ``config.json``) or a hub id (``owner/name``).
+    ``name_or_path``: a local model directory (with ``config.json``), a hub id (``owner/name``), or
+    a GGUF file (a path ending in ``.gguf``). ``gguf_file``: the name of a GGUF file inside the
+    local directory ``name_or_path`` (transformers' convention). A GGUF model is dequantised and
+    converted once into a cache folder (:func:`gguf_model_dir`; ``$FINESTEER_GGUF_CACHE``
+    overrides its location) and loaded from there; this needs the ``gguf`` package.
     ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``. ``dtype``: ``"auto"`` (bf16/fp16
     on CUDA, fp32 on the CPU), ``"float32"``, ``"bfloat16"`` or ``"float16"``. A tokenizer without a
     pad token gets its EOS token as pad. Raises :class:`ModelLoadError` with the reason and what
@@ -201,6 +326,14 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", tru
         import transformers
     except ImportError:
         raise ModelLoadError("loading models needs transformers: pip install 'finesteer[hf]'") from None
+    if gguf_file is not None or name_or_path.lower().endswith(".gguf"):
+        source = Path(name_or_path).expanduser()
+        if gguf_file is not None:
+            if not source.is_dir():
+                raise ModelLoadError(f"model {name_or_path!r}: with gguf_file={gguf_file!r} it must be the local "
+                                     f"directory holding that file")
+            source = source / gguf_file
+        name_or_path = str(gguf_model_dir(source, progress=progress))
     # A hub id is "name" or "owner/name"; anything else can only be a local path.
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
     local = Path(name_or_path).expanduser()

@@ -131,7 +131,8 @@ def test_early_stopping_restores_best_weights():
     assert val_mse < mose.history["val_loss"][-1]
 
 
-def test_reduced_loss_equals_direct_loss():
+@pytest.mark.parametrize("loss", ["mse", "mse_cosine"])
+def test_reduced_loss_equals_direct_loss(loss):
     q, delta, _ = mixture(120)
     _, net = fit_mose_network(q, delta, **{**FAST, "epochs": 2})
     x = net.features(q).detach()
@@ -139,12 +140,46 @@ def test_reduced_loss_equals_direct_loss():
     losses, grads = [], []
     for fixed in (True, False):
         net.zero_grad()
-        loss = _train_loss(net, x, delta.double(), fixed_values=fixed)(idx)
-        loss.backward()
-        losses.append(loss.detach())
+        loss_value = _train_loss(net, x, delta.double(), fixed_values=fixed, loss=loss, cosine_weight=0.7)(idx)
+        loss_value.backward()
+        losses.append(loss_value.detach())
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    if loss == "mse_cosine":
+        with torch.no_grad():
+            pred, y = net.forward_features(x[idx]), delta[idx].float()
+            cos = torch.nn.functional.cosine_similarity(pred, y, dim=-1)
+            want = (pred - y).square().mean() + 0.7 * float(net.out_scale) ** 2 * (1 - cos).mean()
+        torch.testing.assert_close(losses[0], want, atol=0, rtol=1e-4)
     torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_options_object_equals_keywords():
+    from finesteer.fit import MoSEOptions
+
+    q, delta, _ = mixture(150)
+    opts = MoSEOptions(**{**FAST, "epochs": 3})
+    a = fit_mose(q, delta, opts)
+    b = fit_mose(q, delta, **{**FAST, "epochs": 3})
+    c = fit_mose(q, delta, opts.replace(epochs=1), epochs=3)  # keywords override the object
+    for other in (b, c):
+        for name in MoSE.TENSORS:
+            assert torch.equal(getattr(a, name), getattr(other, name)), name
+    assert a.fit_stats["hyperparameters"]["loss"] == "mse"
+    with pytest.raises(TypeError, match="unknown option.*hiden"):
+        fit_mose(q, delta, hiden=3)
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        fit_mose(q, delta, **FAST, loss="l1")
+
+
+def test_mse_cosine_loss_fits_and_reports_held_out_cosine():
+    q, delta, _ = mixture(200)
+    mose = fit_mose(q, delta, **{**FAST, "loss": "mse_cosine"})
+    fs = mose.fit_stats
+    assert fs["hyperparameters"]["loss"] == "mse_cosine"
+    # the mixture's δ is predictable from the query: far better than the mean vector, in both measures
+    assert fs["val_cosine"] > 0.9 > fs["val_cosine_mean_delta"]
+    assert fs["val_mse"] < 0.2 * fs["val_loss_mean_delta"]
 
 
 def test_prototype_residual_basis_is_orthogonal_to_prototypes():

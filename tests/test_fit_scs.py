@@ -35,7 +35,7 @@ def held_out_scores(gate: SCSGate, target, benign, calib_fraction=0.2, seed=0):
     return gate.score(target[split["target"][1]]), gate.score(benign[split["benign"][1]])
 
 
-@pytest.mark.parametrize("method", ["energy", "contrastive"])
+@pytest.mark.parametrize("method", ["energy", "contrastive", "discriminant"])
 @pytest.mark.parametrize("rank", [1, 3, 8])
 def test_subspace_is_orthonormal(method, rank):
     target, benign = scs_data()
@@ -46,7 +46,7 @@ def test_subspace_is_orthonormal(method, rank):
     torch.testing.assert_close(gate.P.T @ gate.P, torch.eye(rank), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["energy", "contrastive"])
+@pytest.mark.parametrize("method", ["energy", "contrastive", "discriminant"])
 def test_scores_in_unit_interval(method):
     target, benign = scs_data()
     gate = fit_scs(target, benign, rank=4, method=method)
@@ -59,7 +59,7 @@ def test_scores_in_unit_interval(method):
     assert bool((s[-4:] > 1 - 1e-5).all())                  # all of it inside the subspace
 
 
-@pytest.mark.parametrize("method", ["energy", "contrastive"])
+@pytest.mark.parametrize("method", ["energy", "contrastive", "discriminant"])
 @pytest.mark.parametrize("max_fpr", [0.0, 0.05, 0.2])
 def test_calibration_on_held_out_split(method, max_fpr):
     # Overlapping classes, so the threshold is really constrained by the FPR bound.
@@ -98,6 +98,29 @@ def test_contrastive_subspace_avoids_benign_directions():
     torch.testing.assert_close(gate.mu, mu.float(), atol=1e-6, rtol=0)
     # The energy gate's top direction is the benign background (it has the most target energy);
     # the contrastive one ignores it and separates better.
+    energy = fit_scs(target, benign, rank=3, method="energy")
+    assert gate.report.auroc > energy.report.auroc
+
+
+def test_discriminant_subspace_is_the_generalised_eigenproblem():
+    target, benign = scs_data(signal=1.5)
+    split = calibration_split(150, 200)
+    t_fit, b_fit = target[split["target"][0]].double(), benign[split["benign"][0]].double()
+    mu = b_fit.mean(0)
+    gate = fit_scs(target, benign, rank=3, method="discriminant")
+    # span(P) = span of the top-3 generalised eigenvectors, computed here by scipy-free brute force:
+    # eigenvectors of (S_b + ridge)^-1 S_t
+    from finesteer.fit.scs import DISCRIMINANT_RIDGE
+
+    St = (t_fit - mu).T @ (t_fit - mu) / t_fit.shape[0]
+    Sb = (b_fit - mu).T @ (b_fit - mu) / b_fit.shape[0]
+    Sb = Sb + DISCRIMINANT_RIDGE * float(Sb.diagonal().mean()) * torch.eye(48, dtype=Sb.dtype)
+    evals, evecs = torch.linalg.eig(torch.linalg.solve(Sb, St))
+    W = evecs.real[:, evals.real.argsort(descending=True)[:3]]
+    Q = torch.linalg.qr(W)[0]
+    P = gate.P.double()
+    torch.testing.assert_close(P @ P.T, Q @ Q.T, atol=1e-4, rtol=0)
+    # it ignores the benign background that dominates the energy gate, and separates better
     energy = fit_scs(target, benign, rank=3, method="energy")
     assert gate.report.auroc > energy.report.auroc
 

@@ -1,12 +1,13 @@
 """Fitting: turn activations into the inference-form gate and MoSE (DESIGN §2, §3).
 
 - :func:`fit_scs` → :class:`finesteer.gate.SCSGate` (subspace, centre, calibrated threshold)
-- :func:`fit_mose` → :class:`finesteer.mose.MoSE` (experts, residual basis, trained router, exported)
+- :func:`fit_mose` → :class:`finesteer.mose.MoSE` (experts, residual basis, trained router, exported),
+  configured by one :class:`MoSEOptions`
 
 Both run offline on the CPU, are seeded, and raise ``ValueError`` naming the bad argument.
 """
-from .mose import fit_mose, fit_mose_network
+from .mose import MoSEOptions, fit_mose, fit_mose_network
 from .network import MoSENetwork
 from .scs import calibration_split, fit_scs
 
-__all__ = ["MoSENetwork", "calibration_split", "fit_mose", "fit_mose_network", "fit_scs"]
+__all__ = ["MoSENetwork", "MoSEOptions", "calibration_split", "fit_mose", "fit_mose_network", "fit_scs"]

@@ -1,11 +1,21 @@
 """Fitting MoSE (DESIGN §3): experts by K-means, a residual basis, and a trained attention router.
 
-The fit returns the inference form :class:`finesteer.mose.MoSE`; the trainable network is
-:class:`finesteer.fit.network.MoSENetwork`.
+The fit is four steps, each a function of its own, driven by one :class:`MoSEOptions`:
+
+1. :func:`fit_experts` — K-means prototypes ``C`` with K chosen by the Calinski–Harabasz index;
+2. :func:`residual_basis` — ``U``, the top principal directions of δ (or of what ``C`` leaves);
+3. :func:`build_network` — the :class:`~finesteer.fit.network.MoSENetwork` with its fixed input
+   and output normalisation;
+4. :func:`train_network` — AdamW with early stopping on the validation rows.
+
+:func:`fit_mose` runs them and returns the inference form :class:`finesteer.mose.MoSE`;
+:func:`fit_mose_network` also returns the trained network.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,20 +25,98 @@ from ._validate import as_matrix, check_choice, check_int, check_real, child_gen
 from .kmeans import cluster_sums, select_k
 from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
-from .train import train_early_stopping
+from .train import TrainResult, train_early_stopping
+
+__all__ = ["LOSSES", "MoSEOptions", "RESIDUALS", "build_network", "fit_experts", "fit_mose", "fit_mose_network",
+           "residual_basis", "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
+LOSSES = ("mse", "mse_cosine")
 _WHERE = "fit_mose"
 #: K-means restarts per candidate K (best inertia kept).
 KMEANS_RESTARTS = 4
 
 
-def fit_mose(queries, deltas, k_range=(4, 10), residual_dim: int = 10, hidden: int = 256, epochs: int = 200,
-             seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-2, batch_size: int = 64,
-             val_fraction: float = 0.1, patience: int = 20, normalize: bool = True, residual: str = "all",
-             learned_values: bool = False, attn_dim: Optional[int] = None, pca_dim: Optional[int] = 256,
-             progress: bool = True, query_dim: Optional[int] = 512) -> MoSE:
+@dataclass(frozen=True)
+class MoSEOptions:
+    """Every setting of the MoSE fit, in one place (see :func:`fit_mose` for the semantics).
+
+    Experts: ``k_range`` (k_min, k_max), 2 ≤ k_min ≤ k_max < training rows; ``normalize`` (L2-
+    normalise δ before clustering); ``pca_dim`` (dimensions of the clustering space; None: the
+    original space). Residual: ``residual_dim`` m (1 ≤ m ≤ min(training rows, d)); ``residual``
+    ``"all"`` or ``"prototype_residual"``. Network: ``hidden`` H; ``attn_dim`` d_a (None:
+    min(d, 128)); ``learned_values``; ``query_dim`` (input dimensions: the network reads the top
+    principal components of the training queries; None: all d features). Training: ``epochs``,
+    ``lr``, ``weight_decay``, ``batch_size``, ``val_fraction``, ``patience``, ``seed``,
+    ``progress``; ``loss`` ``"mse"`` (DESIGN §3) or ``"mse_cosine"`` (MSE/mean‖δ‖²·d plus
+    ``cosine_weight``·(1 − cos(s(q), δ)), which rewards getting the direction right on rows with
+    small δ too); early stopping always watches the validation loss of the same objective.
+    """
+
+    k_range: tuple = (4, 10)
+    residual_dim: int = 10
+    hidden: int = 256
+    epochs: int = 200
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    patience: int = 20
+    normalize: bool = True
+    residual: str = "all"
+    learned_values: bool = False
+    attn_dim: Optional[int] = None
+    pca_dim: Optional[int] = 256
+    query_dim: Optional[int] = 512
+    loss: str = "mse"
+    cosine_weight: float = 1.0
+    progress: bool = True
+
+    def replace(self, **changes) -> "MoSEOptions":
+        """A copy with ``changes`` applied; an unknown name is a ``TypeError`` naming it."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"{_WHERE}: unknown option(s) {', '.join(unknown)}; see MoSEOptions")
+        return dataclasses.replace(self, **changes)
+
+    def validated(self, d: int) -> "MoSEOptions":
+        """The options with every value checked (``ValueError`` naming the field) and ``attn_dim``
+        resolved for hidden size ``d``. Row-count dependent checks happen in the steps."""
+        k_min, k_max = _check_k_range(self.k_range)
+        check_choice(self.residual, "residual", _WHERE, RESIDUALS)
+        check_choice(self.loss, "loss", _WHERE, LOSSES)
+        return dataclasses.replace(
+            self, k_range=(k_min, k_max),
+            residual_dim=check_int(self.residual_dim, "residual_dim", _WHERE, 1),
+            hidden=check_int(self.hidden, "hidden", _WHERE, 1),
+            epochs=check_int(self.epochs, "epochs", _WHERE, 1),
+            seed=check_int(self.seed, "seed", _WHERE, 0),
+            batch_size=check_int(self.batch_size, "batch_size", _WHERE, 1),
+            patience=check_int(self.patience, "patience", _WHERE, 1),
+            lr=check_real(self.lr, "lr", _WHERE, 0.0, math.inf, low_open=True, high_open=True),
+            weight_decay=check_real(self.weight_decay, "weight_decay", _WHERE, 0.0, math.inf, high_open=True),
+            val_fraction=check_real(self.val_fraction, "val_fraction", _WHERE, 0.0, 1.0, low_open=True,
+                                    high_open=True),
+            cosine_weight=check_real(self.cosine_weight, "cosine_weight", _WHERE, 0.0, math.inf, high_open=True),
+            attn_dim=min(d, 128) if self.attn_dim is None else check_int(self.attn_dim, "attn_dim", _WHERE, 1),
+            pca_dim=None if self.pca_dim is None else check_int(self.pca_dim, "pca_dim", _WHERE, 1),
+            query_dim=None if self.query_dim is None else check_int(self.query_dim, "query_dim", _WHERE, 1),
+            normalize=bool(self.normalize), learned_values=bool(self.learned_values), progress=bool(self.progress))
+
+    def to_dict(self) -> dict:
+        """The hyper-parameters recorded in ``fit_stats`` (JSON-serialisable; no ``progress``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("progress", "seed")}
+        out["k_range"] = list(self.k_range)
+        out["kmeans_restarts"] = KMEANS_RESTARTS
+        return out
+
+
+def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides) -> MoSE:
     """Fit a mixture of steering experts from query states ``queries`` [N, d] and targets ``deltas`` [N, d].
+
+    Settings come from ``options`` (default :class:`MoSEOptions()`), with keyword ``overrides``
+    applied on top (``fit_mose(q, d, hidden=64)`` = ``fit_mose(q, d, MoSEOptions(hidden=64))``).
 
     Semantics (DESIGN §3)::
 
@@ -43,130 +131,61 @@ def fit_mose(queries, deltas, k_range=(4, 10), residual_dim: int = 10, hidden: i
                    the training queries (the identity when query_dim is None or ≥ d):
                    s(h) = softmax((W_q h + b_q) K_Cᵀ/√d_a) V + U (W_2 relu(W_1 h + b_1) + b_2),
                    K_C = C W_kᵀ + b_k, V = C (or learned C W_vᵀ + b_v); trained by AdamW on
-                   MSE(s(q), δ) with early stopping; the best-validation weights are kept
+                   the ``loss`` (MSE(s(q), δ), or MSE plus a cosine term) with early stopping; the
+                   best-validation weights are kept
         export     normalisation and Π folded into W_q, b_q, W_1, b_1 (fp64, then fp32);
                    R = W_qᵀ K_Cᵀ/√d_a, c = K_C b_q/√d_a → MoSE(R, c, V, U, W1, b1, W2, b2)
 
     Fully seeded: the same inputs and ``seed`` give identical tensors, and the global RNG is not
-    touched. ``progress`` shows a tqdm bar over epochs.
-
-    Args:
-        queries: h at the last prompt token, [N, d]. deltas: δ, [N, d]. Any float dtype/device.
-        k_range: (k_min, k_max), 2 ≤ k_min ≤ k_max < training rows.
-        residual_dim: m, 1 ≤ m ≤ min(training rows, d).
-        hidden: H, hidden size of the residual MLP.
-        attn_dim: d_a (default min(d, 128)).
-        pca_dim: dimensions of the clustering space (None: cluster in the original space).
-        epochs, lr, weight_decay, batch_size, val_fraction, patience: training settings.
-        query_dim: input dimensions of the network (see above). The training queries span at most
-            N − 1 directions, so this loses little, and it makes training d/query_dim times cheaper
-            (d = 4096, N = 1000 fits in well under a minute on 2 cores). None: all d features.
-        normalize: L2-normalise δ before clustering (the prototypes are always raw-δ means).
-        residual: "all" or "prototype_residual". learned_values: learn V = C W_vᵀ + b_v.
+    touched. ``progress`` shows a tqdm bar over epochs. ``queries``/``deltas``: any float
+    dtype/device. Bad inputs or options raise ``ValueError`` naming the argument.
 
     Returns: :class:`MoSE` with ``prototypes``, ``cluster_sizes``, JSON-serialisable ``fit_stats``
-    and ``history`` (per-epoch train/validation MSE).
+    (including held-out ``val_cosine`` and ``val_cosine_mean_delta``) and ``history`` (per-epoch
+    train/validation loss).
     """
-    return fit_mose_network(queries, deltas, k_range=k_range, residual_dim=residual_dim, hidden=hidden,
-                            epochs=epochs, seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                            val_fraction=val_fraction, patience=patience, normalize=normalize,
-                            residual=residual, learned_values=learned_values, attn_dim=attn_dim,
-                            pca_dim=pca_dim, progress=progress, query_dim=query_dim)[0]
+    return fit_mose_network(queries, deltas, options, **overrides)[0]
 
 
-def fit_mose_network(queries, deltas, k_range=(4, 10), residual_dim: int = 10, hidden: int = 256,
-                     epochs: int = 200, seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-2,
-                     batch_size: int = 64, val_fraction: float = 0.1, patience: int = 20, normalize: bool = True,
-                     residual: str = "all", learned_values: bool = False, attn_dim: Optional[int] = None,
-                     pca_dim: Optional[int] = 256, progress: bool = True,
-                     query_dim: Optional[int] = 512) -> tuple[MoSE, MoSENetwork]:
+def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
+                     **overrides) -> tuple[MoSE, MoSENetwork]:
     """:func:`fit_mose`, also returning the trained :class:`MoSENetwork` (for inspection or
     further training; its output equals the returned MoSE's ``vector`` up to fp32 rounding)."""
-    Q = as_matrix(queries, "queries", _WHERE)
-    D = as_matrix(deltas, "deltas", _WHERE)
-    if Q.shape[0] != D.shape[0]:
-        raise ValueError(f"{_WHERE}: queries has {Q.shape[0]} rows but deltas has {D.shape[0]}; need one δ per query")
-    if Q.shape[1] != D.shape[1]:
-        raise ValueError(f"{_WHERE}: hidden size mismatch: queries has {Q.shape[1]} features, deltas has "
-                         f"{D.shape[1]}")
+    opts = (options if options is not None else MoSEOptions()).replace(**overrides)
+    Q, D = _check_data(queries, deltas)
     n, d = D.shape
-    k_min, k_max = _check_k_range(k_range)
-    hidden = check_int(hidden, "hidden", _WHERE, 1)
-    epochs = check_int(epochs, "epochs", _WHERE, 1)
-    seed = check_int(seed, "seed", _WHERE, 0)
-    batch_size = check_int(batch_size, "batch_size", _WHERE, 1)
-    patience = check_int(patience, "patience", _WHERE, 1)
-    lr = check_real(lr, "lr", _WHERE, 0.0, math.inf, low_open=True, high_open=True)
-    weight_decay = check_real(weight_decay, "weight_decay", _WHERE, 0.0, math.inf, high_open=True)
-    val_fraction = check_real(val_fraction, "val_fraction", _WHERE, 0.0, 1.0, low_open=True, high_open=True)
-    check_choice(residual, "residual", _WHERE, RESIDUALS)
-    attn_dim = min(d, 128) if attn_dim is None else check_int(attn_dim, "attn_dim", _WHERE, 1)
-    if pca_dim is not None:
-        pca_dim = check_int(pca_dim, "pca_dim", _WHERE, 1)
-    if query_dim is not None:
-        query_dim = check_int(query_dim, "query_dim", _WHERE, 1)
+    opts = opts.validated(d)
+    k_min, k_max = opts.k_range
 
-    train_idx, val_idx = holdout_split(n, val_fraction, child_generator(seed, 0), "queries/deltas", _WHERE)
+    train_idx, val_idx = holdout_split(n, opts.val_fraction, child_generator(opts.seed, 0), "queries/deltas",
+                                       _WHERE)
     n_tr = train_idx.numel()
     if n_tr <= k_max:
         raise ValueError(f"{_WHERE}: {n} rows leave {n_tr} training rows after the validation split "
-                         f"(val_fraction={val_fraction}); need more than k_max={k_max} (the Calinski–Harabasz "
+                         f"(val_fraction={opts.val_fraction}); need more than k_max={k_max} (the Calinski–Harabasz "
                          "index needs N > K)")
-    residual_dim = check_int(residual_dim, "residual_dim", _WHERE, 1)
-    if residual_dim > min(n_tr, d):
-        raise ValueError(f"{_WHERE}: residual_dim={residual_dim} exceeds min(training rows={n_tr}, hidden size={d})")
+    if opts.residual_dim > min(n_tr, d):
+        raise ValueError(f"{_WHERE}: residual_dim={opts.residual_dim} exceeds min(training rows={n_tr}, hidden "
+                         f"size={d})")
     q_tr, d_tr = Q[train_idx], D[train_idx]
+    q_va, d_va = Q[val_idx], D[val_idx]
 
-    # 1. Experts.
-    Z, p = _clustering_space(d_tr, normalize, pca_dim)
-    if float(Z.square().sum()) <= 0.0:
-        raise ValueError(f"{_WHERE}: all deltas rows are identical{' after L2 normalisation' if normalize else ''}; "
-                         "there is nothing to cluster into experts")
-    clusters, ch = select_k(Z, k_min, k_max, child_generator(seed, 1), n_init=KMEANS_RESTARTS)
-    K = clusters.centers.shape[0]
-    sizes = clusters.sizes.double()
-    C = cluster_sums(d_tr, clusters.labels, K) / sizes[:, None]
+    experts = fit_experts(d_tr, opts)
+    U = residual_basis(d_tr, experts.prototypes, opts)
+    net = build_network(q_tr, d_tr, experts.prototypes, U, opts)
+    result = train_network(net, q_tr, d_tr, q_va, d_va, opts)
 
-    # 2. Residual basis.
-    if residual == "all":
-        U = principal_directions(d_tr - d_tr.mean(0), residual_dim)
-    else:
-        Qc = row_basis(C)  # rank-revealing: prototypes may be linearly dependent when K > d
-        rest = d_tr - (d_tr @ Qc) @ Qc.T
-        U = principal_directions(rest - rest.mean(0), residual_dim)
-
-    # 3.–4. Network and training.
-    m_q = q_tr.mean(0)
-    centred = q_tr - m_q
-    proj = None
-    if query_dim is not None and min(query_dim, n_tr - 1) < d:
-        proj = principal_directions(centred, min(query_dim, n_tr - 1))
-        centred = centred @ proj
-    s_q = float(centred.square().mean().sqrt())
-    s_d = float(d_tr.square().mean().sqrt())
-    net = MoSENetwork(C, U, hidden=hidden, attn_dim=attn_dim, learned_values=bool(learned_values), in_mean=m_q,
-                      in_scale=s_q if s_q > 0 else 1.0, out_scale=s_d, generator=child_generator(seed, 2),
-                      in_proj=proj)
-    # The input normalisation is fixed, so features are computed once, not every step.
     with torch.no_grad():
-        x_tr, x_va = net.features(q_tr.float()), net.features(Q[val_idx].float())
-    y_va = D[val_idx].float()
-    result = train_early_stopping(
-        net, _train_loss(net, x_tr, d_tr, fixed_values=not learned_values),
-        lambda: (net.forward_features(x_va) - y_va).square().mean(), n_tr, epochs=epochs, lr=lr,
-        weight_decay=weight_decay, batch_size=batch_size, patience=patience, generator=child_generator(seed, 3),
-        loss_scale=s_d, progress=progress, desc=f"MoSE fit (K={K})")
-
-    # 5. Export.
-    baseline = float((y_va - d_tr.mean(0).float()).square().mean())
+        pred = net(q_va.float()).double()
+    mean_delta = d_tr.mean(0)
     stats = {
-        "num_experts": K,
+        "num_experts": experts.prototypes.shape[0],
         "k_range": [k_min, k_max],
-        "ch_scores": {str(k): float(v) for k, v in ch.items()},
-        "cluster_sizes": [int(x) for x in clusters.sizes.tolist()],
-        "kmeans_inertia": float(clusters.inertia),
-        "clustering_dim": p,
-        "network_input_dim": d if proj is None else int(proj.shape[1]),
+        "ch_scores": {str(k): float(v) for k, v in experts.ch_scores.items()},
+        "cluster_sizes": [int(x) for x in experts.sizes.tolist()],
+        "kmeans_inertia": experts.inertia,
+        "clustering_dim": experts.clustering_dim,
+        "network_input_dim": d if net.in_proj is None else int(net.in_proj.shape[1]),
         "n_samples": n,
         "n_train": n_tr,
         "n_val": int(val_idx.numel()),
@@ -175,42 +194,167 @@ def fit_mose_network(queries, deltas, k_range=(4, 10), residual_dim: int = 10, h
         "stopped_early": result.stopped_early,
         "train_loss": result.train_loss_at_best,
         "val_loss": result.best_val_loss,
-        "val_loss_mean_delta": baseline,
-        "seed": seed,
-        "hyperparameters": {
-            "k_range": [k_min, k_max], "residual_dim": residual_dim, "hidden": hidden, "epochs": epochs,
-            "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "val_fraction": val_fraction,
-            "patience": patience, "normalize": bool(normalize), "residual": residual,
-            "learned_values": bool(learned_values), "attn_dim": attn_dim, "pca_dim": pca_dim,
-            "query_dim": query_dim, "kmeans_restarts": KMEANS_RESTARTS,
-        },
+        # Held-out quality in units a reader can compare with the plain mean-difference vector.
+        "val_mse": float((pred - d_va).square().mean()),
+        "val_loss_mean_delta": float((d_va - mean_delta).square().mean()),
+        "val_cosine": _mean_cosine(pred, d_va),
+        "val_cosine_mean_delta": _mean_cosine(mean_delta.expand_as(d_va), d_va),
+        "seed": opts.seed,
+        "hyperparameters": opts.to_dict(),
     }
-    mose = net.export(prototypes=C.float().contiguous(), cluster_sizes=sizes.float(), fit_stats=stats,
-                      history=result.history)
+    mose = net.export(prototypes=experts.prototypes.float().contiguous(), cluster_sizes=experts.sizes.float(),
+                      fit_stats=stats, history=result.history)
     return mose, net
 
 
-def _train_loss(net: MoSENetwork, x: torch.Tensor, deltas: torch.Tensor, fixed_values: bool):
-    """``batch_loss(idx)`` = MSE per element of s(q) against δ over the rows ``idx``.
+# ---------------------------------------------------------------------------------------------
+# the steps
+
+
+@dataclass
+class Experts:
+    """Result of :func:`fit_experts`: ``prototypes`` C [K, d] (fp64, raw-δ cluster means),
+    ``sizes`` [K], the Calinski–Harabasz score per candidate K, the K-means inertia and the
+    dimension of the clustering space."""
+
+    prototypes: torch.Tensor
+    sizes: torch.Tensor
+    ch_scores: dict
+    inertia: float
+    clustering_dim: int
+
+
+def fit_experts(deltas: torch.Tensor, opts: MoSEOptions) -> Experts:
+    """Step 1: K-means experts on training δ [N, d] (fp64), K ∈ ``opts.k_range`` by Calinski–Harabasz."""
+    Z, p = _clustering_space(deltas, opts.normalize, opts.pca_dim)
+    if float(Z.square().sum()) <= 0.0:
+        raise ValueError(f"{_WHERE}: all deltas rows are identical"
+                         f"{' after L2 normalisation' if opts.normalize else ''}; there is nothing to cluster into "
+                         "experts")
+    k_min, k_max = opts.k_range
+    clusters, ch = select_k(Z, k_min, k_max, child_generator(opts.seed, 1), n_init=KMEANS_RESTARTS)
+    K = clusters.centers.shape[0]
+    sizes = clusters.sizes.double()
+    C = cluster_sums(deltas, clusters.labels, K) / sizes[:, None]
+    return Experts(prototypes=C, sizes=sizes, ch_scores=ch, inertia=float(clusters.inertia), clustering_dim=p)
+
+
+def residual_basis(deltas: torch.Tensor, prototypes: torch.Tensor, opts: MoSEOptions) -> torch.Tensor:
+    """Step 2: U [d, m] (fp64) — top-m principal components of centred training δ (``"all"``), or
+    of δ with the prototype span projected out (``"prototype_residual"``)."""
+    if opts.residual == "all":
+        return principal_directions(deltas - deltas.mean(0), opts.residual_dim)
+    Qc = row_basis(prototypes)  # rank-revealing: prototypes may be linearly dependent when K > d
+    rest = deltas - (deltas @ Qc) @ Qc.T
+    return principal_directions(rest - rest.mean(0), opts.residual_dim)
+
+
+def build_network(queries: torch.Tensor, deltas: torch.Tensor, prototypes: torch.Tensor, basis: torch.Tensor,
+                  opts: MoSEOptions) -> MoSENetwork:
+    """Step 3: the untrained network, its input normalisation (mean, optional PCA projection to
+    ``query_dim``, RMS scale) and output scale (RMS of δ) fixed from the training rows."""
+    n, d = queries.shape
+    m_q = queries.mean(0)
+    centred = queries - m_q
+    proj = None
+    if opts.query_dim is not None and min(opts.query_dim, n - 1) < d:
+        proj = principal_directions(centred, max(1, min(opts.query_dim, n - 1)))
+        centred = centred @ proj
+    s_q = float(centred.square().mean().sqrt())
+    s_d = float(deltas.square().mean().sqrt())
+    return MoSENetwork(prototypes, basis, hidden=opts.hidden, attn_dim=opts.attn_dim,
+                       learned_values=opts.learned_values, in_mean=m_q, in_scale=s_q if s_q > 0 else 1.0,
+                       out_scale=s_d, generator=child_generator(opts.seed, 2), in_proj=proj)
+
+
+def train_network(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor, q_val: torch.Tensor,
+                  d_val: torch.Tensor, opts: MoSEOptions) -> TrainResult:
+    """Step 4: AdamW on ``opts.loss`` over the training rows, early stopping on the same loss over
+    the validation rows; the best-validation weights are left in ``net``."""
+    # The input normalisation is fixed, so features are computed once, not every step.
+    with torch.no_grad():
+        x_tr, x_va = net.features(q_train.float()), net.features(q_val.float())
+    s_d = float(net.out_scale)
+    batch_loss = _train_loss(net, x_tr, d_train, fixed_values=not opts.learned_values, loss=opts.loss,
+                             cosine_weight=opts.cosine_weight)
+    y_va = d_val.float()
+
+    def val_loss():
+        return _objective(net.forward_features(x_va), y_va, opts.loss, opts.cosine_weight, s_d)
+
+    return train_early_stopping(
+        net, batch_loss, val_loss, q_train.shape[0], epochs=opts.epochs, lr=opts.lr, weight_decay=opts.weight_decay,
+        batch_size=opts.batch_size, patience=opts.patience, generator=child_generator(opts.seed, 3),
+        loss_scale=s_d, progress=opts.progress, desc=f"MoSE fit (K={net.C.shape[0]})")
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def _objective(pred: torch.Tensor, target: torch.Tensor, loss: str, cosine_weight: float, scale: float):
+    """The training objective on full vectors (validation): MSE per element, plus for
+    ``"mse_cosine"`` ``cosine_weight · scale² · mean(1 − cos)`` (``scale`` = RMS of δ, so both terms
+    are in δ² units and the optimiser's ``1/scale²`` rescaling sees them at the same weight)."""
+    mse = (pred - target).square().mean()
+    if loss == "mse":
+        return mse
+    cos = torch.nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-12)
+    return mse + cosine_weight * scale * scale * (1.0 - cos).mean()
+
+
+def _train_loss(net: MoSENetwork, x: torch.Tensor, deltas: torch.Tensor, fixed_values: bool, loss: str = "mse",
+                cosine_weight: float = 1.0):
+    """``batch_loss(idx)`` = the objective of :func:`_objective` over the rows ``idx``.
 
     With fixed values every s(q) = [α ; β] B lies in the row space of B = [V ; Uᵀ] (rank
     r_B ≤ K + m), so with Q_B an orthonormal basis of it
     ‖s − δ‖² = ‖[α ; β] B Q_B − δ Q_B‖² + ‖δ − δ Q_B Q_Bᵀ‖²: the same loss and gradients computed in
     r_B instead of d dimensions (the second term is a constant, kept so the loss is the true MSE).
+    The cosine needs only ⟨s, δ⟩ = ⟨s Q_B, δ Q_B⟩, ‖s‖ = ‖s Q_B‖ and the precomputed ‖δ‖.
     Learned values move B, so they use the direct form.
     """
     d = deltas.shape[1]
+    scale = float(net.out_scale)
     if not fixed_values:
         y = deltas.float()
-        return lambda idx: (net.forward_features(x[idx]) - y[idx]).square().mean()
+        return lambda idx: _objective(net.forward_features(x[idx]), y[idx], loss, cosine_weight, scale)
     with torch.no_grad():
         B = net.output_basis().double()
     Qb = row_basis(B)
     Bc = (B @ Qb).float()
     yc = deltas @ Qb
     rest = (deltas - yc @ Qb.T).square().sum(1).float()
+    norm = deltas.norm(dim=1).float().clamp_min(1e-12)
     yc = yc.float()
-    return lambda idx: ((net.coefficients_features(x[idx]) @ Bc - yc[idx]).square().sum(1) + rest[idx]).mean() / d
+
+    def batch_loss(idx):
+        sc = net.coefficients_features(x[idx]) @ Bc
+        mse = ((sc - yc[idx]).square().sum(1) + rest[idx]).mean() / d
+        if loss == "mse":
+            return mse
+        cos = (sc * yc[idx]).sum(1) / (sc.norm(dim=1).clamp_min(1e-12) * norm[idx])
+        return mse + cosine_weight * scale * scale * (1.0 - cos).mean()
+    return batch_loss
+
+
+def _mean_cosine(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(pred.double(), target.double(), dim=-1, eps=1e-12).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and helpers
+
+
+def _check_data(queries, deltas):
+    Q = as_matrix(queries, "queries", _WHERE)
+    D = as_matrix(deltas, "deltas", _WHERE)
+    if Q.shape[0] != D.shape[0]:
+        raise ValueError(f"{_WHERE}: queries has {Q.shape[0]} rows but deltas has {D.shape[0]}; need one δ per query")
+    if Q.shape[1] != D.shape[1]:
+        raise ValueError(f"{_WHERE}: hidden size mismatch: queries has {Q.shape[1]} features, deltas has "
+                         f"{D.shape[1]}")
+    return Q, D
 
 
 def _check_k_range(k_range) -> tuple[int, int]:

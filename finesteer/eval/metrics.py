@@ -1,0 +1,90 @@
+"""Judge-free quality metrics, as pure functions of log-likelihoods, distributions and gate scores.
+
+Every function takes plain tensors (per prompt or per answer) and returns floats or a dict of
+floats, so each can be checked by hand on a tiny case (``tests/test_eval.py`` does).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..fit.metrics import auroc
+
+__all__ = ["auroc", "delta_prediction", "gate_rates", "histogram", "margin_stats", "mc1", "mc2",
+           "preference_margin"]
+
+
+def preference_margin(toward: torch.Tensor, away: torch.Tensor) -> torch.Tensor:
+    """Per-prompt margin ``mean_i log p(toward_i) − mean_j log p(away_j)``.
+
+    Shapes: ``toward`` [N, A] and ``away`` [N, B] summed response log-likelihoods (A, B ≥ 1 responses
+    per prompt, e.g. several refusal and compliance openings) → [N] fp64.
+    """
+    if toward.dim() != 2 or away.dim() != 2 or toward.shape[0] != away.shape[0]:
+        raise ValueError(f"preference_margin: expected [N, A] and [N, B], got {tuple(toward.shape)} and "
+                         f"{tuple(away.shape)}")
+    return toward.double().mean(1) - away.double().mean(1)
+
+
+def margin_stats(steered: torch.Tensor, unsteered: torch.Tensor) -> dict:
+    """Summary of per-prompt margins [N]: mean margin, mean shift (steered − unsteered) and the
+    fraction of prompts where the ``toward`` response is preferred (margin > 0), steered and unsteered."""
+    if steered.shape != unsteered.shape or steered.dim() != 1 or steered.numel() == 0:
+        raise ValueError(f"margin_stats: need two equal non-empty [N] tensors, got {tuple(steered.shape)} and "
+                         f"{tuple(unsteered.shape)}")
+    s, u = steered.double(), unsteered.double()
+    return {"margin": float(s.mean()), "margin_unsteered": float(u.mean()), "margin_shift": float((s - u).mean()),
+            "toward_rate": float((s > 0).double().mean()), "toward_rate_unsteered": float((u > 0).double().mean()),
+            "n": int(s.numel())}
+
+
+def mc1(best: torch.Tensor, incorrect: Sequence[torch.Tensor]) -> float:
+    """TruthfulQA MC1: the fraction of questions whose best answer out-scores every incorrect answer.
+
+    ``best`` [Q] log-likelihood of each question's best answer; ``incorrect[q]`` [n_q] those of its
+    incorrect answers. A tie counts as wrong.
+    """
+    if best.numel() != len(incorrect) or best.numel() == 0:
+        raise ValueError(f"mc1: {best.numel()} best answers for {len(incorrect)} questions")
+    hits = [float(best[q]) > float(inc.max()) for q, inc in enumerate(incorrect)]
+    return sum(hits) / len(hits)
+
+
+def mc2(correct: Sequence[torch.Tensor], incorrect: Sequence[torch.Tensor]) -> float:
+    """TruthfulQA MC2: mean over questions of the normalised probability mass on the correct answers,
+    ``Σ_c p(c) / (Σ_c p(c) + Σ_i p(i))`` with ``p = exp(answer log-likelihood)`` (computed stably)."""
+    if len(correct) != len(incorrect) or not correct:
+        raise ValueError(f"mc2: {len(correct)} correct-answer lists for {len(incorrect)} questions")
+    vals = []
+    for c, i in zip(correct, incorrect):
+        c, i = c.double().reshape(-1), i.double().reshape(-1)
+        both = torch.logsumexp(torch.cat([c, i]), 0)
+        vals.append(math.exp(float(torch.logsumexp(c, 0) - both)))
+    return sum(vals) / len(vals)
+
+
+def gate_rates(scores: torch.Tensor, threshold: float) -> float:
+    """Fraction of prompts whose gate score passes τ (hard gate ``s > τ``): the TPR on a target set,
+    the FPR on a benign one."""
+    if scores.numel() == 0:
+        raise ValueError("gate_rates: no scores")
+    return float((scores > threshold).double().mean())
+
+
+def histogram(scores: torch.Tensor, bins: int = 40, lo: float = 0.0, hi: float = 1.0) -> dict:
+    """Counts of ``scores`` in ``bins`` equal bins over [lo, hi] (values outside are clamped in)."""
+    x = scores.double().clamp(lo, hi)
+    counts = torch.histc(x, bins=bins, min=lo, max=hi)
+    return {"edges": torch.linspace(lo, hi, bins + 1).tolist(), "counts": [int(c) for c in counts.tolist()]}
+
+
+def delta_prediction(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """How well predicted steering vectors ``pred`` [N, d] match held-out response shifts ``target``
+    [N, d]: mean per-row cosine similarity, and the MSE (mean over rows and features)."""
+    if pred.shape != target.shape or pred.dim() != 2 or pred.shape[0] == 0:
+        raise ValueError(f"delta_prediction: shapes {tuple(pred.shape)} and {tuple(target.shape)}")
+    p, t = pred.double(), target.double()
+    cos = torch.nn.functional.cosine_similarity(p, t, dim=1, eps=1e-12)
+    return {"cosine": float(cos.mean()), "mse": float((p - t).square().mean()), "n": int(p.shape[0])}

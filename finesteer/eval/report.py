@@ -1,0 +1,203 @@
+"""Writing an :class:`~finesteer.eval.harness.EvalResult`: JSON, a Markdown table, PNG plots.
+
+Files written by :func:`write_reports` into one directory:
+
+- ``eval.json`` — everything measured (per-prompt gate scores included);
+- ``eval.md`` — the summary table (one row per method × strength), fit statistics and timings;
+- ``curve.png`` — the refusal-vs-utility curve: target margin shift against benign KL and against
+  benign margin shift, one line per method over λ (the plot a reader looks at first);
+- ``gate_hist.png`` — gate score histograms per evaluation set, with τ, for every gated method;
+- ``truthfulqa.png`` — MC1 and MC2 against λ per method (when TruthfulQA was scored).
+
+Plots use matplotlib's Agg backend (no display needed); ``pip install finesteer[eval]``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+__all__ = ["markdown_table", "write_reports"]
+
+#: Table columns: (row key, header, format).
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("strength", "λ", "{:g}"),
+    ("target_margin_shift", "target margin shift", "{:+.3f}"),
+    ("target_toward_rate", "target toward-rate", "{:.1%}"),
+    ("target_gate_open", "target gate open", "{:.1%}"),
+    ("benign_margin_shift", "benign margin shift", "{:+.3f}"),
+    ("benign_kl", "benign KL", "{:.4f}"),
+    ("benign_greedy_identical", "benign greedy identical", "{:.1%}"),
+    ("benign_gate_open", "benign gate open", "{:.1%}"),
+    ("mc1", "TQA MC1", "{:.3f}"),
+    ("mc2", "TQA MC2", "{:.3f}"),
+)
+
+
+def _fmt(fmt: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return fmt.format(value)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """The summary table in Markdown: only the columns some row has."""
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(c[2], r.get(c[0])) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(doc: dict) -> str:
+    fit = doc["fit"]
+    out = [f"# finesteer eval — {doc['model']}, layer {doc['config']['layer']}", ""]
+    out.append("Margin = log p(toward response | prompt) − log p(away response | prompt), toward = "
+               f"**{doc['config']['toward']}**; shift = steered − unsteered. KL = KL(unsteered ‖ steered) of the "
+               "next-token distribution over the unsteered greedy continuation of benign prompts.")
+    out += ["", markdown_table(doc["rows"]), ""]
+    g = fit.get("gate", {})
+    out.append(f"SCS gate (fit calibration): τ={g.get('threshold', float('nan')):.4g}, TPR={g.get('tpr', 0):.3f}, "
+               f"FPR={g.get('fpr', 0):.3f}, AUROC={g.get('auroc', 0):.3f}.")
+    if fit.get("cast_gate"):
+        c = fit["cast_gate"]
+        out.append(f"CAST-style gate (fit calibration): τ={c['threshold']:.4g}, TPR={c['tpr']:.3f}, FPR={c['fpr']:.3f}, "
+                   f"AUROC={c['auroc']:.3f}.")
+    if fit.get("gate_auroc_eval"):
+        out.append("Gate AUROC on the evaluation sets (target vs benign): "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in fit["gate_auroc_eval"].items()) + ".")
+    pred = fit.get("delta_prediction_heldout") or {}
+    if pred:
+        out += ["", f"Held-out response-shift prediction ({fit.get('n_pairs_heldout')} pairs, prompts unseen in the fit):",
+                "", "| vector field | cosine | MSE |", "|---|---|---|"]
+        out += [f"| {k} | {v['cosine']:.3f} | {v['mse']:.4g} |" for k, v in pred.items()]
+    if doc.get("generation"):
+        out += ["", "Keyword refusal rate of greedy generations:", ""]
+        for name, s in doc["generation"].items():
+            cells = [f"{m} λ={lam}: {r['refusal_rate']:.0%}" for m, per in s["results"].items() for lam, r in per.items()]
+            out.append(f"- {name} ({s['role']}, n={s['n']}): " + "; ".join(cells))
+    if doc.get("not_expressible"):
+        out += ["", "Not expressible in the operator: "
+                + "; ".join(f"{k} ({v})" for k, v in doc["not_expressible"].items()) + "."]
+    if doc.get("splits"):
+        out += ["", "Files both fitted on and scored were split by record: "
+                + "; ".join(f"{k}: {v['fit']} fit / {v['scored']} scored" for k, v in doc["splits"].items()) + "."]
+    out += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in doc["timings"].items()), ""]
+    return "\n".join(out)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _by_method(rows: List[dict]) -> Dict[str, List[dict]]:
+    out: Dict[str, List[dict]] = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def plot_curve(rows: List[dict], path: Path) -> bool:
+    """Target margin shift vs benign KL and vs benign margin shift, one line per method over λ."""
+    panels = [(x, lab) for x, lab in (("benign_kl", "benign KL (unsteered ‖ steered)"),
+                                      ("benign_margin_shift", "benign margin shift"))
+              if any(x in r for r in rows)]
+    if not panels or not any("target_margin_shift" in r for r in rows):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (x, label) in zip(axes[0], panels):
+        for name, rs in _by_method(rows).items():
+            pts = [(r[x], r["target_margin_shift"], r["strength"]) for r in rs if x in r and "target_margin_shift" in r]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            for px, py, lam in pts:
+                if lam:
+                    ax.annotate(f"{lam:g}", (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("target margin shift (nats)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Target movement vs collateral change (labels: λ); up and to the left is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_gate_histograms(sets: dict, path: Path) -> bool:
+    methods = sorted({m for s in sets.values() for m in s.get("gate", {})})
+    if not methods:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.8), squeeze=False)
+    import numpy as np
+
+    for ax, m in zip(axes[0], methods):
+        gates = {name: s["gate"][m] for name, s in sets.items() if m in s["gate"]}
+        tau = next(iter(gates.values()))["threshold"]
+        # common bins over the range the scores and τ actually occupy (scores often sit in a narrow band)
+        allv = [v for g in gates.values() for v in g["scores"]] + [tau]
+        lo, hi = min(allv), max(allv)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+        for name, g in gates.items():
+            counts, _ = np.histogram(np.clip(g["scores"], lo, hi), bins=edges)
+            ax.stairs(counts / max(1, counts.sum()), edges, label=f"{name} ({sets[name]['role']})", fill=False)
+        if tau is not None:
+            ax.axvline(tau, color="k", linestyle="--", label=f"τ={tau:.3g}")
+        ax.set_title(m)
+        ax.set_xlabel("gate score s(h)")
+        ax.set_ylabel("fraction of prompts")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_truthfulqa(tqa: dict, path: Path) -> bool:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for ax, key in zip(axes[0], ("mc1", "mc2")):
+        for name, per in tqa["results"].items():
+            lams = sorted(per, key=float)
+            ax.plot([float(lam) for lam in lams], [per[lam][key] for lam in lams], marker="o", label=name)
+        ax.axhline(tqa["unsteered"][key], color="k", linestyle=":", label="unsteered")
+        ax.set_xlabel("strength λ")
+        ax.set_ylabel(key.upper())
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_reports(result, out_dir) -> Dict[str, str]:
+    """Write ``eval.json``, ``eval.md`` and the PNG plots of ``result`` into ``out_dir`` (created).
+
+    Returns ``{kind: path}`` of the files written (plots that have no data are skipped).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    files = {}
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str))
+    tmp.replace(out / "eval.json")
+    files["json"] = str(out / "eval.json")
+    (out / "eval.md").write_text(_markdown(doc))
+    files["markdown"] = str(out / "eval.md")
+    if plot_curve(doc["rows"], out / "curve.png"):
+        files["curve"] = str(out / "curve.png")
+    if plot_gate_histograms(doc["sets"], out / "gate_hist.png"):
+        files["gate_hist"] = str(out / "gate_hist.png")
+    if doc.get("truthfulqa") and plot_truthfulqa(doc["truthfulqa"], out / "truthfulqa.png"):
+        files["truthfulqa"] = str(out / "truthfulqa.png")
+    return files

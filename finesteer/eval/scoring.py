@@ -1,0 +1,425 @@
+"""Likelihood scoring of token sequences under a steered model: one forward per sequence, no generate().
+
+A scored sequence is ``prompt + continuation`` as token ids, with ``last_prompt`` = the position of
+the last prompt token and the continuation tokens at positions ``last_prompt + 1 .. len − 1``.
+For every configuration (a :class:`~finesteer.Steerer` at its strength, or ``None`` = unsteered)
+one forward pass over the whole sequence gives, for every continuation token ``y_t``:
+
+- ``log p(y_t | y_<t)`` (summed per sequence: the log-likelihood of the continuation);
+- with ``compare=True``, against the unsteered model in the same batch: the KL divergence
+  ``KL(p_unsteered ‖ p_steered)`` of the next-token distributions at the positions that predict the
+  continuation (averaged per sequence), and whether the steered argmax equals the unsteered argmax
+  at every one of them.
+
+Why this equals generation: in ``prompt`` mode the steering vector is computed from ``h`` at the
+last prompt token during prefill and added at every position (DESIGN §4), which is exactly what the
+forward hook here does with ``last_index = last_prompt``. And a steered greedy decode reproduces an
+unsteered greedy continuation ``y`` token for token iff, teacher-forced on ``y``, the steered argmax
+equals ``y_t`` at every step (induction on ``t``); comparing with the unsteered argmax of the same
+teacher-forced pass makes the unsteered configuration score exactly 1. So the metrics need no
+decode-path detection and no ``generate()``; only the unsteered continuation itself is generated
+(:func:`greedy_continuations`, with no hook attached).
+
+Sequences that share their prompt (several responses scored after one prompt: openings, TruthfulQA
+answers) share its forward pass: the prompts of several groups run once as a left-padded batch with
+``use_cache=True``, and all their responses run as one batch on the cache rows of their prompts
+(``Cache.batch_select_indices``), with the steering vector of each prompt's last token added at
+every response position, exactly as in prompt-mode generation. Token mode steers every position either way. Models with a sliding attention window
+shorter than the sequence take the plain path.
+
+Logits are computed only at the positions that are scored: a forward pre-hook on the model's output
+embedding (``model.get_output_embeddings()``, the LM head) gathers those rows first, so a 262k-word
+vocabulary costs ``d × V`` per scored token instead of per sequence position. Whatever the model does
+after the LM head (e.g. Gemma's logit soft-capping) is elementwise and still applies.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..extract import _pad
+from ..models import find_decoder_layers, model_device
+from ..ops import as_bank, steer
+
+__all__ = ["ScoredSeq", "SeqScores", "greedy_continuations", "score_sequences", "steering_hook"]
+
+
+@dataclass(frozen=True)
+class ScoredSeq:
+    """Token ids ``ids`` (prompt then continuation); ``last_prompt`` indexes the last prompt token.
+
+    The continuation is ``ids[last_prompt + 1:]`` and must be non-empty.
+    """
+
+    ids: tuple
+    last_prompt: int
+
+    def __post_init__(self):
+        if not 0 <= self.last_prompt < len(self.ids) - 1:
+            raise ValueError(f"ScoredSeq: last_prompt={self.last_prompt} must leave at least one continuation "
+                             f"token in a sequence of {len(self.ids)} tokens")
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.ids) - 1 - self.last_prompt
+
+
+@dataclass
+class SeqScores:
+    """Per-sequence results of one configuration: ``logprob`` [N] (sum over the continuation),
+    ``n_tokens`` [N]; with ``compare``: ``kl`` [N] (mean over positions) and ``identical`` [N] bool."""
+
+    logprob: torch.Tensor
+    n_tokens: torch.Tensor
+    kl: Optional[torch.Tensor] = None
+    identical: Optional[torch.Tensor] = None
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _with_hidden(output, hidden: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [hidden, *output[1:]]
+
+
+class steering_hook:
+    """Context manager: steer the output of decoder block ``layer`` with ``steerer`` in this forward.
+
+    ``last_index`` [B] (prompt mode) gives each row's last prompt position; the vector computed there
+    is added at every position of the row. In token mode every position gets its own gate and vector.
+    ``steerer=None`` registers nothing (the unsteered model, bit for bit).
+    """
+
+    def __init__(self, model, steerer, layer: int, mode: str, backend: str, last_index: Optional[torch.Tensor],
+                 module_path: Optional[str] = None):
+        self.handle = None
+        if steerer is None:
+            return
+        block = find_decoder_layers(model, module_path)[layer]
+        bank = as_bank(steerer, model_device(model))
+
+        def hook(module, args, output):
+            h = _hidden_of(output)
+            out = steer(h, bank, mode=mode, backend=backend, last_index=last_index if mode == "prompt" else None,
+                        check_index_range=False)
+            return _with_hidden(output, out)
+
+        self.handle = block.register_forward_hook(hook)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+class _gather_logit_rows:
+    """Forward pre-hook on the LM head: keep only rows ``(b, t)`` of its input, as one [1, P, d] batch."""
+
+    def __init__(self, model, rows: torch.Tensor, cols: torch.Tensor):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embedding (LM head); likelihood scoring needs "
+                             f"a causal language model")
+
+        def pre_hook(module, args):
+            x = args[0]
+            return (x[rows, cols].unsqueeze(0), *args[1:])
+
+        self.handle = head.register_forward_pre_hook(pre_hook)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: str, backend: str, pad_id: int,
+                      module_path: Optional[str]):
+    """Log-softmax [P, V] (fp32) at every position that predicts a continuation token of ``batch``,
+    rows ordered by sequence then position, plus the target token ids [P]."""
+    device = model_device(model)
+    ids, mask, pos, _ = _pad([list(s.ids) for s in batch], pad_id, "right", device)
+    rows, cols, targets = [], [], []
+    for b, s in enumerate(batch):
+        for t in range(s.last_prompt, len(s.ids) - 1):
+            rows.append(b)
+            cols.append(t)
+            targets.append(s.ids[t + 1])
+    rows_t = torch.tensor(rows, device=device)
+    cols_t = torch.tensor(cols, device=device)
+    last = torch.tensor([s.last_prompt for s in batch], device=device)
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params:
+        kwargs["position_ids"] = pos
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    with torch.no_grad(), steering_hook(model, steerer, layer, mode, backend, last, module_path), \
+            _gather_logit_rows(model, rows_t, cols_t):
+        out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    if logits.shape[0] != len(rows):
+        raise RuntimeError(f"{type(model).__name__}: the LM head produced {logits.shape[0]} rows, expected "
+                           f"{len(rows)}; the model post-processes logits in a way scoring does not support")
+    return torch.log_softmax(logits, dim=-1), torch.tensor(targets, device=device)
+
+
+def _prefix_groups(seqs: Sequence[ScoredSeq]) -> dict:
+    """Sequence indices grouped by their prompt tokens ``ids[:last_prompt + 1]``."""
+    groups: dict = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(s.ids[:s.last_prompt + 1], []).append(i)
+    return groups
+
+
+def _cache_keyword(model) -> Optional[str]:
+    """The forward keyword that takes a key/value cache: ``cache`` (transformers ≥ 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (4.x); None when there is neither."""
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" not in params:
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def _fits_window(model, seq: ScoredSeq) -> bool:
+    # A sliding-window cache drops states older than the window; keep such sequences on the plain path.
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    return window is None or len(seq.ids) < int(window)
+
+
+def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], steerer, layer: int, mode: str,
+                     backend: str, pad_id: int, module_path: Optional[str]) -> List[List[torch.Tensor]]:
+    """``log p`` of every suffix token after its prefix: ``out[g][j]`` [len(suffixes[g][j])] fp64.
+
+    The G prefixes run as one left-padded batch with ``use_cache=True``; then all suffixes run as
+    one right-padded batch on the cache rows of their prefixes (``Cache.batch_select_indices``).
+    In prompt mode the vector of each prefix's last token is added at every position of the prefix
+    and of its suffixes; in token mode every position gets its own.
+    """
+    from ..ops import add_vectors, steering_vectors
+
+    device = model_device(model)
+    G = len(prefixes)
+    P = max(len(x) for x in prefixes)
+    owner = [g for g, sufs in enumerate(suffixes) for _ in sufs]
+    flat_suf = [suf for sufs in suffixes for suf in sufs]
+    R, L = len(flat_suf), max(len(x) for x in flat_suf)
+    block = find_decoder_layers(model, module_path)[layer]
+    bank = as_bank(steerer, device) if steerer is not None else None
+    state = {}
+
+    def hook(module, args, output):
+        h = _hidden_of(output)
+        flat = h.reshape(-1, h.shape[-1])
+        if mode == "token":
+            out = steer(flat, bank, mode="token", backend=backend, check_index_range=False)
+        else:
+            if "v" not in state:  # the prefix pass (left-padded: every last token sits at P − 1)
+                state["v"] = steering_vectors(h[:, -1], bank, None, backend)
+                rows = torch.arange(h.shape[0], device=h.device)
+            else:
+                rows = state["owner"]
+            slot = rows.to(torch.int32).repeat_interleave(h.shape[1])
+            out = add_vectors(flat, state["v"], slot, backend)
+        return _with_hidden(output, out.reshape(h.shape))
+
+    ids = torch.full((G, P), pad_id, dtype=torch.long)
+    pmask = torch.zeros((G, P), dtype=torch.long)
+    for g, pre in enumerate(prefixes):
+        ids[g, P - len(pre):] = torch.tensor(pre)
+        pmask[g, P - len(pre):] = 1
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    sel = torch.tensor(owner)
+    sids = torch.full((R, L), pad_id, dtype=torch.long)
+    smask = torch.zeros((R, L), dtype=torch.long)
+    for j, suf in enumerate(flat_suf):
+        sids[j, :len(suf)] = torch.tensor(suf)
+        smask[j, :len(suf)] = 1
+    spos = pmask.sum(-1)[sel].unsqueeze(-1) + torch.arange(L)
+    state["owner"] = sel.to(device)
+    kw = _cache_keyword(model)
+    handle = block.register_forward_hook(hook) if steerer is not None else None
+    try:
+        with torch.no_grad():
+            with _gather_logit_rows(model, torch.arange(G, device=device), torch.full((G,), P - 1, device=device)):
+                pre = model(input_ids=ids.to(device), attention_mask=pmask.to(device), position_ids=ppos.to(device),
+                            use_cache=True)
+            first = torch.log_softmax(pre.logits.reshape(G, -1).float(), -1)
+            cache = getattr(pre, "cache", None) or getattr(pre, "past_key_values", None)
+            if cache is None:
+                raise RuntimeError(f"{type(model).__name__} returned no key/value cache with use_cache=True")
+            cache.batch_select_indices(sel.to(device))
+            first_lp = first[sel.to(device), torch.tensor([suf[0] for suf in flat_suf], device=device)]
+            rows = [j for j, suf in enumerate(flat_suf) for _ in range(len(suf) - 1)]
+            cols = [t for suf in flat_suf for t in range(len(suf) - 1)]
+            tok_lp = torch.zeros(0, dtype=torch.float64)
+            if rows:
+                with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)):
+                    rest = model(input_ids=sids.to(device), attention_mask=torch.cat([pmask[sel], smask], 1).to(device),
+                                 position_ids=spos.to(device), use_cache=True, **{kw: cache})
+                logp = torch.log_softmax(rest.logits.reshape(len(rows), -1).float(), -1)
+                targets = torch.tensor([suf[t + 1] for suf in flat_suf for t in range(len(suf) - 1)], device=device)
+                tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
+    finally:
+        if handle is not None:
+            handle.remove()
+    out: List[List[torch.Tensor]] = [[] for _ in range(G)]
+    k = 0
+    for j, suf in enumerate(flat_suf):
+        out[owner[j]].append(torch.cat([first_lp[j:j + 1].double().cpu(), tok_lp[k:k + len(suf) - 1]]))
+        k += len(suf) - 1
+    return out
+
+
+def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc,
+                         max_rows: int):
+    """Score ``seqs`` group by group (groups = same prompt), several groups per forward (≤ ``max_rows``
+    response rows, at least one group)."""
+    from tqdm.auto import tqdm
+
+    groups = list(_prefix_groups(seqs).items())
+    groups.sort(key=lambda kv: len(kv[0]))  # similar prompt lengths pad little
+    chunks, cur, rows = [], [], 0
+    for prefix, members in groups:
+        if cur and rows + len(members) > max_rows:
+            chunks.append(cur)
+            cur, rows = [], 0
+        cur.append((prefix, members))
+        rows += len(members)
+    chunks.append(cur)
+    n = len(seqs)
+    lp = [torch.zeros(n, dtype=torch.float64) for _ in configs]
+    with tqdm(total=len(chunks) * len(configs), desc=desc, disable=not progress, unit="fwd") as bar:
+        for chunk in chunks:
+            prefixes = [prefix for prefix, _ in chunk]
+            suffixes = [[seqs[i].ids[seqs[i].last_prompt + 1:] for i in members] for _, members in chunk]
+            for k, cfg in enumerate(configs):
+                per = _prefix_logprobs(model, prefixes, suffixes, cfg, layer, mode, backend, pad_id, module_path)
+                for (_, members), vals in zip(chunk, per):
+                    lp[k][members] = torch.stack([x.sum() for x in vals])
+                bar.update()
+    counts = torch.tensor([s.n_scored for s in seqs], dtype=torch.long)
+    return [SeqScores(lp[k], counts) for k in range(len(configs))]
+
+
+def _inverse(order: List[int]) -> torch.Tensor:
+    """Index that puts results computed in ``order`` back into input order."""
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    return inv
+
+
+def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: int, mode: str = "prompt",
+                    backend: str = "auto", batch_size: int = 8, pad_id: int = 0, compare: bool = False,
+                    module_path: Optional[str] = None, progress: bool = True, desc: str = "score",
+                    share_prefix: bool = True) -> List[SeqScores]:
+    """Score every sequence under every configuration (see the module docstring).
+
+    ``configs``: Steerers (each applied alone, at its own strength) or ``None`` (unsteered).
+    Returns one :class:`SeqScores` per configuration, in order. With ``compare`` the unsteered
+    distributions are computed once per batch and every configuration is compared with them.
+    Sequences are processed in length-sorted batches; results come back in input order. With
+    ``share_prefix`` (and without ``compare``), sequences with the same prompt share its forward.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in ("prompt", "token"):
+        raise ValueError(f"mode must be 'prompt' or 'token', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not seqs:
+        raise ValueError("score_sequences: no sequences")
+    if share_prefix and not compare and _cache_keyword(model) is not None:
+        shared = [i for idx in _prefix_groups(seqs).values() if len(idx) > 1 for i in idx
+                  if _fits_window(model, seqs[i])]
+        if shared:
+            rest = sorted(set(range(len(seqs))) - set(shared))
+            out = _score_shared_prefix(model, [seqs[i] for i in shared], configs, layer, mode, backend, pad_id,
+                                       module_path, progress, desc, max_rows=4 * batch_size)
+            if rest:
+                plain = score_sequences(model, [seqs[i] for i in rest], configs, layer, mode, backend, batch_size,
+                                        pad_id, False, module_path, progress, desc, share_prefix=False)
+                for a, b in zip(out, plain):
+                    a.logprob = torch.cat([a.logprob, b.logprob])[_inverse(shared + rest)]
+                    a.n_tokens = torch.cat([a.n_tokens, b.n_tokens])[_inverse(shared + rest)]
+            else:
+                for a in out:
+                    a.logprob, a.n_tokens = a.logprob[_inverse(shared)], a.n_tokens[_inverse(shared)]
+            return out
+    n = len(seqs)
+    lp = [torch.zeros(n, dtype=torch.float64) for _ in configs]
+    kl = [torch.zeros(n, dtype=torch.float64) for _ in configs]
+    same = [torch.zeros(n, dtype=torch.bool) for _ in configs]
+    counts = torch.tensor([s.n_scored for s in seqs], dtype=torch.long)
+    order = sorted(range(n), key=lambda i: len(seqs[i].ids))
+    groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    bar = tqdm(total=len(groups) * (len(configs) + (1 if compare else 0)), desc=desc, disable=not progress,
+               unit="fwd")
+    for group in groups:
+        batch = [seqs[i] for i in group]
+        seg = torch.tensor([s.n_scored for s in batch])
+        owner = torch.repeat_interleave(torch.arange(len(batch)), seg)
+        base = None
+        if compare:
+            base, targets = _forward_logprobs(model, batch, None, layer, mode, backend, pad_id, module_path)
+            base = base.cpu()
+            base_arg = base.argmax(-1)
+            bar.update()
+        for k, cfg in enumerate(configs):
+            if cfg is None and base is not None:
+                logp = base
+            else:
+                logp, targets = _forward_logprobs(model, batch, cfg, layer, mode, backend, pad_id, module_path)
+                logp = logp.cpu()
+                bar.update()
+            tok_lp = logp.gather(-1, targets.cpu().unsqueeze(-1)).squeeze(-1).double()
+            lp[k][group] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, owner, tok_lp)
+            if compare:
+                # KL(base ‖ steered) per position; exp(base) is the unsteered distribution.
+                pos_kl = (base.exp() * (base - logp)).sum(-1).double().clamp_min(0.0)
+                kl[k][group] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, owner, pos_kl) / seg
+                diff = (logp.argmax(-1) != base_arg).long()
+                same[k][group] = torch.zeros(len(batch), dtype=torch.long).index_add_(0, owner, diff) == 0
+    bar.close()
+    return [SeqScores(lp[k], counts, kl[k] if compare else None, same[k] if compare else None)
+            for k in range(len(configs))]
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+                         eos_id: Optional[int], batch_size: int = 8, progress: bool = True) -> List[List[int]]:
+    """The unsteered model's greedy continuation (token ids, at most ``max_new_tokens``, ending at and
+    including the first EOS) of every prompt. No steering hook is attached here."""
+    from tqdm.auto import tqdm
+
+    from ..generation import batches, left_pad
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model_device(model)
+    out: List[List[int]] = []
+    for rows in tqdm(batches(len(prompt_ids), batch_size), desc="greedy continuations", disable=not progress,
+                     unit="batch"):
+        ids, mask = left_pad([prompt_ids[i] for i in rows], pad_id)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
+                             max_new_tokens=max_new_tokens, min_new_tokens=1, pad_token_id=pad_id)
+        for j in range(len(rows)):
+            new = gen[j, ids.shape[1]:].tolist()
+            if eos_id is not None and eos_id in new:
+                new = new[:new.index(eos_id) + 1]
+            out.append(new)
+    return out
