@@ -53,8 +53,8 @@ def random_bank(d: int, r: int = 16, K: int = 8, H: int = 256, m: int = 10, devi
     f32 = dict(dtype=torch.float32)
     bank = SteeringBank(
         A=A.contiguous(), B=B.contiguous(), W2=rn(1, m, H, scale=H ** -0.5), mu=mu,
-        ptmu=(P.T @ mu[0])[None], mu_sq=mu.square().sum(-1), c=rn(1, K, scale=0.1), b1=rn(1, H, scale=0.1),
-        b2=rn(1, m, scale=0.1), gate_mode=torch.tensor([2], dtype=torch.int32),
+        c=rn(1, K, scale=0.1), b1=rn(1, H, scale=0.1), b2=rn(1, m, scale=0.1),
+        gate_mode=torch.tensor([2], dtype=torch.int32),
         threshold=torch.tensor([r / d], **f32), temperature=torch.tensor([0.05], **f32),
         strength=torch.tensor([1.0], **f32), r=r, K=K, H=H, m=m)
     return bank.to(device=device, weight_dtype=weight_dtype)
