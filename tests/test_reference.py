@@ -9,6 +9,7 @@ import torch
 
 import finesteer as fs
 from finesteer import reference
+from finesteer._constants import FLOAT_DTYPES
 from finesteer.bank import SteeringBank
 from tests.utils import random_steerer
 
@@ -45,7 +46,7 @@ def test_scores_in_unit_interval():
 
 def test_closed_gate_and_unsteered_rows_are_bit_identical():
     s = random_steerer(64, threshold=2.0)  # scores are ≤ 1: the hard gate never opens
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in FLOAT_DTYPES:
         h = torch.randn(7, 64).to(dtype)
         h[0, :5] = -0.0  # signed zeros survive too
         out = steer(h, s)
