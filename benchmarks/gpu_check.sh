@@ -8,11 +8,14 @@
 #               (the H200 image already has torch+CUDA, triton, transformers, safetensors, tqdm,
 #               numpy, pytest, hypothesis, pytest-benchmark; nothing can be downloaded there), which
 #               also builds finesteer._C with the CPU and CUDA kernels for sm_90 only
-#               (FINESTEER_CUDA_ARCHS=90, MAX_JOBS=16). Fallback if pip fails: build_ext --inplace,
-#               finesteer/_triton -> kernels symlink, PYTHONPATH=. ; then finesteer.backends().
-#   2. tests    tests/test_cuda.py, tests/test_triton_compile_op.py (custom ops, torch.compile,
-#               CUDA-graph capture), tests/test_hf.py -k "cuda or gpu"; then tests/test_triton.py
-#               compiled on the GPU (the longest: every block configuration compiles once).
+#               (FINESTEER_CUDA_ARCHS=90, MAX_JOBS=16). Fallback if pip fails: build_ext --inplace and
+#               PYTHONPATH=. (finesteer finds the Triton kernels in kernels/ by itself); then
+#               finesteer.backends().
+#   2. tests    the conformance suite tests/test_backends.py for every backend but Triton (custom
+#               ops, torch.compile, CUDA-graph capture) plus tests/test_cuda.py, then
+#               tests/test_hf.py -k "cuda or gpu"; last, the Triton part of the conformance suite
+#               and tests/test_triton.py compiled on the GPU (the longest: every block configuration
+#               compiles once).
 #   3. bench    benchmarks/bench_steer.py --device cuda --dtype bfloat16 --flush-l2 (fused vs
 #               reference vs floor, bandwidth bound), then benchmarks/bench_e2e.py on the GPU
 #               (7B-shaped random Llama, bf16, 32 layers; decode-step overhead of steering).
@@ -25,7 +28,7 @@
 #   locally (no GPU), to check the script's plumbing with small shapes (~2 min on 2 cores):
 #     OUT=/tmp/gc GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_STEER_ARGS="--T 1 --d 256 --budget 0.3" \
 #     GPU_CHECK_E2E_ARGS="--hidden 256 --layers 2 --intermediate 512 --heads 4 --kv-heads 4 --vocab 1000 --prompt 16 --budget 2" \
-#     GPU_CHECK_TRITON_ARGS="-k add_vectors" bash benchmarks/gpu_check.sh
+#     GPU_CHECK_TRITON_ARGS=--collect-only bash benchmarks/gpu_check.sh
 #   (without a GPU the CUDA tests skip, the benchmarks run on the CPU; nothing is installed unless
 #   GPU_CHECK_INSTALL=1)
 # Then copy the fetched JSONs to benchmarks/results/ (e.g. nvidia-h200-bf16.json, e2e-nvidia-h200.json)
@@ -87,16 +90,14 @@ install_package() {
     $PY -m pip install --no-deps --no-build-isolation --no-index -e . && return 0
     echo "pip install -e failed; falling back to build_ext --inplace + PYTHONPATH"
     $PY setup.py build_ext --inplace || return 1
-    ln -sfn ../kernels finesteer/_triton
     return 0
 }
 if [[ "$GPU" == 1 || "${GPU_CHECK_INSTALL:-0}" == 1 ]]; then
     export -f install_package
     export PY
     step install "$SETUP" 300 bash -c install_package
-    if ! $PY -c "import finesteer._triton" >/dev/null 2>&1; then
+    if ! (cd / && $PY -c "import finesteer") >/dev/null 2>&1; then
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-        [[ -e finesteer/_triton ]] || ln -sfn ../kernels finesteer/_triton
     fi
 fi
 step backends "$SETUP" 120 $PY -c "
@@ -105,7 +106,7 @@ print(json.dumps(finesteer.backends(), indent=1)); print(e.status())"
 
 # ---------------------------------------------------------------------------------------- 2. tests
 PYTEST=($PY -m pytest -q -rs -p no:cacheprovider --durations=5)
-step tests_cuda_ops_hf "$OUT/tests.log" 150 "${PYTEST[@]}" tests/test_cuda.py tests/test_triton_compile_op.py
+step tests_backends "$OUT/tests.log" 150 "${PYTEST[@]}" tests/test_backends.py tests/test_cuda.py -k "not triton"
 step tests_hf_gpu "$OUT/tests.log" 90 "${PYTEST[@]}" tests/test_hf.py -k "cuda or gpu"
 
 # ---------------------------------------------------------------------------------------- 3. bench
@@ -122,9 +123,10 @@ cp benchmarks/results/gpu-check-steer.json "$OUT/bench-steer-gpu.json" 2>/dev/nu
 cp benchmarks/results/gpu-check-e2e.json "$OUT/e2e-gpu.json" 2>/dev/null || true
 rm -f benchmarks/results/gpu-check-steer.json benchmarks/results/gpu-check-e2e.json  # $OUT has them
 
-# Last, with whatever time is left: the full Triton suite compiled on the GPU.
+# Last, with whatever time is left: the Triton backend compiled on the GPU (conformance + specific).
 # shellcheck disable=SC2086
-step tests_triton "$OUT/triton.log" 240 "${PYTEST[@]}" tests/test_triton.py ${GPU_CHECK_TRITON_ARGS:-}
+step tests_triton "$OUT/triton.log" 240 "${PYTEST[@]}" tests/test_backends.py tests/test_triton.py -k triton \
+    ${GPU_CHECK_TRITON_ARGS:-}
 
 echo "total $SECONDS s" | tee -a "$SUMMARY"
 cat "$SUMMARY"

@@ -1,9 +1,13 @@
 """Backend registry and selection.
 
-Every backend is a module exposing ``NAME``, ``available() -> (bool, reason)``,
-``supports(device) -> bool`` and the three operator entry points of :mod:`finesteer.reference`
-(``steering_vectors``, ``add_vectors``, ``steer_tokens``) with the same signatures and
-semantics. Modules are imported lazily, so a backend whose toolchain is missing costs nothing.
+Every backend is an object (a module, or an attribute of one) exposing ``NAME``,
+``available() -> (bool, reason)``, ``supports(device) -> bool`` and the three operator entry
+points of :mod:`finesteer.reference` (``steering_vectors``, ``add_vectors``, ``steer_tokens``)
+with the same signatures and the same semantics, index/slot contract included. Each lives in
+one module next to its op registration and fakes: ``finesteer.reference``,
+``finesteer.fused.native`` (``cpu`` and ``cuda``: one compiled library, two devices) and
+``finesteer.fused.triton``. Modules are imported lazily, so a backend whose toolchain is missing
+costs nothing.
 
 Selection (``backend="auto"``): the first available backend in :data:`AUTO_ORDER` that supports
 the tensor's device. ``FINESTEER_BACKEND=<name>`` overrides ``auto``. As in Liger-Kernel's
@@ -14,16 +18,16 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
+from typing import Any
 
 import torch
 
-#: name → module implementing it.
+#: name → ``"module"`` or ``"module:attribute"`` implementing it.
 BACKEND_MODULES = {
     "reference": "finesteer.reference",
-    "cpu": "finesteer.fused.cpu",
+    "cpu": "finesteer.fused.native:CPU",
     "triton": "finesteer.fused.triton",
-    "cuda": "finesteer.fused.cuda",
+    "cuda": "finesteer.fused.native:CUDA",
 }
 
 #: Preference order for ``backend="auto"``, per device type.
@@ -34,13 +38,19 @@ AUTO_ORDER = {
 
 ENV_VAR = "FINESTEER_BACKEND"
 
-_cache: dict[str, tuple[ModuleType | None, str]] = {}
+_cache: dict[str, tuple[Any, str]] = {}
 
 
-def _load(name: str) -> tuple[ModuleType | None, str]:
+def _import(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, attribute) if attribute else mod
+
+
+def _load(name: str) -> tuple[Any, str]:
     if name not in _cache:
         try:
-            mod = importlib.import_module(BACKEND_MODULES[name])
+            mod = _import(BACKEND_MODULES[name])
             ok, reason = mod.available()
             _cache[name] = (mod if ok else None, reason)
         except Exception as exc:  # a broken toolchain must not break the package
@@ -57,7 +67,7 @@ def backends() -> dict[str, str]:
     return out
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
+def get_backend(name: str, device: torch.device) -> Any:
     """Resolve ``name`` (a backend name or ``"auto"``) for tensors on ``device``."""
     device = torch.device(device)
     if name == "auto":

@@ -1,7 +1,8 @@
 """Guarded loading of the compiled operators in ``csrc/`` (the ``cpu`` and ``cuda`` backends).
 
 The C++ code registers three dispatcher ops under ``torch.ops.finesteer_ext`` (schemas in
-``csrc/ops.cpp``): ``steering_vectors``, ``steer_tokens`` and ``add_vectors``. They are found, in
+``csrc/ops.cpp``): ``steering_vectors``, ``steer_tokens`` and ``add_vectors``; their fake
+kernels and the backends that call them are in :mod:`finesteer.fused.native`. They are found, in
 order, in
 
 1. ``finesteer._C``: built at install time by ``setup.py`` (when torch and a compiler were
@@ -43,7 +44,6 @@ CSRC = _build.csrc_dir()
 
 _lock = threading.Lock()
 _state: dict[str, tuple[bool, str]] = {}
-_fakes_registered = False
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -117,33 +117,6 @@ def _jit_build(kind: str) -> tuple[bool, str]:
     return True, f"{label} built from csrc/ at first use (cached in {entry.dir})"
 
 
-def _register_fakes() -> None:
-    """Shape-only (fake) kernels so torch.compile can trace through the ops."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
-    try:
-        from torch.library import register_fake
-    except ImportError:  # torch < 2.4
-        return
-
-    def _vectors(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, index, eps):
-        return h.new_empty(h.shape, dtype=torch.float32)
-
-    def _tokens(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, index, eps):
-        return h.new_empty(h.shape)
-
-    def _add(h, vectors, slot):
-        return h.new_empty(h.shape)
-
-    for op, fn in (("steering_vectors", _vectors), ("steer_tokens", _tokens), ("add_vectors", _add)):
-        try:
-            register_fake(f"{NAMESPACE}::{op}")(fn)
-        except Exception:  # already registered by an earlier import; harmless
-            pass
-
-
 def load_cpu() -> tuple[bool, str]:
     """Make the CPU kernels available; ``(ok, reason)``. Idempotent, attempted once per process."""
     with _lock:
@@ -156,17 +129,13 @@ def _load_cpu_locked() -> tuple[bool, str]:
     if os.environ.get("FINESTEER_DISABLE_EXT") == "1":
         return False, "disabled by FINESTEER_DISABLE_EXT=1"
     if all(_has_kernel(op, "CPU") for op in OPS):
-        _register_fakes()
         return True, "already loaded"
     note = _try_prebuilt()
     if all(_has_kernel(op, "CPU") for op in OPS):
-        _register_fakes()
         return True, note
     ok, reason = _jit_build("cpu")
     if ok and not all(_has_kernel(op, "CPU") for op in OPS):
         ok, reason = False, f"{reason}, but the ops did not register (stale build cache?)"
-    if ok:
-        _register_fakes()
     return ok, reason if ok else f"{reason}; {note}"
 
 

@@ -15,17 +15,17 @@ Layout (``J = r + K + H``)::
     B        [N, K + m, d] = [V ; Uᵀ]              weight dtype
     W2       [N, m, H]                              weight dtype
     mu       [N, d]      fp32      centre μ of the gate
-    ptmu     [N, r]      fp32      Pᵀμ (so ‖Pᵀ(h−μ)‖ needs no second pass over P)
-    mu_sq    [N]         fp32      ‖μ‖²
     c        [N, K]      fp32      routing bias (−inf for padding experts)
     b1       [N, H]      fp32
     b2       [N, m]      fp32
-    gate_mode   [N]      int32     0 off, 1 hard, 2 soft
+    gate_mode   [N]      int32     GATE_OFF / GATE_HARD / GATE_SOFT (finesteer._constants)
     threshold   [N]      fp32      τ
     temperature [N]      fp32      soft-gate temperature
     strength    [N]      fp32      λ
 
-All tensors are contiguous. Changing ``strength`` (or τ) in place is allowed and needs no
+All tensors are contiguous. Every backend forms ``Pᵀ(h − μ)`` and ``‖h − μ‖²`` from the centred
+row itself (expanding them through ``Pᵀμ`` and ``‖μ‖²`` cancels catastrophically on the huge,
+nearly constant channels of LLM residual streams), so the bank stores no such precomputed terms. Changing ``strength`` (or τ) in place is allowed and needs no
 re-packing, so a captured CUDA graph picks the new value up.
 """
 from __future__ import annotations
@@ -35,12 +35,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ._constants import GATE_MODES, GATE_OFF
+from ._constants import FLOAT_DTYPES, GATE_MODES, GATE_OFF
 
 if TYPE_CHECKING:  # pragma: no cover
     from .steerer import Steerer
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(eq=False)
@@ -51,8 +49,6 @@ class SteeringBank:
     B: torch.Tensor
     W2: torch.Tensor
     mu: torch.Tensor
-    ptmu: torch.Tensor
-    mu_sq: torch.Tensor
     c: torch.Tensor
     b1: torch.Tensor
     b2: torch.Tensor
@@ -88,8 +84,8 @@ class SteeringBank:
     def to(self, device=None, weight_dtype: torch.dtype | None = None) -> "SteeringBank":
         """Copy to ``device``; ``weight_dtype`` casts the large matrices ``A``, ``B``, ``W2`` only
         (the vectors and scalars stay fp32: they are tiny and the gate threshold needs fp32)."""
-        if weight_dtype is not None and weight_dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {_FLOAT_DTYPES}, got {weight_dtype}")
+        if weight_dtype is not None and weight_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {FLOAT_DTYPES}, got {weight_dtype}")
         new = {}
         for name, t in self.tensors().items():
             dtype = weight_dtype if (weight_dtype is not None and name in ("A", "B", "W2")) else t.dtype
@@ -147,9 +143,7 @@ class SteeringBank:
             b2[i, :mm] = mo.b2.float().cpu()
             temperature[i] = float(s.temperature)
             strength[i] = float(s.strength)
-        ptmu = torch.einsum("ndr,nd->nr", A[:, :, :r], mu)
-        mu_sq = mu.square().sum(-1)
-        bank = cls(A=A, B=B, W2=W2, mu=mu, ptmu=ptmu, mu_sq=mu_sq, c=c, b1=b1, b2=b2,
+        bank = cls(A=A, B=B, W2=W2, mu=mu, c=c, b1=b1, b2=b2,
                    gate_mode=gate_mode, threshold=threshold, temperature=temperature, strength=strength,
                    r=r, K=K, H=H, m=m, layers=tuple(s.layer for s in steerers))
         return bank.to(device=device, weight_dtype=weight_dtype)

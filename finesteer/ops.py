@@ -6,9 +6,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._backends import get_backend
+from ._constants import FLOAT_DTYPES, INDEX_DTYPES
 from .bank import SteeringBank
-
-_IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def as_bank(steerer_or_bank, device) -> SteeringBank:
@@ -29,7 +28,7 @@ def as_bank(steerer_or_bank, device) -> SteeringBank:
 
 
 def check_hidden(h: torch.Tensor, bank: SteeringBank, where: str = "steer") -> None:
-    if not isinstance(h, torch.Tensor) or h.dtype not in _IO_DTYPES:
+    if not isinstance(h, torch.Tensor) or h.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{where}: hidden states must be a float32/bfloat16/float16 tensor, "
                         f"got {getattr(h, 'dtype', type(h).__name__)}")
     if h.dim() < 1 or h.shape[-1] != bank.hidden_size:
@@ -41,7 +40,7 @@ def check_index(index: torch.Tensor, shape, bank: SteeringBank, device, where: s
     """Validate a bank-index tensor; with ``check_range`` also its values (a host sync on GPU)."""
     if not isinstance(index, torch.Tensor):
         index = torch.as_tensor(index, device=device)
-    if index.dtype not in (torch.int32, torch.int64):
+    if index.dtype not in INDEX_DTYPES:
         raise TypeError(f"{where}: index must be an int32/int64 tensor, got {index.dtype}")
     if tuple(index.shape) != tuple(shape):
         raise ValueError(f"{where}: index has shape {tuple(index.shape)}, expected {tuple(shape)}")
@@ -74,7 +73,7 @@ def steer_tokens(h: torch.Tensor, bank: SteeringBank, index: Optional[torch.Tens
 
 
 def steer(h: torch.Tensor, steerer_or_bank: Union["SteeringBank", Sequence, object], mode: str = "token",
-          index: Optional[torch.Tensor] = None, backend: str = "reference",
+          index: Optional[torch.Tensor] = None, backend: str = "auto",
           last_index: Optional[torch.Tensor] = None, check_index_range: bool = True) -> torch.Tensor:
     """Steer hidden states with one steerer or a bank of them (DESIGN §4).
 
@@ -95,8 +94,12 @@ def steer(h: torch.Tensor, steerer_or_bank: Union["SteeringBank", Sequence, obje
                     (default: the last position, ``S − 1``).
     Returns a new tensor shaped and typed like ``h``; ``h`` is not modified.
 
-    ``check_index_range`` validates the index values (a host–device sync on GPU); the model
-    integration validates once up front and passes ``False`` on its hot path.
+    ``backend``: a name from :func:`finesteer.backends` or ``"auto"`` (the default, as everywhere:
+    the best available backend for ``h``'s device, ``FINESTEER_BACKEND`` overrides it).
+
+    ``check_index_range`` (default ``True``) raises ``IndexError`` for an index outside
+    ``[−1, N)`` before dispatch (a host–device sync on GPU). With ``False`` such values are not
+    errors: as on every backend, they leave their rows unsteered (:mod:`finesteer.reference`).
     """
     if mode not in ("token", "prompt"):
         raise ValueError(f"mode must be 'token' or 'prompt', got {mode!r}")

@@ -9,12 +9,27 @@ Semantics, for row ``t`` of ``h`` using steerer ``n = index[t]`` of the bank::
     α     = softmax(hᵀR_n + c_n)
     β     = W2_n relu(W1_n h + b1_n) + b2_n
     v     = λ_n · g · ([α ; β] @ B_n)                    # B_n = [V_n ; U_nᵀ]
-    out   = h             where v == 0   (closed gate, index −1: bit-identical rows)
+    out   = h             where v == 0   (closed gate, unsteered row: bit-identical elements)
             h + v         elsewhere, computed in fp32 and rounded once to h.dtype
 
 All arithmetic is fp32 whatever the input or weight dtype. Nothing here synchronises host and
 device: the loop is over the bank's (static) number of steerers, and rows are selected with
 ``torch.where``, never by indexing with data-dependent shapes.
+
+Index and slot contract — the one every backend (reference, cpu, cuda, triton) obeys, and
+``tests/test_backends.py`` checks on each of them:
+
+- ``index[t]`` in ``[0, N)`` selects bank steerer ``index[t]``; ``index=None`` means every row
+  uses steerer 0.
+- Every other value — ``−1`` ("unsteered"), any other negative number, ``N`` or more — is
+  treated exactly as ``−1``: the row comes back bit-identical to ``h`` (its steering vector is
+  0). No backend raises on an index *value* (on a GPU that check needs a host–device sync) and
+  none reads outside the bank.
+- ``slot[t]`` of :func:`add_vectors` follows the same rule over ``[0, S)``.
+- The public, validating entry point :func:`finesteer.steer` (with its default
+  ``check_index_range=True``) raises ``IndexError`` for an index outside ``[−1, N)`` before
+  dispatching to any backend; the hot paths of the integrations validate once up front and
+  call the backends directly.
 """
 from __future__ import annotations
 
@@ -58,8 +73,9 @@ def _one_steerer_vectors(h32: torch.Tensor, bank: SteeringBank, n: int) -> torch
 def steering_vectors(h: torch.Tensor, bank: SteeringBank, index: Optional[torch.Tensor]) -> torch.Tensor:
     """Scaled steering vectors λ·g(h)·s(h), one per row.
 
-    Shape: ``h`` [T, d] (any float dtype); ``index`` [T] integer bank index per row, −1 = none,
-    or ``None`` (every row uses steerer 0). Returns fp32 [T, d]; rows with index −1 are zero.
+    Shape: ``h`` [T, d] (any float dtype); ``index`` [T] integer bank index per row (−1 and any
+    other value outside ``[0, N)``: none), or ``None`` (every row uses steerer 0). Returns fp32
+    [T, d]; unsteered rows are zero.
     """
     h32 = h.float()
     out = torch.zeros_like(h32)
@@ -72,16 +88,22 @@ def steering_vectors(h: torch.Tensor, bank: SteeringBank, index: Optional[torch.
 
 
 def add_vectors(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[torch.Tensor]) -> torch.Tensor:
-    """Add cached vectors to rows: ``out[t] = h[t] + vectors[slot[t]]`` (``slot[t] = −1``: unchanged).
+    """Add cached vectors to rows: ``out[t] = h[t] + vectors[slot[t]]``.
 
-    Shape: ``h`` [T, d]; ``vectors`` [S, d] fp32; ``slot`` [T] integer, or ``None`` meaning
-    ``S == T`` and row ``t`` takes ``vectors[t]``. Returns a new tensor of ``h``'s dtype; where a
-    vector element is exactly zero the output element is ``h``'s, bit for bit.
+    Shape: ``h`` [T, d]; ``vectors`` [S, d] fp32; ``slot`` [T] integer (−1 and any other value
+    outside ``[0, S)``: row unchanged), or ``None`` meaning ``S == T`` and row ``t`` takes
+    ``vectors[t]``. Returns a new tensor of ``h``'s dtype; where a vector element is exactly zero
+    the output element is ``h``'s, bit for bit.
     """
     if slot is None:
         v = vectors
+    elif vectors.shape[0] == 0:  # no vector to take: every slot is out of range
+        v = vectors.new_zeros(h.shape)
     else:
-        v = vectors[slot.clamp(min=0).long()] * (slot >= 0).unsqueeze(-1)
+        valid = ((slot >= 0) & (slot < vectors.shape[0])).unsqueeze(-1)
+        # Gather with a clamped (always valid) slot, then select: no data-dependent shapes, no sync.
+        gathered = vectors[slot.clamp(0, vectors.shape[0] - 1).long()]
+        v = torch.where(valid, gathered, gathered.new_zeros(()))
     summed = (h.float() + v).to(h.dtype)
     return torch.where(v == 0, h, summed)
 

@@ -64,7 +64,10 @@ class Steerer:
         return gate_from_score(self.gate.score(h), self.gate.threshold, self.gate_mode, self.temperature)
 
     def vector(self, h: torch.Tensor) -> torch.Tensor:
-        """Scaled steering vector λ·g(h)·s(h) for every row of ``h`` [..., d] → fp32 [..., d]."""
+        """Scaled steering vector λ·g(h)·s(h) for every row of ``h`` [..., d] → fp32 [..., d].
+
+        Computed from the unpacked gate and MoSE; ``tests/test_steerer.py`` checks it equals
+        :func:`finesteer.reference.steering_vectors` on this steerer's bank."""
         return (self.strength * self.gate_value(h)).unsqueeze(-1) * self.mose.vector(h)
 
     def bank(self, device=None, weight_dtype: torch.dtype = torch.float32):
@@ -116,7 +119,7 @@ class Steerer:
         """Drop the cached packed banks (not needed after the changes :meth:`packed_bank` tracks)."""
         self.__dict__.pop("_packed", None)
 
-    def apply(self, h: torch.Tensor, mode: str = "token", backend: str = "reference", **kwargs) -> torch.Tensor:
+    def apply(self, h: torch.Tensor, mode: str = "token", backend: str = "auto", **kwargs) -> torch.Tensor:
         """Steer ``h`` (see :func:`finesteer.steer` for ``mode`` and the shapes)."""
         from .ops import steer
         return steer(h, self, mode=mode, backend=backend, **kwargs)

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from finesteer._constants import GATE_EPS, GATE_HARD, GATE_OFF
+from finesteer._constants import GATE_HARD, GATE_OFF
 
 from . import steer as k
 
@@ -38,11 +38,12 @@ def _steer_variant(io: str, w: str, write_vectors: bool, has_index: bool, split:
     consts = dict(HAS_INDEX=has_index, WRITE_VECTORS=write_vectors, SPLIT=split,
                   BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=cfg["BLOCK_DO"], BLOCK_R=block_r,
                   BLOCK_K=block_k, BLOCK_H=cfg["BLOCK_H"], BLOCK_HE=cfg["BLOCK_HE"], BLOCK_M=block_m,
-                  WS_PRE=block_r + block_k + 1, GATE_EPS=GATE_EPS, GATE_OFF=GATE_OFF, GATE_HARD=GATE_HARD)
+                  WS_PRE=block_r + block_k + 1, GATE_OFF=GATE_OFF, GATE_HARD=GATE_HARD)
     ptrs = {"h_ptr": _TY[io], "out_ptr": "*fp32" if write_vectors else _TY[io], "index_ptr": "*i64",
             "counter_ptr": "*i32", "A_ptr": _TY[w], "B_ptr": _TY[w], "W2_ptr": _TY[w], "mode_ptr": "*i32"}
     fn = k._steer_fwd_kernel
-    sig = {a: "constexpr" if a in consts else (ptrs.get(a, "*fp32") if a.endswith("_ptr") else "i32")
+    sig = {a: "constexpr" if a in consts else (ptrs.get(a, "*fp32") if a.endswith("_ptr")
+                                               else "fp32" if a == "eps" else "i32")
            for a in fn.arg_names}
     name = (f"steer[{'vectors' if write_vectors else 'tokens'} io={io} w={w} index={has_index} split={split} "
             f"T={T} r={r} K={K} H={H} m={m}]")

@@ -60,9 +60,8 @@ accumulation, TF32 would miss the fp32 tolerance).
 Banks. Rows of one block may use different steerers. Each program loops over the bank's
 steerers and skips those that no row of its block uses (a scalar branch, no host sync); for a
 used steerer, rows of other steerers are masked out of the loads and stores. Index entries
-outside ``[0, N)`` (−1 = "unsteered") leave the row untouched: ``out = h`` bit for bit
-(vectors: 0). Out-of-range values other than −1 are not validated here (that needs a host
-sync; :func:`finesteer.steer` validates) but never cause an out-of-bounds read.
+outside ``[0, N)`` (−1 = "unsteered", and every other out-of-range value: the contract of
+:mod:`finesteer.reference`) leave the row untouched: ``out = h`` bit for bit (vectors: 0).
 
 Numerics of the gate: ``Pᵀ(h − μ)`` and ``‖h − μ‖²`` are accumulated from the centred tile
 ``h − μ`` directly, not as ``Pᵀh − Pᵀμ`` and ``‖h‖² − 2hᵀμ + ‖μ‖²``. LLM residual streams have
@@ -70,7 +69,7 @@ a few huge, nearly constant channels that μ absorbs; the expanded forms cancel 
 there (relative error ~ 1e-7·‖h‖²/‖h − μ‖²), and ``Pᵀμ`` precomputed in fp32 would not match a
 bf16-rounded ``P``. Loading μ costs d·4 bytes per row block, negligible next to ``A``; the P
 columns are a separate ``[BLOCK_D, BLOCK_R]`` tile of the same cache lines, so ``A`` still
-comes from DRAM once. (``bank.ptmu``/``bank.mu_sq`` are therefore not read here.)
+comes from DRAM once.
 
 Products go through ``_mm``: ``tl.dot`` for row blocks of ≥ 16 (every operand at least 16 wide,
 Triton's minimum on NVIDIA), a broadcast multiply + reduction for the 1–4-row blocks of decode;
@@ -89,10 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
-from finesteer._constants import GATE_EPS, GATE_HARD, GATE_OFF
-
-_IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INT_DTYPES = (torch.int32, torch.int64)
+from finesteer._constants import FLOAT_DTYPES, GATE_EPS, GATE_HARD, GATE_OFF, INDEX_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,11 +189,11 @@ def _sum_partials(ws_row_ptr, cols, mask, ws_split_stride, SPLIT: tl.constexpr):
 @triton.jit
 def _epilogue_and_apply(h_ptr, out_ptr, ws_row_ptr, n, rows64, sel,
                         B_ptr, W2_ptr, c_ptr, b1_ptr, b2_ptr, mode_ptr, thr_ptr, temp_ptr, lam_ptr,
-                        d, r, K, H, m, stride_ht, stride_hd, stride_ot, ws_split_stride,
+                        d, r, K, H, m, stride_ht, stride_hd, stride_ot, ws_split_stride, eps,
                         SPLIT: tl.constexpr, WRITE_VECTORS: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_DO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_HE: tl.constexpr, BLOCK_M: tl.constexpr, WS_PRE: tl.constexpr,
-                        GATE_EPS: tl.constexpr, GATE_OFF: tl.constexpr, GATE_HARD: tl.constexpr):
+                        GATE_OFF: tl.constexpr, GATE_HARD: tl.constexpr):
     """Gate, routing softmax, residual MLP and the phase-2 pass over d for the selected rows.
 
     The MLP runs ``BLOCK_HE`` hidden units at a time, independent of phase 1's ``BLOCK_H``: the
@@ -214,7 +210,7 @@ def _epilogue_and_apply(h_ptr, out_ptr, ws_row_ptr, n, rows64, sel,
     # Gate.
     g_proj = _sum_partials(wsr, offs_r[None, :], sel2, ws_split_stride, SPLIT)
     ssq = _sum_partials(ws_row_ptr, BLOCK_R + BLOCK_K, sel, ws_split_stride, SPLIT)
-    score = tl.sum(g_proj * g_proj, axis=1) / (ssq + GATE_EPS)
+    score = tl.sum(g_proj * g_proj, axis=1) / (ssq + eps)
     mode = tl.load(mode_ptr + n)
     tau = tl.load(thr_ptr + n)
     temp = tl.load(temp_ptr + n)
@@ -296,12 +292,12 @@ def _steer_fwd_kernel(h_ptr, out_ptr, index_ptr, ws_ptr, counter_ptr,
                       A_ptr, B_ptr, W2_ptr, mu_ptr, c_ptr, b1_ptr, b2_ptr,
                       mode_ptr, thr_ptr, temp_ptr, lam_ptr,
                       T, d, r, K, H, m, num_steerers, d_chunk,
-                      stride_ht, stride_hd, stride_ot, ws_split_stride, ws_row_stride,
+                      stride_ht, stride_hd, stride_ot, ws_split_stride, ws_row_stride, eps,
                       HAS_INDEX: tl.constexpr, WRITE_VECTORS: tl.constexpr, SPLIT: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_HE: tl.constexpr, BLOCK_M: tl.constexpr, WS_PRE: tl.constexpr,
-                      GATE_EPS: tl.constexpr, GATE_OFF: tl.constexpr, GATE_HARD: tl.constexpr):
+                      GATE_OFF: tl.constexpr, GATE_HARD: tl.constexpr):
     """Grid ``(cdiv(T, BLOCK_T), SPLIT)``; see the module docstring."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -309,7 +305,10 @@ def _steer_fwd_kernel(h_ptr, out_ptr, index_ptr, ws_ptr, counter_ptr,
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
     if HAS_INDEX:
-        idx = tl.load(index_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        # Out-of-range entries become −1 before the narrowing cast, so an int64 value ≥ 2³¹ can
+        # never wrap onto a valid steerer.
+        idx = tl.load(index_ptr + rows, mask=row_ok, other=-1)
+        idx = tl.where((idx >= 0) & (idx < num_steerers), idx, -1).to(tl.int32)
         n_loop = num_steerers
     else:
         idx = tl.where(row_ok, 0, -1)
@@ -342,9 +341,9 @@ def _steer_fwd_kernel(h_ptr, out_ptr, index_ptr, ws_ptr, counter_ptr,
             if tl.sum(sel.to(tl.int32), axis=0) > 0:
                 _epilogue_and_apply(h_ptr, out_ptr, ws_rows, n, rows64, sel,
                                     B_ptr, W2_ptr, c_ptr, b1_ptr, b2_ptr, mode_ptr, thr_ptr, temp_ptr, lam_ptr,
-                                    d, r, K, H, m, stride_ht, stride_hd, stride_ot, ws_split_stride,
+                                    d, r, K, H, m, stride_ht, stride_hd, stride_ot, ws_split_stride, eps,
                                     SPLIT, WRITE_VECTORS, BLOCK_T, BLOCK_DO, BLOCK_R, BLOCK_K, BLOCK_HE,
-                                    BLOCK_M, WS_PRE, GATE_EPS, GATE_OFF, GATE_HARD)
+                                    BLOCK_M, WS_PRE, GATE_OFF, GATE_HARD)
         untouched = row_ok & ((idx < 0) | (idx >= n_loop))
         if tl.sum(untouched.to(tl.int32), axis=0) > 0:
             _copy_rows(h_ptr, out_ptr, rows64, untouched, d, stride_ht, stride_hd, stride_ot,
@@ -356,7 +355,7 @@ def _add_vectors_kernel(h_ptr, vec_ptr, slot_ptr, out_ptr, T, d, S,
                         stride_ht, stride_hd, stride_vs, stride_vd, stride_ot,
                         HAS_SLOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid ``(cdiv(T, BLOCK_T), cdiv(d, BLOCK_D))``: ``out = select(v == 0, h, round(h + v))``,
-    ``v = vectors[slot[t]]`` (0 for slot −1 or out of range)."""
+    ``v = vectors[slot[t]]`` (0 for slot −1 or any other value outside ``[0, S)``)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < T
@@ -417,7 +416,7 @@ def _check_device(t: torch.Tensor, where: str, what: str) -> None:
 def _check_h(h: torch.Tensor, d: Optional[int], where: str) -> None:
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"{where}: h must be a tensor, got {type(h).__name__}")
-    if h.dtype not in _IO_DTYPES:
+    if h.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{where}: h must be float32/bfloat16/float16, got {h.dtype}")
     if h.dim() != 2:
         raise ValueError(f"{where}: h must be 2-D [T, d], got shape {tuple(h.shape)}")
@@ -429,7 +428,7 @@ def _check_h(h: torch.Tensor, d: Optional[int], where: str) -> None:
 def _check_rows_index(index: Optional[torch.Tensor], T: int, h: torch.Tensor, where: str, name: str) -> None:
     if index is None:
         return
-    if not isinstance(index, torch.Tensor) or index.dtype not in _INT_DTYPES:
+    if not isinstance(index, torch.Tensor) or index.dtype not in INDEX_DTYPES:
         raise TypeError(f"{where}: {name} must be an int32/int64 tensor or None, got "
                         f"{getattr(index, 'dtype', type(index).__name__)}")
     if tuple(index.shape) != (T,):
@@ -454,8 +453,11 @@ def _check_bank(bank, h: torch.Tensor, where: str) -> None:
         if not t.is_contiguous():
             raise ValueError(f"{where}: bank.{name} must be contiguous")
         if name in ("A", "B", "W2"):
-            if t.dtype not in _IO_DTYPES:
+            if t.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{where}: bank.{name} must be float32/bfloat16/float16, got {t.dtype}")
+            if t.dtype != bank.A.dtype:
+                raise TypeError(f"{where}: bank.{name} has dtype {t.dtype} but bank.A has {bank.A.dtype}; "
+                                f"A, B, W2 share one weight dtype")
         elif name == "gate_mode":
             if t.dtype != torch.int32:
                 raise TypeError(f"{where}: bank.gate_mode must be int32, got {t.dtype}")
@@ -512,12 +514,14 @@ def _default_config(T: int, H: int) -> dict:
 _CONFIG_KEYS = ("BLOCK_T", "BLOCK_D", "BLOCK_DO", "BLOCK_H", "BLOCK_HE", "num_warps", "num_stages")
 
 
-def _steer_launch(h: torch.Tensor, bank, index: Optional[torch.Tensor], write_vectors: bool,
+def _steer_launch(h: torch.Tensor, bank, index: Optional[torch.Tensor], eps: float, write_vectors: bool,
                   split_d: Optional[int], config: Optional[dict], where: str) -> torch.Tensor:
     _check_h(h, bank.hidden_size, where)
     T, d = h.shape
     _check_rows_index(index, T, h, where, "index")
     _check_bank(bank, h, where)
+    if index is not None:
+        index = index.contiguous()  # the kernel reads index[t] at offset t
     out = torch.empty((T, d), dtype=torch.float32 if write_vectors else h.dtype, device=h.device)
     if T == 0:
         return out
@@ -550,17 +554,17 @@ def _steer_launch(h: torch.Tensor, bank, index: Optional[torch.Tensor], write_ve
         bank.A, bank.B, bank.W2, bank.mu, bank.c, bank.b1, bank.b2,
         bank.gate_mode, bank.threshold, bank.temperature, bank.strength,
         T, d, r, K, H, m, bank.num_steerers, d_chunk,
-        h.stride(0), h.stride(1), out.stride(0), ws.stride(0), ws.stride(1),
+        h.stride(0), h.stride(1), out.stride(0), ws.stride(0), ws.stride(1), float(eps),
         HAS_INDEX=index is not None, WRITE_VECTORS=write_vectors, SPLIT=SPLIT,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=cfg["BLOCK_DO"], BLOCK_R=BLOCK_R,
         BLOCK_K=BLOCK_K, BLOCK_H=cfg["BLOCK_H"], BLOCK_HE=cfg["BLOCK_HE"], BLOCK_M=BLOCK_M, WS_PRE=ws_pre,
-        GATE_EPS=GATE_EPS, GATE_OFF=GATE_OFF, GATE_HARD=GATE_HARD,
+        GATE_OFF=GATE_OFF, GATE_HARD=GATE_HARD,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
-def steer_tokens_forward(h: torch.Tensor, bank, index: Optional[torch.Tensor] = None,
+def steer_tokens_forward(h: torch.Tensor, bank, index: Optional[torch.Tensor] = None, eps: float = GATE_EPS,
                          split_d: Optional[int] = None, config: Optional[dict] = None) -> torch.Tensor:
     """Token mode in one fused launch.
 
@@ -575,10 +579,10 @@ def steer_tokens_forward(h: torch.Tensor, bank, index: Optional[torch.Tensor] = 
     :func:`_default_config`) override the heuristics for tests and tuning; the result does not
     depend on them beyond fp32 summation order.
     """
-    return _steer_launch(h, bank, index, False, split_d, config, "triton steer_tokens")
+    return _steer_launch(h, bank, index, eps, False, split_d, config, "triton steer_tokens")
 
 
-def steering_vectors_forward(h: torch.Tensor, bank, index: Optional[torch.Tensor] = None,
+def steering_vectors_forward(h: torch.Tensor, bank, index: Optional[torch.Tensor] = None, eps: float = GATE_EPS,
                              split_d: Optional[int] = None, config: Optional[dict] = None) -> torch.Tensor:
     """λ·g(h)·s(h) per row, fp32.
 
@@ -589,7 +593,7 @@ def steering_vectors_forward(h: torch.Tensor, bank, index: Optional[torch.Tensor
     Shapes: ``h`` [T, d] fp32/bf16/fp16; ``index`` [T] int32/int64 or None → fp32 [T, d].
     ``split_d`` and ``config`` as in :func:`steer_tokens_forward`.
     """
-    return _steer_launch(h, bank, index, True, split_d, config, "triton steering_vectors")
+    return _steer_launch(h, bank, index, eps, True, split_d, config, "triton steering_vectors")
 
 
 def _add_vectors_blocks(T: int, d: int) -> tuple[int, int]:
@@ -607,7 +611,7 @@ def add_vectors_forward(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[t
 
     Shapes: ``h`` [T, d] fp32/bf16/fp16; ``vectors`` [S, d] fp32; ``slot`` [T] int32/int64 or
     None (then S must equal T). Returns a new contiguous tensor shaped and typed like ``h``.
-    Slot values ≥ S are treated as −1 (not validated: that would need a host sync).
+    Slot values outside ``[0, S)`` are treated as −1 (the contract of :mod:`finesteer.reference`).
     """
     where = "triton add_vectors"
     _check_h(h, None, where)
@@ -625,6 +629,8 @@ def add_vectors_forward(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[t
     out = torch.empty((T, d), dtype=h.dtype, device=h.device)
     if T == 0 or d == 0:
         return out
+    if slot is not None:
+        slot = slot.contiguous()  # the kernel reads slot[t] at offset t
     BLOCK_T, BLOCK_D = _add_vectors_blocks(T, d)
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(d, BLOCK_D))
     _add_vectors_kernel[grid](

@@ -2,7 +2,7 @@
 
 This needs the CUDA toolkit only (no GPU, no CUDA build of torch): the .cu files include no torch
 header by design. It catches syntax and template errors in the kernels on CPU-only machines;
-correctness on a device is tests/test_cuda.py's job. Skipped when ``nvcc`` is not on PATH.
+correctness on a device is tests/test_backends.py's job (and tests/test_cuda.py's). Skipped when ``nvcc`` is not on PATH.
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def test_prompt_mode_shape_checks(steerer):
 def test_token_mode_accepts_per_sequence_index_for_3d(steerer):
     other = random_steerer(32, seed=9, gate_mode="off")
     h = torch.randn(2, 3, 32)
-    out = fs.steer(h, [steerer, other], index=torch.tensor([1, -1]))
+    out = fs.steer(h, [steerer, other], index=torch.tensor([1, -1]), backend="reference")
     torch.testing.assert_close(out[0], h[0] + other.vector(h[0]), atol=1e-6, rtol=1e-6)
     assert torch.equal(out[1], h[1])
 
@@ -94,4 +94,28 @@ def test_auto_skips_unavailable_backends(monkeypatch):
 def test_auto_on_cpu_gives_same_result_as_reference(monkeypatch, steerer):
     monkeypatch.delenv(_backends.ENV_VAR, raising=False)
     h = torch.randn(5, 32)
-    torch.testing.assert_close(fs.steer(h, steerer, backend="auto"), fs.steer(h, steerer), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fs.steer(h, steerer), fs.steer(h, steerer, backend="reference"), atol=1e-5, rtol=1e-5)
+
+
+def test_every_entry_point_defaults_to_auto():
+    """fs.steer, Steerer.apply and the three operator entry points all default to backend="auto"."""
+    import inspect
+
+    for fn in (fs.steer, fs.Steerer.apply, fs.ops.steer_tokens, fs.ops.steering_vectors, fs.ops.add_vectors):
+        assert inspect.signature(fn).parameters["backend"].default == "auto", fn.__qualname__
+
+
+def test_default_backend_is_the_auto_choice(monkeypatch, steerer):
+    """Calls without ``backend`` go where ``auto`` goes (here forced by the environment variable)."""
+    calls = []
+    ref = _backends.get_backend("reference", torch.device("cpu"))
+    spy = type("Spy", (), {"NAME": "spy", "supports": staticmethod(lambda device: True),
+                           "steer_tokens": staticmethod(lambda h, bank, index: calls.append("t") or
+                                                        ref.steer_tokens(h, bank, index))})
+    monkeypatch.setitem(_backends.BACKEND_MODULES, "spy", "unused")
+    monkeypatch.setitem(_backends._cache, "spy", (spy, "test double"))
+    monkeypatch.setenv(_backends.ENV_VAR, "spy")
+    h = torch.randn(3, 32)
+    fs.steer(h, steerer)
+    steerer.apply(h)
+    assert calls == ["t", "t"]

@@ -46,3 +46,28 @@ def test_apply_equals_h_plus_vector():
 def test_score_of_wrong_width_is_named():
     with pytest.raises(ValueError, match="SCSGate.score: hidden size mismatch"):
         random_steerer(16).score(torch.randn(2, 15))
+
+
+@pytest.mark.parametrize("gate_mode, with_gate", [("hard", True), ("soft", True), ("off", True), ("off", False)])
+@pytest.mark.parametrize("shape", [(40, 24), (2, 20, 24)])
+def test_vector_equals_the_reference_operator(gate_mode, with_gate, shape):
+    """Steerer.vector (gate.score + MoSE.vector on the unpacked weights, used by the CLI and the
+    demo) is the operator of finesteer.reference on the packed bank, row for row."""
+    from finesteer import reference
+    from tests.utils import TOLERANCES, assert_close_verbose, separate_thresholds
+
+    s = random_steerer(24, r=3, K=4, H=9, m=2, seed=7, gate_mode=gate_mode, with_gate=with_gate, strength=1.3)
+    h = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 2
+    rows = h.reshape(-1, 24)
+    bank = s.bank()
+    separate_thresholds(bank, rows, None)
+    if s.gate is not None:
+        s.gate.threshold = float(bank.threshold[0])  # the same separated τ on both sides
+    expected = reference.steering_vectors(rows, bank, None).reshape(h.shape)
+    got = s.vector(h)
+    assert got.shape == h.shape and got.dtype == torch.float32
+    assert_close_verbose(got, expected, *TOLERANCES[torch.float32], "Steerer.vector vs reference")
+    closed = (expected == 0).all(-1)
+    assert torch.equal((got == 0).all(-1), closed)
+    if gate_mode == "hard":
+        assert bool(closed.any()) and not bool(closed.all())

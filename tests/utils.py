@@ -1,15 +1,19 @@
-"""Shared test helpers: random steerers, per-dtype tolerances, a verbose comparison."""
+"""Shared test helpers: random steerers, the one bank factory, the one index generator, the one
+near-threshold strategy, the one tolerance table, and the one backend-vs-reference check."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
-from finesteer import MoSE, SCSGate, Steerer
-from finesteer import reference
+from finesteer import MoSE, SCSGate, Steerer, SteeringBank, reference
 from finesteer._constants import GATE_EPS, GATE_HARD
 
 #: Tolerances (atol, rtol) of a kernel's output against the fp32 reference, per I/O dtype.
 #: fp32 differs only by summation order; bf16/fp16 by one rounding of the output element
 #: (the reference also rounds once), plus summation-order noise that can flip a rounding.
+#: Steering vectors are fp32 whatever the I/O dtype (computed from exactly upcast values), so
+#: they always use the fp32 row.
 TOLERANCES = {
     torch.float32: (1e-4, 1e-4),
     torch.float16: (2e-3, 2e-3),
@@ -39,10 +43,77 @@ def random_steerer(d: int, r: int = 4, K: int = 3, H: int = 16, m: int = 2, *, s
                    gate_mode=gate_mode if with_gate else "off", temperature=temperature)
 
 
+#: The default bank: three steerers of *different* odd sizes, so every kind of padding is
+#: exercised, one per gate mode (hard, soft, none).
+DEFAULT_SPECS = (dict(r=3, K=5, H=37, m=3, gate_mode="hard"),
+                 dict(r=6, K=2, H=20, m=1, gate_mode="soft", temperature=0.01),
+                 dict(r=2, K=3, H=17, m=2, with_gate=False))
+
+
+def make_bank(d: int, specs=DEFAULT_SPECS, *, weight_dtype=torch.float32, seed: int = 0, device="cpu",
+              strength: float = 1.0) -> SteeringBank:
+    """A bank of ``len(specs)`` random steerers (``specs``: keyword arguments of :func:`random_steerer`;
+    ``r`` is capped at ``d``)."""
+    steerers = [random_steerer(d, seed=seed + i, strength=strength, **{**spec, "r": min(spec.get("r", 4), d)})
+                for i, spec in enumerate(specs)]
+    return SteeringBank.from_steerers(steerers, device=device, weight_dtype=weight_dtype)
+
+
+def bank_index(T: int, N: int, *, seed: int = 0, dtype=torch.int64, device="cpu") -> torch.Tensor:
+    """A bank index of ``T`` rows that uses every steerer ``0..N−1`` and −1 equally often
+    (the cyclic pattern 0, 1, …, N−1, −1, shuffled by ``seed`` so neighbouring rows differ)."""
+    cyclic = torch.arange(T) % (N + 1)
+    cyclic = torch.where(cyclic == N, -1, cyclic)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
+    return cyclic[perm].to(dtype=dtype, device=device)
+
+
+def random_h(T: int, d: int, dtype=torch.float32, *, seed: int = 0, device="cpu", scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return (torch.randn(T, d, generator=g) * scale).to(dtype).to(device)
+
+
+def scores64(h: torch.Tensor, bank, n: int) -> torch.Tensor:
+    """SCS scores of every row of ``h`` for steerer ``n``, in fp64 from the values the kernels read."""
+    P = bank.A[n, :, :bank.r].double().cpu()
+    hc = h.double().cpu() - bank.mu[n].double().cpu()
+    return (hc @ P).square().sum(-1) / (hc.square().sum(-1) + GATE_EPS)
+
+
+def separate_thresholds(bank, h: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+    """The near-threshold strategy of every test: move each hard-gated steerer's τ (in place) into
+    the widest gap between the scores of the rows that use it, near their median.
+
+    A row whose score lies within float rounding of τ may legitimately be gated differently by two
+    summation orders. After this no score is within ~1e-4·τ of τ, usually about half of the rows
+    are gated off and half on (all on where the scores have no clear gap), and every row can be
+    compared — none is excluded."""
+    for n in range(bank.num_steerers):
+        if int(bank.gate_mode[n]) != GATE_HARD:
+            continue
+        rows = torch.ones(h.shape[0], dtype=torch.bool) if index is None else (index.cpu() == n)
+        s = scores64(h, bank, n)[rows].sort().values
+        if s.numel() == 0:
+            continue
+        if s.numel() == 1:
+            tau = float(s[0]) * (0.5 if n % 2 == 0 else 2.0)
+        else:
+            lo, hi = s.numel() // 4, max(s.numel() // 4 + 1, (3 * s.numel()) // 4)
+            gaps = s[lo + 1:hi + 1] - s[lo:hi]
+            j = int(gaps.argmax())
+            tau = float(s[lo + j] + s[lo + j + 1]) / 2
+            if float(gaps[j]) <= 2e-4 * tau:
+                # No clear gap in the middle (e.g. d = r: every score is ~1): open the gate for
+                # every row, by a wide margin, rather than compare coin flips.
+                tau = float(s[0]) / 2 if float(s[0]) > 0 else -1.0
+        bank.threshold[n] = tau
+
+
 def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = ""):
     """``torch.testing.assert_close`` that also prints the first mismatching indices."""
-    a, e = actual.float(), expected.float()
-    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol)
+    a, e = actual.float().cpu(), expected.float().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=True)
     if bad.any():
         idx = bad.nonzero()[:5].tolist()
         worst = (a - e).abs().max().item()
@@ -51,38 +122,27 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: flo
                              f"expected {[e[tuple(i)].item() for i in idx]}")
 
 
-#: A hard-gated row whose score lies within this distance of τ may legitimately be gated
-#: differently by two summation orders; comparisons exclude exactly those rows.
-GATE_MARGIN = 1e-4
+def check_against_reference(backend, h: torch.Tensor, bank, index: Optional[torch.Tensor], what: str = "") -> torch.Tensor:
+    """``backend``'s ``steering_vectors`` and ``steer_tokens`` against :mod:`finesteer.reference`.
 
+    First separates the hard thresholds from the rows' scores (:func:`separate_thresholds`), then
+    checks: vectors within the fp32 tolerance, the same rows gated off, outputs within ``h``'s
+    dtype tolerance, and rows the reference leaves unsteered returned bit-identical.
+    ``backend`` is anything with the two entry points (a backend, or a wrapper that fixes launch
+    options). Returns the mask of unsteered rows."""
+    separate_thresholds(bank, h, index)
+    what = f"{what} T={h.shape[0]} d={h.shape[1]} {h.dtype} w={bank.weight_dtype}"
 
-def decided_rows(h: torch.Tensor, bank, index, margin: float = GATE_MARGIN) -> torch.Tensor:
-    """Rows whose hard-gate decision is not within ``margin`` of τ (scores computed in fp64)."""
-    h64 = h.double()
-    keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-    for n in range(bank.num_steerers):
-        if int(bank.gate_mode[n]) != GATE_HARD:
-            continue
-        P = bank.A[n, :, :bank.r].double()
-        hc = h64 - bank.mu[n].double()
-        score = (hc @ P).square().sum(-1) / (hc.square().sum(-1) + GATE_EPS)
-        near = (score - float(bank.threshold[n])).abs() < margin
-        uses = torch.ones_like(keep) if index is None else (index == n)
-        keep &= ~(near & uses)
-    return keep
-
-
-def check_backend_against_reference(backend, h: torch.Tensor, bank, index, what: str = "") -> torch.Tensor:
-    """``backend``'s token mode and steering vectors against :mod:`finesteer.reference` on the
-    decided rows (returned). Outputs use ``h``'s dtype tolerance; the vectors are fp32 whatever
-    ``h``'s dtype (h converts exactly), so they use the fp32 tolerance."""
-    keep = decided_rows(h, bank, index)
-    out = backend.steer_tokens(h, bank, index)
-    exp = reference.steer_tokens(h, bank, index)
-    assert out.dtype == h.dtype and out.shape == h.shape and out.device == h.device
-    assert_close_verbose(out[keep], exp[keep], *TOLERANCES[h.dtype], f"steer_tokens {what}")
     vec = backend.steering_vectors(h, bank, index)
-    vexp = reference.steering_vectors(h, bank, index)
-    assert vec.dtype == torch.float32
-    assert_close_verbose(vec[keep], vexp[keep], *TOLERANCES[torch.float32], f"steering_vectors {what}")
-    return keep
+    vec_ref = reference.steering_vectors(h, bank, index)
+    assert vec.dtype == torch.float32 and vec.shape == h.shape and vec.device == h.device, what
+    assert_close_verbose(vec, vec_ref, *TOLERANCES[torch.float32], what=what + " steering_vectors")
+    closed = (vec_ref == 0).all(-1)
+    assert torch.equal((vec == 0).all(-1), closed), f"{what}: gate decisions differ"
+
+    out = backend.steer_tokens(h, bank, index)
+    out_ref = reference.steer_tokens(h, bank, index)
+    assert out.dtype == h.dtype and out.shape == h.shape and out.device == h.device, what
+    assert_close_verbose(out, out_ref, *TOLERANCES[h.dtype], what=what + " steer_tokens")
+    assert torch.equal(out[closed], h[closed]), f"{what}: closed-gate / unsteered rows are not bit-identical"
+    return closed

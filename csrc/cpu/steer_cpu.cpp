@@ -14,8 +14,9 @@
 //      a fork/join there costs more than it saves on a shared machine (see "threading" below).
 //   2. per-row epilogue (gate, softmax, relu, W2): coef = [α; β] and scale = λ·g.
 //   3. out[t, cols] = h + scale·(coef @ B[:, cols]) with column chunks spread over threads.
-// Unlike ptmu/mu_sq in the bank, hcᵀP and ‖hc‖² are formed from h − μ directly (the row and μ are
-// at hand in phase 1), which avoids the cancellation of ‖h‖² − 2hᵀμ + ‖μ‖² at no extra cost.
+// hcᵀP and ‖hc‖² are formed from h − μ directly (the row and μ are at hand in phase 1), which
+// avoids the cancellation of ‖h‖² − 2hᵀμ + ‖μ‖² at no extra cost.
+// Bank indices and slots outside their range act as −1 (operator_contract.h), as on every backend.
 //
 // Vectorisation: the inner loops are plain fp32 loops over contiguous memory written so that GCC
 // and Clang vectorise them; they are compiled twice (baseline x86-64 and an AVX2+FMA clone via the
@@ -35,6 +36,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../operator_contract.h"
 #include "../steer_args.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -431,17 +433,7 @@ float epilogue_row(const Problem<TH, TW>& p, int64_t n, const float* acc, float*
   float pn = 0.f;
   for (int64_t j = 0; j < r; ++j) pn += acc[j] * acc[j];
   const float score = pn / (acc[p.J] + p.eps);
-  const int32_t mode = p.mode[n];
-  const float tau = p.thr[n];
-  float g;
-  if (mode == 0) {
-    g = 1.f;
-  } else if (mode == 1) {
-    g = score > tau ? 1.f : 0.f;
-  } else {  // like the reference, any other code is the soft gate
-    g = 1.f / (1.f + std::exp(-((score - tau) / p.temp[n])));
-  }
-  const float scale = p.lam[n] * g;
+  const float scale = p.lam[n] * gate_value(p.mode[n], score, p.thr[n], p.temp[n]);
   if (scale == 0.f) return 0.f;  // closed gate or λ = 0: the vector is exactly zero
 
   const float* logit = acc + r;
@@ -476,19 +468,15 @@ template <int MODE, class TH, class TW>
 void run_steer(Problem<TH, TW> p, const int64_t* idx, void* out) {
   const int64_t T = p.T, N = p.N, d = p.d, J = p.J, KM = p.K + p.m;
 
-  // Group rows by steerer (counting sort); rows with index −1 form the "none" list.
+  // Group rows by steerer (counting sort); rows with index −1 (or out of range) form the "none" list.
+  auto steerer_of = [&](int64_t t) { return idx ? entry_or_none(idx[t], N) : int64_t{0}; };
   std::vector<int64_t> count(N + 1, 0), order(T);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t n = idx ? idx[t] : 0;
-    TORCH_CHECK(n >= -1 && n < N, "finesteer: index[", t, "] = ", n, " is out of range for a bank of ", N,
-                " steerers (valid: -1 .. ", N - 1, ")");
-    ++count[n + 1];
-  }
+  for (int64_t t = 0; t < T; ++t) ++count[steerer_of(t) + 1];
   std::vector<int64_t> start(N + 2, 0);
   for (int64_t n = 0; n <= N; ++n) start[n + 1] = start[n] + count[n];
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t t = 0; t < T; ++t) order[fill[(idx ? idx[t] : 0) + 1]++] = t;
+    for (int64_t t = 0; t < T; ++t) order[fill[steerer_of(t) + 1]++] = t;
   }
   p.order = order.data();
 
@@ -591,10 +579,7 @@ void dispatch_io(at::ScalarType t, const char* what, F&& f) {
 }
 
 template <int MODE>
-at::Tensor steer_cpu(const at::Tensor& h_in, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W2,
-                     const at::Tensor& mu, const at::Tensor& c, const at::Tensor& b1, const at::Tensor& b2,
-                     const at::Tensor& gate_mode, const at::Tensor& threshold, const at::Tensor& temperature,
-                     const at::Tensor& strength, const c10::optional<at::Tensor>& index, double eps) {
+at::Tensor steer_cpu(FS_STEER_PARAMS_H(h_in)) {
   const BankDims s = check_steer_args(h_in, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature,
                                       strength, index);
   TORCH_CHECK(h_in.device().is_cpu(), "finesteer: the CPU kernel got h on ", h_in.device());
@@ -632,20 +617,8 @@ at::Tensor steer_cpu(const at::Tensor& h_in, const at::Tensor& A, const at::Tens
   return out;
 }
 
-at::Tensor steering_vectors_cpu(const at::Tensor& h, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W2,
-                                const at::Tensor& mu, const at::Tensor& c, const at::Tensor& b1, const at::Tensor& b2,
-                                const at::Tensor& gate_mode, const at::Tensor& threshold,
-                                const at::Tensor& temperature, const at::Tensor& strength,
-                                const c10::optional<at::Tensor>& index, double eps) {
-  return steer_cpu<1>(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, index, eps);
-}
-
-at::Tensor steer_tokens_cpu(const at::Tensor& h, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W2,
-                            const at::Tensor& mu, const at::Tensor& c, const at::Tensor& b1, const at::Tensor& b2,
-                            const at::Tensor& gate_mode, const at::Tensor& threshold, const at::Tensor& temperature,
-                            const at::Tensor& strength, const c10::optional<at::Tensor>& index, double eps) {
-  return steer_cpu<0>(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, index, eps);
-}
+at::Tensor steering_vectors_cpu(FS_STEER_PARAMS) { return steer_cpu<1>(FS_STEER_ARGS); }
+at::Tensor steer_tokens_cpu(FS_STEER_PARAMS) { return steer_cpu<0>(FS_STEER_ARGS); }
 
 at::Tensor add_vectors_cpu(const at::Tensor& h_in, const at::Tensor& vectors_in, const c10::optional<at::Tensor>& slot) {
   check_add_args(h_in, vectors_in, slot);
@@ -656,10 +629,6 @@ at::Tensor add_vectors_cpu(const at::Tensor& h_in, const at::Tensor& vectors_in,
   at::Tensor sl;
   if (slot.has_value()) sl = slot->to(at::kLong).contiguous();
   const int64_t* sp = sl.defined() ? sl.data_ptr<int64_t>() : nullptr;
-  for (int64_t t = 0; sp && t < T; ++t) {
-    TORCH_CHECK(sp[t] >= -1 && sp[t] < S, "finesteer.add_vectors: slot[", t, "] = ", sp[t],
-                " is out of range for ", S, " vectors (valid: -1 .. ", S - 1, ")");
-  }
   const float* V = vectors.data_ptr<float>();
   dispatch_io(h.scalar_type(), "h", [&](auto th) {
     using TH = decltype(th);
@@ -668,7 +637,7 @@ at::Tensor add_vectors_cpu(const at::Tensor& h_in, const at::Tensor& vectors_in,
     const bool serial = T * d < kSerialAddElems || at::get_num_threads() <= 1;
     for_range(serial, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
-        const int64_t sv = sp ? sp[t] : t;
+        const int64_t sv = sp ? entry_or_none(sp[t], S) : t;
         const TH* hr = hp + t * d;
         TH* orow = op + t * d;
         if (sv < 0) {
@@ -685,10 +654,6 @@ at::Tensor add_vectors_cpu(const at::Tensor& h_in, const at::Tensor& vectors_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(finesteer_ext, CPU, m) {
-  m.impl("steering_vectors", &steering_vectors_cpu);
-  m.impl("steer_tokens", &steer_tokens_cpu);
-  m.impl("add_vectors", &add_vectors_cpu);
-}
+FS_REGISTER_KERNELS(CPU, cpu)
 
 }  // namespace finesteer

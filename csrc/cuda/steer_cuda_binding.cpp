@@ -29,10 +29,7 @@ at::Tensor rows_contiguous(const at::Tensor& h) {
 }
 
 template <bool VECTORS>
-at::Tensor steer_cuda(const at::Tensor& h_in, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W2,
-                      const at::Tensor& mu, const at::Tensor& c, const at::Tensor& b1, const at::Tensor& b2,
-                      const at::Tensor& gate_mode, const at::Tensor& threshold, const at::Tensor& temperature,
-                      const at::Tensor& strength, const c10::optional<at::Tensor>& index, double eps) {
+at::Tensor steer_cuda(FS_STEER_PARAMS_H(h_in)) {
   const BankDims s = check_steer_args(h_in, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature,
                                       strength, index);
   TORCH_CHECK(h_in.is_cuda(), "finesteer: the CUDA kernel got h on ", h_in.device());
@@ -78,21 +75,8 @@ at::Tensor steer_cuda(const at::Tensor& h_in, const at::Tensor& A, const at::Ten
   return out;
 }
 
-at::Tensor steering_vectors_cuda(const at::Tensor& h, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W2,
-                                 const at::Tensor& mu, const at::Tensor& c, const at::Tensor& b1,
-                                 const at::Tensor& b2, const at::Tensor& gate_mode, const at::Tensor& threshold,
-                                 const at::Tensor& temperature, const at::Tensor& strength,
-                                 const c10::optional<at::Tensor>& index, double eps) {
-  return steer_cuda<true>(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, index, eps);
-}
-
-at::Tensor steer_tokens_cuda(const at::Tensor& h, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W2,
-                             const at::Tensor& mu, const at::Tensor& c, const at::Tensor& b1, const at::Tensor& b2,
-                             const at::Tensor& gate_mode, const at::Tensor& threshold,
-                             const at::Tensor& temperature, const at::Tensor& strength,
-                             const c10::optional<at::Tensor>& index, double eps) {
-  return steer_cuda<false>(h, A, B, W2, mu, c, b1, b2, gate_mode, threshold, temperature, strength, index, eps);
-}
+at::Tensor steering_vectors_cuda(FS_STEER_PARAMS) { return steer_cuda<true>(FS_STEER_ARGS); }
+at::Tensor steer_tokens_cuda(FS_STEER_PARAMS) { return steer_cuda<false>(FS_STEER_ARGS); }
 
 at::Tensor add_vectors_cuda(const at::Tensor& h_in, const at::Tensor& vectors_in, const c10::optional<at::Tensor>& slot) {
   check_add_args(h_in, vectors_in, slot);
@@ -121,10 +105,6 @@ at::Tensor add_vectors_cuda(const at::Tensor& h_in, const at::Tensor& vectors_in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(finesteer_ext, CUDA, m) {
-  m.impl("steering_vectors", &steering_vectors_cuda);
-  m.impl("steer_tokens", &steer_tokens_cuda);
-  m.impl("add_vectors", &add_vectors_cuda);
-}
+FS_REGISTER_KERNELS(CUDA, cuda)
 
 }  // namespace finesteer

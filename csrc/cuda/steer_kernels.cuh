@@ -14,8 +14,7 @@
 //       The epilogue is recomputed by each column chunk of a row (it is tiny: S·(J+1) reads from
 //       L2 and m·H FMAs), which keeps the call at two launches with no inter-block sync, no
 //       atomics and no zero-initialised workspace (CUDA-graph friendly).
-// Out-of-range bank indices (not in [−1, N)) are treated as −1 on the device: checking them
-// would need a host sync; the Python entry point validates them up front.
+// Bank indices and slots outside their range act as −1 (operator_contract.h), as on every backend.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,6 +23,7 @@
 
 #include <cstdint>
 
+#include "../operator_contract.h"
 #include "steer_cuda.h"
 
 namespace finesteer {
@@ -60,8 +60,7 @@ __device__ __forceinline__ float warp_max(float v) {
 // Bank index of row t: 0 without an index tensor, −1 for "none" and for anything out of range.
 __device__ __forceinline__ int64_t row_steerer(const void* index, int is64, int64_t t, int64_t N) {
   if (index == nullptr) return 0;
-  const int64_t n = is64 ? static_cast<const int64_t*>(index)[t] : static_cast<const int32_t*>(index)[t];
-  return (n >= 0 && n < N) ? n : -1;
+  return entry_or_none(is64 ? static_cast<const int64_t*>(index)[t] : static_cast<const int32_t*>(index)[t], N);
 }
 
 template <int TR, typename TH, typename TW>
@@ -184,16 +183,7 @@ __global__ void __launch_bounds__(kApplyThreads)
         for (int64_t j = lane; j < r; j += 32) pn += acc[j] * acc[j];
         pn = warp_sum(pn);
         const float score = pn / (acc[J] + p.eps);
-        const int32_t mode = p.gate_mode[n];
-        const float tau = p.threshold[n];
-        float g;
-        if (mode == 0) {
-          g = 1.f;
-        } else if (mode == 1) {
-          g = score > tau ? 1.f : 0.f;
-        } else {  // as in the reference, any other code is the soft gate
-          g = 1.f / (1.f + expf(-((score - tau) / p.temperature[n])));
-        }
+        const float g = gate_value(p.gate_mode[n], score, p.threshold[n], p.temperature[n]);
         const float* cn = p.c + n * K;
         float mx = -INFINITY;
         for (int64_t k = lane; k < K; k += 32) mx = fmaxf(mx, acc[r + k] + cn[k]);
@@ -262,10 +252,11 @@ __global__ void _add_vectors_kernel(const AddParams p) {
     const int64_t t = e / p.d, col = e - t * p.d;
     int64_t sv = t;
     if (p.slot != nullptr) {
-      sv = p.slot_is_64 ? static_cast<const int64_t*>(p.slot)[t] : static_cast<const int32_t*>(p.slot)[t];
+      sv = entry_or_none(
+          p.slot_is_64 ? static_cast<const int64_t*>(p.slot)[t] : static_cast<const int32_t*>(p.slot)[t], p.S);
     }
     const TH hv = h[t * p.ldh + col];
-    if (sv < 0 || sv >= p.S) {  // −1 (and, on the device, anything out of range): unchanged
+    if (sv < 0) {  // −1 or out of range: unchanged
       out[e] = hv;
       continue;
     }
