@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from finesteer import SteeringBank
-from finesteer.fused import cpu
+from finesteer.fused.native import CPU as cpu
 
-from .utils import check_backend_against_reference, random_steerer
+from .utils import check_against_reference, random_steerer
 
 OK, REASON = cpu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"cpu backend unavailable: {REASON}")
@@ -44,7 +44,7 @@ def test_both_sides_of_the_serial_threshold_match_the_reference(T, n_threads, th
     threads(n_threads)
     bank = bank_of(2048)
     h = torch.randn(T, 2048, generator=torch.Generator().manual_seed(T))
-    check_backend_against_reference(cpu, h, bank, None, f"T={T} threads={n_threads}")
+    check_against_reference(cpu, h, bank, None, f"T={T} threads={n_threads}")
 
 
 def test_shapes_cover_both_paths():
@@ -59,7 +59,7 @@ def test_mixed_steerers_and_unsteered_rows_in_a_parallel_call(threads):
     h = torch.randn(T, 2048, generator=torch.Generator().manual_seed(3))
     index = torch.tensor([0, -1, 1, 2, 0, 0, -1, 1, 2, 2, 0, 1])
     assert work(bank, int((index >= 0).sum())) >= SERIAL_WORK
-    check_backend_against_reference(cpu, h, bank, index, "mixed index, 2 threads")
+    check_against_reference(cpu, h, bank, index, "mixed index, 2 threads")
     vec = cpu.steering_vectors(h, bank, index)
     assert torch.equal(vec[index < 0], torch.zeros(2, 2048))
 
