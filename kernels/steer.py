@@ -51,7 +51,8 @@ bf16); ``B`` is ~7 % of that. The grid is ``(row blocks, SPLIT)``:
   A cheaper phase 2 (a second, d-parallel kernel reading a ``[T, K + m]`` coefficient buffer)
   is the alternative to measure if the benchmark shows this pass dominating.
 
-Expected bandwidth behaviour (to be confirmed by ``benchmarks/``; nothing here is measured):
+Bandwidth behaviour by construction (reasoned from the access pattern; not yet measured on a
+GPU — ``benchmarks/gpu_check.sh`` runs ``bench_steer.py --device cuda`` when one is available):
 decode reads ``A`` once across ~#SM programs, ``B`` once per row block, ``h`` twice and writes
 ``out`` once; prefill (many row blocks, ``SPLIT = 1``) re-reads ``A`` per row block from L2 and
 is bound by fp32 FMA throughput (``tl.dot`` with ``input_precision="ieee"``: the spec is fp32
@@ -469,8 +470,10 @@ def _choose_split(n_row_blocks: int, d: int, block_d: int, device: torch.device,
                   split_d: Optional[int]) -> tuple[int, int]:
     """(SPLIT, d_chunk): how many programs share one row block's pass over d.
 
-    Heuristic (to be tuned by the benchmark): aim for about one program per SM, but give each
-    at least 4 tiles of d so the last program's reduction of ``SPLIT`` partials stays small.
+    Chosen by reasoning, not yet measured on a GPU (``benchmarks/gpu_check.sh``): the weights are
+    read once in total, so the split only decides how many SMs share that read. Aim for about one
+    program per SM at decode, but give each at least 4 tiles of d so the last program's reduction
+    of ``SPLIT`` partials stays small.
     The interpreter always runs unsplit unless ``split_d`` asks otherwise.
     """
     n_tiles = triton.cdiv(d, block_d)
@@ -488,8 +491,8 @@ def _choose_split(n_row_blocks: int, d: int, block_d: int, device: torch.device,
 def _default_config(T: int, H: int) -> dict:
     """Block sizes and warps.
 
-    GPU (register budget checked with ptxas for sm_90, no spills; tuning belongs to
-    ``benchmarks/``): decode batches of 1, 2 or 3–4 rows get a row block of that size and the
+    GPU (register budget checked with ptxas for sm_90 by ``compile_check``, no spills; speed not
+    yet measured on a GPU — ``benchmarks/gpu_check.sh``): decode batches of 1, 2 or 3–4 rows get a row block of that size and the
     broadcast-reduce product of :func:`_mm`; larger batches get 16-row blocks and ``tl.dot``.
     Phase-1 weight tiles hold ≤ 4–8K elements, the epilogue takes 16 hidden units per step,
     phase-2 tiles are 64 wide, and loops are not software-pipelined (``num_stages=1``: with
