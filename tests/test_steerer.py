@@ -46,3 +46,27 @@ def test_apply_equals_h_plus_vector():
 def test_score_of_wrong_width_is_named():
     with pytest.raises(ValueError, match="SCSGate.score: hidden size mismatch"):
         random_steerer(16).score(torch.randn(2, 15))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))])
+def test_non_finite_strength_is_refused_at_construction_and_assignment(bad):
+    s = random_steerer(8)
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        Steerer(gate=s.gate, mose=s.mose, strength=bad)
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        s.strength = bad
+    assert s.strength == 1.0  # unchanged by the refused assignment
+
+
+@pytest.mark.parametrize("bad", ["2", None, True, torch.ones(2)])
+def test_strength_must_be_one_real_number(bad):
+    s = random_steerer(8)
+    with pytest.raises(TypeError, match="strength must be a"):
+        Steerer(gate=s.gate, mose=s.mose, strength=bad)
+
+
+def test_strength_accepts_ints_zero_and_negative_values():
+    s = random_steerer(8)
+    for value, want in ((2, 2.0), (0, 0.0), (-1.5, -1.5), (torch.tensor(0.5), 0.5)):
+        s.strength = value
+        assert s.strength == want and isinstance(s.strength, float)
