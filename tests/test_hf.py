@@ -29,13 +29,20 @@ def _batch(tok, prompts, side="left"):
     return enc["input_ids"], enc["attention_mask"]
 
 
+def _recorder(got: dict):
+    """A forward hook storing the block's hidden states (first call) in ``got["h"]``; it returns None,
+    so the block's output (a tensor, or a tuple in transformers 4.x) is left as it is."""
+    def hook(module, args, output):
+        got.setdefault("h", output if isinstance(output, torch.Tensor) else output[0])
+    return hook
+
+
 def _block_out_at_last(model, layer, ids, mask, pre_hooks=()):
     """Unsteered (or partially steered by ``pre_hooks``) h after block ``layer`` at each row's last real token."""
     got = {}
     blocks = find_decoder_layers(model)
     handles = [blocks[ly].register_forward_hook(fn) for ly, fn in pre_hooks]
-    handles.append(blocks[layer].register_forward_hook(lambda m, a, o: got.setdefault("h", o if isinstance(
-        o, torch.Tensor) else o[0])))
+    handles.append(blocks[layer].register_forward_hook(_recorder(got)))
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
@@ -127,8 +134,7 @@ def _gate_closed_at_prompt_open_at_answer(model, layer, ids, mask, seed=3):
     with torch.no_grad():
         base = model.generate(input_ids=ids, attention_mask=mask, **GEN)
         got = {}
-        handle = find_decoder_layers(model)[layer].register_forward_hook(
-            lambda m, a, o: got.setdefault("h", o if isinstance(o, torch.Tensor) else o[0]))
+        handle = find_decoder_layers(model)[layer].register_forward_hook(_recorder(got))
         try:
             model(input_ids=base)
         finally:

@@ -66,6 +66,17 @@ def test_accelerator_tensor_length_without_a_mask_raises_instead_of_guessing():
     assert past_length(inputs, 1) == 4
 
 
+def test_cache_without_a_length_falls_back_to_a_cpu_cache_position():
+    # transformers 4.x's HybridCache (Gemma2) returns None from get_seq_length().
+    inputs = {"input_ids": IDS, "past_key_values": _Cache(None), "cache_position": torch.tensor([9])}
+    assert past_length(inputs, 1) == 9
+    inputs["cache_position"] = torch.arange(7)
+    assert past_length(inputs, 7) == 0
+    inputs["cache_position"] = torch.arange(7, device="meta")
+    with pytest.raises(UnclassifiableCallError, match=r"reports its length as NoneType.*CPU cache_position"):
+        past_length(inputs, 7)
+
+
 def test_a_length_that_is_not_an_int_raises():
-    with pytest.raises(UnclassifiableCallError, match="returned str"):
+    with pytest.raises(UnclassifiableCallError, match="reports its length as str"):
         past_length({"input_ids": IDS, "cache": _Cache("7")}, 1)

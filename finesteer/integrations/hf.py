@@ -78,11 +78,14 @@ def past_length(inputs: Mapping[str, object], new_tokens: int) -> int:
        ``get_seq_length()`` when it is a Python int (dynamic caches; static caches before their
        first update), or a tensor on the CPU (reading it costs no device sync); the key length of
        a legacy tuple cache;
-    3. no cache at all: a standalone forward, i.e. a prefill.
+    3. else, when the cache gives no usable length (``None``, or a tensor on an accelerator), the
+       first entry of a ``cache_position`` tensor on the CPU;
+    4. no cache at all: a standalone forward, i.e. a prefill.
 
-    Raises :class:`UnclassifiableCallError` when the only evidence is a cache length held on an
-    accelerator (e.g. a ``StaticCache`` on CUDA without a 2-D mask): reading it would synchronise
-    host and device on every decode step, and guessing would steer the wrong tokens.
+    Raises :class:`UnclassifiableCallError` when the only evidence is held on an accelerator
+    (e.g. a ``StaticCache`` on CUDA in transformers 5.x, or Gemma2's ``HybridCache`` on CUDA in
+    4.x, called without a 2-D mask): reading it would synchronise host and device on every decode
+    step, and guessing would steer the wrong tokens.
     """
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -93,19 +96,21 @@ def past_length(inputs: Mapping[str, object], new_tokens: int) -> int:
     if isinstance(cache, (tuple, list)):
         return int(cache[0][0].shape[-2])
     n = cache.get_seq_length()
-    if isinstance(n, torch.Tensor):
-        if n.device.type != "cpu":
-            raise UnclassifiableCallError(
-                f"FusedSteerer: cannot tell prefill from decode: the cache passed as {name!r} "
-                f"({type(cache).__name__}) reports its length as a {n.device.type} tensor, and reading it would "
-                f"synchronise host and device at every step; pass a 2-D attention_mask (past + new tokens) "
-                f"with each call, or use a dynamic cache")
+    if isinstance(n, torch.Tensor) and n.device.type == "cpu":
         n = int(n)
-    if not isinstance(n, int):
-        raise UnclassifiableCallError(f"FusedSteerer: cannot tell prefill from decode: {type(cache).__name__}"
-                                      f".get_seq_length() (argument {name!r}) returned {type(n).__name__}, "
-                                      f"expected an int")
-    return n
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    # The cache does not say (transformers 4.x's HybridCache returns None) or says it on an
+    # accelerator: the first cache position is the past length, readable when it is on the CPU.
+    pos = inputs.get("cache_position")
+    if isinstance(pos, torch.Tensor) and pos.dim() == 1 and pos.numel() and pos.device.type == "cpu":
+        return int(pos[0])
+    held = f"as a {n.device.type} tensor" if isinstance(n, torch.Tensor) else f"as {type(n).__name__}"
+    raise UnclassifiableCallError(
+        f"FusedSteerer: cannot tell prefill from decode: the cache passed as {name!r} ({type(cache).__name__}) "
+        f"reports its length {held}, and no 2-D attention_mask or CPU cache_position says it either; reading "
+        f"a device value would synchronise host and device at every step. Pass a 2-D attention_mask (past + "
+        f"new tokens) with each call, or use a dynamic cache")
 
 
 # Every block FusedSteerer currently has a hook on, so a second attach to the same block fails
