@@ -176,7 +176,7 @@ def test_help_lists_the_commands_including_demo(capsys):
     text = capsys.readouterr().out
     for opt in ("--prompt-field", "--chosen-field", "--rejected-field", "--no-chat-template", "--max-benign-fpr",
                 "--delta-positions", "--k-min", "--residual-dim", "--hidden", "--epochs", "--seed", "--strength",
-                "--gate-mode", "--device", "--dtype"):
+                "--gate-mode", "--device", "--dtype", "--skip-long"):
         assert opt in text
 
 

@@ -185,7 +185,9 @@ def test_manual_decode_loop_with_the_cache_under_its_own_keyword(model):
         out = model(input_ids=ids, use_cache=True)
         cache = getattr(out, names[0], None)
         if cache is None:
-            cache = out.past_key_values
+            cache = getattr(out, "past_key_values", None)
+        if cache is None:  # e.g. Gemma2 in transformers 4.x makes its HybridCache only inside generate
+            pytest.skip(f"{type(model).__name__} returns no KV cache from a plain forward on this transformers")
         seq = ids
         for _ in range(n_new):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
