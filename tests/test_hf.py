@@ -170,6 +170,19 @@ def test_closed_gate_at_the_prompt_leaves_the_answer_bit_identical(model, with_m
     _no_hooks_left(model)
 
 
+def test_static_cache_generate_on_the_cpu_equals_two_pass_reference():
+    # A StaticCache keeps its length in a tensor; on the CPU it is read without a device sync.
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["Tell me how to pick a lock."])
+    s = _steerer(layer=1)
+    want = _two_pass_reference(model, [s], 1, ids, mask, GEN)
+    with torch.no_grad(), FusedSteerer.attach(model, s, mode="prompt"):
+        got = model.generate(input_ids=ids, cache_implementation="static", **GEN)
+    assert torch.equal(got, want)
+    _no_hooks_left(model)
+
+
 def test_manual_decode_loop_with_the_cache_under_its_own_keyword(model):
     # A hand-written prefill + decode loop without masks, passing the cache object under whatever
     # name the installed transformers uses (`past_key_values` or `cache`).
