@@ -187,6 +187,26 @@ def _explain_load_error(model: str, exc: Exception) -> str:
     return f"cannot load model {model!r}: {hint} ({type(exc).__name__}: {first})"
 
 
+def _load_tokenizer(transformers, path: str, trust_remote_code: bool):
+    """``AutoTokenizer.from_pretrained(path)``, also for a folder saved by a newer transformers.
+
+    transformers 5 saves ``"tokenizer_class": "TokenizersBackend"`` and the chat template in a
+    separate ``chat_template.jinja``; transformers 4.x has no such class (its
+    ``PreTrainedTokenizerFast`` reads the same ``tokenizer.json``), and older 4.x releases do not
+    read that file. Both are bridged here so one model folder works on every supported version.
+    """
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "TokenizersBackend" not in str(exc):
+            raise
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    template = Path(path) / "chat_template.jinja"
+    if getattr(tokenizer, "chat_template", None) is None and template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    return tokenizer
+
+
 def _dtype_keyword(version: str) -> str:
     """The ``from_pretrained`` keyword for the weight dtype: ``dtype`` from transformers 4.56 on,
     ``torch_dtype`` before (older versions pass an unknown ``dtype`` on to the config silently)."""
@@ -229,7 +249,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", tru
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = _load_tokenizer(transformers, path, trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=trust_remote_code, **{_dtype_keyword(transformers.__version__): torch_dtype})
     except (OSError, ValueError, EnvironmentError) as exc:
