@@ -490,6 +490,25 @@ def test_decode_path_reads_no_tensor_values(mode):
     assert all(o.shape == (2, 1, D) for o in outs)
 
 
+def test_decode_step_classified_from_the_cache_reads_no_tensor_values():
+    # No mask: the decode step is recognised from the cache object (under the installed
+    # transformers' own keyword) without reading any tensor value on the host.
+    import inspect
+    model = tiny_model("llama")
+    name = next(n for n in ("cache", "past_key_values") if n in inspect.signature(model.forward).parameters)
+    tok = tiny_tokenizer()
+    ids, _ = _batch(tok, ["How do I bake bread?"])
+    with torch.no_grad(), FusedSteerer.attach(model, _steerer(layer=1), backend="reference") as fs:
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, name, None)
+        if cache is None:
+            cache = out.past_key_values
+        nxt = torch.ones(1, 1, dtype=torch.long)
+        with _NoHostSync():
+            fs._pre_hook(model, (), {"input_ids": nxt, name: cache, "use_cache": True})
+        assert not fs._prefill
+
+
 @pytest.mark.gpu
 def test_decode_path_has_no_cuda_sync():
     if not torch.cuda.is_available():
