@@ -95,11 +95,17 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; give the path of a file to write (e.g. "
+                                f"{path / 'steerer.safetensors'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp creates the file private (0600); the artifact is an ordinary file, so it gets the
+        # permissions any new file gets here (0666 minus the umask, i.e. 0644 by default).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -107,11 +113,21 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict) -> None:
         raise
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def read_metadata(path) -> dict:
     """The JSON metadata of an artifact, without loading its tensors."""
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(path, None, "is a directory, not a steerer file (a .safetensors file written by "
+                            "Steerer.save or `finesteer fit`)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such steerer file")
     try:
@@ -188,9 +204,17 @@ def load_steerer(path, hidden_size: Optional[int] = None, device=None):
                                 f"{shape} (hidden_size={d})")
 
     hp = meta.get("hyperparameters", {})
+    if not isinstance(hp, dict):
+        raise ArtifactError(path, "hyperparameters", f"expected a JSON object, got {type(hp).__name__}")
     gate_mode = hp.get("gate_mode", "hard" if has_gate else "off")
     if gate_mode not in GATE_MODES:
         raise ArtifactError(path, "hyperparameters.gate_mode", f"unknown gate mode {gate_mode!r}")
+    for key, default in (("strength", 1.0), ("temperature", 0.05)):
+        value = hp.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ArtifactError(path, f"hyperparameters.{key}", f"not a finite number: {value!r}")
+    if not hp.get("temperature", 0.05) > 0:
+        raise ArtifactError(path, "hyperparameters.temperature", f"must be > 0, got {hp['temperature']!r}")
     to = (lambda t: t.float().to(device)) if device is not None else (lambda t: t.float())
     gate = None
     if has_gate:

@@ -9,16 +9,21 @@
     finesteer demo
     finesteer eval --help        # quality of FineSteer vs baselines (finesteer.eval.cli)
 
-Errors in the inputs (a missing field, an empty or over-long prompt, a layer out of range, an
-artifact for another model size or layer, a model that cannot be loaded) end the command with a
-one-line message on stderr and exit status 2; ``FINESTEER_DEBUG=1`` shows the traceback instead.
+Errors in the inputs (a missing field, an empty or over-long prompt, a number out of range, an
+unwritable output path, a layer out of range, an artifact for another model size or layer, a model
+that cannot be loaded, a file that cannot be read or written) end the command with a one-line
+message on stderr and exit status 2; ``FINESTEER_DEBUG=1`` shows the traceback instead. Options,
+input files and the output path are checked before the model is loaded. When the reader of the
+output goes away (``finesteer inspect --json | head``) the command stops quietly (status 1).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -83,6 +88,69 @@ def positions_arg(text: str):
     return n
 
 
+# ---------------------------------------------------------------------------------------------
+# checks that run before any model is loaded
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+#: (option dest, flag, predicate, what it must be) — checked by :func:`check_options` on whichever
+#: of these a command has, so a bad number fails in a second, not after the model load.
+OPTION_RULES = (
+    ("layer", "--layer", lambda v: v >= 0, "a layer index >= 0"),
+    ("batch_size", "--batch-size", lambda v: v >= 1, "an integer >= 1"),
+    ("limit", "--limit", lambda v: v >= 1, "an integer >= 1"),
+    ("rank", "--rank", lambda v: v >= 1, "an integer >= 1"),
+    ("max_benign_fpr", "--max-benign-fpr", lambda v: _finite(v) and 0 <= v < 1, "a rate in [0, 1)"),
+    ("calib_fraction", "--calib-fraction", lambda v: _finite(v) and 0 < v < 1, "a fraction in (0, 1)"),
+    ("temperature", "--temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("k_min", "--k-min", lambda v: v >= 2, "an integer >= 2"),
+    ("k_max", "--k-max", lambda v: v >= 2, "an integer >= 2"),
+    ("residual_dim", "--residual-dim", lambda v: v >= 1, "an integer >= 1"),
+    ("hidden", "--hidden", lambda v: v >= 1, "an integer >= 1"),
+    ("epochs", "--epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("strength", "--strength", _finite, "a finite number"),
+    ("max_new_tokens", "--max-new-tokens", lambda v: v >= 1, "an integer >= 1"),
+    ("sampling_temperature", "--sampling-temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("top_p", "--top-p", lambda v: _finite(v) and 0 < v <= 1, "a probability mass in (0, 1]"),
+)
+
+
+def check_options(args) -> None:
+    """Raise :class:`CLIError` on the first numeric option outside its range (``None`` = not given)."""
+    for dest, flag, ok, what in OPTION_RULES:
+        value = getattr(args, dest, None)
+        if value is not None and not ok(value):
+            raise CLIError(f"{flag} must be {what}, got {value}")
+    if getattr(args, "k_min", None) is not None and args.k_min > args.k_max:
+        raise CLIError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
+
+
+def check_output_path(path, flag: str) -> None:
+    """Fail now, with one line, if a file cannot be written at ``path`` (before hours of work).
+
+    ``path`` must not be a directory, and the nearest existing folder on its way must accept a
+    new file: that is probed by creating and removing an empty temporary file there, which is
+    what the atomic save does (permission bits alone would say yes to root on a read-only mount).
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise CLIError(f"{flag} {path}: is a directory; give a file path (e.g. {p / 'steerer.safetensors'})")
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CLIError(f"{flag} {path}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".finesteer-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -99,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Extract activations of --model at --layer (h after decoder block L), fit the SCS gate on "
                     "--target vs --benign prompts and the MoSE on the --pairs preference triples, and save "
                     "one .safetensors steerer. Prints the gate's calibration report and the MoSE fit statistics. "
-                    "Empty prompts or responses, and inputs longer than the model's context, are refused "
-                    "(never truncated: truncation would move the measured token).")
+                    "Empty prompts or responses are refused; inputs longer than the model's context are refused "
+                    "too (never truncated: truncation would move the measured token), or dropped and counted "
+                    "with --skip-long. Options and the output path are checked before the model is loaded.")
     _model_options(fit)
     fit.add_argument("--layer", type=int, required=True, help="0-based decoder layer to steer (h after block L)")
     fit.add_argument("--pairs", required=True,
@@ -116,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rejected-field", default="rejected",
                    help="field of the undesired response (default: rejected)")
     f.add_argument("--limit", type=int, default=None, help="use at most this many records of each file")
+    f.add_argument("--skip-long", action="store_true",
+                   help="drop (and count in the summary) prompts and pairs longer than the model's context "
+                        "instead of refusing the whole run (default: refuse)")
     f.add_argument("--delta-positions", type=positions_arg, default="all",
                    help="response tokens averaged for the deltas: 'all' (default, the paper's) or N = the first "
                         "N response tokens")
@@ -219,32 +291,83 @@ def _cache(args, name: str):
     return None if args.cache_dir is None else Path(args.cache_dir) / f"{name}-layer{args.layer}.safetensors"
 
 
+def _load_inputs(args):
+    """Read --pairs, --target and --benign, turning a missing field into a hint at the right flag."""
+    from .data import MissingFieldError, load_pairs, load_prompts
+
+    flags = {args.prompt_field: "--prompt-field", getattr(args, "chosen_field", None): "--chosen-field",
+             getattr(args, "rejected_field", None): "--rejected-field"}
+    try:
+        if args.command == "fit":
+            pairs = load_pairs(args.pairs, args.prompt_field, args.chosen_field, args.rejected_field, args.limit)
+            return pairs, load_prompts(args.target, args.prompt_field, args.limit), \
+                load_prompts(args.benign, args.prompt_field, args.limit)
+        return load_prompts(args.prompts, args.prompt_field, args.limit)
+    except MissingFieldError as exc:
+        raise CLIError(f"{exc}; choose the field with {flags.get(exc.field, '--prompt-field')}") from None
+
+
+def _drop_long(args, model, tok, fmt, pairs, target, benign):
+    """Rows longer than the model's context: refused (CLIError) unless --skip-long, then dropped.
+
+    Returns ``(pairs, target, benign, skipped)`` with ``skipped`` = ``{"pairs": n, ...}``.
+    """
+    from .extract import long_rows
+    from .models import model_context_length
+
+    context = model_context_length(model)
+    found = {"pairs": long_rows(tok, pairs[0], pairs[1], pairs[2], context=context, prompt_format=fmt),
+             "target": long_rows(tok, target, context=context, prompt_format=fmt),
+             "benign": long_rows(tok, benign, context=context, prompt_format=fmt)}
+    if not args.skip_long:
+        for name, rows in found.items():
+            if rows:
+                raise CLIError(f"--{name}: {len(rows)} row(s) (first: record {rows[0] + 1}) are longer than the "
+                               f"model's context of {context} tokens; shorten them, or pass --skip-long to drop "
+                               f"and count them (rows are never truncated: that would move the measured token)")
+        return pairs, target, benign, {k: 0 for k in found}
+
+    def keep(seq, rows):
+        drop = set(rows)
+        return [x for i, x in enumerate(seq) if i not in drop]
+
+    pairs = tuple(keep(col, found["pairs"]) for col in pairs)
+    target, benign = keep(target, found["target"]), keep(benign, found["benign"])
+    skipped = {k: len(v) for k, v in found.items()}
+    if any(skipped.values()):
+        print(f"skipped (longer than the context of {context} tokens): {skipped['pairs']} pairs, "
+              f"{skipped['target']} target prompts, {skipped['benign']} benign prompts")
+    for name, rows in (("pairs", pairs[0]), ("target", target), ("benign", benign)):
+        if not rows:
+            raise CLIError(f"--{name}: every row is longer than the model's context of {context} tokens")
+    return pairs, target, benign, skipped
+
+
 def cmd_fit(args) -> int:
-    from .data import load_pairs, load_prompts
-    from .extract import last_token_states, response_deltas
+    from .extract import ChatTemplateError, last_token_states, response_deltas
     from .fit import fit_mose, fit_scs
     from .steerer import Steerer
 
-    if args.k_min > args.k_max:
-        raise CLIError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    # Read every input before loading the model: a typo in a field name should fail in a second.
-    pairs = load_pairs(args.pairs, args.prompt_field, args.chosen_field, args.rejected_field, args.limit)
-    target = load_prompts(args.target, args.prompt_field, args.limit)
-    benign = load_prompts(args.benign, args.prompt_field, args.limit)
+    # Everything that can be checked without the model is checked first: a typo in a field
+    # name, a bad number or an unwritable output should fail in a second, not after the fit.
+    check_options(args)
+    check_output_path(args.output, "-o/--output")
+    pairs, target, benign = _load_inputs(args)
     print(f"data: {len(pairs[0])} pairs, {len(target)} target prompts, {len(benign)} benign prompts")
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))
     _check_layer(model, args.layer, args.layers_path)
-    template = not args.no_chat_template
-    fmt = _prompt_format(tok, args.prompt_format, template)
+    fmt = _prompt_format(tok, args.prompt_format, not args.no_chat_template)
+    pairs, target, benign, skipped = _drop_long(args, model, tok, fmt, pairs, target, benign)
     common = dict(batch_size=args.batch_size, prompt_format=fmt, progress=_progress(args),
                   module_path=args.layers_path)
     layer = args.layer
-    h_t = last_token_states(model, tok, target, [layer], cache_file=_cache(args, "target"), **common)[layer]
-    h_b = last_token_states(model, tok, benign, [layer], cache_file=_cache(args, "benign"), **common)[layer]
-    q, d = response_deltas(model, tok, *pairs, [layer], positions=args.delta_positions,
-                           cache_file=_cache(args, "pairs"), **common)
+    try:
+        h_t = last_token_states(model, tok, target, [layer], cache_file=_cache(args, "target"), **common)[layer]
+        h_b = last_token_states(model, tok, benign, [layer], cache_file=_cache(args, "benign"), **common)[layer]
+        q, d = response_deltas(model, tok, *pairs, [layer], positions=args.delta_positions,
+                               cache_file=_cache(args, "pairs"), **common)
+    except ChatTemplateError as exc:
+        raise CLIError(f"--pairs: {exc} (on the command line: --prompt-format plain)") from None
     print(f"activations: layer {layer}, hidden size {h_t.shape[1]}")
 
     gate = fit_scs(h_t, h_b, rank=args.rank, method=args.scs_method, max_benign_fpr=args.max_benign_fpr,
@@ -253,10 +376,12 @@ def cmd_fit(args) -> int:
     mose = fit_mose(q[layer], d[layer], k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim,
                     hidden=args.hidden, epochs=args.epochs, seed=args.seed, progress=_progress(args))
     _print_mose(mose)
+    meta = {"delta_positions": args.delta_positions, "prompt_format": fmt, "n_pairs": len(pairs[0]),
+            "n_target": len(target), "n_benign": len(benign)}
+    if args.skip_long:
+        meta["skipped_long"] = skipped
     steerer = Steerer(gate=gate, mose=mose, strength=args.strength, layer=layer, gate_mode=args.gate_mode,
-                      temperature=args.temperature,
-                      metadata={"delta_positions": args.delta_positions, "prompt_format": fmt,
-                                "n_pairs": len(pairs[0]), "n_target": len(target), "n_benign": len(benign)})
+                      temperature=args.temperature, metadata=meta)
     steerer.save(args.output, model_name_or_path=args.model)
     print(f"saved {args.output}: {steerer}")
     return 0
@@ -280,19 +405,16 @@ def _print_mose(mose) -> None:
 
 
 def cmd_generate(args) -> int:
-
-    from .data import load_prompts
     from .extract import encode_prompts
     from .generation import batches, generate_ids
     from .integrations.hf import FusedSteerer
     from .models import model_context_length, model_hidden_size
     from .steerer import Steerer
 
-    if args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    prompts = load_prompts(args.prompts, args.prompt_field, args.limit)
+    check_options(args)
+    if args.output:
+        check_output_path(args.output, "-o/--output")
+    prompts = _load_inputs(args)
     steerer = Steerer.load(args.steerer)  # validates the file before the (slow) model load
     if args.layer is not None and steerer.layer != args.layer:
         raise CLIError(f"{args.steerer} was fitted for layer {steerer.layer}, not the requested --layer {args.layer}")
@@ -303,7 +425,7 @@ def cmd_generate(args) -> int:
                        f"size {d} (was it fitted on another model?)")
     _check_layer(model, steerer.layer, args.layers_path)
     if args.strength is not None:
-        steerer.strength = float(args.strength)
+        steerer.strength = args.strength
     # The steerer's recorded format unless the command line names one: fitting and generation must agree.
     recorded = None if (args.prompt_format or args.no_chat_template) else steerer.metadata.get("prompt_format")
     fmt = _prompt_format(tok, args.prompt_format or recorded, not args.no_chat_template)
@@ -424,6 +546,13 @@ def cmd_demo(argv: list) -> int:
 COMMANDS = {"fit": cmd_fit, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
+def _one_line(exc: BaseException) -> str:
+    """``exc`` for the error line: an operating-system error as "path: reason" (no errno prefix)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    return str(exc)
+
+
 def main(argv: Optional[list] = None) -> int:
     """Entry point of the ``finesteer`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -441,11 +570,20 @@ def main(argv: Optional[list] = None) -> int:
             parser.print_help()
             return 2
         return COMMANDS[args.command](args)
-    except (CLIError, ValueError, TypeError, IndexError, FileNotFoundError, ImportError, RuntimeError) as exc:
+    except BrokenPipeError:
+        # The reader of stdout went away (`finesteer inspect --json | head`): stop quietly. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except (CLIError, ValueError, TypeError, IndexError, OSError, ImportError, RuntimeError) as exc:
         if debug:
             raise
-        hint = "" if isinstance(exc, CLIError) else " (FINESTEER_DEBUG=1 shows the traceback)"
-        print(f"finesteer: error: {exc}{hint}", file=sys.stderr)
+        hint = "" if isinstance(exc, (CLIError, OSError)) else " (FINESTEER_DEBUG=1 shows the traceback)"
+        print(f"finesteer: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("finesteer: interrupted", file=sys.stderr)

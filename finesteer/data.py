@@ -21,7 +21,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["read_records", "load_prompts", "load_pairs"]
+__all__ = ["MissingFieldError", "read_records", "load_prompts", "load_pairs"]
+
+
+class MissingFieldError(ValueError):
+    """A record lacks a requested field; ``field`` is its name (callers may say how to choose another)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 _JSONL = (".jsonl", ".ndjson")
 _CSV = {".csv": ",", ".tsv": "\t"}
@@ -133,8 +141,8 @@ def _read_datasets_dir(path: Path, split: Optional[str]) -> list:
 
 def _field(where: str, row: dict, name: str) -> str:
     if name not in row:
-        raise ValueError(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row)) or 'none'}); "
-                         f"choose the field with --prompt-field/--chosen-field/--rejected-field")
+        raise MissingFieldError(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row)) or 'none'})",
+                                name)
     value = row[name]
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")

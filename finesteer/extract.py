@@ -44,12 +44,16 @@ import torch
 
 from .models import find_decoder_layers, model_context_length, model_device, model_hidden_size
 
-__all__ = ["PLAIN_TEMPLATE", "PROMPT_FORMATS", "encode_prompts", "format_prompt", "last_token_states",
-           "resolve_prompt_format", "response_deltas"]
+__all__ = ["PLAIN_TEMPLATE", "PROMPT_FORMATS", "ChatTemplateError", "encode_prompts", "format_prompt",
+           "last_token_states", "long_rows", "resolve_prompt_format", "response_deltas"]
 
 log = logging.getLogger(__name__)
 
 Positions = Union[str, int]
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template does not render a response verbatim (format without the template)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +134,36 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True
     return out
 
 
+def long_rows(tokenizer, prompts: Sequence[str], chosen: Optional[Sequence[str]] = None,
+              rejected: Optional[Sequence[str]] = None, chat_template: bool = True,
+              context: Optional[int] = None, prompt_format: Optional[str] = None) -> list:
+    """Indices of the rows longer than ``context`` tokens: the rows :func:`last_token_states`
+    (prompts only) or :func:`response_deltas` (with ``chosen`` and ``rejected``: prompt + either
+    response) would refuse as too long. Lets a caller drop them first instead of failing.
+
+    Tokenised exactly as the extraction functions do (``prompt_format``/``chat_template`` as in
+    :func:`resolve_prompt_format`); other bad rows (empty text, a response the chat template does
+    not render verbatim) raise as they would there. ``context=None`` → ``[]``.
+    """
+    if context is None:
+        return []
+    fmt = resolve_prompt_format(tokenizer, prompt_format, chat_template)
+    out = []
+    for i, p in enumerate(prompts):
+        _check_text(p, "prompt", i)
+        if chosen is None or rejected is None:
+            n = len(_encode(tokenizer, format_prompt(tokenizer, p, prompt_format=fmt), fmt == "chat"))
+        else:
+            n = 0
+            for name, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
+                _check_text(resp, f"{name} response of pair", i)
+                ids, _, _ = _encode_response(tokenizer, p, resp, fmt, f"pair {i} ({name})")
+                n = max(n, len(ids))
+        if n > context:
+            out.append(i)
+    return out
+
+
 def _join_plain(prompt: str, response: str) -> str:
     # Without a template, prompt and response are joined by one space unless one side already
     # has whitespace at the junction.
@@ -165,8 +199,8 @@ def _encode_response(tokenizer, prompt: str, response: str, fmt: str, where: str
         content = response.strip()
         c0 = full.find(content, base)
         if c0 < 0:
-            raise ValueError(f"{where}: the chat template does not render the response text verbatim, so its "
-                             f"tokens cannot be located; use prompt_format='plain' or 'raw'")
+            raise ChatTemplateError(f"{where}: the chat template does not render the response text verbatim, so "
+                                    f"its tokens cannot be located; use prompt_format='plain' or 'raw'")
         c1 = c0 + len(content)
     else:
         full = _join_plain(format_prompt(tokenizer, prompt, prompt_format=fmt), response)

@@ -308,6 +308,36 @@ def _explain_load_error(model: str, exc: Exception) -> str:
     return f"cannot load model {model!r}: {hint} ({type(exc).__name__}: {first})"
 
 
+def _load_tokenizer(transformers, path: str, trust_remote_code: bool):
+    """``AutoTokenizer.from_pretrained(path)``, also for a folder saved by a newer transformers.
+
+    transformers 5 saves ``"tokenizer_class": "TokenizersBackend"`` and the chat template in a
+    separate ``chat_template.jinja``; transformers 4.x has no such class (its
+    ``PreTrainedTokenizerFast`` reads the same ``tokenizer.json``), and older 4.x releases do not
+    read that file. Both are bridged here so one model folder works on every supported version.
+    """
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "TokenizersBackend" not in str(exc):
+            raise
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    template = Path(path) / "chat_template.jinja"
+    if getattr(tokenizer, "chat_template", None) is None and template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    return tokenizer
+
+
+def _dtype_keyword(version: str) -> str:
+    """The ``from_pretrained`` keyword for the weight dtype: ``dtype`` from transformers 4.56 on,
+    ``torch_dtype`` before (older versions pass an unknown ``dtype`` on to the config silently)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return "dtype"  # an unparsable (development) version: assume a current one
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                progress: bool = True, gguf_file: Optional[str] = None):
     """Load a causal LM and its tokenizer → ``(model, tokenizer)``, the model in eval mode on ``device``.
@@ -352,14 +382,19 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", tru
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                                  trust_remote_code=trust_remote_code)
+        tokenizer = _load_tokenizer(transformers, path, trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **{_dtype_keyword(transformers.__version__): torch_dtype})
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelLoadError(_explain_load_error(name_or_path, exc)) from None
     finally:
         if bars_were_on and not progress:  # a library call leaves the process's settings as it found them
             hf_logging.enable_progress_bar()
+    first = next(model.parameters(), None)
+    if first is not None and first.dtype != torch_dtype:
+        # A transformers that ignored the dtype keyword: cast (only then, so that modules a model
+        # keeps in fp32 on purpose stay so when the keyword was understood).
+        model.to(dtype=torch_dtype)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -61,6 +61,17 @@ class MoSE:
     def mlp_hidden(self) -> int:
         return self.W1.shape[0]
 
+    def __repr__(self) -> str:
+        # Short on purpose: the dataclass default would print every tensor and the training history.
+        parts = [f"d={self.hidden_size}", f"K={self.num_experts}", f"m={self.residual_dim}", f"H={self.mlp_hidden}"]
+        if self.cluster_sizes is not None:
+            parts.append(f"cluster_sizes={[int(x) for x in self.cluster_sizes.tolist()]}")
+        stats = self.fit_stats or {}
+        for key in ("best_epoch", "val_loss"):
+            if isinstance(stats.get(key), (int, float)):
+                parts.append(f"{key}={stats[key]:.4g}" if isinstance(stats[key], float) else f"{key}={stats[key]}")
+        return f"MoSE({', '.join(parts)})"
+
     def routing(self, h: torch.Tensor) -> torch.Tensor:
         """Expert weights α(h) for every row of ``h`` [..., d] → fp32 [..., K]."""
         _check_hidden(h, self.hidden_size, "MoSE.routing")

@@ -1,6 +1,8 @@
 """A :class:`Steerer`: one fitted SCS gate + MoSE, bound to one layer, with its strength."""
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Optional
 
 import torch
@@ -8,6 +10,20 @@ import torch
 from ._constants import GATE_MODES
 from .gate import SCSGate, gate_from_score
 from .mose import MoSE
+
+
+def check_strength(value) -> float:
+    """``value`` as a float, or a ``ValueError``/``TypeError`` saying why it cannot be a strength λ."""
+    if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
+        raise TypeError(f"strength must be a real number, got {type(value).__name__} {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"strength must be a single number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"strength must be a finite number, got {value}")
+    return value
 
 
 class Steerer:
@@ -20,6 +36,9 @@ class Steerer:
 
     ``gate=None`` means "always steer" (gate mode ``off``). ``gate_mode`` defaults to ``"hard"``
     when there is a gate, ``"off"`` otherwise; ``temperature`` is used by the ``soft`` mode.
+    ``strength`` (λ) must be a finite real number (0 disables steering, a negative value steers
+    the other way); it is checked on construction and on every assignment, because a NaN or
+    infinite λ would turn every steered row, even those with a closed gate, into NaN.
     """
 
     def __init__(self, gate: Optional[SCSGate] = None, mose: Optional[MoSE] = None, strength: float = 1.0,
@@ -41,11 +60,20 @@ class Steerer:
             raise ValueError(f"layer must be >= 0, got {layer}")
         self.gate = gate
         self.mose = mose
-        self.strength = float(strength)
+        self.strength = strength
         self.layer = int(layer)
         self.gate_mode = gate_mode
         self.temperature = float(temperature)
         self.metadata = dict(metadata or {})
+
+    @property
+    def strength(self) -> float:
+        """Steering strength λ (a finite float)."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, value) -> None:
+        self._strength = check_strength(value)
 
     @property
     def hidden_size(self) -> int:

@@ -147,3 +147,38 @@ def test_save_is_atomic(saved, monkeypatch):
         random_steerer(24, seed=7).save(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("key,value", [("strength", float("nan")), ("strength", float("inf")),
+                                       ("strength", "2"), ("temperature", float("-inf")), ("temperature", 0.0)])
+def test_non_finite_or_bad_hyperparameter_is_named(saved, tmp_path, key, value):
+    _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        hp = json.loads(f.metadata()["finesteer"])["hyperparameters"]
+    hp[key] = value
+    bad = _rewrite(path, tmp_path / "bad.safetensors", meta={"hyperparameters": hp})
+    with pytest.raises(ArtifactError, match=rf"bad\.safetensors: field 'hyperparameters\.{key}'"):
+        Steerer.load(bad)
+
+
+def test_directory_given_as_an_artifact_says_so(tmp_path):
+    with pytest.raises(ArtifactError, match="is a directory, not a steerer file"):
+        Steerer.load(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory; give the path of a file"):
+        random_steerer(16).save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_artifact_gets_ordinary_file_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        random_steerer(16).save(tmp_path / "s.safetensors")
+        os.umask(0o077)
+        random_steerer(16).save(tmp_path / "private.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "s.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.safetensors").stat().st_mode) == 0o600

@@ -176,7 +176,7 @@ def test_help_lists_the_commands_including_demo(capsys):
     text = capsys.readouterr().out
     for opt in ("--prompt-field", "--chosen-field", "--rejected-field", "--no-chat-template", "--max-benign-fpr",
                 "--delta-positions", "--k-min", "--residual-dim", "--hidden", "--epochs", "--seed", "--strength",
-                "--gate-mode", "--device", "--dtype"):
+                "--gate-mode", "--device", "--dtype", "--skip-long"):
         assert opt in text
 
 
@@ -192,3 +192,129 @@ def test_demo_subcommand_is_wired_lazily(capsys):
         main(["demo", "--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("usage: finesteer demo")
+
+
+# ---------------------------------------------------------------------------------------------
+# checks that run before the model is loaded (a model path that does not exist proves it: the
+# option error comes first)
+
+NO_MODEL = "/nonexistent/finesteer-test-model"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--strength", "nan"], "--strength must be a finite number, got nan"),
+    (["--strength", "inf"], "--strength must be a finite number, got inf"),
+    (["--max-benign-fpr", "1.5"], "--max-benign-fpr must be a rate in [0, 1), got 1.5"),
+    (["--calib-fraction", "0"], "--calib-fraction must be a fraction in (0, 1), got 0.0"),
+    (["--temperature", "-1"], "--temperature must be a finite number > 0"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--rank", "0"], "--rank must be an integer >= 1, got 0"),
+    (["--k-min", "1"], "--k-min must be an integer >= 2, got 1"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--limit", "0"], "--limit must be an integer >= 1, got 0"),
+])
+def test_fit_checks_numbers_before_loading_the_model(work, tmp_path, capsys, extra, message):
+    _, files, _ = work
+    argv = ["fit", "--model", NO_MODEL, "--layer", "0", "--pairs", files["pairs"], "--target", files["target"],
+            "--benign", files["benign"], "-o", str(tmp_path / "x.safetensors"), *FIT_SMALL, *extra]
+    err = _err(capsys, argv)
+    assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--strength", "nan"], "--strength must be a finite number, got nan"),
+    (["--top-p", "0"], "--top-p must be a probability mass in (0, 1], got 0.0"),
+    (["--sampling-temperature", "nan"], "--sampling-temperature must be a finite number > 0, got nan"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+])
+def test_generate_checks_numbers_before_loading_the_model(work, capsys, extra, message):
+    _, files, artifact = work
+    argv = ["generate", "--model", NO_MODEL, "--steerer", str(artifact), "--prompts", files["prompts"], *extra]
+    assert message in _err(capsys, argv)
+
+
+def test_output_path_is_checked_before_the_model_load(work, tmp_path, capsys):
+    _, files, artifact = work
+    fit = ["fit", "--model", NO_MODEL, "--layer", "0", "--pairs", files["pairs"], "--target", files["target"],
+           "--benign", files["benign"], *FIT_SMALL]
+    err = _err(capsys, fit + ["-o", str(tmp_path)])
+    assert f"-o/--output {tmp_path}: is a directory" in err and err.count("\n") == 1
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert "is not a directory" in _err(capsys, fit + ["-o", str(a_file / "out.safetensors")])
+    gen = ["generate", "--model", NO_MODEL, "--steerer", str(artifact), "--prompts", files["prompts"]]
+    assert "is a directory" in _err(capsys, gen + ["-o", str(tmp_path)])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /sys, which refuses new files even to root")
+def test_read_only_output_folder_fails_in_one_line_before_the_fit(work, capsys):
+    _, files, _ = work
+    argv = ["fit", "--model", NO_MODEL, "--layer", "0", "--pairs", files["pairs"], "--target", files["target"],
+            "--benign", files["benign"], "-o", "/sys/finesteer-test.safetensors", *FIT_SMALL]
+    err = _err(capsys, argv)
+    assert "-o/--output /sys/finesteer-test.safetensors: cannot write in /sys" in err and err.count("\n") == 1
+
+
+def test_operating_system_errors_are_one_line(work, capsys, monkeypatch):
+    import finesteer.cli as cli
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/some/file.safetensors")
+    monkeypatch.setitem(cli.COMMANDS, "inspect", denied)
+    err = _err(capsys, ["inspect", "x.safetensors"])
+    assert err == "finesteer: error: /some/file.safetensors: Permission denied\n"
+
+
+def test_directory_given_as_an_artifact_says_so(work, tmp_path, capsys):
+    _, files, _ = work
+    assert "is a directory, not a steerer file" in _err(capsys, ["inspect", str(tmp_path)])
+    assert "is a directory, not a steerer file" in _err(capsys, ["generate", "--model", NO_MODEL, "--steerer",
+                                                                 str(tmp_path), "--prompts", files["prompts"]])
+
+
+def test_inspect_into_a_closed_pipe_prints_no_traceback(work):
+    _, _, artifact = work
+    proc = subprocess.Popen([sys.executable, "-m", "finesteer.cli", "inspect", "--json", str(artifact)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before anything is written, as `| head -c0` would
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    assert proc.returncode == 1
+
+
+def test_missing_field_names_the_flag_that_chooses_it(work, tmp_path, capsys):
+    _, files, _ = work
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "bad": "c"}])
+    argv = ["fit", "--model", NO_MODEL, "--layer", "0", "--pairs", pairs, "--target", files["target"], "--benign",
+            files["benign"], "-o", str(tmp_path / "x.safetensors"), *FIT_SMALL]
+    assert "missing field 'rejected' (fields: prompt, chosen, bad); choose the field with --rejected-field" in \
+        _err(capsys, argv)
+
+
+def test_skip_long_drops_and_counts_rows_longer_than_the_context(work, tmp_path, capsys):
+    root, files, _ = work
+    rows = [json.loads(line) for line in open(files["pairs"])]
+    rows[3] = {"prompt": "x" * 150, "chosen": "No.", "rejected": "Sure."}  # > 128-token context
+    pairs = _jsonl(tmp_path / "long.jsonl", rows)
+    argv = ["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", pairs, "--target", files["target"],
+            "--benign", files["benign"], "-o", str(tmp_path / "s.safetensors"), *FIT_SMALL]
+    err = _err(capsys, argv)
+    assert "--pairs: 1 row(s) (first: record 4) are longer than the model's context of 128 tokens" in err
+    assert "--skip-long" in err and not (tmp_path / "s.safetensors").exists()
+    assert main(argv + ["--skip-long"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped (longer than the context of 128 tokens): 1 pairs, 0 target prompts, 0 benign prompts" in out
+    s = Steerer.load(tmp_path / "s.safetensors")
+    assert s.metadata["n_pairs"] == len(rows) - 1
+    assert s.metadata["skipped_long"] == {"pairs": 1, "target": 0, "benign": 0}
+
+
+def test_library_errors_do_not_name_command_line_flags(tmp_path):
+    from finesteer.data import load_prompts
+
+    path = _jsonl(tmp_path / "q.jsonl", [{"question": "hi"}])
+    with pytest.raises(ValueError) as exc:
+        load_prompts(path)
+    assert "--" not in str(exc.value)

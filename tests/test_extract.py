@@ -192,3 +192,35 @@ def test_bad_inputs_have_clear_errors(llama3):
         response_deltas(llama3, tok, ["ok", "b"], ["fine"], ["no"], [0], progress=False)
     with pytest.raises(ValueError, match="positions"):
         response_deltas(llama3, tok, ["ok"], ["fine"], ["no"], [0], positions=0, progress=False)
+
+
+def test_long_rows_are_exactly_the_rows_extraction_refuses(llama3):
+    from finesteer.extract import long_rows
+
+    tok = tiny_tokenizer()
+    prompts = ["ok", "x" * 200, "fine", "y" * 100]
+    assert long_rows(tok, prompts, context=128) == [1]
+    assert long_rows(tok, prompts, context=None) == []
+    # each kept row passes, each listed row is refused
+    last_token_states(llama3, tok, [p for i, p in enumerate(prompts) if i != 1], [0], progress=False)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        last_token_states(llama3, tok, [prompts[1]], [0], progress=False)
+    # pairs: prompt + either response counts (the prompt alone fits, the response makes it too long)
+    chosen, rejected = ["no", "no", "no", "no"], ["sure", "sure", "sure", "z" * 40]
+    assert long_rows(tok, prompts, chosen, rejected, context=128) == [1, 3]
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        response_deltas(llama3, tok, [prompts[3]], [chosen[3]], [rejected[3]], [0], progress=False)
+    with pytest.raises(ValueError, match="prompt 1: empty"):
+        long_rows(tok, ["ok", " "], context=128)
+
+
+def test_chat_template_error_does_not_name_a_command_line_flag(llama3):
+    from finesteer.extract import ChatTemplateError
+
+    tok = tiny_tokenizer()
+    # A template that drops the assistant's text: the response cannot be located verbatim.
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(ChatTemplateError) as exc:
+        response_deltas(llama3, tok, ["ok"], ["fine"], ["no"], [0], progress=False)
+    assert "prompt_format='plain'" in str(exc.value) and "--" not in str(exc.value)

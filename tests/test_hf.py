@@ -8,6 +8,8 @@ from tests.hf_tiny import tiny_model, tiny_tokenizer
 from tests.utils import random_steerer
 
 from finesteer import FusedSteerer, SteeringBank
+from finesteer.gate import SCSGate
+from finesteer.steerer import Steerer
 from finesteer import reference as ref
 from finesteer.integrations.hf import attached_layers
 from finesteer.models import find_decoder_layers, model_hidden_size
@@ -27,13 +29,20 @@ def _batch(tok, prompts, side="left"):
     return enc["input_ids"], enc["attention_mask"]
 
 
+def _recorder(got: dict):
+    """A forward hook storing the block's hidden states (first call) in ``got["h"]``; it returns None,
+    so the block's output (a tensor, or a tuple in transformers 4.x) is left as it is."""
+    def hook(module, args, output):
+        got.setdefault("h", output if isinstance(output, torch.Tensor) else output[0])
+    return hook
+
+
 def _block_out_at_last(model, layer, ids, mask, pre_hooks=()):
     """Unsteered (or partially steered by ``pre_hooks``) h after block ``layer`` at each row's last real token."""
     got = {}
     blocks = find_decoder_layers(model)
     handles = [blocks[ly].register_forward_hook(fn) for ly, fn in pre_hooks]
-    handles.append(blocks[layer].register_forward_hook(lambda m, a, o: got.setdefault("h", o if isinstance(
-        o, torch.Tensor) else o[0])))
+    handles.append(blocks[layer].register_forward_hook(_recorder(got)))
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
@@ -94,6 +103,114 @@ def test_prompt_mode_single_prompt_equals_two_pass_reference(model):
             got = model.generate(input_ids=ids, attention_mask=mask, **GEN)
     assert torch.equal(got, want)
     assert not torch.equal(got, base), "steering must change the greedy output (non-vacuous test)"
+    _no_hooks_left(model)
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_batch_of_one_generate_with_and_without_mask_equals_two_pass_reference(model, with_mask):
+    # Regression (issue 9): transformers >= 5.20 names the cache argument `cache` and sends no
+    # attention_mask for an unpadded batch; every decode step was then taken for a prefill.
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["What is the best way to bake a cake?"])
+    s = _steerer(layer=1)
+    want = _two_pass_reference(model, [s], 1, ids, mask, GEN)
+    kw = dict(attention_mask=mask) if with_mask else {}
+    with torch.no_grad():
+        base = model.generate(input_ids=ids, **kw, **GEN)
+        with FusedSteerer.attach(model, s, mode="prompt"):
+            got = model.generate(input_ids=ids, **kw, **GEN)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, base), "steering must change the greedy output (non-vacuous test)"
+    _no_hooks_left(model)
+
+
+def _gate_closed_at_prompt_open_at_answer(model, layer, ids, mask, seed=3):
+    """A hard-gated steerer whose gate is closed at the last prompt token and open at the answer's tokens.
+
+    Its SCS subspace is spanned by the (centred) unsteered states after ``layer`` at the greedy
+    answer's positions with the last prompt token's direction projected out, so the prompt token
+    scores ~0 and the answer tokens score well above the threshold.
+    """
+    with torch.no_grad():
+        base = model.generate(input_ids=ids, attention_mask=mask, **GEN)
+        got = {}
+        handle = find_decoder_layers(model)[layer].register_forward_hook(_recorder(got))
+        try:
+            model(input_ids=base)
+        finally:
+            handle.remove()
+    S = ids.shape[1]
+    template = random_steerer(D, seed=seed, layer=layer, strength=8.0, gate_mode="hard")
+    mu = template.gate.mu
+    hc = got["h"][0].float() - mu
+    u = hc[S - 1] / hc[S - 1].norm()
+    answer = hc[S:-1]
+    answer = answer - (answer @ u)[:, None] * u[None, :]
+    P, _ = torch.linalg.qr(answer[:4].T)
+    gate = SCSGate(P=P, mu=mu, threshold=0.05)
+    steerer = Steerer(gate=gate, mose=template.mose, strength=8.0, layer=layer, gate_mode="hard")
+    scores = gate.score(got["h"][0].float())
+    assert float(scores[S - 1]) < 1e-4 and bool((scores[S:-1] > 0.05).all())
+    return base, steerer
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_closed_gate_at_the_prompt_leaves_the_answer_bit_identical(model, with_mask):
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["What is the best way to bake a cake?"])
+    base, s = _gate_closed_at_prompt_open_at_answer(model, 1, ids, mask)
+    kw = dict(attention_mask=mask) if with_mask else {}
+    with torch.no_grad():
+        with FusedSteerer.attach(model, s, mode="token"):
+            per_token = model.generate(input_ids=ids, **kw, **GEN)
+        with FusedSteerer.attach(model, s, mode="prompt"):
+            got = model.generate(input_ids=ids, **kw, **GEN)
+    assert not torch.equal(per_token, base), "non-vacuous: a gate read at the answer's tokens changes the answer"
+    assert torch.equal(got, base)
+    _no_hooks_left(model)
+
+
+def test_static_cache_generate_on_the_cpu_equals_two_pass_reference():
+    # A StaticCache keeps its length in a tensor; on the CPU it is read without a device sync.
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["Tell me how to pick a lock."])
+    s = _steerer(layer=1)
+    want = _two_pass_reference(model, [s], 1, ids, mask, GEN)
+    with torch.no_grad(), FusedSteerer.attach(model, s, mode="prompt"):
+        got = model.generate(input_ids=ids, cache_implementation="static", **GEN)
+    assert torch.equal(got, want)
+    _no_hooks_left(model)
+
+
+def test_manual_decode_loop_with_the_cache_under_its_own_keyword(model):
+    # A hand-written prefill + decode loop without masks, passing the cache object under whatever
+    # name the installed transformers uses (`past_key_values` or `cache`).
+    import inspect
+    names = [n for n in ("cache", "past_key_values") if n in inspect.signature(model.forward).parameters]
+    assert names, "the model's forward takes neither `cache` nor `past_key_values`"
+    tok = tiny_tokenizer()
+    ids, mask = _batch(tok, ["Tell me how to pick a lock."])
+    s = _steerer(layer=1)
+    want = _two_pass_reference(model, [s], 1, ids, mask, GEN)
+
+    def greedy(n_new):
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, names[0], None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        if cache is None:  # e.g. Gemma2 in transformers 4.x makes its HybridCache only inside generate
+            pytest.skip(f"{type(model).__name__} returns no KV cache from a plain forward on this transformers")
+        seq = ids
+        for _ in range(n_new):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            out = model(input_ids=nxt, use_cache=True, **{names[0]: cache})
+        return seq
+
+    with torch.no_grad(), FusedSteerer.attach(model, s, mode="prompt"):
+        got = greedy(want.shape[1] - ids.shape[1])  # generate may stop early at EOS
+    assert torch.equal(got, want)
     _no_hooks_left(model)
 
 
@@ -371,6 +488,25 @@ def test_decode_path_reads_no_tensor_values(mode):
         with _NoHostSync():
             outs = _decode_step_through_hooks(fs, model, 2, ids.shape[1], "cpu")
     assert all(o.shape == (2, 1, D) for o in outs)
+
+
+def test_decode_step_classified_from_the_cache_reads_no_tensor_values():
+    # No mask: the decode step is recognised from the cache object (under the installed
+    # transformers' own keyword) without reading any tensor value on the host.
+    import inspect
+    model = tiny_model("llama")
+    name = next(n for n in ("cache", "past_key_values") if n in inspect.signature(model.forward).parameters)
+    tok = tiny_tokenizer()
+    ids, _ = _batch(tok, ["How do I bake bread?"])
+    with torch.no_grad(), FusedSteerer.attach(model, _steerer(layer=1), backend="reference") as fs:
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, name, None)
+        if cache is None:
+            cache = out.past_key_values
+        nxt = torch.ones(1, 1, dtype=torch.long)
+        with _NoHostSync():
+            fs._pre_hook(model, (), {"input_ids": nxt, name: cache, "use_cache": True})
+        assert not fs._prefill
 
 
 @pytest.mark.gpu

@@ -71,3 +71,37 @@ def test_vector_equals_the_reference_operator(gate_mode, with_gate, shape):
     assert torch.equal((got == 0).all(-1), closed)
     if gate_mode == "hard":
         assert bool(closed.any()) and not bool(closed.all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))])
+def test_non_finite_strength_is_refused_at_construction_and_assignment(bad):
+    s = random_steerer(8)
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        Steerer(gate=s.gate, mose=s.mose, strength=bad)
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        s.strength = bad
+    assert s.strength == 1.0  # unchanged by the refused assignment
+
+
+@pytest.mark.parametrize("bad", ["2", None, True, torch.ones(2)])
+def test_strength_must_be_one_real_number(bad):
+    s = random_steerer(8)
+    with pytest.raises(TypeError, match="strength must be a"):
+        Steerer(gate=s.gate, mose=s.mose, strength=bad)
+
+
+def test_strength_accepts_ints_zero_and_negative_values():
+    s = random_steerer(8)
+    for value, want in ((2, 2.0), (0, 0.0), (-1.5, -1.5), (torch.tensor(0.5), 0.5)):
+        s.strength = value
+        assert s.strength == want and isinstance(s.strength, float)
+
+
+def test_mose_repr_is_short():
+    mose = random_steerer(256, K=5, H=64, m=3).mose
+    mose.fit_stats = {"best_epoch": 17, "val_loss": 0.0123456, "ch_scores": {str(k): 1.0 for k in range(2, 11)}}
+    mose.history = {"train_loss": [0.1] * 500, "val_loss": [0.1] * 500}
+    mose.cluster_sizes = torch.tensor([3.0, 4.0, 5.0, 6.0, 7.0])
+    text = repr(mose)
+    assert text == "MoSE(d=256, K=5, m=3, H=64, cluster_sizes=[3, 4, 5, 6, 7], best_epoch=17, val_loss=0.01235)"
+    assert str(mose) == text

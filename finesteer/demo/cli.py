@@ -6,15 +6,23 @@ dispatches to :func:`run`.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-from ..cli import positions_arg
+from ..cli import CLIError, _one_line, check_output_path, positions_arg
 
-DEFAULT_ARTIFACT = Path(tempfile.gettempdir()) / "finesteer-demo.safetensors"
+
+def default_artifact() -> Path:
+    """Where the demo saves its steerer unless told otherwise: the user's own cache folder
+    (``$XDG_CACHE_HOME/finesteer`` or ``~/.cache/finesteer``), never a path shared by every
+    user of the machine such as ``/tmp``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "finesteer" / "demo-steerer.safetensors"
+
 
 DESCRIPTION = """\
 Fit FineSteer (SCS gate + MoSE) on the small language model shipped with the package and measure
@@ -23,7 +31,7 @@ refuses theft/hacking/violence/harassment requests, and (the gap to fix) complie
 requests. The demo fits a steerer that makes it refuse forgery requests, on prompts the model
 never saw in training, then compares greedy answers with and without the steerer on other unseen
 prompts: forgery requests should now be refused, and everyday requests must come out exactly as
-before (the gate stays closed on them). The summary says whether the issue's targets are met
+before (the gate stays closed on them). The summary says whether the demo's targets are met
 (>= 80 % of held-out forgery requests refused when steered, <= 20 % unsteered, >= 95 % of held-out
 everyday answers identical); with the defaults they are (measured: 96 %, 0 %, 97.6 %, in about
 10 s of fitting and generation on one CPU thread). Corpus design and measurements:
@@ -37,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT,
-                        help=f"where to save the fitted steerer (.safetensors; default: {DEFAULT_ARTIFACT}, "
-                             f"in the system temp folder)")
+    parser.add_argument("--artifact", type=Path, default=None,
+                        help=f"where to save the fitted steerer (.safetensors; default: {default_artifact()}, "
+                             f"in your own cache folder)")
     parser.add_argument("--model", type=Path, default=None,
                         help="model directory (default: the embedded demo model shipped in finesteer/demo/model)")
     parser.add_argument("--layer", type=int, default=d.layer, help=f"decoder layer to steer (default: {d.layer})")
@@ -82,23 +90,44 @@ def _print_rows(rows, show: int, out) -> None:
             print(_wrap("steered:", r.steered), file=out)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise :class:`~finesteer.cli.CLIError` on a bad option or an unwritable --artifact (before any work)."""
+    if args.artifact is None:
+        args.artifact = default_artifact()
+    rules = (("--layer", args.layer, args.layer >= 0, "a layer index >= 0"),
+             ("--strength", args.strength, math.isfinite(args.strength), "a finite number"),
+             ("--rank", args.rank, args.rank >= 1, "an integer >= 1"),
+             ("--max-benign-fpr", args.max_benign_fpr, math.isfinite(args.max_benign_fpr)
+              and 0 <= args.max_benign_fpr < 1, "a rate in [0, 1)"),
+             ("--show", args.show, args.show >= 0, "an integer >= 0"),
+             ("--threads", args.threads, args.threads >= 1, "an integer >= 1"))
+    for flag, value, ok, what in rules:
+        if not ok:
+            raise CLIError(f"{flag} must be {what}, got {value}")
+    check_output_path(args.artifact, "--artifact")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed ``args``; returns the process exit code (0 on success)."""
     t0 = time.perf_counter()
+    try:
+        check_args(args)
+    except CLIError as exc:
+        print(f"finesteer demo: error: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     from .pipeline import DemoConfig, run as run_pipeline
 
-    if args.threads is not None and args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     cfg = DemoConfig(layer=args.layer, positions=args.positions, strength=args.strength, rank=args.rank,
                      max_benign_fpr=args.max_benign_fpr, seed=args.seed)
     out = sys.stdout
     try:
         result = run_pipeline(cfg, model_path=args.model, artifact=args.artifact, progress=not args.no_progress,
                               log=lambda msg: print(msg, file=out, flush=True))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"finesteer demo: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"finesteer demo: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     _print_rows(result.rows, args.show, out)
     n = result.counts()

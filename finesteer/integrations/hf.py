@@ -24,7 +24,7 @@ from ..bank import SteeringBank
 from ..models import find_decoder_layers, model_device, model_hidden_size
 from ..steerer import Steerer
 
-__all__ = ["FusedSteerer", "attached_layers"]
+__all__ = ["FusedSteerer", "UnclassifiableCallError", "attached_layers", "past_length"]
 
 def _hidden_of(output):
     """The hidden-state tensor of a block's output (a tensor or a tuple/list starting with it)."""
@@ -40,6 +40,77 @@ def _with_hidden(output, hidden: torch.Tensor):
     if isinstance(output, torch.Tensor):
         return hidden
     return type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [hidden, *output[1:]]
+
+
+class UnclassifiableCallError(RuntimeError):
+    """A model call that FusedSteerer cannot classify as prefill or decode without a host–device sync."""
+
+
+def _find_cache(inputs: Mapping[str, object]):
+    """The KV-cache object among a forward call's inputs → ``(name, cache)``, or ``(None, None)``.
+
+    Found by duck type, not by keyword: transformers has named it ``past_key_values`` (4.x and early 5.x)
+    and ``cache`` (newer 5.x); other models use other names. A cache is an object
+    with a callable ``get_seq_length`` or, as in transformers 4.x's legacy format, a non-empty
+    tuple/list of per-layer ``(key, value)`` tensors of shape ``[B, heads, past, head_dim]``.
+    """
+    for name, value in inputs.items():
+        if callable(getattr(value, "get_seq_length", None)):
+            return name, value
+    for name, value in inputs.items():
+        if (isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)) and value[0]
+                and isinstance(value[0][0], torch.Tensor) and value[0][0].dim() == 4):
+            return name, value
+    return None, None
+
+
+def past_length(inputs: Mapping[str, object], new_tokens: int) -> int:
+    """How many tokens each sequence of a causal-LM forward call already has in its KV cache.
+
+    ``inputs``: the call's arguments by name (positional ones bound to the forward's parameter
+    names); ``new_tokens``: the sequence length ``S`` of this call's ``input_ids``/``inputs_embeds``.
+    ``0`` = a prefill (the call holds the whole prompt); ``> 0`` = a decode step (or a chunk
+    continuing a cached prefix). Only host-known facts are read, so a decode step never waits for
+    the device, whatever the keyword names of the installed transformers are:
+
+    1. a 2-D ``attention_mask`` covers past + new tokens, so ``past = mask.shape[1] - S``;
+    2. else the cache object (found by duck type under any name, :func:`_find_cache`):
+       ``get_seq_length()`` when it is a Python int (dynamic caches; static caches before their
+       first update), or a tensor on the CPU (reading it costs no device sync); the key length of
+       a legacy tuple cache;
+    3. else, when the cache gives no usable length (``None``, or a tensor on an accelerator), the
+       first entry of a ``cache_position`` tensor on the CPU;
+    4. no cache at all: a standalone forward, i.e. a prefill.
+
+    Raises :class:`UnclassifiableCallError` when the only evidence is held on an accelerator
+    (e.g. a ``StaticCache`` on CUDA in transformers 5.x, or Gemma2's ``HybridCache`` on CUDA in
+    4.x, called without a 2-D mask): reading it would synchronise host and device on every decode
+    step, and guessing would steer the wrong tokens.
+    """
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int(mask.shape[1]) - new_tokens
+    name, cache = _find_cache(inputs)
+    if cache is None:
+        return 0
+    if isinstance(cache, (tuple, list)):
+        return int(cache[0][0].shape[-2])
+    n = cache.get_seq_length()
+    if isinstance(n, torch.Tensor) and n.device.type == "cpu":
+        n = int(n)
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    # The cache does not say (transformers 4.x's HybridCache returns None) or says it on an
+    # accelerator: the first cache position is the past length, readable when it is on the CPU.
+    pos = inputs.get("cache_position")
+    if isinstance(pos, torch.Tensor) and pos.dim() == 1 and pos.numel() and pos.device.type == "cpu":
+        return int(pos[0])
+    held = f"as a {n.device.type} tensor" if isinstance(n, torch.Tensor) else f"as {type(n).__name__}"
+    raise UnclassifiableCallError(
+        f"FusedSteerer: cannot tell prefill from decode: the cache passed as {name!r} ({type(cache).__name__}) "
+        f"reports its length {held}, and no 2-D attention_mask or CPU cache_position says it either; reading "
+        f"a device value would synchronise host and device at every step. Pass a 2-D attention_mask (past + "
+        f"new tokens) with each call, or use a dynamic cache")
 
 
 # Every block FusedSteerer currently has a hook on, so a second attach to the same block fails
@@ -84,8 +155,10 @@ class FusedSteerer:
 
     ``last_b`` comes from the attention mask seen by a forward pre-hook on ``model`` (left or
     right padding both work); without a 2-D mask the last position is used. Prefill and decode
-    are told apart from host-known shapes only: the 2-D mask is longer than the new tokens, or
-    else the KV cache reports a non-zero length. The decode-path hook does no host–device
+    are told apart from host-known facts only, whatever the cache keyword is called
+    (:func:`past_length`: a 2-D mask longer than the new tokens, else the length of the cache object
+    found by duck type, else no cache = a standalone prefill); a call that cannot be classified
+    without a sync raises :class:`UnclassifiableCallError`. The decode-path hook does no host–device
     synchronisation and allocates nothing proportional to the sequence length; the vector cache
     (``[B, d]`` fp32 per steered layer) is allocated at prefill and reused while the batch size
     stays the same. Call the model object that was attached (the pre-hook lives on it).
@@ -288,12 +361,7 @@ class FusedSteerer:
         B, S = int(ref.shape[0]), int(ref.shape[1])
         mask = inputs.get("attention_mask")
         mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        if mask2d is not None:
-            past = int(mask2d.shape[1]) - S
-        else:
-            cache = inputs.get("past_key_values")
-            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        prefill = past <= 0
+        prefill = past_length(inputs, S) <= 0
         if not prefill and self.mode == "prompt":
             for st in self._states:
                 if st.vectors is None or st.vectors.shape[0] != B:
