@@ -42,7 +42,7 @@ pytestmark = needs_vllm
 
 STEERED = [5, 17, 42, 9, TRIGGER]       # ends in the trigger: its row opens the gate
 BENIGN = [7, 8, 30, 61, 3, 12]          # no trigger: every row's gate stays closed
-PREFIX = [3 + (7 * i) % 90 for i in range(32)]  # two 16-token blocks shared by several prompts
+PREFIX = [3 + (7 * i) % 90 for i in range(32)]  # one 32-token KV block shared by several prompts
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,9 @@ def files(tmp_path_factory):
     check_plugin_installed()
     tmp = tmp_path_factory.mktemp("vllm")
     model_dir = build_model_dir(tmp / "tiny-llama")
-    a, b, c = build_steerer(0, seed=3), build_steerer(0, seed=5), build_steerer(1, seed=7)
+    # "c" (layer 1) has no gate: after layer 0's steering the trigger row's stream has left the
+    # trigger direction, so a trigger gate there would stay closed and test nothing.
+    a, b, c = build_steerer(0, seed=3), build_steerer(0, seed=5), build_steerer(1, seed=7, gated=False)
     paths = {}
     for name, st in (("a", a), ("b", b), ("c", c)):
         paths[name] = str(tmp / f"{name}.safetensors")
@@ -115,6 +117,15 @@ def test_token_mode_mixed_batch_matches_hf(files, token_run):
         assert g == w, f"request {i} {TOKEN_REQUESTS[i]}: vLLM (TP={tp}) {g} != HF {w}"
 
 
+def test_fingerprint_is_in_the_engine_config(files, token_run):
+    """The front end wrote the files' fingerprint where vLLM's compilation-cache key reads it."""
+    from finesteer.integrations import vllm as fv
+
+    served = token_run["additional_config"]["finesteer"]
+    assert served["fingerprint"] == fv.fingerprint(fv.parse_config({"finesteer": {
+        k: v for k, v in served.items() if k != "fingerprint"}}))
+
+
 def test_unknown_steerer_name_is_rejected_before_serving(token_run):
     unknown, two = token_run["bad_requests"]
     assert unknown["type"] == "VLLMValidationError", unknown
@@ -147,7 +158,7 @@ def test_bad_config_fails_before_serving(token_run, name, message):
 
 LONG = [[20 + (3 * i + 11 * j) % 70 for i in range(30)] + [TRIGGER] for j in range(4)]
 PROMPT_PHASES = [
-    # 1. Seeds the prefix cache with PREFIX's two blocks (computed unsteered: before the last token).
+    # 1. Seeds the prefix cache with PREFIX's block (computed unsteered: before the last token).
     [{"prompt": PREFIX + [40, 41, TRIGGER], "finesteer": "a"}],
     # 2. Prefix-cache hits, steered differently; PREFIX + [TRIGGER] then computes one token only.
     [{"prompt": PREFIX + [40, 41, TRIGGER], "finesteer": "b"},
@@ -158,7 +169,8 @@ PROMPT_PHASES = [
     [{"prompt": LONG[0], "finesteer": "a"}, {"prompt": LONG[1], "finesteer": "b"},
      {"prompt": LONG[2], "finesteer": "a"}, {"prompt": LONG[3]}],
 ]
-PROMPT_ENGINE = {"max_num_batched_tokens": 16, "block_size": 16, "num_gpu_blocks_override": 9,
+# vLLM's CPU attention needs blocks of a multiple of 32 tokens. Phase 3 needs 8 blocks, 6 exist.
+PROMPT_ENGINE = {"max_num_batched_tokens": 16, "block_size": 32, "num_gpu_blocks_override": 6,
                  "enable_prefix_caching": True, "enable_chunked_prefill": True}
 CHOICE = {"a": 0, "b": 1, None: -1}
 
@@ -175,7 +187,7 @@ def _check_prompt_run(files, run, label):
     hf, st = files["hf"], files["steerers"]
     bank = [st["a"], st["b"]]
     hits = run["counters"][1].get("vllm:prefix_cache_hits", 0) - run["counters"][0].get("vllm:prefix_cache_hits", 0)
-    assert hits >= 32 * 3, f"{label}: phase 2 should hit PREFIX's cached blocks, hits {hits}"
+    assert hits >= 32 * 3, f"{label}: phase 2 should hit PREFIX's cached block, hits {hits}"
     assert run["counters"][2].get("vllm:num_preemptions", 0) > 0, f"{label}: no preemption: {run['counters']}"
     for p, (phase, got) in enumerate(zip(PROMPT_PHASES, run["phases"])):
         for i, (req, g) in enumerate(zip(phase, got)):

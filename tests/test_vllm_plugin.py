@@ -372,3 +372,46 @@ def test_only_the_served_model_is_steered_not_a_drafter():
     assert not fv.is_served_model(NS(model_config=target, speculative_config=spec), draft)
     # Draft models: a config copy whose model_config is the draft config.
     assert not fv.is_served_model(NS(model_config=draft, speculative_config=spec), draft)
+
+
+def test_runner_wrappers_fill_free_and_reset(tmp_path):
+    """The V1-runner wrappers on a stand-in runner: ``_prepare_inputs`` fills the tables from the
+    persistent batch and each request's ``extra_args``; ``_update_states`` frees finished
+    requests even on a step without tokens; ``_dummy_run`` resets to "nothing steered"."""
+    import numpy as np
+
+    p = _files(tmp_path)
+    cfg = fv.parse_config({"finesteer": {"steerers": [str(p["a"]), str(p["b"])], "mode": "prompt"}})
+    model = _FakeModel(D, 1)
+    steerers = [random_steerer(D, layer=0, seed=1), random_steerer(D, layer=0, seed=2)]
+    tables = fv.attach(model, steerers, backend="reference", mode="prompt", max_tokens=16, max_seqs=2,
+                       catalog=fv.build_catalog(cfg))
+
+    class Runner:
+        def _update_states(self, scheduler_output):
+            return "updated"
+
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+            return "prepared"
+
+        def _dummy_run(self, num_tokens):
+            return "dummy"
+
+    for name, wrap in (("_update_states", fv._wrap_update_states), ("_prepare_inputs", fv._wrap_prepare_inputs),
+                       ("_dummy_run", fv._wrap_dummy_run)):
+        setattr(Runner, name, wrap(getattr(Runner, name)))
+    runner = Runner()
+    runner.model = model
+    runner.requests = {"x": NS(sampling_params=NS(extra_args={"finesteer": "b"})),
+                       "y": NS(sampling_params=NS(extra_args=None))}
+    runner.input_batch = NS(num_reqs=2, req_ids=["y", "x"], num_computed_tokens_cpu=np.array([0, 0]),
+                            num_prompt_tokens=np.array([3, 4]))
+    out = NS(finished_req_ids=set())
+    assert runner._update_states(out) == "updated"
+    assert runner._prepare_inputs(out, np.array([3, 4])) == "prepared"
+    assert tables.slot[:7].tolist() == [-1, -1, -1, -1, -1, -1, 0]
+    assert tables.sel_pos[0] == 6 and tables.sel_index[0, 0] == 1 and tables.slots_in_use == 1
+    assert runner._dummy_run(4) == "dummy"
+    assert (tables.slot == -1).all() and (tables.sel_slot >= 2).all() and (tables.sel_index == -1).all()
+    runner._update_states(NS(finished_req_ids={"x"}))
+    assert tables.slots_in_use == 0

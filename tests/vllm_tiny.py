@@ -70,8 +70,9 @@ def build_model_dir(path: Path) -> Path:
     return path
 
 
-def build_steerer(layer: int = 0, seed: int = 3, d: int = D) -> Steerer:
-    """Gate subspace = the trigger direction (μ = 0, τ = 0.5, hard); one large expert vector."""
+def build_steerer(layer: int = 0, seed: int = 3, d: int = D, gated: bool = True) -> Steerer:
+    """Gate subspace = the trigger direction (μ = 0, τ = 0.5, hard), or no gate (``gated=False``:
+    every row is steered); one large expert vector."""
     g = torch.Generator().manual_seed(seed)
     e = trigger_direction() if d == D else torch.randn(d, generator=g)
     gate = SCSGate(P=(e / e.norm())[:, None], mu=torch.zeros(d), threshold=0.5)
@@ -79,6 +80,8 @@ def build_steerer(layer: int = 0, seed: int = 3, d: int = D) -> Steerer:
     mose = MoSE(R=torch.zeros(d, 1), c=torch.zeros(1), V=4.0 * v / v.norm(),
                 U=torch.randn(d, 2, generator=g) * 0.05, W1=torch.randn(8, d, generator=g) * d ** -0.5,
                 b1=torch.zeros(8), W2=torch.randn(2, 8, generator=g) * 0.1, b2=torch.zeros(2))
+    if not gated:
+        return Steerer(gate=None, mose=mose, strength=1.0, layer=layer, gate_mode="off")
     return Steerer(gate=gate, mose=mose, strength=1.0, layer=layer, gate_mode="hard")
 
 
@@ -155,7 +158,7 @@ def serve_main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     from vllm import LLM, SamplingParams
 
-    common = dict(model=job["model"], dtype="float32", max_model_len=96, max_num_seqs=4,
+    common = dict(model=job["model"], dtype="float32", gpu_memory_utilization=0.15, max_model_len=96, max_num_seqs=4,
                   max_num_batched_tokens=128, enforce_eager=True, seed=0, disable_log_stats=False)
     common.update(job.get("engine", {}))
     if common.get("tensor_parallel_size") == "auto":
@@ -187,6 +190,7 @@ def serve_main(job_path: str) -> None:
         except Exception as exc:
             results["bad_requests"].append({"type": type(exc).__name__, "error": str(exc)})
     results["tensor_parallel_size"] = common.get("tensor_parallel_size", 1)
+    results["additional_config"] = llm.llm_engine.vllm_config.additional_config
     Path(job["out"]).write_text(json.dumps(results))
 
 

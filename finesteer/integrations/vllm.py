@@ -19,8 +19,8 @@ fused call of the backend on ``hidden_states + residual`` (exact: the next consu
 
 What each token uses comes from :class:`~finesteer.integrations.vllm_state.StepTables`,
 persistent buffers that the plugin fills before each step from the V1 model runner's batch
-(a wrapper around ``GPUModelRunner._prepare_inputs``, which the CPU runner inherits) and resets
-before dummy runs. The hook reads them by slicing to the step's token count: no host sync, no
+(a wrapper around ``GPUModelRunner._prepare_inputs``, which the CPU runner inherits), frees
+finished requests from (``_update_states``) and resets before dummy runs. The hook reads them by slicing to the step's token count: no host sync, no
 data-dependent shape, nothing allocated per step but the outputs, so torch.compile's trace and
 CUDA-graph replay see the same tensors every step.
 
@@ -257,13 +257,25 @@ def fill_from_runner(state: _WorkerSteering, runner, num_scheduled_tokens) -> No
     state.tables.fill(batch)
 
 
+def _wrap_update_states(orig):
+    # Every step passes here, also one that schedules no token (where _prepare_inputs is
+    # skipped), so no finished request is missed.
+    @functools.wraps(orig)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        state = _worker_state(self)
+        if state is not None:
+            state.finish(scheduler_output.finished_req_ids)
+        return orig(self, scheduler_output, *args, **kwargs)
+    _update_states._finesteer_wrapped = True
+    return _update_states
+
+
 def _wrap_prepare_inputs(orig):
     @functools.wraps(orig)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         out = orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         state = _worker_state(self)
         if state is not None:
-            state.finish(scheduler_output.finished_req_ids)
             fill_from_runner(state, self, num_scheduled_tokens)
         return out
     _prepare_inputs._finesteer_wrapped = True
@@ -291,6 +303,7 @@ def _patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     for cls in (GPUModelRunner, *_all_subclasses(GPUModelRunner)):
+        _patch(cls, "_update_states", _wrap_update_states)
         _patch(cls, "_prepare_inputs", _wrap_prepare_inputs)
         _patch(cls, "_dummy_run", _wrap_dummy_run)
 
