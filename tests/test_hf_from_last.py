@@ -18,11 +18,13 @@ from tests.hf_tiny import tiny_model
 from tests.utils import random_steerer
 
 
-def generate_from_last_definition(model, steerer, prompt, new_tokens: int, bank_index: int = 0) -> list:
+def generate_from_last_definition(model, steerer, prompt, new_tokens: int, bank_index: int = 0,
+                                  with_logprobs: bool = False):
     """Greedy tokens for one ``prompt`` (list of ids) under "from the last prompt token" prompt mode.
 
     ``steerer``: a :class:`~finesteer.Steerer`, or a list of them (a bank at one layer, entry
-    ``bank_index`` chosen; −1 = unsteered). Uses :mod:`finesteer.reference` only.
+    ``bank_index`` chosen; −1 = unsteered). Uses :mod:`finesteer.reference` only. With
+    ``with_logprobs``, returns ``(tokens, logprobs)``: each chosen token's log-probability.
     """
     steerers = steerer if isinstance(steerer, (list, tuple)) else [steerer]
     layer = steerers[0].layer
@@ -41,14 +43,18 @@ def generate_from_last_definition(model, steerer, prompt, new_tokens: int, bank_
 
     handle = model.model.layers[layer].register_forward_hook(hook)
     ids = torch.tensor([prompt])
+    logprobs = []
     try:
         with torch.no_grad():
             for _ in range(new_tokens):
-                nxt = model(ids, use_cache=False).logits[0, -1].argmax()
+                logits = model(ids, use_cache=False).logits[0, -1].float()
+                nxt = logits.argmax()
+                logprobs.append(float(torch.log_softmax(logits, -1)[nxt]))
                 ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     finally:
         handle.remove()
-    return ids[0, len(prompt):].tolist()
+    tokens = ids[0, len(prompt):].tolist()
+    return (tokens, logprobs) if with_logprobs else tokens
 
 
 def _fused_generate(model, steerers, prompts, new_tokens, index, prompt_positions="from_last"):

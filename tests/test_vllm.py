@@ -173,27 +173,41 @@ PROMPT_PHASES = [
 PROMPT_ENGINE = {"max_num_batched_tokens": 16, "block_size": 32, "num_gpu_blocks_override": 6,
                  "enable_prefix_caching": True, "enable_chunked_prefill": True}
 CHOICE = {"a": 0, "b": 1, None: -1}
+# Prompt mode adds the vector to every generated token: at λ = 1 these steerers saturate the
+# tiny model (one token repeated, log-probability ≈ 0), which would hide a misplaced vector.
+PROMPT_STRENGTH = 0.3
+LOGPROB_ATOL = 2e-3   # fp32 model; vLLM's CPU attention and HF's differ in summation order
 
 
 def _prompt_job(files, compiled: bool) -> dict:
     paths = files["paths"]
     return {"model": str(files["model_dir"]), "phases": PROMPT_PHASES,
             "engine": {**PROMPT_ENGINE, "enforce_eager": not compiled},
-            "config": {"finesteer": {"steerers": [paths["a"], paths["b"]], "mode": "prompt",
-                                     "backend": "reference"}}}
+            "config": {"finesteer": {"steerers": [{"path": paths[n], "strength": PROMPT_STRENGTH} for n in "ab"],
+                                     "mode": "prompt", "backend": "reference"}}}
+
+
+def _with_strength(steerer, strength):
+    import copy
+    out = copy.deepcopy(steerer)
+    out.strength = strength
+    return out
 
 
 def _check_prompt_run(files, run, label):
     hf, st = files["hf"], files["steerers"]
-    bank = [st["a"], st["b"]]
+    bank = [_with_strength(st["a"], PROMPT_STRENGTH), _with_strength(st["b"], PROMPT_STRENGTH)]
     hits = run["counters"][1].get("vllm:prefix_cache_hits", 0) - run["counters"][0].get("vllm:prefix_cache_hits", 0)
     assert hits >= 32 * 3, f"{label}: phase 2 should hit PREFIX's cached block, hits {hits}"
     assert run["counters"][2].get("vllm:num_preemptions", 0) > 0, f"{label}: no preemption: {run['counters']}"
-    for p, (phase, got) in enumerate(zip(PROMPT_PHASES, run["phases"])):
-        for i, (req, g) in enumerate(zip(phase, got)):
+    for p, (phase, got, got_lp) in enumerate(zip(PROMPT_PHASES, run["phases"], run["logprobs"])):
+        for i, (req, g, g_lp) in enumerate(zip(phase, got, got_lp)):
             entry = CHOICE[req.get("finesteer")]
-            want = generate_from_last_definition(hf, bank, req["prompt"], len(g), entry)
-            assert g == want, f"{label}: phase {p + 1} request {i} ({req.get('finesteer')}): vLLM {g} != HF {want}"
+            want, want_lp = generate_from_last_definition(hf, bank, req["prompt"], len(g), entry, with_logprobs=True)
+            where = f"{label}: phase {p + 1} request {i} ({req.get('finesteer')})"
+            assert g == want, f"{where}: vLLM {g} != HF {want}"
+            diff = max(abs(x - y) for x, y in zip(g_lp, want_lp))
+            assert diff < LOGPROB_ATOL, f"{where}: log-probabilities differ by {diff:.2e}: {g_lp} vs {want_lp}"
             if entry >= 0:
                 plain = generate_from_last_definition(hf, bank, req["prompt"], len(g), -1)
                 assert g != plain, f"{label}: phase {p + 1} request {i}: steering changed nothing"

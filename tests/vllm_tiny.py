@@ -176,12 +176,17 @@ def serve_main(job_path: str) -> None:
 
     def params(req):
         extra = {"finesteer": req["finesteer"]} if "finesteer" in req else None
-        return SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True, extra_args=extra)
+        return SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True, extra_args=extra,
+                              logprobs=0)
 
     for phase in job["phases"]:
         outs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in phase], [params(r) for r in phase],
                             use_tqdm=False)
         results["phases"].append([list(o.outputs[0].token_ids) for o in outs])
+        # The log-probability of each generated (greedy) token: a finer check than the tokens.
+        results.setdefault("logprobs", []).append([[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids,
+                                                                                  o.outputs[0].logprobs)]
+                                                   for o in outs])
         results["counters"].append(_counters(llm))
     for value in job.get("bad_requests", []):
         try:
