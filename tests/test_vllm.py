@@ -241,11 +241,17 @@ def test_prompt_mode_all_matches_hf(files, tmp_path_factory):
                 {"prompt": STEERED}]
     job = {"model": str(files["model_dir"]), "phases": [requests],
            "engine": {"enable_chunked_prefill": False, "enable_prefix_caching": False},
-           "config": {"finesteer": {"steerers": [paths["a"], paths["b"]], "mode": "prompt",
-                                    "prompt_positions": "all", "default": "none", "backend": "reference"}}}
-    got = run_child(tmp_path_factory.mktemp("prompt_all"), job)["phases"][0]
-    bank = [st["a"], st["b"]]
-    want = [hf_prompt_all(hf, bank, STEERED, 0), hf_prompt_all(hf, bank, PREFIX + [TRIGGER], 1), hf_plain(hf, STEERED)]
-    assert want[0] != hf_plain(hf, STEERED) and want[0] != generate_from_last_definition(hf, bank, STEERED, 10, 0), \
-        "'all' must differ from unsteered and from 'from_last' on this prompt"
-    assert got == want
+           "config": {"finesteer": {"steerers": [{"path": paths[n], "strength": PROMPT_STRENGTH} for n in "ab"],
+                                    "mode": "prompt", "prompt_positions": "all", "default": "none",
+                                    "backend": "reference"}}}
+    run = run_child(tmp_path_factory.mktemp("prompt_all"), job)
+    bank = [_with_strength(st["a"], PROMPT_STRENGTH), _with_strength(st["b"], PROMPT_STRENGTH)]
+    want = [hf_prompt_all(hf, bank, STEERED, 0), hf_prompt_all(hf, bank, PREFIX + [TRIGGER], 1),
+            hf_prompt_all(hf, bank, STEERED, -1)]
+    from_last = generate_from_last_definition(hf, bank, STEERED, 10, 0, with_logprobs=True)
+    assert want[0][0] != want[2][0], "'all' must change the tokens of this prompt"
+    assert max(abs(x - y) for x, y in zip(want[0][1], from_last[1])) > 1e-2, "'all' must differ from 'from_last'"
+    for i, ((tokens, logprobs), g, g_lp) in enumerate(zip(want, run["phases"][0], run["logprobs"][0])):
+        assert g == tokens, f"request {i}: vLLM {g} != HF {tokens}"
+        diff = max(abs(x - y) for x, y in zip(g_lp, logprobs))
+        assert diff < LOGPROB_ATOL, f"request {i}: log-probabilities differ by {diff:.2e}"

@@ -107,13 +107,17 @@ def hf_token_mode(model, steerers, prompt, index, new_tokens: int = NEW_TOKENS) 
     return ids[0, len(prompt):].tolist()
 
 
-def hf_prompt_all(model, steerers, prompt, entry: int, new_tokens: int = NEW_TOKENS) -> list:
-    """Greedy tokens under DESIGN's prompt mode (vector at every position) with ``FusedSteerer``."""
+def hf_prompt_all(model, steerers, prompt, entry: int, new_tokens: int = NEW_TOKENS):
+    """Greedy ``(tokens, log-probabilities of those tokens)`` under DESIGN's prompt mode (vector at
+    every position) with ``FusedSteerer``."""
     ids = torch.tensor([prompt])
     with FusedSteerer.attach(model, steerers, mode="prompt", backend="reference", index=[entry],
                              prompt_positions="all"):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
 
 
 def hf_plain(model, prompt, new_tokens: int = NEW_TOKENS) -> list:
