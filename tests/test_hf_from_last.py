@@ -141,4 +141,4 @@ def test_from_last_options_are_checked(model):
     with pytest.raises(ValueError, match="applies to prompt mode only"):
         FusedSteerer.attach(model, st, mode="token", prompt_positions="from_last")
     # Nothing was left attached by the failed calls.
-    FusedSteerer.attach(model, st, mode="prompt", prompt_positions="from_last").detach()
+    FusedSteerer.attach(model, st, mode="prompt", backend="reference", prompt_positions="from_last").detach()

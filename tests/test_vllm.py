@@ -168,6 +168,13 @@ PROMPT_PHASES = [
     # 3. Four 31-token prompts (chunks of 16 + 15) with a KV cache too small for all: preemption.
     [{"prompt": LONG[0], "finesteer": "a"}, {"prompt": LONG[1], "finesteer": "b"},
      {"prompt": LONG[2], "finesteer": "a"}, {"prompt": LONG[3]}],
+    # 4. 33 + 40 tokens: its second block (positions 32..63: the last prompt token and 31 steered
+    #    outputs) is full and cached.
+    [{"prompt": PREFIX + [TRIGGER], "finesteer": "a", "new_tokens": 40}],
+    # 5. A follow-up turn whose 65-token prompt contains that block. Its positions 32..63 are
+    #    prompt positions before its last token, so unsteered: the steered block must not be
+    #    reused (the plugin's prefix-cache key), only the unsteered first block.
+    [{"extend": [3, 0, 32], "finesteer": "a"}],
 ]
 # vLLM's CPU attention needs blocks of a multiple of 32 tokens. Phase 3 needs 8 blocks, 6 exist.
 PROMPT_ENGINE = {"max_num_batched_tokens": 16, "block_size": 32, "num_gpu_blocks_override": 6,
@@ -200,16 +207,23 @@ def _check_prompt_run(files, run, label):
     hits = run["counters"][1].get("vllm:prefix_cache_hits", 0) - run["counters"][0].get("vllm:prefix_cache_hits", 0)
     assert hits >= 32 * 3, f"{label}: phase 2 should hit PREFIX's cached block, hits {hits}"
     assert run["counters"][2].get("vllm:num_preemptions", 0) > 0, f"{label}: no preemption: {run['counters']}"
+    hits5 = run["counters"][4].get("vllm:prefix_cache_hits", 0) - run["counters"][3].get("vllm:prefix_cache_hits", 0)
+    assert hits5 == 32, f"{label}: phase 5 must reuse only the unsteered first block, hit {hits5} tokens"
     for p, (phase, got, got_lp) in enumerate(zip(PROMPT_PHASES, run["phases"], run["logprobs"])):
         for i, (req, g, g_lp) in enumerate(zip(phase, got, got_lp)):
             entry = CHOICE[req.get("finesteer")]
-            want, want_lp = generate_from_last_definition(hf, bank, req["prompt"], len(g), entry, with_logprobs=True)
+            if "extend" in req:
+                q, j, n = req["extend"]
+                prompt = PROMPT_PHASES[q][j]["prompt"] + run["phases"][q][j][:n]
+            else:
+                prompt = req["prompt"]
+            want, want_lp = generate_from_last_definition(hf, bank, prompt, len(g), entry, with_logprobs=True)
             where = f"{label}: phase {p + 1} request {i} ({req.get('finesteer')})"
             assert g == want, f"{where}: vLLM {g} != HF {want}"
             diff = max(abs(x - y) for x, y in zip(g_lp, want_lp))
             assert diff < LOGPROB_ATOL, f"{where}: log-probabilities differ by {diff:.2e}: {g_lp} vs {want_lp}"
             if entry >= 0:
-                plain = generate_from_last_definition(hf, bank, req["prompt"], len(g), -1)
+                plain = generate_from_last_definition(hf, bank, prompt, len(g), -1)
                 assert g != plain, f"{label}: phase {p + 1} request {i}: steering changed nothing"
 
 

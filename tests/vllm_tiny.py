@@ -180,11 +180,18 @@ def serve_main(job_path: str) -> None:
 
     def params(req):
         extra = {"finesteer": req["finesteer"]} if "finesteer" in req else None
-        return SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True, extra_args=extra,
-                              logprobs=0)
+        return SamplingParams(temperature=0.0, max_tokens=req.get("new_tokens", job["new_tokens"]), ignore_eos=True,
+                              extra_args=extra, logprobs=0)
+
+    def prompt(req):
+        # "extend": [phase, request, n] = that request's prompt plus its first n generated tokens.
+        if "extend" not in req:
+            return req["prompt"]
+        p, i, n = req["extend"]
+        return job["phases"][p][i]["prompt"] + results["phases"][p][i][:n]
 
     for phase in job["phases"]:
-        outs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in phase], [params(r) for r in phase],
+        outs = llm.generate([{"prompt_token_ids": prompt(r)} for r in phase], [params(r) for r in phase],
                             use_tqdm=False)
         results["phases"].append([list(o.outputs[0].token_ids) for o in outs])
         # The log-probability of each generated (greedy) token: a finer check than the tokens.
