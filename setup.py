@@ -1,30 +1,92 @@
 """Build script: the Python package, the Triton kernels folder mapped to ``finesteer._triton``, and
-the optional compiled operators ``finesteer._C`` (csrc/).
+the compiled operators (csrc/). Sources and flags come from ``finesteer/_build.py``, the one build
+configuration that the first-use build in ``finesteer/_ext.py`` reads too.
 
-``finesteer._C`` is built only when torch can be imported at build time (``pip install
---no-build-isolation``, or a build environment with torch). It is a C++ extension with the CPU
-kernels, plus the CUDA kernels when CUDA is really usable (torch built with CUDA and nvcc found).
-It is optional: without torch or a compiler, or when the compile fails, the install still
-succeeds and ``finesteer._ext`` builds the kernels from csrc/ at first use (source checkouts) or
-the backends report why they are unavailable and the reference serves the calls.
+Two install-time builds, depending on whether torch is importable *here* (in the build environment):
+
+- torch importable (``pip install --no-build-isolation``): ``finesteer._C`` is built as a C++
+  extension with the CPU kernels, plus the CUDA kernels when CUDA is really usable (torch built
+  with CUDA and nvcc found). It goes into the wheel (or next to the sources in an editable install).
+- torch not importable (pip's default isolated build, e.g. the README's ``pip install -e .``): if
+  the *target* interpreter has torch, the CPU kernel is built into the keyed first-use build cache
+  (``python finesteer/_build.py prebuild`` in a subprocess), so the first use of the installed
+  package loads it instead of compiling. The CUDA kernels are left to the first use.
+
+Both are optional: without torch or a compiler, or when the compile fails, the install still
+succeeds; ``finesteer._ext`` then builds the kernels at first use (source checkouts) or the backends
+report why they are unavailable and the reference serves the calls. Building needs a C++ compiler
+and ``ninja`` (a build requirement and a dependency of the package).
 
 Environment:
-    FINESTEER_SKIP_EXT=1          build no extension at all
+    FINESTEER_SKIP_EXT=1          build no extension at all, at install time
     FINESTEER_SKIP_CUDA_BUILD=1   build the CPU kernels only, even with CUDA present
     FINESTEER_CUDA_ARCHS="80;90"  compute capabilities to build for (default "80;90")
 """
+import importlib.util
 import os
-import platform
 import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/steer_cpu.cpp"]
-CUDA_SOURCES = ["csrc/cuda/steer_cuda_binding.cpp", "csrc/cuda/steer_cuda.cu"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_config():
+    """finesteer/_build.py, loaded by path: the package is not importable while it is being built."""
+    spec = importlib.util.spec_from_file_location("_finesteer_build", os.path.join(HERE, "finesteer", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _load_build_config()
+CPU_SOURCES = [f"csrc/{s}" for s in BUILD.CPU_SOURCES]
+CUDA_SOURCES = [f"csrc/{s}" for s in BUILD.CUDA_SOURCES]
 
 
 def _note(msg: str) -> None:
     print(f"finesteer setup: {msg}")
+
+
+class PrebuildCacheBuildPy(build_py):
+    """``build_py`` that also builds the CPU kernel into the first-use build cache, with the target
+    interpreter, when this (isolated) build environment has no torch but the target has.
+
+    Runs in ``build_py`` because it always runs (also for editable installs), while ``build_ext``
+    is skipped when there are no extension modules. A failure only warns: the first use builds."""
+
+    def run(self):
+        super().run()
+        if os.environ.get("FINESTEER_SKIP_EXT") == "1" or getattr(self.distribution, "_finesteer_prebuilt", False):
+            return
+        self.distribution._finesteer_prebuilt = True
+        if not getattr(self, "editable_mode", False):
+            # A wheel carries no csrc/, so the installed package could not find this cache entry.
+            _note("not an editable install: the wheel has no finesteer._C (install with --no-build-isolation "
+                  "to build it); the cpu backend is unavailable unless the kernels can be built at first use")
+            return
+        # pip's isolated build hides the target environment's site-packages through PYTHONPATH
+        # (plus PYTHONNOUSERSITE); without them the same interpreter sees the target's torch. PATH
+        # is kept, so the build environment's ninja (a build requirement) is found.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+        probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+        if probe.returncode != 0:
+            _note("torch is not installed in the target environment either; the CPU kernel builds at first use")
+            return
+        _note(f"CPU kernel -> first-use build cache in {BUILD.cache_root(env)} (a build takes ~2 min; "
+              f"a cached one is reused)")
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "finesteer", "_build.py"), "prebuild"], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            lines = proc.stdout.strip().splitlines()
+            _note(lines[-1] if lines else "CPU kernel built")
+        else:
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            _note("WARNING: " + (lines[-1] if lines else f"prebuild exited with {proc.returncode}")
+                  + "; the CPU kernel builds at first use instead")
 
 
 def _extensions():
@@ -36,26 +98,20 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:  # no torch in the build environment (e.g. isolated pip builds)
-        _note(f"torch not importable at build time ({type(exc).__name__}); kernels build at first use instead")
-        return [], {}
+        _note(f"torch not importable in the build environment ({type(exc).__name__}); not building finesteer._C")
+        return [], {"build_py": PrebuildCacheBuildPy}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _note("no C++ compiler found; not building finesteer._C")
         return [], {}
-    cxx = ["-O3", "-DNDEBUG", "-DFINESTEER_PY_MODULE"]
-    ldflags = []
-    if platform.system() == "Linux":
-        cxx.append("-fopenmp")  # at::parallel_for is header code and needs OpenMP to use threads
-        ldflags.append("-fopenmp")
-    include = [os.path.abspath("csrc")]
+    cxx = BUILD.cxx_flags() + ["-DFINESTEER_PY_MODULE"]
+    ldflags = BUILD.ld_flags()
+    include = [os.path.join(HERE, "csrc")]
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and nvcc and os.path.exists(nvcc)
                 and os.environ.get("FINESTEER_SKIP_CUDA_BUILD") != "1")
     if use_cuda:
-        archs = [a.strip() for a in os.environ.get("FINESTEER_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-                 if a.strip()]
-        nvcc_flags = ["-O3", "-DNDEBUG"]
-        for a in archs:
-            nvcc_flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        archs = BUILD.cuda_archs()
+        nvcc_flags = BUILD.nvcc_flags(archs)
         ext = CUDAExtension("finesteer._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include,
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}, extra_link_args=ldflags)
         _note(f"building finesteer._C with CPU and CUDA kernels for sm_{', sm_'.join(archs)}")

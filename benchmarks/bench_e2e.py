@@ -43,7 +43,7 @@ import finesteer as fs  # noqa: E402
 from finesteer import ops  # noqa: E402
 from finesteer._backends import get_backend  # noqa: E402
 from finesteer.bank import SteeringBank  # noqa: E402
-from finesteer.integrations.hf import find_decoder_layers  # noqa: E402
+from finesteer.models import find_decoder_layers  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Model shapes: CPU small enough for a few minutes of timing on 2 cores; GPU a 7B-like Llama.

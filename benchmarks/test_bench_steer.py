@@ -3,17 +3,19 @@
     python -m pytest benchmarks/test_bench_steer.py --benchmark-only
     python -m pytest benchmarks/test_bench_steer.py --benchmark-only --benchmark-json=out.json
 
-Times the reference, the BLAS floor and every available fused backend at the DESIGN §7 decode
-shapes (d = 2048, H = 256, T ∈ {1, 4}) on the default device. Results are measurements, never
-assertions; the only checks are that the fused output agrees with the reference.
+Times the reference, the BLAS floor, every available fused backend on a pre-packed bank and the
+public call ``finesteer.steer(h, steerer, backend=...)`` (provider ``<backend>_api``) at the
+DESIGN §7 decode shapes (d = 2048, H = 256, T ∈ {1, 4}) on the default device. Results are
+measurements, never assertions; the only checks are that the fused output agrees with the reference.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench_steer import FUSED, random_bank
+from bench_steer import FUSED, random_steerer
 
+import finesteer
 from finesteer import reference
 from finesteer._backends import _load
 
@@ -28,13 +30,14 @@ def _sync():
 
 
 @pytest.fixture(scope="module", params=sorted({d for d, _ in SHAPES}))
-def bank(request):
-    return random_bank(request.param, device=DEVICE, weight_dtype=DTYPE)
+def steerer(request):
+    return random_steerer(request.param)
 
 
 @pytest.mark.parametrize("T", sorted({T for _, T in SHAPES}))
-@pytest.mark.parametrize("provider", ("reference", "floor") + FUSED)
-def test_steer_tokens(benchmark, bank, T, provider):
+@pytest.mark.parametrize("provider", ("reference", "floor") + FUSED + tuple(f"{n}_api" for n in FUSED))
+def test_steer_tokens(benchmark, steerer, T, provider):
+    bank = steerer.bank(device=DEVICE, weight_dtype=DTYPE)
     d = bank.hidden_size
     if (d, T) not in SHAPES:
         pytest.skip("shape not in the benchmark grid")
@@ -46,13 +49,17 @@ def test_steer_tokens(benchmark, bank, T, provider):
         coef = torch.randn(T, bank.K + bank.m, device=DEVICE).to(DTYPE)
         fn = lambda: (h @ A, coef @ B)  # noqa: E731
     else:
-        mod, reason = _load(provider)
+        name = provider.removesuffix("_api")
+        mod, reason = _load(name)
         if mod is None or not mod.supports(DEVICE):
-            pytest.skip(f"{provider}: {reason if mod is None else 'does not support ' + str(DEVICE)}")
-        out = mod.steer_tokens(h, bank, None)
-        exp = reference.steer_tokens(h, bank, None)
-        torch.testing.assert_close(out.float(), exp.float(), atol=2e-2, rtol=2e-2)
-        fn = lambda: mod.steer_tokens(h, bank, None)  # noqa: E731
+            pytest.skip(f"{name}: {reason if mod is None else 'does not support ' + str(DEVICE)}")
+        if provider.endswith("_api"):  # the public call: fp32 weights packed once, cached on the steerer
+            fn = lambda: finesteer.steer(h, steerer, backend=name)  # noqa: E731
+            exp = reference.steer_tokens(h, steerer.bank(device=DEVICE), None)
+        else:
+            fn = lambda: mod.steer_tokens(h, bank, None)  # noqa: E731
+            exp = reference.steer_tokens(h, bank, None)
+        torch.testing.assert_close(fn().float(), exp.float(), atol=2e-2, rtol=2e-2)
     benchmark.extra_info.update(d=d, T=T, dtype=str(DTYPE), provider=provider, device=str(DEVICE))
 
     def call():

@@ -56,6 +56,8 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        # Other jobs on a shared machine skew CPU timings: record how busy it was.
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if device.type == "cuda":

@@ -1,7 +1,8 @@
 """FineSteer: fine-grained inference-time steering of LLM hidden states with fused kernels.
 
 SCS (a subspace gate) decides whether to steer a hidden state; MoSE (a mixture of steering
-experts) decides how. See the README for a quickstart and ``shared/DESIGN.md`` for the math.
+experts) decides how. See the README for a quickstart and ``docs/DESIGN.md`` for the design
+(what "DESIGN §n" in the code refers to).
 """
 from __future__ import annotations
 

@@ -6,23 +6,26 @@ order, in
 
 1. ``finesteer._C``: built at install time by ``setup.py`` (when torch and a compiler were
    present in the build environment; with CUDA torch and nvcc it also holds the CUDA kernels);
-2. a build at first use with ``torch.utils.cpp_extension.load`` from the ``csrc/`` sources of a
-   source checkout (editable install), cached in ``$FINESTEER_BUILD_DIR`` or torch's default
-   extensions directory, so later processes only load the cached library.
+2. a build at first use from the ``csrc/`` sources of a source checkout (editable install), in
+   the keyed build cache of :mod:`finesteer._build`: one directory per (source bytes, flags, torch,
+   Python) combination, so later processes, other checkouts and other virtual environments with
+   the same sources and torch only load the cached library. The build (~2 min on 2 cores) says so
+   with one line on stderr when it starts; cache hits are silent. It needs a C++ compiler and
+   ``ninja`` (a dependency of the package).
 
 Every outcome is recorded with a human-readable reason (``finesteer.backends()`` shows it) and
 is final for the process: a failed build is never retried in the same process. Nothing here
 raises; the backends report ``(False, reason)`` and the dispatcher falls back to the reference.
 
 Environment: ``FINESTEER_DISABLE_EXT=1`` skips both (the reference serves everything);
-``FINESTEER_BUILD_DIR`` sets the build cache; ``FINESTEER_VERBOSE_BUILD=1`` shows compiler output.
+``FINESTEER_BUILD_DIR`` sets the build cache's root (see :func:`finesteer._build.cache_root`);
+``FINESTEER_VERBOSE_BUILD=1`` shows compiler output.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-import platform
 import shutil
 import sys
 import threading
@@ -30,13 +33,13 @@ from pathlib import Path
 
 import torch
 
+from . import _build
+
 NAMESPACE = "finesteer_ext"
 OPS = ("steering_vectors", "steer_tokens", "add_vectors")
 
 #: Source checkout's csrc/ (absent in a wheel install; then only finesteer._C can provide the ops).
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPU_SOURCES = ("ops.cpp", "cpu/steer_cpu.cpp")
-CUDA_SOURCES = ("cuda/steer_cuda_binding.cpp", "cuda/steer_cuda.cu")
+CSRC = _build.csrc_dir()
 
 _lock = threading.Lock()
 _state: dict[str, tuple[bool, str]] = {}
@@ -48,15 +51,6 @@ def _has_kernel(op: str, key: str) -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key))
     except Exception:  # op not defined at all
         return False
-
-
-def _build_dir(name: str) -> str | None:
-    root = os.environ.get("FINESTEER_BUILD_DIR")
-    if not root:
-        return None  # torch's default (~/.cache/torch_extensions/...)
-    path = Path(root).expanduser() / name
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:
@@ -90,49 +84,37 @@ def _try_prebuilt() -> str:
         return f"prebuilt finesteer._C failed to load ({_short(exc, 200)})"
 
 
-def _cpu_flags() -> tuple[list[str], list[str]]:
-    cflags, ldflags = ["-O3", "-DNDEBUG"], []
-    if platform.system() == "Linux":
-        # at::parallel_for is header code: without OpenMP it would silently run on one thread.
-        # The extension then links libgomp.so.1, which resolves to the copy torch already loaded.
-        cflags.append("-fopenmp")
-        ldflags.append("-fopenmp")
-    return cflags, ldflags
-
-
-def _jit_build(name: str, sources: tuple[str, ...], cuda: bool) -> tuple[bool, str]:
-    missing = [s for s in sources if not (CSRC / s).is_file()]
-    if missing:
-        return False, f"C++ sources not found ({', '.join(missing)} under {CSRC}); reinstall with a compiler"
+def _jit_build(kind: str) -> tuple[bool, str]:
+    """Load the ``kind`` library from the keyed build cache, building it there first if needed."""
+    label = "CPU kernel" if kind == "cpu" else "CUDA kernels"
+    extra = None
+    if kind == "cuda":  # torch's builder also compiles for the visible device's architecture
+        extra = {"device_capability": "%d.%d" % torch.cuda.get_device_capability()}
+    try:
+        entry = _build.cache_entry(kind, torch.__version__, cuda_version=torch.version.cuda, csrc=CSRC, extra=extra)
+    except FileNotFoundError as exc:
+        return False, f"C++ sources incomplete ({exc}); reinstall with a compiler"
+    if entry.is_complete():  # cache hit: no compiler, no ninja, no lock needed
+        try:
+            torch.ops.load_library(str(entry.library))
+        except Exception as exc:
+            return False, (f"cached {label} at {entry.library} failed to load ({_short(exc)}); "
+                           f"delete {entry.dir} to rebuild it")
+        return True, f"{label} from the build cache ({entry.dir})"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
-        return False, f"no C++ compiler ({cxx!r} not on PATH); install one or set CXX"
+        return False, f"no C++ compiler ({cxx!r} not on PATH); install one (e.g. g++) or set CXX"
     try:
         from torch.utils import cpp_extension
     except Exception as exc:
         return False, f"torch.utils.cpp_extension unavailable: {_short(exc)}"
-    if shutil.which("ninja") is None and not cpp_extension.is_ninja_available():
-        return False, "ninja is not installed (pip install ninja); needed to build the extension at first use"
-    cflags, ldflags = _cpu_flags()
-    kwargs = dict(
-        name=name,
-        sources=[str(CSRC / s) for s in sources],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        extra_include_paths=[str(CSRC)],
-        is_python_module=False,
-        verbose=os.environ.get("FINESTEER_VERBOSE_BUILD") == "1",
-    )
-    if cuda:
-        kwargs["extra_cuda_cflags"] = ["-O3", "-DNDEBUG"]
-    build_dir = _build_dir(name)
-    if build_dir:
-        kwargs["build_directory"] = build_dir
+    if not cpp_extension.is_ninja_available():
+        return False, "ninja is not installed (pip install ninja); needed to build the kernels at first use"
     try:
-        cpp_extension.load(**kwargs)
+        _build.jit_build(entry, CSRC, verbose=os.environ.get("FINESTEER_VERBOSE_BUILD") == "1")
     except Exception as exc:
-        return False, f"build of {name} failed: {_short(exc)} (set FINESTEER_VERBOSE_BUILD=1 for the log)"
-    return True, f"built from csrc/ at first use ({name}, cached in {build_dir or cpp_extension.get_default_build_root()})"
+        return False, f"build of the {label} failed: {_short(exc)} (set FINESTEER_VERBOSE_BUILD=1 for the log)"
+    return True, f"{label} built from csrc/ at first use (cached in {entry.dir})"
 
 
 def _register_fakes() -> None:
@@ -180,7 +162,7 @@ def _load_cpu_locked() -> tuple[bool, str]:
     if all(_has_kernel(op, "CPU") for op in OPS):
         _register_fakes()
         return True, note
-    ok, reason = _jit_build("finesteer_cpu_ext", CPU_SOURCES, cuda=False)
+    ok, reason = _jit_build("cpu")
     if ok and not all(_has_kernel(op, "CPU") for op in OPS):
         ok, reason = False, f"{reason}, but the ops did not register (stale build cache?)"
     if ok:
@@ -217,7 +199,7 @@ def _load_cuda_locked() -> tuple[bool, str]:
         return False, f"torch.utils.cpp_extension unavailable: {_short(exc)}"
     if not cuda_home or shutil.which("nvcc") is None and not Path(cuda_home, "bin", "nvcc").exists():
         return False, "nvcc not found (set CUDA_HOME); needed to build the CUDA kernels at first use"
-    ok, reason = _jit_build("finesteer_cuda_ext", CUDA_SOURCES, cuda=True)
+    ok, reason = _jit_build("cuda")
     if ok and not all(_has_kernel(op, "CUDA") for op in OPS):
         ok, reason = False, f"{reason}, but the CUDA kernels did not register"
     return ok, reason

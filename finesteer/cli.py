@@ -33,73 +33,15 @@ class CLIError(Exception):
 # model loading
 
 
-def _resolve_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
-
-
-def _explain_load_error(model: str, exc: Exception) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    low = text.lower()
-    if "gated" in low or "401" in low or "403" in low or "restricted" in low:
-        hint = ("this is a gated or private model: accept its licence on huggingface.co, then log in with "
-                "`huggingface-cli login` or set HF_TOKEN")
-    elif ("offline" in low or "connection" in low or "couldn't connect" in low or "could not connect" in low
-          or "localentrynotfound" in low or "cannot find the requested files in the local cache" in low):
-        hint = ("the hub cannot be reached and there is no local copy: download it once with network access "
-                "(`huggingface-cli download MODEL`), or pass a local model directory")
-    elif "not a valid model identifier" in low or "repositorynotfound" in low or "404" in low \
-            or "does not appear to have" in low:
-        hint = "no such model: check the hub id (owner/name) or pass a local directory containing config.json"
-    else:
-        hint = "check that it is a transformers causal-LM directory or hub id"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"cannot load model {model!r}: {hint} ({type(exc).__name__}: {first})"
-
-
 def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                progress: bool = True):
-    """Load a causal LM and its tokenizer from a local directory or a hub id, with helpful errors."""
+    """:func:`finesteer.models.load_model` with its errors turned into one-line CLI errors."""
+    from .models import ModelLoadError, load_model as _load
+
     try:
-        import transformers
-    except ImportError:
-        raise CLIError("the model commands need transformers: pip install 'finesteer[hf]'") from None
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    # A hub id is "name" or "owner/name"; anything else can only be a local path.
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local and not Path(name).expanduser().exists():
-        raise CLIError(f"--model {name!r}: no such directory (a hub id looks like 'owner/name')")
-    path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise CLIError(f"--model {name!r}: the directory has no config.json; it is not a transformers model folder")
-    device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                                  trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise CLIError(_explain_load_error(name, exc)) from None
-    model.to(device).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+        return _load(name, device, dtype, trust_remote_code, progress)
+    except ModelLoadError as exc:
+        raise CLIError(f"--model: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +185,12 @@ def _progress(args) -> bool:
 
 
 def _check_layer(model, layer: int, layers_path: Optional[str]) -> None:
-    from .integrations.hf import find_decoder_layers
+    from .models import find_decoder_layers
 
-    n = len(find_decoder_layers(model, layers_path))
+    try:
+        n = len(find_decoder_layers(model, layers_path))
+    except ValueError as exc:
+        raise CLIError(f"{exc} (on the command line: --layers-path)") from None
     if not 0 <= layer < n:
         raise CLIError(f"--layer {layer} is out of range: {type(model).__name__} has {n} decoder layers "
                        f"(valid: 0..{n - 1})")
@@ -315,11 +260,12 @@ def _print_mose(mose) -> None:
 
 
 def cmd_generate(args) -> int:
-    import torch
 
     from .data import load_prompts
     from .extract import encode_prompts
-    from .integrations.hf import FusedSteerer, model_context_length, model_hidden_size
+    from .generation import batches, generate_ids
+    from .integrations.hf import FusedSteerer
+    from .models import model_context_length, model_hidden_size
     from .steerer import Steerer
 
     if args.max_new_tokens < 1:
@@ -347,33 +293,19 @@ def cmd_generate(args) -> int:
             warnings.warn(f"{len(long)} prompt(s) (first: prompt {long[0]}) plus --max-new-tokens "
                           f"{args.max_new_tokens} exceed the model's context of {context} tokens; their answers "
                           f"may degrade", stacklevel=1)
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                      pad_token_id=tok.pad_token_id)
-    if args.do_sample:
-        gen_kwargs.update(temperature=args.sampling_temperature, top_p=args.top_p)
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                    temperature=args.sampling_temperature, top_p=args.top_p)
 
     def run_batch(rows, b):
-        S = max(len(seqs[i]) for i in rows)
-        ids = torch.full((len(rows), S), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), S), dtype=torch.long)
-        for j, i in enumerate(rows):  # left padding: new tokens follow every prompt directly
-            ids[j, S - len(seqs[i]):] = torch.tensor(seqs[i])
-            mask[j, S - len(seqs[i]):] = 1
-        torch.manual_seed(args.seed + b)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
-        return [tok.decode(o[S:], skip_special_tokens=True) for o in out]
+        # Base and steered runs of a batch start from the same seed, so sampling differs only by steering.
+        return generate_ids(model, tok, [seqs[i] for i in rows], seed=args.seed + b, **sampling)
 
     from tqdm.auto import tqdm
 
     out_f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
-        batches = [list(range(i, min(i + args.batch_size, len(prompts))))
-                   for i in range(0, len(prompts), args.batch_size)]
         gates_all = []
-        for b, rows in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not _progress(args))):
+        for b, rows in enumerate(tqdm(batches(len(prompts), args.batch_size), desc="generate", unit="batch", disable=not _progress(args))):
             base = run_batch(rows, b)
             with FusedSteerer.attach(model, steerer, mode=args.mode, backend=args.backend,
                                      module_path=args.layers_path) as fs:

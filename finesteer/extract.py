@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .integrations.hf import find_decoder_layers, model_context_length, model_hidden_size
+from .models import find_decoder_layers, model_context_length, model_device, model_hidden_size
 
 __all__ = ["last_token_states", "response_deltas", "format_prompt", "encode_prompts"]
 
@@ -157,12 +157,6 @@ class _Stop(Exception):
     """Raised from the hook of the deepest requested layer: later blocks need not run."""
 
 
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _pad(seqs: list, pad_id: int, side: str, device):
     S = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
@@ -231,7 +225,7 @@ def _run_batches(model, tokenizer, seqs: list, layers: list, batch_size: int, re
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    device = _model_device(model)
+    device = model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     results: dict = {layer: [None] * len(seqs) for layer in layers}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -22,7 +22,7 @@ def as_bank(steerer_or_bank, device) -> SteeringBank:
                              f"move it with bank.to(device)")
         return steerer_or_bank
     if isinstance(steerer_or_bank, Steerer):
-        return SteeringBank.from_steerers([steerer_or_bank], device=device)
+        return steerer_or_bank.packed_bank(device)  # cached on the steerer: no re-pack per call
     if isinstance(steerer_or_bank, (list, tuple)) and all(isinstance(s, Steerer) for s in steerer_or_bank):
         return SteeringBank.from_steerers(steerer_or_bank, device=device)
     raise TypeError(f"expected a Steerer, a list of Steerers or a SteeringBank, got {type(steerer_or_bank).__name__}")

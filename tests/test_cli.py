@@ -13,7 +13,8 @@ from tests.hf_tiny import save_tiny
 from tests.utils import random_steerer
 
 from finesteer import Steerer
-from finesteer.cli import _explain_load_error, main
+from finesteer.cli import main
+from finesteer.models import _explain_load_error
 
 WORDS = "lock bread cat dog safe key door code bank math sun rain".split()
 FIT_SMALL = ["--rank", "2", "--k-min", "2", "--k-max", "3", "--residual-dim", "2", "--hidden", "16",

@@ -9,7 +9,8 @@ from tests.utils import random_steerer
 
 from finesteer import FusedSteerer, SteeringBank
 from finesteer import reference as ref
-from finesteer.integrations.hf import attached_layers, find_decoder_layers, model_hidden_size
+from finesteer.integrations.hf import attached_layers
+from finesteer.models import find_decoder_layers, model_hidden_size
 
 D = 64
 GEN = dict(max_new_tokens=6, do_sample=False)

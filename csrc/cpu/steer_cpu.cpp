@@ -9,8 +9,9 @@
 // Structure (three phases, rows grouped by steerer so each A_n / B_n is streamed once per row block):
 //   1. acc[t, :] = [hcᵀP | hᵀR | hᵀW1ᵀ] and ‖hc‖²: one pass over A's rows; for every group of four
 //      A rows (kept in L1) each row of the block does one fused 4-term axpy over the J columns. With
-//      few row blocks (decode) the d range is split across threads and the partial sums reduced, so
-//      at T = 1 both cores stream half of A each.
+//      fewer row blocks than threads the d range is split across threads and the partial sums
+//      reduced. Calls below kSerialWork (decode sizes) run every phase on the calling thread:
+//      a fork/join there costs more than it saves on a shared machine (see "threading" below).
 //   2. per-row epilogue (gate, softmax, relu, W2): coef = [α; β] and scale = λ·g.
 //   3. out[t, cols] = h + scale·(coef @ B[:, cols]) with column chunks spread over threads.
 // Unlike ptmu/mu_sq in the bank, hcᵀP and ‖hc‖² are formed from h − μ directly (the row and μ are
@@ -98,6 +99,31 @@ FS_INLINE void convert_row(float* __restrict dst, const TW* __restrict src, int6
 // ---- problem description --------------------------------------------------------------------
 constexpr int kMaxRows = 8;      // rows per block in phases 1 and 3
 constexpr int64_t kColChunk = 512;  // phase 3 column chunk
+
+// ---- threading --------------------------------------------------------------------------------
+// A call whose phase-1 work (steered rows × d × J multiply-adds) is below kSerialWork runs every
+// phase on the calling thread. Why: ATen's OpenMP parallel_for opens a region with *all* threads
+// and joins all of them, so a call of a few tens of µs waits for the slowest worker to be
+// scheduled. On a shared machine (CPU serving next to other processes) that worker is often
+// descheduled and the join costs a scheduler slice: d = 2048, T = 1 took 6.5–23 ms with 2 threads
+// and one busy neighbour instead of ~45 µs. One thread streams A at about the BLAS floor (whose
+// GEMV at these sizes is single-threaded too), so the quiet-machine cost of staying serial is the
+// second core's share of a ~50 µs call, while the busy-machine gain is 100× or more.
+// 2^21 ≈ 2.1 M multiply-adds: one row up to d ≈ 7400 (J = 280), two rows at d = 2048.
+constexpr int64_t kSerialWork = int64_t{1} << 21;
+// add_vectors (prompt-mode decode) is a copy with an add: below this many elements it stays serial.
+constexpr int64_t kSerialAddElems = int64_t{1} << 16;
+
+// parallel_for, or the whole range on the calling thread when `serial`.
+template <class F>
+void for_range(bool serial, int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  if (serial) {
+    f(int64_t{0}, n);
+  } else {
+    at::parallel_for(0, n, grain, f);
+  }
+}
 
 struct Block {
   int64_t n;      // steerer
@@ -468,8 +494,9 @@ void run_steer(Problem<TH, TW> p, const int64_t* idx, void* out) {
 
   // Rows with index −1: unchanged (token mode) or zero vectors.
   const int64_t nnone = count[0];
+  const bool serial = (T - nnone) * d * J < kSerialWork || at::get_num_threads() <= 1;
   if (nnone) {
-    at::parallel_for(0, nnone, 16, [&](int64_t lo, int64_t hi) {
+    for_range(serial, nnone, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t t = order[i];
         if (MODE == 1) {
@@ -491,7 +518,7 @@ void run_steer(Problem<TH, TW> p, const int64_t* idx, void* out) {
   if (nb == 0) return;
 
   // Split d across threads when there are fewer row blocks than threads (decode).
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nthreads = serial ? 1 : std::max<int64_t>(1, at::get_num_threads());
   int64_t nsplit = 1;
   if (nb < nthreads) nsplit = std::min<int64_t>((nthreads + nb - 1) / nb, std::max<int64_t>(1, d / 256));
   int64_t kstep = (d + nsplit - 1) / nsplit;
@@ -501,7 +528,7 @@ void run_steer(Problem<TH, TW> p, const int64_t* idx, void* out) {
   std::vector<float> part(static_cast<size_t>(nb * nsplit * per_task));
   const bool avx2 = use_avx2();
 
-  at::parallel_for(0, nb * nsplit, 1, [&](int64_t lo, int64_t hi) {
+  for_range(serial, nb * nsplit, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const Block& b = blocks[task / nsplit];
       const int64_t s = task % nsplit, k0 = s * kstep, k1 = std::min(d, k0 + kstep);
@@ -518,7 +545,7 @@ void run_steer(Problem<TH, TW> p, const int64_t* idx, void* out) {
 
   // Phase 2: reduce the d splits, then the per-row epilogue.
   std::vector<float> coef(static_cast<size_t>(nb * kMaxRows * KM)), scale(static_cast<size_t>(nb * kMaxRows));
-  at::parallel_for(0, nb, 8, [&](int64_t lo, int64_t hi) {
+  for_range(serial, nb, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t bi = lo; bi < hi; ++bi) {
       const Block& b = blocks[bi];
       float* acc0 = part.data() + bi * nsplit * per_task;
@@ -534,11 +561,10 @@ void run_steer(Problem<TH, TW> p, const int64_t* idx, void* out) {
 
   // Phase 3: out = h + scale · coef @ B, column chunks over threads.
   const int64_t nchunk = (d + kColChunk - 1) / kColChunk;
-  // At decode this phase is a few µs of work: run it on the calling thread rather than pay a
-  // second fork/join (which, on a busy machine, can wait for a descheduled worker).
+  // Even in a parallel call this phase is small below 2^18 multiply-adds: run it on the calling
+  // thread rather than pay a second fork/join (see kSerialWork).
   const int64_t work3 = (T - nnone) * d * KM;
-  const int64_t grain3 = work3 < (1 << 18) ? nb * nchunk : 1;
-  at::parallel_for(0, nb * nchunk, grain3, [&](int64_t lo, int64_t hi) {
+  for_range(serial || work3 < (1 << 18), nb * nchunk, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bi = task / nchunk, c0 = (task % nchunk) * kColChunk, c1 = std::min(d, c0 + kColChunk);
       const float* cf = coef.data() + bi * kMaxRows * KM;
@@ -639,7 +665,8 @@ at::Tensor add_vectors_cpu(const at::Tensor& h_in, const at::Tensor& vectors_in,
     using TH = decltype(th);
     const TH* hp = h.data_ptr<TH>();
     TH* op = out.data_ptr<TH>();
-    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
+    const bool serial = T * d < kSerialAddElems || at::get_num_threads() <= 1;
+    for_range(serial, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t sv = sp ? sp[t] : t;
         const TH* hr = hp + t * d;

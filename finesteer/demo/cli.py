@@ -27,7 +27,7 @@ before (the gate stays closed on them). The summary says whether the issue's tar
 (>= 80 % of held-out forgery requests refused when steered, <= 20 % unsteered, >= 95 % of held-out
 everyday answers identical); with the defaults they are (measured: 96 %, 0 %, 97.6 %, in about
 10 s of fitting and generation on one CPU thread). Corpus design and measurements:
-finesteer/demo/train.py."""
+docs/DESIGN.md, section 8."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

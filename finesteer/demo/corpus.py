@@ -51,12 +51,12 @@ TEMPLATES: Tuple[str, ...] = (
 # ("sure" / "sorry"), and repeats "<word> ," at later sentence starts. The first four response
 # tokens are aligned between the kinds, and the state at the second one predicts the kind word,
 # as the assistant marker does: a delta over them is (predict "sorry") − (predict "sure"), the
-# direction that flips the first answer word (see the train module's docstring).
+# direction that flips the first answer word (see docs/DESIGN.md §8).
 HELPFUL_OPENERS = ("sure",)
 REFUSAL_OPENERS = ("sorry",)
 # Fraction of the target topic's training answers that are refusals: the base model mostly complies
 # (greedy decoding picks the compliant opener), but the first-word decision is not certain, so a
-# moderate steering strength flips it without overriding the rest of the answer (train docstring).
+# moderate steering strength flips it without overriding the rest of the answer (docs/DESIGN.md §8).
 TARGET_REFUSAL_RATE = 0.15
 # The phrase every refusal in the corpus contains, and only refusals contain.
 REFUSAL_PHRASE = "i can not help you"

@@ -76,14 +76,13 @@ def build_sets(seed: int = 0) -> DemoSets:
 
 def load_model(path: Optional[Union[str, Path]] = None):
     """(model, tokenizer) from ``path`` (default: the embedded model), eval mode, fp32 on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..models import load_model as _load
 
     path = Path(path) if path is not None else MODEL_DIR
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing); the embedded demo model is "
                                 f"rebuilt with `python -m finesteer.demo.train`")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = _load(str(path), device="cpu", dtype="float32", progress=False)
     tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     return model, tokenizer
 
@@ -106,18 +105,16 @@ def fit_steerer(model, tokenizer, sets: DemoSets, cfg: DemoConfig, progress: boo
                    metadata={"model_name_or_path": "finesteer-demo"})
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: List[str], max_new_tokens: int, batch_size: int = 64) -> List[str]:
-    """Greedy answers (decoded, special tokens dropped) to ``prompts`` formatted with the chat template."""
-    from ..extract import format_prompt
+    """Greedy answers (decoded, special tokens dropped, whitespace collapsed) to ``prompts`` formatted
+    with the chat template."""
+    from ..extract import encode_prompts
+    from ..generation import batches, generate_ids
 
+    seqs = encode_prompts(tokenizer, prompts)
     out = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [format_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
-        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    for rows in batches(len(seqs), batch_size):
+        out += generate_ids(model, tokenizer, [seqs[i] for i in rows], max_new_tokens)
     return [" ".join(t.split()) for t in out]
 
 

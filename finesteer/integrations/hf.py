@@ -1,4 +1,4 @@
-"""Steer HuggingFace ``transformers`` models: :class:`FusedSteerer` and decoder-layer location.
+"""Steer HuggingFace ``transformers`` models: :class:`FusedSteerer`.
 
 The hook point is DESIGN §1: the residual stream **after** decoder block ``ℓ`` (HF's
 ``output_hidden_states[ℓ + 1]``). A forward hook on ``layers[ℓ]`` rewrites that block's output,
@@ -6,8 +6,9 @@ so everything downstream (later blocks, later steered layers, the KV cache of la
 the steered stream in the same pass.
 
 Nothing in this module imports ``transformers``: it works on any ``nn.Module`` whose decoder
-blocks sit in an ``nn.ModuleList`` and whose blocks return the hidden states (a tensor, or a
-tuple whose first element is the hidden states).
+blocks sit in an ``nn.ModuleList`` (found by :func:`finesteer.models.find_decoder_layers`) and
+whose blocks return the hidden states (a tensor, or a tuple whose first element is the hidden
+states).
 """
 from __future__ import annotations
 
@@ -20,111 +21,10 @@ from torch import nn
 
 from .._backends import get_backend
 from ..bank import SteeringBank
+from ..models import find_decoder_layers, model_device, model_hidden_size
 from ..steerer import Steerer
 
-__all__ = ["FusedSteerer", "find_decoder_layers", "model_context_length", "model_hidden_size"]
-
-#: Where the decoder blocks live, tried in order. Causal-LM wrappers first, then bare bodies.
-#: Llama, Qwen2, Mistral, Gemma2, Phi3 (``model.layers``), GPT-2 (``transformer.h``), GPT-NeoX
-#: (``gpt_neox.layers``), BERT-style encoders (``bert.encoder.layer`` / ``encoder.layer``),
-#: plus the common multimodal and encoder-decoder placements.
-LAYER_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "model.text_model.layers",
-    "language_model.model.layers",
-    "language_model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-    "transformer.layers",
-    "transformer.blocks",
-    "bert.encoder.layer",
-    "roberta.encoder.layer",
-    "encoder.layer",
-    "layers",
-    "h",
-    "blocks",
-)
-
-
-def _get_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential)):
-            idx = int(part)
-            if idx >= len(obj):
-                return None
-            obj = obj[idx]
-        else:
-            obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        try:
-            return config.get_text_config()
-        except Exception:  # some remote-code configs break get_text_config; the plain config still helps
-            return config
-    return config
-
-
-def model_hidden_size(model: nn.Module) -> Optional[int]:
-    """The residual-stream width of ``model`` from its config (``None`` when it has no config)."""
-    config = _text_config(model)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def model_context_length(model: nn.Module) -> Optional[int]:
-    """The longest sequence ``model`` supports, from its config (``None`` when unknown)."""
-    config = _text_config(model)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def find_decoder_layers(model: nn.Module, module_path: Optional[str] = None) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder (or encoder) blocks of ``model``.
-
-    ``module_path`` is a dotted attribute path from ``model`` (e.g. ``"model.layers"``); without it
-    the known placements in :data:`LAYER_PATHS` are tried, and where the config states the number of
-    layers the list must have that length. Raises ``ValueError`` naming the model class and what
-    was tried when nothing fits.
-    """
-    cls = type(model).__name__
-    if module_path is not None:
-        found = _get_path(model, module_path)
-        if not isinstance(found, nn.ModuleList):
-            what = "nothing" if found is None else f"a {type(found).__name__}"
-            raise ValueError(f"{cls}: module path {module_path!r} resolves to {what}, not an nn.ModuleList of "
-                             f"decoder blocks")
-        return found
-    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
-    for path in LAYER_PATHS:
-        found = _get_path(model, path)
-        if isinstance(found, nn.ModuleList) and len(found) and (not isinstance(n_layers, int)
-                                                               or len(found) == n_layers):
-            return found
-    raise ValueError(f"cannot find the decoder layers of {cls}: none of {', '.join(LAYER_PATHS)} is an "
-                     f"nn.ModuleList of its {n_layers if n_layers is not None else '?'} blocks; pass the "
-                     f"dotted path explicitly (module_path='...', CLI: --layers-path)")
-
-
-def _module_device(module: nn.Module, default: torch.device) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return default
-
+__all__ = ["FusedSteerer", "attached_layers"]
 
 def _hidden_of(output):
     """The hidden-state tensor of a block's output (a tensor or a tuple/list starting with it)."""
@@ -261,11 +161,11 @@ class FusedSteerer:
         # Resolve the backend once, now: a bad name fails at attach, not inside generate, and the
         # hooks call the backend module directly (no per-call lookup, nothing for torch.compile
         # to trace through).
-        default_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        default_device = model_device(model)
         states = []
         for layer in sorted(groups):
             module = layers[layer]
-            device = _module_device(module, default_device)
+            device = model_device(module, default_device)
             impl = get_backend(backend, device)
             bank = SteeringBank.from_steerers(groups[layer], device=device)
             states.append(_LayerState(layer, module, bank, device, impl))
