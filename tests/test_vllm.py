@@ -171,10 +171,10 @@ PROMPT_PHASES = [
     # 4. 33 + 40 tokens: its second block (positions 32..63: the last prompt token and 31 steered
     #    outputs) is full and cached.
     [{"prompt": PREFIX + [TRIGGER], "finesteer": "a", "new_tokens": 40}],
-    # 5. A follow-up turn whose 65-token prompt contains that block. Its positions 32..63 are
-    #    prompt positions before its last token, so unsteered: the steered block must not be
-    #    reused (the plugin's prefix-cache key), only the unsteered first block.
-    [{"extend": [3, 0, 32], "finesteer": "a"}],
+    # 5. A follow-up turn (phase 4's prompt, 32 of its outputs, the trigger: 66 tokens) containing
+    #    that block. Its positions 32..63 are prompt positions before its last token, so unsteered:
+    #    the steered block must not be reused (the plugin's prefix-cache key), only the first one.
+    [{"extend": [3, 0, 32], "prompt": [TRIGGER], "finesteer": "a"}],
 ]
 # vLLM's CPU attention needs blocks of a multiple of 32 tokens. Phase 3 needs 8 blocks, 6 exist.
 PROMPT_ENGINE = {"max_num_batched_tokens": 16, "block_size": 32, "num_gpu_blocks_override": 6,
@@ -214,7 +214,7 @@ def _check_prompt_run(files, run, label):
             entry = CHOICE[req.get("finesteer")]
             if "extend" in req:
                 q, j, n = req["extend"]
-                prompt = PROMPT_PHASES[q][j]["prompt"] + run["phases"][q][j][:n]
+                prompt = PROMPT_PHASES[q][j]["prompt"] + run["phases"][q][j][:n] + req["prompt"]
             else:
                 prompt = req["prompt"]
             want, want_lp = generate_from_last_definition(hf, bank, prompt, len(g), entry, with_logprobs=True)

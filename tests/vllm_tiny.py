@@ -184,11 +184,12 @@ def serve_main(job_path: str) -> None:
                               extra_args=extra, logprobs=0)
 
     def prompt(req):
-        # "extend": [phase, request, n] = that request's prompt plus its first n generated tokens.
+        # "extend": [phase, request, n] = that request's prompt, its first n generated tokens, then
+        # "prompt" (a follow-up turn).
         if "extend" not in req:
             return req["prompt"]
         p, i, n = req["extend"]
-        return job["phases"][p][i]["prompt"] + results["phases"][p][i][:n]
+        return job["phases"][p][i]["prompt"] + results["phases"][p][i][:n] + req["prompt"]
 
     for phase in job["phases"]:
         outs = llm.generate([{"prompt_token_ids": prompt(r)} for r in phase], [params(r) for r in phase],
