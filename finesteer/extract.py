@@ -34,7 +34,6 @@ truncation would silently move the token whose state is measured.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .models import find_decoder_layers, model_context_length, model_device, model_hidden_size
+from .models import find_decoder_layers, full_forward_kwargs, model_context_length, model_device, model_hidden_size
 
 __all__ = ["PLAIN_TEMPLATE", "PROMPT_FORMATS", "ChatTemplateError", "encode_prompts", "format_prompt",
            "last_token_states", "long_rows", "resolve_prompt_format", "response_deltas"]
@@ -259,12 +258,7 @@ def _forward_capture(model, blocks, layers: list, ids, mask, pos, reduce) -> dic
 
     for layer in sorted(set(layers)):
         handles.append(blocks[layer].register_forward_hook(make(layer)))
-    kwargs = dict(input_ids=ids, attention_mask=mask)
-    params = inspect.signature(model.forward).parameters
-    if "position_ids" in params:
-        kwargs["position_ids"] = pos
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
+    kwargs = full_forward_kwargs(model, ids, mask, pos)
     try:
         with torch.no_grad():  # not inference_mode: outputs may feed a training loop
             model(**kwargs)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,7 @@ __all__ = [
     "LAYER_PATHS",
     "ModelLoadError",
     "find_decoder_layers",
+    "full_forward_kwargs",
     "gguf_cache_root",
     "gguf_model_dir",
     "load_model",
@@ -125,6 +127,22 @@ def model_device(module: nn.Module, default: Optional[torch.device] = None) -> t
     for p in module.parameters():
         return p.device
     return torch.device("cpu") if default is None else torch.device(default)
+
+
+def full_forward_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor) -> dict:
+    """Keyword arguments for one cache-free forward of ``model`` over whole padded sequences.
+
+    ``position_ids`` (counting real tokens only, so padding does not shift positions) and
+    ``use_cache=False`` are passed only where the model's ``forward`` takes them.
+    """
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params:
+        kwargs["position_ids"] = position_ids
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def find_decoder_layers(model: nn.Module, module_path: Optional[str] = None) -> nn.ModuleList:

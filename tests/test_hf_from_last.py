@@ -125,7 +125,10 @@ def test_from_last_leaves_the_prompt_before_its_last_token_unsteered(model):
         handle.remove()
     h_plain, h_steered = seen
     assert torch.equal(h_plain[:, :5], h_steered[:, :5])
-    assert torch.equal(plain[:, :5], steered[:, :5])
+    # Logits are compared at real tokens only: transformers 4.x lets fully padded query rows attend
+    # to every position (SDPA's unmask-unattended workaround), so padding rows see the last token.
+    real_before_last = mask.bool() & (torch.arange(6) < 5)
+    assert torch.equal(plain[real_before_last], steered[real_before_last])
     from finesteer.bank import SteeringBank
     bank = SteeringBank.from_steerers(steerers)
     h_last = h_plain[:, 5]

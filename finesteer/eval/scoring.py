@@ -41,7 +41,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..extract import _pad
-from ..models import find_decoder_layers, model_device
+from ..models import find_decoder_layers, full_forward_kwargs, model_device
 from ..ops import as_bank, steer
 
 __all__ = ["ScoredSeq", "SeqScores", "greedy_continuations", "score_sequences", "steering_hook"]
@@ -158,12 +158,7 @@ def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: 
     rows_t = torch.tensor(rows, device=device)
     cols_t = torch.tensor(cols, device=device)
     last = torch.tensor([s.last_prompt for s in batch], device=device)
-    kwargs = dict(input_ids=ids, attention_mask=mask)
-    params = inspect.signature(model.forward).parameters
-    if "position_ids" in params:
-        kwargs["position_ids"] = pos
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
+    kwargs = full_forward_kwargs(model, ids, mask, pos)
     with torch.no_grad(), steering_hook(model, steerer, layer, mode, backend, last, module_path), \
             _gather_logit_rows(model, rows_t, cols_t):
         out = model(**kwargs)
@@ -262,6 +257,10 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
             cache = getattr(pre, "cache", None) or getattr(pre, "past_key_values", None)
             if cache is None:
                 raise RuntimeError(f"{type(model).__name__} returned no key/value cache with use_cache=True")
+            if isinstance(cache, tuple):  # transformers 4.x may return the legacy per-layer tuple format
+                from transformers import DynamicCache
+
+                cache = DynamicCache.from_legacy_cache(cache)
             cache.batch_select_indices(sel.to(device))
             first_lp = first[sel.to(device), torch.tensor([suf[0] for suf in flat_suf], device=device)]
             rows = [j for j, suf in enumerate(flat_suf) for _ in range(len(suf) - 1)]
