@@ -66,6 +66,16 @@ def add_vectors(h: torch.Tensor, vectors: torch.Tensor, slot: Optional[torch.Ten
     return get_backend(backend, h.device).add_vectors(h, vectors, slot)
 
 
+def sequence_slots(owner: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The prompt-mode slot map: row ``b·S + t`` of a flattened ``[B, S]`` batch reads vector
+    ``owner[b]`` (−1 = none) → int32 ``[B·S]``. ``owner`` [B] integer, on the rows' device.
+
+    Every prompt-mode caller (:func:`steer`, :class:`~finesteer.FusedSteerer`, the evaluation's
+    scoring hook) builds its :func:`add_vectors` slots with this; no host sync.
+    """
+    return owner.to(torch.int32).repeat_interleave(seq_len)
+
+
 def steer_tokens(h: torch.Tensor, bank: SteeringBank, index: Optional[torch.Tensor] = None,
                  backend: str = "auto") -> torch.Tensor:
     """Token mode on ``h`` [T, d] with ``index`` [T] or None. No validation, no sync."""
@@ -133,6 +143,6 @@ def steer(h: torch.Tensor, steerer_or_bank: Union["SteeringBank", Sequence, obje
         index = check_index(index, (B,), bank, h.device, "steer", check_index_range)
     last_rows = h3[torch.arange(B, device=h.device), last_index]
     vectors = steering_vectors(last_rows, bank, index, backend)
-    slot = torch.arange(B, device=h.device, dtype=torch.int32).repeat_interleave(S)
+    slot = sequence_slots(torch.arange(B, device=h.device), S)
     out = add_vectors(h3.reshape(-1, d), vectors, slot, backend)
     return out.reshape(h.shape)

@@ -205,7 +205,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
     In prompt mode the vector of each prefix's last token is added at every position of the prefix
     and of its suffixes; in token mode every position gets its own.
     """
-    from ..ops import add_vectors, steering_vectors
+    from ..ops import add_vectors, sequence_slots, steering_vectors
 
     device = model_device(model)
     G = len(prefixes)
@@ -228,7 +228,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
                 rows = torch.arange(h.shape[0], device=h.device)
             else:
                 rows = state["owner"]
-            slot = rows.to(torch.int32).repeat_interleave(h.shape[1])
+            slot = sequence_slots(rows, h.shape[1])
             out = add_vectors(flat, state["v"], slot, backend)
         return _with_hidden(output, out.reshape(h.shape))
 

@@ -22,6 +22,7 @@ from torch import nn
 from .._backends import get_backend
 from ..bank import SteeringBank
 from ..models import find_decoder_layers, model_device, model_hidden_size
+from ..ops import sequence_slots
 from ..steerer import Steerer
 
 __all__ = ["FusedSteerer", "UnclassifiableCallError", "attached_layers", "past_length"]
@@ -420,11 +421,11 @@ class FusedSteerer:
         """
         if S == 1 and not (self._prefill and self.prompt_positions == "from_last"):
             return None
-        seq = torch.arange(B, device=device, dtype=torch.int32)[:, None].expand(B, S)
+        slot = sequence_slots(torch.arange(B, device=device), S)
         if self._prefill and self.prompt_positions == "from_last":
-            pos = torch.arange(S, device=device)
-            seq = torch.where(pos[None, :] >= self._last.to(device)[:, None], seq, -1)
-        return seq.reshape(-1)
+            pos = torch.arange(S, device=device).repeat(B)
+            slot = torch.where(pos >= self._last.to(device).repeat_interleave(S), slot, -1)
+        return slot
 
     def _make_hook(self, st: _LayerState):
         def hook(module, args, output):
