@@ -313,3 +313,27 @@ def test_bad_arguments(kwargs, match):
     q, dl = _good()
     with pytest.raises(ValueError, match=match):
         fit_mose(q, dl, **{**FAST, **kwargs})
+
+
+def test_duplicate_queries_are_merged_into_their_mean_delta():
+    from finesteer.fit.mose import merge_duplicate_queries
+
+    q, delta, _ = mixture(120)
+    # CAA-style data: every prompt twice, each time with a different response pair (δ ± noise that
+    # the query cannot predict); the second copy carries float-rounding noise of another batch
+    noise = torch.randn(120, D, generator=torch.Generator().manual_seed(5))
+    q2 = torch.cat([q, q * (1 + 1e-7)])
+    d2 = torch.cat([delta + noise, delta - noise])
+    mq, md = merge_duplicate_queries(q2.double(), d2.double())
+    assert mq.shape == (120, D)
+    torch.testing.assert_close(mq, q.double())
+    torch.testing.assert_close(md, delta.double(), atol=1e-6, rtol=0)
+    # exact copies: the fit is the fit on the merged rows (up to the rounding of the δ mean)
+    merged = fit_mose(torch.cat([q, q]), d2, **{**FAST, "epochs": 3})
+    plain = fit_mose(q, (d2[:120] + d2[120:]) / 2, **{**FAST, "epochs": 3})
+    for name in MoSE.TENSORS:
+        torch.testing.assert_close(getattr(merged, name), getattr(plain, name), atol=1e-4, rtol=1e-3)
+    assert merged.fit_stats["n_rows"] == 240 and merged.fit_stats["n_samples"] == 120
+    # distinct queries are left alone; merging can be switched off
+    assert merge_duplicate_queries(q.double(), delta.double())[0].shape[0] == 120
+    assert fit_mose(q2, d2, **{**FAST, "epochs": 1, "merge_duplicates": False}).fit_stats["n_samples"] == 240

@@ -28,6 +28,7 @@ from .network import MoSENetwork, row_basis
 from .train import TrainResult, train_early_stopping
 
 __all__ = ["LOSSES", "MoSEOptions", "RESIDUALS", "build_network", "fit_experts", "fit_mose", "fit_mose_network",
+           "merge_duplicate_queries",
            "residual_basis", "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
@@ -51,6 +52,9 @@ class MoSEOptions:
     ``progress``; ``loss`` ``"mse"`` (DESIGN §3) or ``"mse_cosine"`` (MSE/mean‖δ‖²·d plus
     ``cosine_weight``·(1 − cos(s(q), δ)), which rewards getting the direction right on rows with
     small δ too); early stopping always watches the validation loss of the same objective.
+    ``merge_duplicates``: rows whose queries are the same prompt state (equal up to float
+    rounding, see :func:`merge_duplicate_queries`) become one row with their mean δ before
+    anything else — several responses to one prompt are one example of "what to add here".
     """
 
     k_range: tuple = (4, 10)
@@ -71,6 +75,7 @@ class MoSEOptions:
     query_dim: Optional[int] = 512
     loss: str = "mse"
     cosine_weight: float = 1.0
+    merge_duplicates: bool = True
     progress: bool = True
 
     def replace(self, **changes) -> "MoSEOptions":
@@ -102,7 +107,8 @@ class MoSEOptions:
             attn_dim=min(d, 128) if self.attn_dim is None else check_int(self.attn_dim, "attn_dim", _WHERE, 1),
             pca_dim=None if self.pca_dim is None else check_int(self.pca_dim, "pca_dim", _WHERE, 1),
             query_dim=None if self.query_dim is None else check_int(self.query_dim, "query_dim", _WHERE, 1),
-            normalize=bool(self.normalize), learned_values=bool(self.learned_values), progress=bool(self.progress))
+            normalize=bool(self.normalize), learned_values=bool(self.learned_values), progress=bool(self.progress),
+            merge_duplicates=bool(self.merge_duplicates))
 
     def to_dict(self) -> dict:
         """The hyper-parameters recorded in ``fit_stats`` (JSON-serialisable; no ``progress``)."""
@@ -120,6 +126,10 @@ def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides
 
     Semantics (DESIGN §3)::
 
+        merge      (merge_duplicates) rows with the same query → one row, δ averaged: for one input
+                   the MSE-optimal output is the mean of its targets, and without merging K-means
+                   would cluster on what varies between one prompt's pairs (in CAA-style data the
+                   written response opening), which the router cannot see in the query
         split      rows into train / validation (val_fraction, seeded); everything below but the
                    early-stopping check uses the training rows only
         experts    K-means (k-means++, KMEANS_RESTARTS restarts) on δ (L2-normalised if ``normalize``)
@@ -153,8 +163,11 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
     further training; its output equals the returned MoSE's ``vector`` up to fp32 rounding)."""
     opts = (options if options is not None else MoSEOptions()).replace(**overrides)
     Q, D = _check_data(queries, deltas)
+    opts = opts.validated(D.shape[1])
+    n_rows = Q.shape[0]
+    if opts.merge_duplicates:
+        Q, D = merge_duplicate_queries(Q, D)
     n, d = D.shape
-    opts = opts.validated(d)
     k_min, k_max = opts.k_range
 
     train_idx, val_idx = holdout_split(n, opts.val_fraction, child_generator(opts.seed, 0), "queries/deltas",
@@ -187,6 +200,7 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
         "clustering_dim": experts.clustering_dim,
         "network_input_dim": d if net.in_proj is None else int(net.in_proj.shape[1]),
         "n_samples": n,
+        "n_rows": n_rows,
         "n_train": n_tr,
         "n_val": int(val_idx.numel()),
         "best_epoch": result.best_epoch,
@@ -209,6 +223,46 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
 
 # ---------------------------------------------------------------------------------------------
 # the steps
+
+
+#: Queries closer than this (relative to their norm, max-abs) are the same prompt state: extraction
+#: in different batches changes only the summation order, far below this.
+DUPLICATE_RTOL = 1e-4
+
+
+def merge_duplicate_queries(queries: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``queries`` [N, d] that are the same state (max-abs difference ≤ DUPLICATE_RTOL·‖q‖∞)
+    merged into one row each, its δ the mean of theirs → ``(queries [M, d], deltas [M, d])``, M ≤ N,
+    in order of first appearance. Exactly-equal rows are found by sorting, near-equal ones among
+    rows with the same rounded row sum, so the cost stays O(N log N + N·d) for distinct data."""
+    n = queries.shape[0]
+    scale = queries.abs().amax(1).clamp_min(1e-30)
+    # candidates share a coarse key (row sum rounded at the tolerance); then compare exactly
+    key = torch.round(queries.sum(1) / (scale * DUPLICATE_RTOL * queries.shape[1])).tolist()
+    groups: dict = {}
+    owner = list(range(n))
+    reps: list = []
+    for i in range(n):
+        found = None
+        for k in (key[i] - 1, key[i], key[i] + 1):
+            for j in groups.get(k, ()):
+                if float((queries[i] - queries[j]).abs().max()) <= DUPLICATE_RTOL * float(scale[j]):
+                    found = j
+                    break
+            if found is not None:
+                break
+        if found is None:
+            groups.setdefault(key[i], []).append(i)
+            reps.append(i)
+        else:
+            owner[i] = found
+    if len(reps) == n:
+        return queries, deltas
+    index = {r: m for m, r in enumerate(reps)}
+    rows = torch.tensor([index[owner[i]] for i in range(n)])
+    counts = torch.bincount(rows, minlength=len(reps)).to(deltas.dtype)
+    merged = torch.zeros(len(reps), deltas.shape[1], dtype=deltas.dtype).index_add_(0, rows, deltas)
+    return queries[torch.tensor(reps)], merged / counts[:, None]
 
 
 @dataclass
