@@ -36,9 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
 
-#: Settings of the README's Quality section (subset sizes keep the whole run well under an hour on 2 cores).
-DEFAULTS = dict(layer=6, strengths="0.5,1,2,4", limit_train=300, limit_pairs=300, limit_eval=60,
-                limit_truthfulqa=100, openings_per_side=3, continuation_tokens=8)
+#: Settings of the README's Quality section, safety run (layer and gate rank chosen on a split of the
+#: train data: benchmarks/quality/fit_study.py, docs/quality.md). Subset sizes keep one task's run
+#: near half an hour with one thread on 2 shared cores; docs/quality.md gives each run's command.
+DEFAULTS = dict(layer=9, rank=32, strengths="1,2,4", limit_train=300, limit_pairs=300, limit_eval=24,
+                limit_truthfulqa=40, openings_per_side=3, continuation_tokens=8, pairs_per_prompt=4)
 
 
 def _gemma_gguf() -> str:
@@ -54,12 +56,13 @@ def _gemma_gguf() -> str:
 def task_args(task: str, a) -> list:
     s = DATA / "safety"
     tqa = DATA / "truthfulqa" / "train.jsonl"
-    common = ["--layer", str(a.layer), "--strengths", a.strengths, "--limit-train", str(a.limit_train),
+    common = ["--layer", str(a.layer), "--rank", str(a.rank), "--strengths", a.strengths, "--limit-train", str(a.limit_train),
               "--limit-pairs", str(a.limit_pairs), "--limit-eval", str(a.limit_eval),
               "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":
-        return common + ["--opening-pairs", str(s / "harmful_train.jsonl"), "--target", str(s / "harmful_train.jsonl"),
+        return common + ["--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
+                         "--target", str(s / "harmful_train.jsonl"),
                          "--benign", str(s / "benign_train.jsonl"),
                          "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}",

@@ -56,9 +56,7 @@ def fit_scs(target, benign, rank: int = 16, method: str = "energy", max_benign_f
         s(h)     = ‖Pᵀ(h − μ)‖² / (‖h − μ‖² + ε)              # ε = GATE_EPS, s ∈ [0, 1]
         τ        = smallest threshold with held-out benign FPR = mean(s_b > τ) ≤ max_benign_fpr,
                    i.e. the operating point with the largest allowed false-positive rate and so the
-                   highest TPR (the gate is hard: g = 1[s > τ]). DESIGN §2 calls this "the largest τ
-                   whose benign FPR is ≤ max_benign_fpr"; read literally that τ would be +∞ (TPR 0),
-                   so the bound is taken as the largest allowed FPR and τ as the smallest that meets it
+                   highest TPR (the gate is hard: g = 1[s > τ]); this is DESIGN §2's convention
 
     The calibration scores are computed by the returned gate's own :meth:`~SCSGate.score` (fp32),
     so the reported TPR/FPR are exactly what the gate does on the held-out rows; AUROC is the rank
