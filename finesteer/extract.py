@@ -44,7 +44,7 @@ import torch
 from .models import find_decoder_layers, full_forward_kwargs, model_context_length, model_device, model_hidden_size
 
 __all__ = ["PLAIN_TEMPLATE", "PROMPT_FORMATS", "ChatTemplateError", "encode_prompts", "format_prompt",
-           "last_token_states", "long_rows", "resolve_prompt_format", "response_deltas"]
+           "last_token_states", "long_rows", "pad_batch", "resolve_prompt_format", "response_deltas"]
 
 log = logging.getLogger(__name__)
 
@@ -228,17 +228,22 @@ class _Stop(Exception):
     """Raised from the hook of the deepest requested layer: later blocks need not run."""
 
 
-def _pad(seqs: list, pad_id: int, side: str, device):
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device):
+    """Pad token-id lists into one batch → ``(input_ids, attention_mask, position_ids, offsets)``.
+
+    ``input_ids``/``attention_mask``/``position_ids`` are ``[B, S]`` long tensors on ``device``;
+    ``side`` is ``"left"`` or ``"right"``; ``offsets[b]`` is where row ``b``'s first real token sits.
+    Positions count real tokens only, so a left-padded row gets the positions of its unpadded self.
+    """
     S = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), S), dtype=torch.long)
     offsets = []
     for b, s in enumerate(seqs):
         off = S - len(s) if side == "left" else 0
-        ids[b, off:off + len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[b, off:off + len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[b, off:off + len(s)] = 1
         offsets.append(off)
-    # Positions count real tokens only, so a left-padded row gets the positions of its unpadded self.
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device), offsets
 
@@ -296,7 +301,7 @@ def _run_batches(model, tokenizer, seqs: list, layers: list, batch_size: int, re
     results: dict = {layer: [None] * len(seqs) for layer in layers}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for rows in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        ids, mask, pos, offsets = _pad([seqs[i] for i in rows], pad_id, side, device)
+        ids, mask, pos, offsets = pad_batch([seqs[i] for i in rows], pad_id, side, device)
         captured = _forward_capture(model, blocks, layers, ids, mask, pos, reduce_for(rows, offsets, ids.shape[1]))
         for layer in layers:
             vals = captured[layer].float().cpu()

@@ -11,9 +11,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .extract import pad_batch
 from .models import model_device
 
-__all__ = ["batches", "generate_ids", "left_pad"]
+__all__ = ["batches", "generate_ids"]
 
 
 def batches(n: int, batch_size: int) -> List[List[int]]:
@@ -21,17 +22,6 @@ def batches(n: int, batch_size: int) -> List[List[int]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
-    """``(input_ids, attention_mask)`` [B, S] long tensors on the CPU, rows left-padded with ``pad_id``."""
-    S = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, S - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[j, S - len(s):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -45,15 +35,14 @@ def generate_ids(model, tokenizer, seqs: Sequence[Sequence[int]], max_new_tokens
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids, mask = left_pad(seqs, tokenizer.pad_token_id)
-    device = model_device(model)
+    ids, mask, _, _ = pad_batch(seqs, tokenizer.pad_token_id, "left", model_device(model))
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
                   pad_token_id=tokenizer.pad_token_id)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     S = ids.shape[1]
     return tokenizer.batch_decode(out[:, S:], skip_special_tokens=True)
 

@@ -40,7 +40,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..extract import _pad
+from ..extract import pad_batch
+from ..integrations.hf import _hidden_of, _with_hidden
 from ..models import find_decoder_layers, full_forward_kwargs, model_device
 from ..ops import as_bank, steer
 
@@ -76,16 +77,6 @@ class SeqScores:
     n_tokens: torch.Tensor
     kl: Optional[torch.Tensor] = None
     identical: Optional[torch.Tensor] = None
-
-
-def _hidden_of(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def _with_hidden(output, hidden: torch.Tensor):
-    if isinstance(output, torch.Tensor):
-        return hidden
-    return type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [hidden, *output[1:]]
 
 
 class steering_hook:
@@ -148,7 +139,7 @@ def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: 
     """Log-softmax [P, V] (fp32) at every position that predicts a continuation token of ``batch``,
     rows ordered by sequence then position, plus the target token ids [P]."""
     device = model_device(model)
-    ids, mask, pos, _ = _pad([list(s.ids) for s in batch], pad_id, "right", device)
+    ids, mask, pos, _ = pad_batch([list(s.ids) for s in batch], pad_id, "right", device)
     rows, cols, targets = [], [], []
     for b, s in enumerate(batch):
         for t in range(s.last_prompt, len(s.ids) - 1):
@@ -405,7 +396,7 @@ def greedy_continuations(model, prompt_ids: Sequence[Sequence[int]], max_new_tok
     including the first EOS) of every prompt. No steering hook is attached here."""
     from tqdm.auto import tqdm
 
-    from ..generation import batches, left_pad
+    from ..generation import batches
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -413,8 +404,8 @@ def greedy_continuations(model, prompt_ids: Sequence[Sequence[int]], max_new_tok
     out: List[List[int]] = []
     for rows in tqdm(batches(len(prompt_ids), batch_size), desc="greedy continuations", disable=not progress,
                      unit="batch"):
-        ids, mask = left_pad([prompt_ids[i] for i in rows], pad_id)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
+        ids, mask, _, _ = pad_batch([prompt_ids[i] for i in rows], pad_id, "left", device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
                              max_new_tokens=max_new_tokens, min_new_tokens=1, pad_token_id=pad_id)
         for j in range(len(rows)):
             new = gen[j, ids.shape[1]:].tolist()
