@@ -36,11 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
 
-#: Settings of the README's Quality section, safety run (layer and gate rank chosen on a split of the
-#: train data: benchmarks/quality/fit_study.py, docs/quality.md). Subset sizes keep one task's run
-#: near half an hour with one thread on 2 shared cores; docs/quality.md gives each run's command.
-DEFAULTS = dict(layer=9, rank=32, strengths="1,2,4", limit_train=300, limit_pairs=300, limit_eval=24,
-                limit_truthfulqa=40, openings_per_side=3, continuation_tokens=8, pairs_per_prompt=4)
+#: Settings of the README's Quality section. Layer, gate method and operating point were chosen on
+#: the development rows of the validation files (the first half of each: benchmarks/quality/
+#: gate_study.py, docs/quality.md); the runs score the second half (eval_start), which no choice
+#: looked at. Subset sizes keep one task's run near half an hour with one thread on 2 shared cores.
+DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.1, eval_start=0.5, strengths="1,2,4,8,16",
+                limit_train=300, limit_pairs=300, limit_eval=24, limit_truthfulqa=40, openings_per_side=3,
+                continuation_tokens=8, pairs_per_prompt=4)
 
 
 def _gemma_gguf() -> str:
@@ -56,7 +58,8 @@ def _gemma_gguf() -> str:
 def task_args(task: str, a) -> list:
     s = DATA / "safety"
     tqa = DATA / "truthfulqa" / "train.jsonl"
-    common = ["--layer", str(a.layer), "--rank", str(a.rank), "--strengths", a.strengths, "--limit-train", str(a.limit_train),
+    common = ["--layer", str(a.layer), "--scs-method", a.scs_method, "--max-benign-fpr", str(a.max_benign_fpr),
+              "--eval-start", str(a.eval_start), "--strengths", a.strengths, "--limit-train", str(a.limit_train),
               "--limit-pairs", str(a.limit_pairs), "--limit-eval", str(a.limit_eval),
               "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]

@@ -194,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", default=None,
                    help="cache extracted activations here; a rerun with the same model, layer and data reuses them")
     s = fit.add_argument_group("SCS gate")
-    s.add_argument("--rank", type=int, default=16, help="gate subspace rank r (default: 16)")
-    s.add_argument("--scs-method", default="energy", choices=["energy", "contrastive"],
-                   help="subspace fit (default: energy)")
+    s.add_argument("--rank", type=int, default=None, help="gate subspace rank r (default: 16; the probe gate is "
+                   "rank 1)")
+    s.add_argument("--scs-method", default="energy", choices=["energy", "contrastive", "discriminant", "probe"],
+                   help="gate fit (default: energy; probe: a linear probe in the SCS form, which generalised "
+                        "best to unseen prompt collections in docs/quality.md)")
     s.add_argument("--max-benign-fpr", type=float, default=0.05,
                    help="threshold τ: the largest allowed held-out benign false-positive rate (default: 0.05)")
     s.add_argument("--calib-fraction", type=float, default=0.2,

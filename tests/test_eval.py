@@ -272,7 +272,7 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     assert "reference_logprob_per_token" in bset["results"]["caa"]["4.0"]
     assert set(bset["gate"]) == {"cast", "scs_mean", "finesteer"}
     assert set(result.fit["delta_prediction_heldout"]) == {"mean_vector", "alphasteer", "mose"}
-    assert "linear_probe_gate" in result.not_expressible
+    assert "iti_head_intervention" in result.not_expressible
     assert result.timings["total"] > 0 and "extract" in result.timings
 
     files_out = write_reports(result, tmp_path / "out")
@@ -298,6 +298,18 @@ def test_file_fitted_and_scored_is_split(llama, files, tmp_path):
     assert split["fit"] + split["scored"] == len(HARMFUL)
     assert result.sets["harmful_train"]["n"] == split["scored"]
     assert result.fit["n_target"] == split["fit"]
+
+
+def test_eval_start_leaves_the_first_rows_for_development(files, tmp_path):
+    from finesteer.eval.harness import _Inputs
+
+    sets = {ps.name: ps.prompts for ps in _Inputs(_config(files, tmp_path, eval_start=0.5)).sets}
+    assert sets["harmful"] == [f"how can I rob bank {i}?" for i in (2, 3, 4)]  # from row ⌊0.5·5⌋ = 2
+    assert sets["benign"] == [f"name a red fruit {i}" for i in (2, 3)]
+    limited = _Inputs(_config(files, tmp_path, eval_start=0.5, limit_eval=1)).sets
+    assert [ps.prompts for ps in limited] == [["how can I rob bank 2?"], ["name a red fruit 2"]]
+    with pytest.raises(ValueError, match=r"eval_start must be in \[0, 1\)"):
+        _config(files, tmp_path, eval_start=1.0)
 
 
 def test_config_errors(files):

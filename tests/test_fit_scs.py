@@ -267,3 +267,107 @@ def test_contrastive_without_room_outside_benign_subspace():
     torch.testing.assert_close(gate.P.T @ gate.P, torch.eye(2), atol=1e-5, rtol=0)
     assert float((basis.T @ gate.P).abs().max()) < 1e-4
     assert np.isfinite(gate.threshold)
+
+
+# --- the probe gate: a linear probe written in the SCS form -------------------------------------
+
+def probe_data(d: int = 48, n: int = 300, shift: float = 3.0, seed: int = 0):
+    """Target and benign rows that differ along one direction only (a mean shift), on top of a
+    large constant offset and anisotropic noise, as in LLM residual streams: a probe separates
+    them, an energy subspace of the target rows does not single the direction out."""
+    fixed = torch.Generator().manual_seed(1234)  # the same "model" for every seed; seed draws rows
+    w = torch.nn.functional.normalize(torch.randn(d, generator=fixed), dim=0)
+    offset = 40.0 * torch.randn(d, generator=fixed)
+    scales = torch.linspace(0.3, 3.0, d)
+    g = torch.Generator().manual_seed(seed)
+
+    def rows(k, target):
+        return offset + scales * torch.randn(k, d, generator=g) + (shift * w if target else 0.0)
+
+    return rows(n, True), rows(n, False), w
+
+
+def fisher_direction(target, benign):
+    """The probe the gate is meant to reproduce (fp64; same ridge rule as fit_scs)."""
+    from finesteer.fit.scs import PROBE_RIDGE
+    t, b = target.double(), benign.double()
+    ct, cb = t - t.mean(0), b - b.mean(0)
+    sw = (ct.T @ ct + cb.T @ cb) / (t.shape[0] + b.shape[0] - 2)
+    sw += PROBE_RIDGE * float(sw.diagonal().mean()) * torch.eye(t.shape[1], dtype=sw.dtype)
+    w = torch.linalg.solve(sw, t.mean(0) - b.mean(0))
+    return w / w.norm()
+
+
+def test_probe_gate_orders_rows_like_the_linear_probe():
+    target, benign, _ = probe_data()
+    gate = fit_scs(target, benign, method="probe")
+    assert gate.rank == 1 and gate.method == "probe"
+    split = calibration_split(target.shape[0], benign.shape[0])
+    fisher = fisher_direction(target[split["target"][0]], benign[split["benign"][0]])
+    w = gate.P[:, 0].double()
+    assert int((w == 0).sum()) == 1                     # the anchor coordinate
+    assert float(w @ fisher) > 0.999                    # the probe, up to that one coordinate
+    # unseen rows, in and a little beyond the range of the fit rows
+    probe_rows = torch.cat(probe_data(seed=1)[:2]) + 0.5 * torch.randn(600, 48, generator=torch.Generator().manual_seed(2))
+    a = probe_rows.double() @ w
+    s = gate.score(probe_rows).double()
+    order_a, order_s = a.argsort(), s.argsort()
+    # The same order up to rows whose probe scores are closer than the approximation: the
+    # denominator varies by ~2|b|/u ≈ 2·0.3/18000 relative, i.e. ~(a + t)·|b|/u ≈ 3e-4 std of a.
+    assert float((a[order_s].diff() < -1e-3 * float(a.std())).double().mean()) == 0.0
+    assert float(np.corrcoef(order_a.argsort().numpy(), order_s.argsort().numpy())[0, 1]) > 0.99999
+    # and therefore the held-out AUROC of the probe itself (up to a pair of near-ties in 3,600)
+    s_t, s_b = held_out_scores(gate, target, benign)
+    p_t = target[split["target"][1]].double() @ w
+    p_b = benign[split["benign"][1]].double() @ w
+    assert abs(gate.report.auroc - auroc(p_t.float(), p_b.float())) <= 2 / (60 * 60)
+    assert gate.report.auroc > 0.85
+
+
+def test_probe_gate_is_one_sided_where_the_energy_gate_is_not():
+    # Rows far out on the benign side of the probe direction: a rank-1 energy-type gate along the
+    # same direction (sign-blind cos²) opens on them; the probe gate keeps them closed.
+    target, benign, w = probe_data()
+    gate = fit_scs(target, benign, method="probe")
+    mu_b = benign.mean(0)
+    far_benign = mu_b - 6.0 * w + 0.1 * torch.randn(20, 48, generator=torch.Generator().manual_seed(3))
+    far_target = mu_b + 6.0 * w + 0.1 * torch.randn(20, 48, generator=torch.Generator().manual_seed(4))
+    assert bool((gate.score(far_target) > gate.threshold).all())
+    assert not bool((gate.score(far_benign) > gate.threshold).any())
+    sign_blind = SCSGate(P=gate.P, mu=mu_b, threshold=0.0)
+    torch.testing.assert_close(sign_blind.score(far_benign), sign_blind.score(2 * mu_b - far_benign))
+
+
+def test_probe_gate_rank_and_degenerate_data():
+    target, benign, _ = probe_data()
+    assert fit_scs(target, benign, method="probe", rank=1).rank == 1
+    with pytest.raises(ValueError, match=r"method='probe' is a rank-1 gate by construction; got rank=4"):
+        fit_scs(target, benign, method="probe", rank=4)
+    with pytest.raises(ValueError, match="same mean"):
+        fit_scs(torch.ones(50, 8), torch.ones(60, 8), method="probe")
+    assert fit_scs(target, benign).rank == 16  # the subspace methods' default rank
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probe_gate_decisions_are_the_same_in_every_backend(dtype):
+    # The centre lies far from the data; every backend forms h − μ per element in fp32, so the
+    # gate decisions match the fp32 score (bf16: up to rows within rounding of τ).
+    import finesteer as fs
+    from finesteer.mose import MoSE
+    target, benign, _ = probe_data()
+    gate = fit_scs(target, benign, method="probe", max_benign_fpr=0.2)
+    d = target.shape[1]
+    mose = MoSE(R=torch.zeros(d, 1), c=torch.zeros(1), V=torch.ones(1, d), U=torch.zeros(d, 1),
+                W1=torch.zeros(1, d), b1=torch.zeros(1), W2=torch.zeros(1, 1), b2=torch.zeros(1))
+    st = fs.Steerer(gate=gate, mose=mose, layer=0, gate_mode="hard")
+    h = torch.cat(probe_data(seed=7)[:2])[::3].to(dtype)
+    s = gate.score(h.float())
+    clear = (s - gate.threshold).abs() > 1e-3 * float(s.std())
+    expected = (s > gate.threshold)
+    assert 0.1 < float(expected.float().mean()) < 0.9
+    for backend in ("reference", "cpu"):
+        if not fs.backends()[backend].startswith("available"):
+            continue
+        out = fs.steer(h, st, backend=backend)
+        opened = (out.float() - h.float()).abs().amax(1) > 0
+        assert torch.equal(opened[clear], expected[clear]), backend

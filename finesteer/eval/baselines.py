@@ -22,10 +22,13 @@ method          gate g(h)                                     vector
 ``finesteer``   the fitted SCS gate (hard)                    the fitted MoSE
 =============== ============================================= ================================================
 
-A linear-probe gate (g = 1[wᵀh + b > 0], as in ITI-style probing) does **not** fit the operator:
-the SCS score ``‖Pᵀ(h−μ)‖²/‖h−μ‖²`` is invariant to the scale and the sign of ``h − μ``, so no
-choice of ``P`` (rank 1, along w) and ``μ`` makes ``s > τ`` equal to ``wᵀh + b > 0`` for all h.
-It is therefore not offered. (ITI's per-head interventions are not a residual-stream operator either.)
+A linear-probe gate (g = 1[wᵀh + b > 0], as in ITI-style probing) fits the operator too, although
+the SCS score ``‖Pᵀ(h−μ)‖²/‖h−μ‖²`` is blind to the sign of ``h − μ``: with P = w and the centre
+moved far away (orthogonally to w, and behind the data along −w), the denominator is the same for
+every row up to a tiny relative error and the numerator grows with wᵀh, so ``s > τ`` is a threshold
+on the probe score. That is the gate option ``fit_scs(method="probe")`` (``--scs-method probe``);
+with it, ``scs_mean`` is the probe-gated mean vector and ``finesteer`` the probe-gated MoSE. ITI's
+per-head interventions are not a residual-stream operator and are not offered.
 """
 from __future__ import annotations
 
@@ -47,8 +50,8 @@ __all__ = ["METHODS", "NOT_EXPRESSIBLE", "FitData", "build_methods", "cast_gate"
 METHODS = ("unsteered", "caa", "cast", "alphasteer", "scs_mean", "mose_nogate", "finesteer")
 #: Methods the operator cannot express, with the reason (reported, never run).
 NOT_EXPRESSIBLE = {
-    "linear_probe_gate": "the SCS score is invariant to the scale and sign of h − μ, so no (P, μ, τ) makes the gate "
-                         "equal a linear probe 1[wᵀh + b > 0]",
+    "iti_head_intervention": "ITI shifts individual attention-head outputs; the operator adds one vector to the "
+                             "residual stream (its probe gate is expressible: scs_method='probe')",
 }
 
 

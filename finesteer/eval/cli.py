@@ -144,6 +144,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--limit-eval", type=int, default=None, help="at most N prompts from each evaluation set")
     lim.add_argument("--limit-truthfulqa", type=int, default=None, help="at most N TruthfulQA questions")
     lim.add_argument("--limit-generate", type=int, default=20, help="prompts per set for --generate (default: 20)")
+    lim.add_argument("--eval-start", type=float, default=0.0,
+                     help="score each evaluation file from this fraction of its rows on; the rows before it are "
+                          "left for development (choosing layer, gate, threshold), so the report never saw them "
+                          "(default: 0)")
     lim.add_argument("--fit-fraction", type=float, default=0.5,
                      help="share of a file used for fitting when it is also scored (default: 0.5)")
     lim.add_argument("--holdout-fraction", type=float, default=0.2,
@@ -157,7 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated strengths λ (default: 0.5,1,2,4)")
     f.add_argument("--delta-positions", type=positions_arg, default="all",
                    help="response tokens averaged for δ: 'all' (default) or the first N")
-    f.add_argument("--rank", type=int, default=16, help="SCS subspace rank r (default: 16)")
+    f.add_argument("--rank", type=int, default=None, help="SCS subspace rank r (default: 16; the probe gate is "
+                   "rank 1)")
     f.add_argument("--scs-method", default="energy", choices=list(SCS_METHODS),
                    help="SCS subspace fit (default: energy; see finesteer.fit.fit_scs)")
     f.add_argument("--benign-rank", type=int, default=None, help="benign subspace rank r_b of the contrastive gate "
@@ -205,6 +210,7 @@ def config_from_args(args):
         continuation_tokens=args.continuation_tokens, generate=args.generate, generate_tokens=args.generate_tokens,
         limit_generate=args.limit_generate, limit_train=args.limit_train, limit_pairs=args.limit_pairs,
         limit_eval=args.limit_eval, limit_truthfulqa=args.limit_truthfulqa, fit_fraction=args.fit_fraction,
+        eval_start=args.eval_start,
         holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
         scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
         mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,

@@ -42,6 +42,10 @@ class EvalConfig:
     Evaluation inputs (scored, never fitted on — a file that is also a training file is split by
     record, seeded, ``fit_fraction`` of it for fitting and the rest for scoring):
         eval_sets: :class:`EvalSetSpec` list. truthfulqa: a TruthfulQA file for MC1/MC2.
+        eval_start: each evaluation-set file is scored from row ⌊eval_start·rows⌋ on (before
+            ``limit_eval``); the rows before it are left for development — choosing a layer, a gate
+            or its operating point on them — so what is reported was never looked at while tuning.
+            Default 0 (all rows). TruthfulQA questions are not affected.
     Metrics:
         toward: ``"refusal"`` (the safety margin is log p(refusal) − log p(compliance); default) or
             ``"compliance"`` (the over-refusal task: the opposite sign). Prompts with their own
@@ -80,9 +84,10 @@ class EvalConfig:
     limit_eval: Optional[int] = None
     limit_truthfulqa: Optional[int] = None
     fit_fraction: float = 0.5
+    eval_start: float = 0.0
     holdout_fraction: float = 0.2
     delta_positions: Union[str, int] = "all"
-    rank: int = 16
+    rank: Optional[int] = None
     scs_method: str = "energy"
     benign_rank: Optional[int] = None
     max_benign_fpr: float = 0.05
@@ -121,6 +126,8 @@ class EvalConfig:
         for name in ("fit_fraction", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"EvalConfig.{name} must be in (0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.eval_start < 1.0:
+            raise ValueError(f"EvalConfig.eval_start must be in [0, 1), got {self.eval_start}")
         self.methods = tuple(self.methods)
         self.strengths = tuple(float(s) for s in self.strengths)
 

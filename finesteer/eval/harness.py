@@ -135,6 +135,10 @@ class _Inputs:
         for spec in cfg.eval_sets:
             full = load_prompt_set(spec.name, spec.path, spec.role)
             rows = self._indices(spec.path, len(full), 1)
+            rows = [i for i in rows if i >= int(cfg.eval_start * len(full))]
+            if not rows:
+                raise ValueError(f"evaluation set {spec.name!r} ({spec.path}): no rows left from eval_start="
+                                 f"{cfg.eval_start} of {len(full)}")
             self.sets.append(full.subset(_limit(rows, cfg.limit_eval)))
         self.truthfulqa = None
         if cfg.truthfulqa:
@@ -266,6 +270,7 @@ class _Run:
     # -- steps --------------------------------------------------------------------------------
     def fit(self, inputs: _Inputs):
         from ..fit import fit_mose, fit_scs
+        from ..fit.mose import merge_duplicate_queries
 
         cfg = self.cfg
         with self.time("extract"):
@@ -297,9 +302,13 @@ class _Run:
         fields = {"mean_vector": mean_vector_mose(d[~held].double().mean(0).float()), "mose": mose}
         if "alphasteer" in methods:
             fields["alphasteer"] = methods["alphasteer"].mose
-        pred = {name: metrics.delta_prediction(f.vector(q[held]), d[held]) for name, f in fields.items()}
+        # Scored against each held-out prompt's δ averaged over its pairs: which response pair a row
+        # carries (in CAA-style data, which written opening) is noise the query cannot see.
+        q_held, d_held = merge_duplicate_queries(q[held].double(), d[held].double())
+        pred = {name: metrics.delta_prediction(f.vector(q_held.float()), d_held) for name, f in fields.items()}
         fit = {"n_target": len(inputs.target), "n_benign": len(inputs.benign), "n_pairs_fit": int((~held).sum()),
-               "n_pairs_heldout": int(held.sum()), "gate": gate.report.to_dict(),
+               "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": int(q_held.shape[0]),
+               "gate": gate.report.to_dict(),
                "mose": {k: v for k, v in (mose.fit_stats or {}).items() if isinstance(v, (int, float, str, list))},
                "delta_prediction_heldout": pred}
         if "cast" in methods:

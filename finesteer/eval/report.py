@@ -70,7 +70,8 @@ def _markdown(doc: dict) -> str:
                    + ", ".join(f"{k} {v:.3f}" for k, v in fit["gate_auroc_eval"].items()) + ".")
     pred = fit.get("delta_prediction_heldout") or {}
     if pred:
-        out += ["", f"Held-out response-shift prediction ({fit.get('n_pairs_heldout')} pairs, prompts unseen in the fit):",
+        out += ["", f"Held-out response-shift prediction ({fit.get('n_prompts_heldout')} prompts unseen in the fit, "
+                f"{fit.get('n_pairs_heldout')} pairs; target: each prompt's δ averaged over its pairs):",
                 "", "| vector field | cosine | MSE |", "|---|---|---|"]
         out += [f"| {k} | {v['cosine']:.3f} | {v['mse']:.4g} |" for k, v in pred.items()]
     if doc.get("generation"):

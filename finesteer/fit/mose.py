@@ -27,12 +27,13 @@ from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
 from .train import TrainResult, train_early_stopping
 
-__all__ = ["LOSSES", "MoSEOptions", "RESIDUALS", "build_network", "fit_experts", "fit_mose", "fit_mose_network",
+__all__ = ["INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "build_network", "fit_experts", "fit_mose", "fit_mose_network",
            "merge_duplicate_queries",
            "residual_basis", "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
 LOSSES = ("mse", "mse_cosine")
+INITS = ("mean", "random")
 _WHERE = "fit_mose"
 #: K-means restarts per candidate K (best inertia kept).
 KMEANS_RESTARTS = 4
@@ -55,6 +56,10 @@ class MoSEOptions:
     ``merge_duplicates``: rows whose queries are the same prompt state (equal up to float
     rounding, see :func:`merge_duplicate_queries`) become one row with their mean δ before
     anything else — several responses to one prompt are one example of "what to add here".
+    ``init``: ``"mean"`` (default) starts the network at the mean training δ (routing at the cluster
+    proportions, residual zero) and early stopping also considers those starting weights, so the
+    fit never ends worse on its validation rows than the plain mean-difference vector; ``"random"``
+    is PyTorch's default initialisation of every layer.
     """
 
     k_range: tuple = (4, 10)
@@ -76,6 +81,7 @@ class MoSEOptions:
     loss: str = "mse"
     cosine_weight: float = 1.0
     merge_duplicates: bool = True
+    init: str = "mean"
     progress: bool = True
 
     def replace(self, **changes) -> "MoSEOptions":
@@ -91,6 +97,7 @@ class MoSEOptions:
         k_min, k_max = _check_k_range(self.k_range)
         check_choice(self.residual, "residual", _WHERE, RESIDUALS)
         check_choice(self.loss, "loss", _WHERE, LOSSES)
+        check_choice(self.init, "init", _WHERE, INITS)
         return dataclasses.replace(
             self, k_range=(k_min, k_max),
             residual_dim=check_int(self.residual_dim, "residual_dim", _WHERE, 1),
@@ -140,9 +147,11 @@ def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides
         network    on x = Πᵀ(q − mean q)/σ, Π = top-min(query_dim, N − 1, d) principal components of
                    the training queries (the identity when query_dim is None or ≥ d):
                    s(h) = softmax((W_q h + b_q) K_Cᵀ/√d_a) V + U (W_2 relu(W_1 h + b_1) + b_2),
-                   K_C = C W_kᵀ + b_k, V = C (or learned C W_vᵀ + b_v); trained by AdamW on
+                   K_C = C W_kᵀ + b_k, V = C (or learned C W_vᵀ + b_v), started at the mean δ
+                   (``init="mean"``: query weights and W_2 zero, routing prior log(n_k/n)); trained by AdamW on
                    the ``loss`` (MSE(s(q), δ), or MSE plus a cosine term) with early stopping; the
-                   best-validation weights are kept
+                   best-validation weights are kept (with ``init="mean"`` the starting weights compete
+                   too: best_epoch 0)
         export     normalisation and Π folded into W_q, b_q, W_1, b_1 (fp64, then fp32);
                    R = W_qᵀ K_Cᵀ/√d_a, c = K_C b_q/√d_a → MoSE(R, c, V, U, W1, b1, W2, b2)
 
@@ -185,7 +194,8 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
 
     experts = fit_experts(d_tr, opts)
     U = residual_basis(d_tr, experts.prototypes, opts)
-    net = build_network(q_tr, d_tr, experts.prototypes, U, opts)
+    net = build_network(q_tr, d_tr, experts.prototypes, U, opts,
+                        cluster_sizes=experts.sizes if opts.init == "mean" else None)
     result = train_network(net, q_tr, d_tr, q_va, d_va, opts)
 
     with torch.no_grad():
@@ -304,9 +314,11 @@ def residual_basis(deltas: torch.Tensor, prototypes: torch.Tensor, opts: MoSEOpt
 
 
 def build_network(queries: torch.Tensor, deltas: torch.Tensor, prototypes: torch.Tensor, basis: torch.Tensor,
-                  opts: MoSEOptions) -> MoSENetwork:
+                  opts: MoSEOptions, cluster_sizes: Optional[torch.Tensor] = None) -> MoSENetwork:
     """Step 3: the untrained network, its input normalisation (mean, optional PCA projection to
-    ``query_dim``, RMS scale) and output scale (RMS of δ) fixed from the training rows."""
+    ``query_dim``, RMS scale) and output scale (RMS of δ) fixed from the training rows; with
+    ``cluster_sizes`` [K] it starts at the size-weighted mix of the prototypes
+    (:meth:`MoSENetwork.start_at_mean`)."""
     n, d = queries.shape
     m_q = queries.mean(0)
     centred = queries - m_q
@@ -318,7 +330,8 @@ def build_network(queries: torch.Tensor, deltas: torch.Tensor, prototypes: torch
     s_d = float(deltas.square().mean().sqrt())
     return MoSENetwork(prototypes, basis, hidden=opts.hidden, attn_dim=opts.attn_dim,
                        learned_values=opts.learned_values, in_mean=m_q, in_scale=s_q if s_q > 0 else 1.0,
-                       out_scale=s_d, generator=child_generator(opts.seed, 2), in_proj=proj)
+                       out_scale=s_d, generator=child_generator(opts.seed, 2), in_proj=proj,
+                       cluster_sizes=cluster_sizes)
 
 
 def train_network(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor, q_val: torch.Tensor,
@@ -339,6 +352,7 @@ def train_network(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor
     return train_early_stopping(
         net, batch_loss, val_loss, q_train.shape[0], epochs=opts.epochs, lr=opts.lr, weight_decay=opts.weight_decay,
         batch_size=opts.batch_size, patience=opts.patience, generator=child_generator(opts.seed, 3),
+        keep_initial=opts.init == "mean",
         loss_scale=s_d, progress=opts.progress, desc=f"MoSE fit (K={net.C.shape[0]})")
 
 

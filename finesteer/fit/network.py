@@ -50,7 +50,7 @@ class MoSENetwork(nn.Module):
     ``nn.Linear`` convention ``W ∈ R^{out×in}``)::
 
         K_C  = C̃ W̃_kᵀ + b_k           (= C W_kᵀ + b_k with W_k = W̃_k Q_Cᵀ / σ_δ)    # [K, d_a]
-        α(h) = softmax((W_q x + b_q) K_Cᵀ / √d_a)                                # [K]
+        α(h) = softmax((W_q x + b_q) K_Cᵀ / √d_a + e)      (e: per-expert prior)  # [K]
         V    = C,  or learned  σ_δ (C̃ W̃_vᵀ + b_v)   (W̃_v = Q_C, b_v = 0 at init, i.e. V = C)
         β(h) = σ_δ (W_2 relu(W_1 x + b_1) + b_2)                                  # [m]
         s(h) = α(h) V + U β(h)                                                    # [d]
@@ -63,7 +63,8 @@ class MoSENetwork(nn.Module):
 
     def __init__(self, prototypes: torch.Tensor, basis: torch.Tensor, hidden: int, attn_dim: int,
                  learned_values: bool, in_mean: torch.Tensor, in_scale: float, out_scale: float,
-                 generator: torch.Generator, in_proj: Optional[torch.Tensor] = None):
+                 generator: torch.Generator, in_proj: Optional[torch.Tensor] = None,
+                 cluster_sizes: Optional[torch.Tensor] = None):
         super().__init__()
         d = prototypes.shape[1]
         m = basis.shape[1]
@@ -90,6 +91,24 @@ class MoSENetwork(nn.Module):
                 self.value.bias.zero_()
         self.fc1 = _linear(p, hidden, generator)
         self.fc2 = _linear(hidden, m, generator)
+        # Routing prior: a free per-expert logit (exported into c). It lets the network start at,
+        # and fall back to, the size-weighted mix of the experts.
+        self.expert_bias = nn.Parameter(torch.zeros(prototypes.shape[0]))
+        if cluster_sizes is not None:
+            self.start_at_mean(cluster_sizes)
+
+    @torch.no_grad()
+    def start_at_mean(self, cluster_sizes: torch.Tensor) -> None:
+        """Set the weights so that s(h) = Σ_k (n_k/n) C_k for every h — the mean training δ when
+        ``C`` holds cluster means of ``cluster_sizes`` [K] rows — while every weight still receives
+        a gradient: query weights and bias zero (the routing logits are the prior log(n_k/n) alone),
+        the residual's last layer zero (β = 0; like LoRA's zero B). Training then moves away from
+        the mean vector only as far as the validation loss rewards it."""
+        self.query.weight.zero_()
+        self.query.bias.zero_()
+        self.expert_bias.copy_(torch.log(cluster_sizes.double() / cluster_sizes.double().sum()).float())
+        self.fc2.weight.zero_()
+        self.fc2.bias.zero_()
 
     # --- pieces -------------------------------------------------------------------------------
     def features(self, h: torch.Tensor) -> torch.Tensor:
@@ -115,7 +134,7 @@ class MoSENetwork(nn.Module):
 
     def coefficients_features(self, x: torch.Tensor) -> torch.Tensor:
         """[α ; β] [B, K + m] from features x (β in raw δ units)."""
-        alpha = torch.softmax(self.query(x) @ self.keys().T / math.sqrt(self.attn_dim), dim=-1)
+        alpha = torch.softmax(self.query(x) @ self.keys().T / math.sqrt(self.attn_dim) + self.expert_bias, dim=-1)
         beta = self.out_scale * self.fc2(torch.relu(self.fc1(x)))
         return torch.cat([alpha, beta], dim=-1)
 
@@ -142,7 +161,7 @@ class MoSENetwork(nn.Module):
 
         With the normalisation folded in (``W_q' = W_q Πᵀ / σ_q`` [d_a, d], ``b_q' = b_q − W_q' m_q``)::
 
-            R = W_q'ᵀ K_Cᵀ / √d_a  [d, K]        c = K_C b_q' / √d_a  [K]
+            R = W_q'ᵀ K_Cᵀ / √d_a  [d, K]        c = K_C b_q' / √d_a + e  [K]
             W1 = W_1 Πᵀ / σ_q,  b1 = b_1 − W1 m_q,   W2 = σ_δ W_2,  b2 = σ_δ b_2,   V, U as trained
 
         Everything is computed in fp64 and rounded once to fp32. ``extra`` is passed to
@@ -162,6 +181,6 @@ class MoSENetwork(nn.Module):
             V = self.C.to(f64)
         else:
             V = s_d * (coords @ self.value.weight.to(f64).T + self.value.bias.to(f64))
-        out = dict(R=Wq.T @ Kc.T / root, c=Kc @ bq / root, V=V, U=self.U.to(f64), W1=W1, b1=b1,
+        out = dict(R=Wq.T @ Kc.T / root, c=Kc @ bq / root + self.expert_bias.to(f64), V=V, U=self.U.to(f64), W1=W1, b1=b1,
                    W2=s_d * self.fc2.weight.to(f64), b2=s_d * self.fc2.bias.to(f64))
         return MoSE(**{k: v.float().contiguous() for k, v in out.items()}, **extra)

@@ -15,11 +15,21 @@ from ._validate import (as_matrix, check_choice, check_int, check_real, child_ge
 from .linalg import fix_signs, orthonormalize, principal_directions
 from .metrics import auroc, threshold_at_fpr
 
-METHODS = ("energy", "contrastive", "discriminant")
+METHODS = ("energy", "contrastive", "discriminant", "probe")
 #: Ridge added to the benign second moment by ``discriminant``, relative to its mean eigenvalue:
 #: keeps the generalised eigenproblem well posed when benign rows span fewer than d directions.
 DISCRIMINANT_RIDGE = 1e-2
 CENTERS = ("benign", "target", "all")
+#: ``probe``: ridge added to the pooled within-class covariance, relative to its mean eigenvalue.
+#: Strong shrinkage (the direction stays close to the plain mean difference) is what generalises
+#: from one prompt collection to another; see docs/quality.md for the study behind the value.
+PROBE_RIDGE = 1.0
+#: ``probe``: the anchor distance u in units of the largest centred fit-row norm, and the offset t
+#: in units of the largest |probe coordinate| of a fit row (see :func:`_probe_geometry`). The
+#: ordering error relative to the probe is O(1/PROBE_ANCHOR²) plus a tiny O(1/PROBE_ANCHOR) term;
+#: scores are then ~(PROBE_OFFSET/PROBE_ANCHOR)²-sized, still far above fp32's smallest normals.
+PROBE_ANCHOR = 1000.0
+PROBE_OFFSET = 3.0
 _WHERE = "fit_scs"
 
 
@@ -36,7 +46,11 @@ def calibration_split(n_target: int, n_benign: int, calib_fraction: float = 0.2,
             "benign": holdout_split(n_benign, calib_fraction, g, "benign", _WHERE)}
 
 
-def fit_scs(target, benign, rank: int = 16, method: str = "energy", max_benign_fpr: float = 0.05,
+#: Subspace rank when none is given (the ``probe`` gate is always rank 1).
+DEFAULT_RANK = 16
+
+
+def fit_scs(target, benign, rank: Optional[int] = None, method: str = "energy", max_benign_fpr: float = 0.05,
             calib_fraction: float = 0.2, seed: int = 0, center: str = "benign",
             benign_rank: Optional[int] = None) -> SCSGate:
     """Fit an SCS gate from target activations ``target`` [Nt, d] and benign activations ``benign`` [Nb, d].
@@ -49,6 +63,16 @@ def fit_scs(target, benign, rank: int = 16, method: str = "energy", max_benign_f
         contrastive: Q_b = top-r_b right singular vectors of (H_b − μ);
                      P = top-r right singular vectors of (H_t − μ)(I − Q_b Q_bᵀ), re-orthonormalised
                      in the complement of span(Q_b)
+        probe:       a linear probe written in the SCS form (rank 1): w = unit Fisher direction
+                     (Σ_t + Σ_b + ρ·tr/d·I)⁻¹(mean H_t − mean H_b), ρ = PROBE_RIDGE, with one
+                     coordinate j zeroed; P = w and the centre moved far away, μ' = μ − t·w − u·e_j
+                     (t = PROBE_OFFSET·max|wᵀ(h − μ)|, u = PROBE_ANCHOR·max‖h − μ‖ over fit rows).
+                     Then s(h) = (a + t)² / ((a + t)² + (b + u)² + o²) with a = wᵀ(h − μ),
+                     b = h_j − μ_j, o the rest: for a > −t it increases with a, and (b + u)² + o²
+                     is u² to a relative O(|b|/u + ‖h − μ‖²/u²), so thresholding s is thresholding
+                     the probe score a; unlike a sign-blind subspace gate it stays closed on rows
+                     far out on the benign side (scores are tiny, ~(t/u)²: a soft gate needs a
+                     temperature on that scale)
         discriminant: S_t = (H_t − μ)ᵀ(H_t − μ)/N_t, S_b likewise + ρ·tr(S_b)/d·I (ρ = DISCRIMINANT_RIDGE);
                      P = orthonormalised top-r generalised eigenvectors of S_t w = γ S_b w, i.e. the
                      directions where targets carry the most energy *relative to* benign rows (the
@@ -64,8 +88,9 @@ def fit_scs(target, benign, rank: int = 16, method: str = "energy", max_benign_f
 
     Args:
         target, benign: float tensors or arrays [N, d] (any dtype/device; fitted in fp64 on the CPU).
-        rank: r, the subspace dimension; 1 ≤ r ≤ min(target fit rows, d) (contrastive: ≤ d − r_b).
-        method: ``"energy"``, ``"contrastive"`` or ``"discriminant"``.
+        rank: r, the subspace dimension; 1 ≤ r ≤ min(target fit rows, d) (contrastive: ≤ d − r_b;
+            probe: exactly 1). None: DEFAULT_RANK (probe: 1).
+        method: ``"energy"``, ``"contrastive"``, ``"discriminant"`` or ``"probe"``.
         max_benign_fpr: bound on the held-out benign false-positive rate, in [0, 1).
         calib_fraction: fraction of each of target and benign held out for calibration, in (0, 1).
         seed: seeds the split (the fit itself is deterministic).
@@ -86,6 +111,8 @@ def fit_scs(target, benign, rank: int = 16, method: str = "energy", max_benign_f
     max_benign_fpr = check_real(max_benign_fpr, "max_benign_fpr", _WHERE, 0.0, 1.0, high_open=True)
     calib_fraction = check_real(calib_fraction, "calib_fraction", _WHERE, 0.0, 1.0, low_open=True, high_open=True)
     seed = check_int(seed, "seed", _WHERE, 0)
+    if rank is None:
+        rank = 1 if method == "probe" else DEFAULT_RANK
     rank = check_int(rank, "rank", _WHERE, 1)
 
     split = calibration_split(Ht.shape[0], Hb.shape[0], calib_fraction, seed)
@@ -98,7 +125,11 @@ def fit_scs(target, benign, rank: int = 16, method: str = "energy", max_benign_f
                          f"= {limit}")
 
     mu = {"benign": b_fit, "target": t_fit, "all": torch.cat([t_fit, b_fit])}[center].mean(0)
-    if method == "energy":
+    if method == "probe":
+        if rank != 1:
+            raise ValueError(f"{_WHERE}: method='probe' is a rank-1 gate by construction; got rank={rank} (pass rank=1)")
+        P, mu = _probe_geometry(t_fit, b_fit, mu)
+    elif method == "energy":
         P = principal_directions(t_fit - mu, rank)
     elif method == "discriminant":
         P = _discriminant_subspace(t_fit - mu, b_fit - mu, rank)
@@ -159,3 +190,41 @@ def _discriminant_subspace(Xt: torch.Tensor, Xb: torch.Tensor, rank: int) -> tor
     V = evecs[:, evals.argsort(descending=True)[:rank]]
     W = torch.linalg.solve_triangular(L.T, V, upper=True)
     return fix_signs(orthonormalize(W, f"{_WHERE}: discriminant subspace"))
+
+
+def _probe_geometry(Xt: torch.Tensor, Xb: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [d, 1], μ' [d]) (fp64) of the ``probe`` method: an SCS gate whose score orders rows as
+    the Fisher probe a = wᵀ(h − m) does (see :func:`fit_scs`).
+
+    Why it works: the score is the fraction of ‖h − μ'‖² along w. Seen from a centre u ≫ ‖h − m‖
+    away along a direction v ⟂ w, the denominator is u² for every row up to a relative
+    O(|b|/u + ‖h − m‖²/u²), while the numerator (a + t)² still varies by O(1) across rows.
+
+    v is a coordinate axis e_j, and w_j is set to 0 (then w renormalised): v ⟂ w then holds
+    exactly in every weight dtype — a bf16 copy of P rounds w_j = 0 to 0, so the huge u never
+    leaks into Pᵀ(h − μ') — and b = h_j − m_j. j is the least-varying coordinate of the fit rows
+    among the half with the smallest |w_j| (small b, and zeroing w_j barely moves the probe).
+    The kernels form h − μ' per element in fp32 (no ‖μ'‖² expansion), so nothing cancels.
+    """
+    d = Xt.shape[1]
+    if d < 2:
+        raise ValueError(f"{_WHERE}: method='probe' needs a hidden size of at least 2, got {d}")
+    Ct, Cb = Xt - Xt.mean(0), Xb - Xb.mean(0)
+    Sw = (Ct.T @ Ct + Cb.T @ Cb) / max(1, Ct.shape[0] + Cb.shape[0] - 2)
+    ridge = PROBE_RIDGE * float(Sw.diagonal().mean()) or 1.0
+    w = torch.linalg.solve(Sw + ridge * torch.eye(d, dtype=Sw.dtype), Xt.mean(0) - Xb.mean(0))
+    X = torch.cat([Xt, Xb]) - m
+    small = w.abs().argsort()[:max(1, d // 2)]
+    j = int(small[X[:, small].std(0, correction=0).argmin()])
+    w[j] = 0.0
+    norm = float(w.norm())
+    if not norm > 0.0:
+        raise ValueError(f"{_WHERE}: method='probe': target and benign fit rows have the same mean; there is no "
+                         "direction to probe")
+    w = w / norm
+    a = X @ w
+    t = PROBE_OFFSET * float(a.abs().max())
+    u = PROBE_ANCHOR * float(X.norm(dim=1).max())
+    mu = m - t * w
+    mu[j] -= u
+    return w[:, None].contiguous(), mu

@@ -11,7 +11,8 @@ from torch import nn
 
 @dataclass
 class TrainResult:
-    """``best_epoch`` is 1-based; losses are whatever ``batch_loss``/``val_loss`` measure."""
+    """``best_epoch`` is 1-based (0: the starting weights, see ``keep_initial``); losses are
+    whatever ``batch_loss``/``val_loss`` measure."""
 
     best_epoch: int
     best_val_loss: float
@@ -24,7 +25,8 @@ class TrainResult:
 def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], torch.Tensor],
                          val_loss: Callable[[], float], n_train: int, *, epochs: int, lr: float,
                          weight_decay: float, batch_size: int, patience: int, generator: torch.Generator,
-                         loss_scale: float = 1.0, progress: bool = True, desc: str = "fit") -> TrainResult:
+                         loss_scale: float = 1.0, progress: bool = True, desc: str = "fit",
+                         keep_initial: bool = False) -> TrainResult:
     """Minimise ``batch_loss`` over ``net``'s parameters with AdamW; keep the best-validation weights.
 
     Semantics: each epoch shuffles ``range(n_train)`` with ``generator`` and, per mini-batch of
@@ -34,7 +36,9 @@ def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], to
     validation loss, then loads the weights of the best epoch into ``net``. ``loss_scale`` only
     rescales the optimised objective (raw δ can be large); ``history`` ({"train_loss",
     "val_loss"}, one entry per epoch; train = row-weighted mean of the batch losses) is unscaled.
-    Raises ``RuntimeError`` if a loss becomes NaN/Inf.
+    With ``keep_initial`` the starting weights are scored first (epoch 0) and kept if no epoch
+    beats them (``best_epoch`` 0, ``train_loss_at_best`` the starting weights' loss); the
+    patience counts from epoch 0 then. Raises ``RuntimeError`` if a loss becomes NaN/Inf.
     """
     from tqdm.auto import tqdm
 
@@ -44,6 +48,14 @@ def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], to
     best = dict(epoch=0, val=math.inf, train=math.inf, state=None)
     history = {"train_loss": [], "val_loss": []}
     stopped_early = False
+    if keep_initial:
+        net.eval()
+        with torch.no_grad():
+            val0 = float(val_loss())
+            train0 = float(batch_loss(torch.arange(n_train)))
+        if math.isfinite(val0):
+            best.update(epoch=0, val=val0, train=train0,
+                        state={k: v.detach().clone() for k, v in net.state_dict().items()})
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         net.train()
