@@ -40,9 +40,12 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 #: the development rows of the validation files (the first half of each: benchmarks/quality/
 #: gate_study.py, docs/quality.md); the runs score the second half (eval_start), which no choice
 #: looked at. Subset sizes keep one task's run near half an hour with one thread on 2 shared cores.
-DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.1, eval_start=0.5, strengths="1,2,4,8,16",
-                limit_train=300, limit_pairs=300, limit_eval=24, limit_truthfulqa=40, openings_per_side=3,
-                continuation_tokens=8, pairs_per_prompt=4)
+DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5, strengths="1,2,4,8,16",
+                limit_train=1000, limit_pairs=300, limit_eval=40, limit_truthfulqa=100, openings_per_side=3,
+                continuation_tokens=8, pairs_per_prompt=8)
+#: The truthfulness run scores every method on every TruthfulQA answer, its most expensive step:
+#: fewer strengths, and AlphaSteer (a safety baseline) left out.
+TRUTHFULNESS = dict(strengths="2,4,8", methods="unsteered,caa,cast,scs_mean,mose_nogate,finesteer")
 
 
 def _gemma_gguf() -> str:
@@ -64,14 +67,18 @@ def task_args(task: str, a) -> list:
               "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":
+        # The gate's benign side pools ordinary instructions and CoCoNot's benign-but-sensitive
+        # requests (prompts only), so it learns to stay closed on sensitive-sounding benign prompts.
         return common + ["--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
                          "--target", str(s / "harmful_train.jsonl"),
-                         "--benign", str(s / "benign_train.jsonl"),
+                         "--benign", str(s / "benign_train.jsonl"), str(s / "coconot_pref.jsonl"),
                          "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
                          "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
     if task == "truthfulness":
-        return common + ["--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
+        if a.strengths == DEFAULTS["strengths"]:  # unless --strengths was given
+            common[common.index("--strengths") + 1] = TRUTHFULNESS["strengths"]
+        return common + ["--methods", TRUTHFULNESS["methods"], "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
     if task == "overrefusal":

@@ -300,6 +300,29 @@ def test_file_fitted_and_scored_is_split(llama, files, tmp_path):
     assert result.fit["n_target"] == split["fit"]
 
 
+def test_probe_gate_runs_through_the_harness(llama, files, tmp_path):
+    cfg = _config(files, tmp_path, scs_method="probe", rank=None, truthfulqa=None,
+                  methods=("unsteered", "scs_mean", "finesteer"), strengths=(2.0,))
+    result = run_eval(llama, tiny_tokenizer(), cfg)
+    gate = result.fit["gate"]
+    # the two templated training styles are easy to tell apart at the calibration split
+    assert gate["threshold"] > 0 and gate["auroc"] > 0.9
+    rows = {r["method"]: r for r in result.rows}
+    assert rows["finesteer"]["target_gate_open"] == rows["scs_mean"]["target_gate_open"]
+    assert set(result.sets["harmful"]["gate"]) == {"scs_mean", "finesteer"}
+
+
+def test_several_benign_files_are_pooled(files, tmp_path):
+    from finesteer.eval.harness import _Inputs
+
+    extra = _jsonl(tmp_path / "sensitive.jsonl", [{"prompt": f"how do locks work {i}?"} for i in range(5)])
+    inputs = _Inputs(_config(files, tmp_path, benign=[files["benign"], extra], limit_train=20))
+    assert inputs.benign == BENIGN[:20] + [f"how do locks work {i}?" for i in range(5)]
+    assert _config(files, tmp_path).benign == (files["benign"],)
+    with pytest.raises(ValueError, match="at least one prompt file"):
+        _config(files, tmp_path, benign=[])
+
+
 def test_eval_start_leaves_the_first_rows_for_development(files, tmp_path):
     from finesteer.eval.harness import _Inputs
 

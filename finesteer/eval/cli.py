@@ -115,7 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "pairs from the training openings of finesteer.eval.openings")
     t.add_argument("--pairs-per-prompt", type=int, default=2, help="pairs per prompt for --opening-pairs (default: 2)")
     t.add_argument("--target", required=True, help="prompts the gate should open on (field prompt or question)")
-    t.add_argument("--benign", required=True, help="prompts the gate should stay closed on")
+    t.add_argument("--benign", required=True, nargs="+", metavar="FILE",
+                   help="prompts the gate should stay closed on; several files are pooled (e.g. ordinary "
+                        "instructions and benign-but-sensitive requests)")
 
     e = p.add_argument_group("evaluation data (scored, never fitted on)")
     e.add_argument("--eval-target", type=_named_path, action="append", default=[], metavar="NAME=PATH",

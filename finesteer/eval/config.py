@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .baselines import METHODS
 
@@ -33,7 +33,9 @@ class EvalConfig:
 
     Training inputs (the steerers are fitted on these):
         layer: decoder layer to steer (h after block ``layer``).
-        target, benign: prompt files for the gate (what it opens on / stays closed on).
+        target, benign: prompt files for the gate (what it opens on / stays closed on); ``benign``
+            may be a list of files, whose prompts are pooled (e.g. ordinary instructions plus
+            benign-but-sensitive requests, so the gate also learns to stay closed on the latter).
         pairs: preference triples (prompt, chosen, rejected) for the experts, or a TruthfulQA file
             (converted to (correct, incorrect) pairs); δ = chosen − rejected.
         opening_pairs: instead of ``pairs``, a prompt file turned into CAA-style (refusal opening,
@@ -65,7 +67,7 @@ class EvalConfig:
 
     layer: int
     target: str
-    benign: str
+    benign: Union[str, Sequence[str]]
     pairs: Optional[str] = None
     opening_pairs: Optional[str] = None
     pairs_per_prompt: int = 2
@@ -103,6 +105,12 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self):
+        self.benign = (self.benign,) if isinstance(self.benign, str) else tuple(self.benign)
+        if not self.benign:
+            raise ValueError("EvalConfig.benign: give at least one prompt file")
+        self.benign = (self.benign,) if isinstance(self.benign, str) else tuple(self.benign)
+        if not self.benign:
+            raise ValueError("EvalConfig.benign: give at least one prompt file")
         if (self.pairs is None) == (self.opening_pairs is None):
             raise ValueError("EvalConfig: give exactly one of pairs (a preference file) and opening_pairs (a prompt "
                              "file turned into refusal/compliance opening pairs)")

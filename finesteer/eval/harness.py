@@ -116,11 +116,11 @@ class _Inputs:
 
     def __init__(self, cfg: EvalConfig):
         self.splits: Dict[str, dict] = {}
-        train_files = {"target": cfg.target, "benign": cfg.benign, "pairs": cfg.pairs or cfg.opening_pairs}
+        train_files = [cfg.target, *cfg.benign, cfg.pairs or cfg.opening_pairs]
         scored_files = [s.path for s in cfg.eval_sets] + ([cfg.truthfulqa] if cfg.truthfulqa else [])
         # rows of every shared file: fit rows for training, scored rows for evaluation
         self._rows: Dict[str, tuple] = {}
-        for path in set(train_files.values()):
+        for path in set(train_files):
             if any(_same_file(path, s) for s in scored_files):
                 from ..data import read_records
                 n = len(read_records(path))
@@ -129,7 +129,8 @@ class _Inputs:
                 self.splits[str(path)] = {"records": n, "fit": len(fit), "scored": len(scored),
                                           "fit_fraction": cfg.fit_fraction, "seed": cfg.seed}
         self.target = _limit(self._part(cfg.target, load_train_prompts(cfg.target), 0), cfg.limit_train)
-        self.benign = _limit(self._part(cfg.benign, load_train_prompts(cfg.benign), 0), cfg.limit_train)
+        self.benign = [p for path in cfg.benign
+                       for p in _limit(self._part(path, load_train_prompts(path), 0), cfg.limit_train)]
         self.pairs = self._load_pairs(cfg)
         self.sets: List[PromptSet] = []
         for spec in cfg.eval_sets:
