@@ -82,6 +82,21 @@ def test_delta_prediction_gate_rates_histogram():
 # baselines are exact configurations of the operator
 
 
+def test_tradeoff_comparison_matches_each_baseline_point():
+    from finesteer.eval.metrics import tradeoff_comparison
+
+    def row(method, lam, target, kl, shift):
+        return dict(method=method, strength=lam, target_margin_shift=target, benign_kl=kl, benign_margin_shift=shift)
+
+    rows = [row("caa", 1, 5.0, 0.2, 5.0), row("caa", 2, 9.0, 0.8, 9.0), row("caa", 4, 30.0, 3.0, 30.0),
+            row("finesteer", 2, 2.0, 0.01, 0.1), row("finesteer", 8, 6.0, 0.3, 0.4), row("finesteer", 16, 12.0, 0.5, -0.6)]
+    got = tradeoff_comparison(rows, "finesteer", "caa")
+    assert [e["strength"] for e in got] == [8, 16, None]      # weakest FineSteer λ reaching each CAA point
+    assert (got[0]["kl_lower"], got[0]["shift_lower"]) == (False, True)   # 0.3 vs 0.2; 0.4 vs 5
+    assert (got[1]["kl_lower"], got[1]["shift_lower"]) == (True, True)    # 0.5 vs 0.8; |−0.6| vs 9
+    assert got[2]["kl_lower"] is None and got[2]["baseline_target_shift"] == 30.0
+
+
 def _acts(seed=0, n=40, d=12):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) + 2.0
@@ -279,7 +294,7 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     doc = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert doc["rows"] == json.loads(json.dumps(result.rows))
     md = (tmp_path / "out" / "eval.md").read_text()
-    assert "| method | λ |" in md and "finesteer" in md
+    assert "| method | λ |" in md and "finesteer" in md and "Trade-off, point by point" in md
     for kind in ("curve", "gate_hist", "truthfulqa"):
         with open(files_out[kind], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,20 +1,24 @@
 """Gate study on gemma-3-270m: which gate, layer and operating point carry over to prompt
 collections the gate was not fitted on.
 
-The gate is fitted on ``harmful_train`` vs ``benign_train`` (the first --n rows of each; fit_scs
-holds 20 % out to calibrate τ, and reports the held-out "cal" AUROC/TPR). It is then scored on
+The gate is fitted on ``harmful_train`` vs a benign side — ``benign_train`` alone, or pooled with
+CoCoNot's benign-but-sensitive prompts (``coconot_pref``, prompts only) — the first --n rows of
+each (fit_scs holds 20 % out to calibrate τ, and reports the held-out "cal" AUROC/TPR). It is then scored on
 the *development* rows of the validation files — the first half of ``harmful_val``,
 ``benign_val`` and ``borderline_val`` (at most --n-dev rows each) — which ``benchmarks/
 bench_quality.py`` never reports (it scores from the second half on: ``--eval-start 0.5``).
-So the choices this study makes (README's Quality settings: layer 11, ``probe``, max benign FPR
-0.1) are tuned on data disjoint from what the Quality section reports.
+So the choices this study makes (README's Quality settings: layer 11, ``probe``, benign side
+pooled with CoCoNot, max benign FPR 0.05, all 1000 ``harmful_train`` rows) are tuned on data
+disjoint from what the Quality section reports. "dev_borderline_open" matters as much as the
+benign FPR: borderline prompts are benign, and a gate that opens on them makes the model refuse
+them.
 
 Configurations: the subspace gates (energy r = 8, 32; discriminant r = 1, 4) and the probe gate
-over a grid of ridge values, each at benign-FPR budgets 0.05 / 0.1 / 0.2.
+over a grid of ridge values, each at benign-FPR budgets 0.05 / 0.1 / 0.2, for each benign side.
 
 Run (one torch thread; last-token states are cached under --cache-dir)::
 
-    nice python benchmarks/quality/gate_study.py --layers 3 5 7 9 11 13 15 \\
+    nice python benchmarks/quality/gate_study.py --layers 3 5 7 9 11 13 15 --n 1000 \\
         -o benchmarks/results/quality/gate_study.json
 """
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "safety"
 
-TRAIN = ("harmful_train", "benign_train")
+TRAIN = ("harmful_train", "benign_train", "coconot_pref")
+BENIGN_SIDES = {"benign_train": ("benign_train",), "benign_train+coconot": ("benign_train", "coconot_pref")}
 DEV = ("harmful_val", "benign_val", "borderline_val")
 SUBSPACE = [("energy", 8), ("energy", 32), ("discriminant", 1), ("discriminant", 4)]
 RIDGES = (0.01, 0.1, 1.0, 10.0, 1000.0)
@@ -66,6 +71,11 @@ def rate(scores: torch.Tensor, tau: float) -> float:
 
 
 def study_layer(layer: int, h: dict) -> list:
+    return [row for side, files in BENIGN_SIDES.items()
+            for row in study_side(layer, h, side, torch.cat([h[f][layer] for f in files]))]
+
+
+def study_side(layer: int, h: dict, side: str, benign: torch.Tensor) -> list:
     import finesteer.fit.scs as scs
     from finesteer.fit import fit_scs
     from finesteer.fit.metrics import auroc
@@ -78,12 +88,12 @@ def study_layer(layer: int, h: dict) -> list:
             if ridge is not None:
                 scs.PROBE_RIDGE = ridge
             for budget in BUDGETS:
-                g = fit_scs(h["harmful_train"][layer], h["benign_train"][layer], rank=rank, method=method,
-                            max_benign_fpr=budget)
+                g = fit_scs(h["harmful_train"][layer], benign, rank=rank, method=method, max_benign_fpr=budget)
                 s = {name: g.score(h[name][layer]) for name in DEV}
-                row = dict(layer=layer, method=method, rank=rank, ridge=ridge, max_benign_fpr=budget,
+                row = dict(layer=layer, benign_side=side, method=method, rank=rank, ridge=ridge, max_benign_fpr=budget,
                            cal_auroc=round(g.report.auroc, 3), cal_tpr=round(g.report.tpr, 3),
                            dev_auroc=round(auroc(s["harmful_val"], s["benign_val"]), 3),
+                           dev_auroc_vs_borderline=round(auroc(s["harmful_val"], s["borderline_val"]), 3),
                            dev_tpr=rate(s["harmful_val"], g.threshold), dev_fpr=rate(s["benign_val"], g.threshold),
                            dev_borderline_open=rate(s["borderline_val"], g.threshold))
                 out.append(row)
@@ -96,7 +106,7 @@ def study_layer(layer: int, h: dict) -> list:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 5, 7, 9, 11, 13, 15])
-    ap.add_argument("--n", type=int, default=600, help="train prompts per side (default: 600)")
+    ap.add_argument("--n", type=int, default=1000, help="train prompts per file (default: 1000)")
     ap.add_argument("--n-dev", type=int, default=300, help="development prompts per validation file, from its "
                     "first half (default: 300)")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "finesteer" / "gate_study"))

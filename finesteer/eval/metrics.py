@@ -13,7 +13,7 @@ import torch
 from ..fit.metrics import auroc
 
 __all__ = ["auroc", "delta_prediction", "gate_rates", "histogram", "margin_stats", "mc1", "mc2",
-           "preference_margin"]
+           "preference_margin", "tradeoff_comparison"]
 
 
 def preference_margin(toward: torch.Tensor, away: torch.Tensor) -> torch.Tensor:
@@ -88,3 +88,30 @@ def delta_prediction(pred: torch.Tensor, target: torch.Tensor) -> dict:
     p, t = pred.double(), target.double()
     cos = torch.nn.functional.cosine_similarity(p, t, dim=1, eps=1e-12)
     return {"cosine": float(cos.mean()), "mse": float((p - t).square().mean()), "n": int(p.shape[0])}
+
+
+def tradeoff_comparison(rows: Sequence[dict], method: str, baseline: str) -> list:
+    """Does ``method`` dominate ``baseline`` on the safety trade-off, point by point?
+
+    For every strength of ``baseline`` (rows as in :attr:`EvalResult.rows`: ``method``,
+    ``strength``, ``target_margin_shift``, ``benign_kl``, ``benign_margin_shift``), take the
+    weakest strength of ``method`` that moves the target prompts at least as far
+    (``target_margin_shift`` ≥ the baseline's; None when no strength does) and compare the benign
+    cost there: ``kl_lower`` / ``shift_lower`` are True when ``method``'s benign KL / |benign
+    margin shift| is strictly lower. Returns one dict per baseline strength, in strength order.
+    """
+    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["strength"])
+    out = []
+    for b in sorted((r for r in rows if r["method"] == baseline), key=lambda r: r["strength"]):
+        match = next((r for r in mine if r["target_margin_shift"] >= b["target_margin_shift"]), None)
+        entry = {"baseline_strength": b["strength"], "baseline_target_shift": b["target_margin_shift"],
+                 "baseline_benign_kl": b["benign_kl"], "baseline_benign_shift": b["benign_margin_shift"],
+                 "strength": None, "target_shift": None, "benign_kl": None, "benign_shift": None,
+                 "kl_lower": None, "shift_lower": None}
+        if match is not None:
+            entry.update(strength=match["strength"], target_shift=match["target_margin_shift"],
+                         benign_kl=match["benign_kl"], benign_shift=match["benign_margin_shift"],
+                         kl_lower=match["benign_kl"] < b["benign_kl"],
+                         shift_lower=abs(match["benign_margin_shift"]) < abs(b["benign_margin_shift"]))
+        out.append(entry)
+    return out

@@ -68,6 +68,7 @@ def _markdown(doc: dict) -> str:
     if fit.get("gate_auroc_eval"):
         out.append("Gate AUROC on the evaluation sets (target vs benign): "
                    + ", ".join(f"{k} {v:.3f}" for k, v in fit["gate_auroc_eval"].items()) + ".")
+    out += _tradeoff_markdown(doc["rows"])
     pred = fit.get("delta_prediction_heldout") or {}
     if pred:
         out += ["", f"Held-out response-shift prediction ({fit.get('n_prompts_heldout')} prompts unseen in the fit, "
@@ -87,6 +88,31 @@ def _markdown(doc: dict) -> str:
                 + "; ".join(f"{k}: {v['fit']} fit / {v['scored']} scored" for k, v in doc["splits"].items()) + "."]
     out += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in doc["timings"].items()), ""]
     return "\n".join(out)
+
+
+def _tradeoff_markdown(rows: List[dict]) -> List[str]:
+    """The point-by-point dominance check of FineSteer against CAA and CAST (when both were run
+    and the rows carry target margins)."""
+    from .metrics import tradeoff_comparison
+
+    methods = {r["method"] for r in rows}
+    if "finesteer" not in methods or not any("target_margin_shift" in r for r in rows):
+        return []
+    out = ["", "Trade-off, point by point: for each baseline strength, the weakest FineSteer strength that moves "
+           "the target prompts at least as far, and whether its benign cost is lower:", "",
+           "| baseline | λ | target shift | benign KL | benign shift | FineSteer λ | target shift | benign KL | "
+           "benign shift | KL lower | shift lower |", "|" + "---|" * 11]
+    for base in ("caa", "cast"):
+        if base not in methods:
+            continue
+        for e in tradeoff_comparison(rows, "finesteer", base):
+            mine = (["—"] * 6 if e["strength"] is None else
+                    [f"{e['strength']:g}", f"{e['target_shift']:+.3f}", f"{e['benign_kl']:.4f}",
+                     f"{e['benign_shift']:+.3f}", "yes" if e["kl_lower"] else "no",
+                     "yes" if e["shift_lower"] else "no"])
+            out.append(f"| {base} | {e['baseline_strength']:g} | {e['baseline_target_shift']:+.3f} | "
+                       f"{e['baseline_benign_kl']:.4f} | {e['baseline_benign_shift']:+.3f} | " + " | ".join(mine) + " |")
+    return out
 
 
 def _plt():
