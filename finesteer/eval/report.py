@@ -68,7 +68,7 @@ def _markdown(doc: dict) -> str:
     if fit.get("gate_auroc_eval"):
         out.append("Gate AUROC on the evaluation sets (target vs benign): "
                    + ", ".join(f"{k} {v:.3f}" for k, v in fit["gate_auroc_eval"].items()) + ".")
-    out += _tradeoff_markdown(doc["rows"])
+    out += _tradeoff_markdown(doc)
     pred = fit.get("delta_prediction_heldout") or {}
     if pred:
         out += ["", f"Held-out response-shift prediction ({fit.get('n_prompts_heldout')} prompts unseen in the fit, "
@@ -90,28 +90,44 @@ def _markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
-def _tradeoff_markdown(rows: List[dict]) -> List[str]:
-    """The point-by-point dominance check of FineSteer against CAA and CAST (when both were run
-    and the rows carry target margins)."""
+def _set_rows(doc: dict, name: str) -> List[dict]:
+    """Summary rows with the benign columns of one benign evaluation set (targets stay pooled)."""
+    per = doc["sets"][name]["results"]
+    out = []
+    for r in doc["rows"]:
+        got = per.get(r["method"], {}).get(str(float(r["strength"])))
+        if got is not None and "kl" in got:
+            out.append({**r, "benign_kl": got["kl"], "benign_margin_shift": got["margin_shift"]})
+    return out
+
+
+def _tradeoff_markdown(doc: dict) -> List[str]:
+    """The point-by-point dominance check of FineSteer against CAA and CAST (when they were run
+    and the rows carry target margins): on the pooled benign sets, then on each benign set."""
     from .metrics import tradeoff_comparison
 
+    rows = doc["rows"]
     methods = {r["method"] for r in rows}
     if "finesteer" not in methods or not any("target_margin_shift" in r for r in rows):
         return []
+    views = [("all benign sets", rows)]
+    views += [(name, _set_rows(doc, name)) for name, s in doc.get("sets", {}).items() if s.get("role") == "benign"]
     out = ["", "Trade-off, point by point: for each baseline strength, the weakest FineSteer strength that moves "
-           "the target prompts at least as far, and whether its benign cost is lower:", "",
-           "| baseline | λ | target shift | benign KL | benign shift | FineSteer λ | target shift | benign KL | "
-           "benign shift | KL lower | shift lower |", "|" + "---|" * 11]
-    for base in ("caa", "cast"):
-        if base not in methods:
-            continue
-        for e in tradeoff_comparison(rows, "finesteer", base):
-            mine = (["—"] * 6 if e["strength"] is None else
-                    [f"{e['strength']:g}", f"{e['target_shift']:+.3f}", f"{e['benign_kl']:.4f}",
-                     f"{e['benign_shift']:+.3f}", "yes" if e["kl_lower"] else "no",
-                     "yes" if e["shift_lower"] else "no"])
-            out.append(f"| {base} | {e['baseline_strength']:g} | {e['baseline_target_shift']:+.3f} | "
-                       f"{e['baseline_benign_kl']:.4f} | {e['baseline_benign_shift']:+.3f} | " + " | ".join(mine) + " |")
+           "the target prompts at least as far, and whether its benign cost there is lower (KL; |margin shift|):", "",
+           "| benign set | baseline | λ | target shift | benign KL | benign shift | FineSteer λ | target shift | "
+           "benign KL | benign shift | KL lower | shift lower |", "|" + "---|" * 12]
+    for view, view_rows in views:
+        for base in ("caa", "cast"):
+            if base not in methods:
+                continue
+            for e in tradeoff_comparison(view_rows, "finesteer", base):
+                mine = (["—"] * 6 if e["strength"] is None else
+                        [f"{e['strength']:g}", f"{e['target_shift']:+.3f}", f"{e['benign_kl']:.4f}",
+                         f"{e['benign_shift']:+.3f}", "yes" if e["kl_lower"] else "no",
+                         "yes" if e["shift_lower"] else "no"])
+                out.append(f"| {view} | {base} | {e['baseline_strength']:g} | {e['baseline_target_shift']:+.3f} | "
+                           f"{e['baseline_benign_kl']:.4f} | {e['baseline_benign_shift']:+.3f} | "
+                           + " | ".join(mine) + " |")
     return out
 
 
