@@ -108,9 +108,6 @@ class EvalConfig:
         self.benign = (self.benign,) if isinstance(self.benign, str) else tuple(self.benign)
         if not self.benign:
             raise ValueError("EvalConfig.benign: give at least one prompt file")
-        self.benign = (self.benign,) if isinstance(self.benign, str) else tuple(self.benign)
-        if not self.benign:
-            raise ValueError("EvalConfig.benign: give at least one prompt file")
         if (self.pairs is None) == (self.opening_pairs is None):
             raise ValueError("EvalConfig: give exactly one of pairs (a preference file) and opening_pairs (a prompt "
                              "file turned into refusal/compliance opening pairs)")
