@@ -55,7 +55,7 @@ def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], to
             train0 = float(batch_loss(torch.arange(n_train)))
         if math.isfinite(val0):
             best.update(epoch=0, val=val0, train=train0,
-                        state={k: v.detach().clone() for k, v in net.state_dict().items()})
+                        state=_snapshot(net))
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         net.train()
@@ -79,7 +79,7 @@ def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], to
         history["val_loss"].append(val)
         if val < best["val"]:
             best.update(epoch=epoch, val=val, train=train,
-                        state={k: v.detach().clone() for k, v in net.state_dict().items()})
+                        state=_snapshot(net))
         elif epoch - best["epoch"] >= patience:
             stopped_early = True
             break
@@ -88,3 +88,8 @@ def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], to
     net.load_state_dict(best["state"])
     return TrainResult(best_epoch=best["epoch"], best_val_loss=best["val"], train_loss_at_best=best["train"],
                        epochs_run=len(history["val_loss"]), stopped_early=stopped_early, history=history)
+
+
+def _snapshot(net: nn.Module) -> dict:
+    """A detached copy of ``net``'s state (the weights early stopping may return to)."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
