@@ -241,6 +241,7 @@ def test_bad_data(mutate, match):
     (dict(max_benign_fpr=1.0), r"max_benign_fpr must be in \[0.0, 1.0\)"),
     (dict(max_benign_fpr=float("nan")), "max_benign_fpr must be in"),
     (dict(seed=-1), "seed must be >= 0"),
+    (dict(method="probe", probe_ridge=0.0), r"probe_ridge must be in \(0.0, inf\)"),
 ])
 def test_bad_arguments(kwargs, match):
     t, b = _good()

@@ -41,7 +41,9 @@ BUDGETS = (0.05, 0.1, 0.2)
 
 
 def prompts(name: str, n: int, dev: bool) -> list:
-    rows = [json.loads(line)["prompt"] for line in open(DATA / f"{name}.jsonl")]
+    from finesteer.eval.data import load_train_prompts
+
+    rows = load_train_prompts(DATA / f"{name}.jsonl")
     return rows[:min(n, len(rows) // 2)] if dev else rows[:n]
 
 
@@ -66,40 +68,34 @@ def states(args) -> dict:
     return out
 
 
-def rate(scores: torch.Tensor, tau: float) -> float:
-    return round(float((scores > tau).double().mean()), 3)
-
-
 def study_layer(layer: int, h: dict) -> list:
     return [row for side, files in BENIGN_SIDES.items()
             for row in study_side(layer, h, side, torch.cat([h[f][layer] for f in files]))]
 
 
 def study_side(layer: int, h: dict, side: str, benign: torch.Tensor) -> list:
-    import finesteer.fit.scs as scs
+    from finesteer.eval.metrics import auroc, gate_rates
     from finesteer.fit import fit_scs
-    from finesteer.fit.metrics import auroc
+    from finesteer.fit.scs import PROBE_RIDGE
+
+    def rate(scores: torch.Tensor, tau: float) -> float:
+        return round(gate_rates(scores, tau), 3)
 
     configs = [(m, r, None) for m, r in SUBSPACE] + [("probe", 1, ridge) for ridge in RIDGES]
-    default_ridge = scs.PROBE_RIDGE
     out = []
-    try:
-        for method, rank, ridge in configs:
-            if ridge is not None:
-                scs.PROBE_RIDGE = ridge
-            for budget in BUDGETS:
-                g = fit_scs(h["harmful_train"][layer], benign, rank=rank, method=method, max_benign_fpr=budget)
-                s = {name: g.score(h[name][layer]) for name in DEV}
-                row = dict(layer=layer, benign_side=side, method=method, rank=rank, ridge=ridge, max_benign_fpr=budget,
-                           cal_auroc=round(g.report.auroc, 3), cal_tpr=round(g.report.tpr, 3),
-                           dev_auroc=round(auroc(s["harmful_val"], s["benign_val"]), 3),
-                           dev_auroc_vs_borderline=round(auroc(s["harmful_val"], s["borderline_val"]), 3),
-                           dev_tpr=rate(s["harmful_val"], g.threshold), dev_fpr=rate(s["benign_val"], g.threshold),
-                           dev_borderline_open=rate(s["borderline_val"], g.threshold))
-                out.append(row)
-                print(json.dumps(row), flush=True)
-    finally:
-        scs.PROBE_RIDGE = default_ridge
+    for method, rank, ridge in configs:
+        for budget in BUDGETS:
+            g = fit_scs(h["harmful_train"][layer], benign, rank=rank, method=method, max_benign_fpr=budget,
+                        probe_ridge=PROBE_RIDGE if ridge is None else ridge)
+            s = {name: g.score(h[name][layer]) for name in DEV}
+            row = dict(layer=layer, benign_side=side, method=method, rank=rank, ridge=ridge, max_benign_fpr=budget,
+                       cal_auroc=round(g.report.auroc, 3), cal_tpr=round(g.report.tpr, 3),
+                       dev_auroc=round(auroc(s["harmful_val"], s["benign_val"]), 3),
+                       dev_auroc_vs_borderline=round(auroc(s["harmful_val"], s["borderline_val"]), 3),
+                       dev_tpr=rate(s["harmful_val"], g.threshold), dev_fpr=rate(s["benign_val"], g.threshold),
+                       dev_borderline_open=rate(s["borderline_val"], g.threshold))
+            out.append(row)
+            print(json.dumps(row), flush=True)
     return out
 
 

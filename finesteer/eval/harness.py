@@ -135,8 +135,8 @@ class _Inputs:
         self.sets: List[PromptSet] = []
         for spec in cfg.eval_sets:
             full = load_prompt_set(spec.name, spec.path, spec.role)
-            rows = self._indices(spec.path, len(full), 1)
-            rows = [i for i in rows if i >= int(cfg.eval_start * len(full))]
+            first = int(cfg.eval_start * len(full))
+            rows = [i for i in self._indices(spec.path, len(full), 1) if i >= first]
             if not rows:
                 raise ValueError(f"evaluation set {spec.name!r} ({spec.path}): no rows left from eval_start="
                                  f"{cfg.eval_start} of {len(full)}")

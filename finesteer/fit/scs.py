@@ -5,6 +5,7 @@ runs once, offline, on the CPU in fp64.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,7 +53,7 @@ DEFAULT_RANK = 16
 
 def fit_scs(target, benign, rank: Optional[int] = None, method: str = "energy", max_benign_fpr: float = 0.05,
             calib_fraction: float = 0.2, seed: int = 0, center: str = "benign",
-            benign_rank: Optional[int] = None) -> SCSGate:
+            benign_rank: Optional[int] = None, probe_ridge: float = PROBE_RIDGE) -> SCSGate:
     """Fit an SCS gate from target activations ``target`` [Nt, d] and benign activations ``benign`` [Nb, d].
 
     Semantics::
@@ -64,7 +65,7 @@ def fit_scs(target, benign, rank: Optional[int] = None, method: str = "energy", 
                      P = top-r right singular vectors of (H_t − μ)(I − Q_b Q_bᵀ), re-orthonormalised
                      in the complement of span(Q_b)
         probe:       a linear probe written in the SCS form (rank 1): w = unit Fisher direction
-                     (Σ_t + Σ_b + ρ·tr/d·I)⁻¹(mean H_t − mean H_b), ρ = PROBE_RIDGE, with one
+                     (Σ_t + Σ_b + ρ·tr/d·I)⁻¹(mean H_t − mean H_b), ρ = probe_ridge, with one
                      coordinate j zeroed; P = w and the centre moved far away, μ' = μ − t·w − u·e_j
                      (t = PROBE_OFFSET·max|wᵀ(h − μ)|, u = PROBE_ANCHOR·max‖h − μ‖ over fit rows).
                      Then s(h) = (a + t)² / ((a + t)² + (b + u)² + o²) with a = wᵀ(h − μ),
@@ -96,6 +97,8 @@ def fit_scs(target, benign, rank: Optional[int] = None, method: str = "energy", 
         seed: seeds the split (the fit itself is deterministic).
         center: ``"benign"`` (default), ``"target"`` or ``"all"``.
         benign_rank: r_b for ``contrastive`` (default ``rank``; 0 makes it ``energy``); ignored by ``energy``.
+        probe_ridge: ρ of ``probe``, relative to the mean eigenvalue of the pooled within-class
+            covariance (> 0; default PROBE_RIDGE); ignored by the other methods.
 
     Returns: :class:`SCSGate` with ``P`` fp32 [d, r] (orthonormal columns), ``mu`` fp32 [d],
     ``threshold`` τ, ``method`` and a :class:`CalibrationReport` of the held-out split.
@@ -114,6 +117,7 @@ def fit_scs(target, benign, rank: Optional[int] = None, method: str = "energy", 
     if rank is None:
         rank = 1 if method == "probe" else DEFAULT_RANK
     rank = check_int(rank, "rank", _WHERE, 1)
+    probe_ridge = check_real(probe_ridge, "probe_ridge", _WHERE, 0.0, math.inf, low_open=True, high_open=True)
 
     split = calibration_split(Ht.shape[0], Hb.shape[0], calib_fraction, seed)
     t_fit, t_cal = Ht[split["target"][0]], Ht[split["target"][1]]
@@ -128,7 +132,7 @@ def fit_scs(target, benign, rank: Optional[int] = None, method: str = "energy", 
     if method == "probe":
         if rank != 1:
             raise ValueError(f"{_WHERE}: method='probe' is a rank-1 gate by construction; got rank={rank} (pass rank=1)")
-        P, mu = _probe_geometry(t_fit, b_fit, mu)
+        P, mu = _probe_geometry(t_fit, b_fit, mu, probe_ridge)
     elif method == "energy":
         P = principal_directions(t_fit - mu, rank)
     elif method == "discriminant":
@@ -192,7 +196,8 @@ def _discriminant_subspace(Xt: torch.Tensor, Xb: torch.Tensor, rank: int) -> tor
     return fix_signs(orthonormalize(W, f"{_WHERE}: discriminant subspace"))
 
 
-def _probe_geometry(Xt: torch.Tensor, Xb: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _probe_geometry(Xt: torch.Tensor, Xb: torch.Tensor, m: torch.Tensor,
+                    ridge_rel: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(P [d, 1], μ' [d]) (fp64) of the ``probe`` method: an SCS gate whose score orders rows as
     the Fisher probe a = wᵀ(h − m) does (see :func:`fit_scs`).
 
@@ -211,7 +216,7 @@ def _probe_geometry(Xt: torch.Tensor, Xb: torch.Tensor, m: torch.Tensor) -> tupl
         raise ValueError(f"{_WHERE}: method='probe' needs a hidden size of at least 2, got {d}")
     Ct, Cb = Xt - Xt.mean(0), Xb - Xb.mean(0)
     Sw = (Ct.T @ Ct + Cb.T @ Cb) / max(1, Ct.shape[0] + Cb.shape[0] - 2)
-    ridge = PROBE_RIDGE * float(Sw.diagonal().mean()) or 1.0
+    ridge = ridge_rel * float(Sw.diagonal().mean()) or 1.0
     w = torch.linalg.solve(Sw + ridge * torch.eye(d, dtype=Sw.dtype), Xt.mean(0) - Xb.mean(0))
     X = torch.cat([Xt, Xb]) - m
     small = w.abs().argsort()[:max(1, d // 2)]
