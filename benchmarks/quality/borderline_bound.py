@@ -167,9 +167,9 @@ def main(argv=None) -> int:
         for b in row["boxes"]:
             extra = (f"; dev oracle TPR {b['dev_best_tpr']:.2f} (ridge {b['dev_best_ridge']})"
                      if "dev_best_tpr" in b else "")
+            has = f"(has {b['observed_tpr']:.2f} / {b['observed_borderline_open']:.3f})"
             print(f"    {a.method} λ={b['method_lambda']:g}: needs TPR ≥ {b['min_tpr']:.2f} at borderline open "
-                  f"< {b['max_borderline_open']:.3f} (has {b['observed_tpr']:.2f} / {b['observed_borderline_open']:.3f})"
-                  + extra)
+                  f"< {b['max_borderline_open']:.3f} {has}{extra}")
     gates = [] if a.no_roc else fitted_gates(h, rows)
     if gates:
         print(f"fitted probe gates (development rows): which {a.baseline} strengths each would dominate on {a.benign}")

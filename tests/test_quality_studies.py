@@ -1,19 +1,30 @@
-"""benchmarks/quality/borderline_bound.py: the per-opened decomposition and the dominance boxes,
-on hand-made eval.json sets (no model)."""
+"""The quality study scripts' own logic, on hand-made inputs (no model): borderline_bound.py (the
+per-opened decomposition and the dominance boxes) and mose_splits.py (re-splitting pairs by prompt)."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "borderline_bound.py"
+import torch
+
+_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
 def bound():
-    spec = importlib.util.spec_from_file_location("borderline_bound", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("borderline_bound")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return _load("mose_splits")
 
 
 def _sets(p, f, fs, caa):
@@ -53,3 +64,30 @@ def test_unreachable_points_have_no_box(bound):
     rows = bound.required_boxes(sets, "caa", "finesteer", "harmful", "borderline")
     assert rows[0]["boxes"] == []  # needs TPR 2.5 > 1
     assert bound.dominated(rows, 1.0, 0.0) == []
+
+
+def test_mose_splits_holds_out_whole_prompts(splits, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randn(40, 32, generator=g)
+    q = prompts.repeat_interleave(3, dim=0)  # 3 pairs per prompt
+    d = torch.randn(120, 32, generator=g) + 2.0
+    path = tmp_path / "train-pairs-plain-layer3.safetensors"
+    save_file({"queries_3": q, "deltas_3": d}, str(path))
+    q2, d2 = splits.load_pairs(str(path))
+    assert torch.equal(q2, q) and torch.equal(d2, d)
+    uniq, prompt_of = torch.unique(q, dim=0, return_inverse=True)
+    row = splits.one_split(q, d, prompt_of, len(uniq), seed=1, holdout=0.2)
+    assert row["n_prompts_heldout"] == 8  # 20 % of 40 prompts, each prompt's 3 pairs merged
+    for name in ("mean_vector", "mose"):
+        assert set(row[name]) == {"cosine", "mse", "n"} and row[name]["n"] == 8
+
+
+def test_mose_splits_rejects_a_cache_without_one_layer(splits, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"deltas_3": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ValueError, match="expected one queries_<layer>"):
+        splits.load_pairs(str(path))

@@ -1,0 +1,89 @@
+"""MoSE vs the mean vector over several held-out splits of the training pairs.
+
+``finesteer eval`` reports held-out response-shift prediction on one split (20 % of the pair
+file's prompts, seeded). With a few hundred prompts, which prompts land in that split moves the
+cosine by more than the MoSE-vs-mean gap, so this re-splits the same pairs (by prompt: pairs that
+share a prompt stay on one side) with other seeds, fits MoSE with its defaults on each fit part
+and scores MoSE and the fit part's mean δ on each held-out part (δ averaged per held-out prompt,
+as the run does). Training data only; no model is loaded.
+
+Input: the pair cache a ``bench_quality.py`` run leaves, e.g.
+``~/.cache/finesteer/bench_quality/overrefusal/train-pairs-plain-layer11.safetensors``::
+
+    python benchmarks/quality/mose_splits.py --pairs-cache <that file> --splits 8 \\
+        -o benchmarks/results/quality/mose_splits_overrefusal.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def load_pairs(path: str) -> tuple:
+    """(queries [N, d], deltas [N, d]) from a ``train-pairs`` extraction cache (one layer)."""
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    q = [k for k in t if k.startswith("queries_")]
+    if len(q) != 1:
+        raise ValueError(f"{path}: expected one queries_<layer> tensor, found {sorted(t)}")
+    layer = q[0].split("_", 1)[1]
+    return t[f"queries_{layer}"], t[f"deltas_{layer}"]
+
+
+def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_prompts: int, seed: int,
+              holdout: float) -> dict:
+    from finesteer.eval import metrics
+    from finesteer.eval.baselines import mean_vector_mose
+    from finesteer.fit import fit_mose
+    from finesteer.fit.mose import merge_duplicate_queries
+
+    perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed))
+    held_prompt = torch.zeros(n_prompts, dtype=torch.bool)
+    held_prompt[perm[:max(1, int(round(holdout * n_prompts)))]] = True
+    held = held_prompt[prompt_of]
+    q_held, d_held = merge_duplicate_queries(q[held].double(), d[held].double())
+    fields = {"mean_vector": mean_vector_mose(d[~held].double().mean(0).float()),
+              "mose": fit_mose(q[~held], d[~held], seed=0, progress=False)}
+    out = {"seed": seed, "n_prompts_heldout": int(q_held.shape[0])}
+    for name, f in fields.items():
+        scores = metrics.delta_prediction(f.vector(q_held.float()), d_held)
+        out[name] = {k: round(float(v), 4) for k, v in scores.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs-cache", required=True, help="train-pairs-*.safetensors of a bench_quality run")
+    ap.add_argument("--splits", type=int, default=8)
+    ap.add_argument("--holdout", type=float, default=0.2, help="fraction of prompts held out per split")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-o", "--output", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    q, d = load_pairs(a.pairs_cache)
+    uniq, prompt_of = torch.unique(q, dim=0, return_inverse=True)
+    rows = [one_split(q, d, prompt_of, len(uniq), 1000 + s, a.holdout) for s in range(a.splits)]
+    summary = {}
+    for name in ("mean_vector", "mose"):
+        for metric in ("cosine", "mse"):
+            vals = torch.tensor([r[name][metric] for r in rows], dtype=torch.float64)
+            summary[f"{name}_{metric}_mean"] = round(float(vals.mean()), 4)
+    summary["mose_cosine_higher"] = sum(r["mose"]["cosine"] > r["mean_vector"]["cosine"] for r in rows)
+    summary["mose_mse_lower"] = sum(r["mose"]["mse"] < r["mean_vector"]["mse"] for r in rows)
+    for r in rows:
+        print(f"seed {r['seed']}: held-out prompts {r['n_prompts_heldout']}: cosine mose {r['mose']['cosine']:.3f} "
+              f"vs mean {r['mean_vector']['cosine']:.3f}; MSE {r['mose']['mse']:.4g} vs {r['mean_vector']['mse']:.4g}")
+    print(f"over {len(rows)} splits: {json.dumps(summary)}")
+    if a.output:
+        Path(a.output).write_text(json.dumps(dict(pairs_cache=Path(a.pairs_cache).name, holdout=a.holdout,
+                                                  summary=summary, splits=rows), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
