@@ -1,8 +1,10 @@
 """What a gate would need to dominate CAA on the borderline prompts, and what a linear gate reaches.
 
 A closed hard gate leaves a prompt untouched exactly (margin shift 0, KL 0), so a gated method's
-mean over a prompt set is its open rate times its mean over the prompts it opens. From the safety
-run's ``eval.json`` this gives, exactly, FineSteer's per-opened means at each strength λ: target
+mean over a prompt set is its open rate times its mean over the prompts it opens. From a safety
+run's ``eval.json`` — a run on the *development* rows (``--eval-start 0``, the first rows of each
+file; the committed one is ``results/quality/dev_grid``) — this gives, exactly, FineSteer's
+per-opened means at each strength λ: target
 margin shift a(λ) = shift / p, borderline KL k(λ) = KL / f and borderline margin shift
 b(λ) = shift / f (p, f = the open rates on the target and on the borderline prompts).
 
@@ -17,13 +19,13 @@ the run's layer, fitted as in the run (``harmful_train`` vs ``benign_train`` + C
 the first --n rows of each) at several ridges, scored on the *development* rows (first half of
 ``harmful_val`` / ``borderline_val``); for each box, the largest development TPR of any ridge at a
 borderline open rate under the box's bound, with the threshold set on the development borderline
-rows themselves (an oracle threshold, so an optimistic answer). Development rows only: nothing
-here looks at the reported rows.
+rows themselves (an oracle threshold, so an optimistic answer). Given a development-row run,
+nothing here looks at the reported rows.
 
 Run (last-token states come from ``gate_study.py``'s cache; the model loads only to fill it)::
 
     nice python benchmarks/quality/borderline_bound.py \\
-        --eval benchmarks/results/quality/safety/eval.json \\
+        --eval benchmarks/results/quality/dev_grid/eval.json \\
         -o benchmarks/results/quality/borderline_bound.json
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0)
 BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+DEV = ("harmful_val", "borderline_val", "benign_val")
 
 
 def per_opened(sets: dict, method: str, target: str, benign: str) -> dict:
@@ -106,6 +109,7 @@ def dominated(rows: list, p: float, f: float) -> list:
 def fitted_gates(h: dict, rows: list) -> list:
     """Every probe gate fitted as the run fits it (ridge × benign-FPR budget, τ calibrated on the
     train split): its development open rates and the baseline points it would dominate."""
+    from finesteer.eval.metrics import gate_rates
     from finesteer.fit import fit_scs
 
     benign = torch.cat([h["benign_train"], h["coconot_pref"]])
@@ -113,11 +117,10 @@ def fitted_gates(h: dict, rows: list) -> list:
     for ridge in RIDGES:
         for budget in BUDGETS:
             g = fit_scs(h["harmful_train"], benign, rank=1, method="probe", probe_ridge=ridge, max_benign_fpr=budget)
-            p = float((g.score(h["harmful_val"]) > g.threshold).double().mean())
-            f = float((g.score(h["borderline_val"]) > g.threshold).double().mean())
-            fb = float((g.score(h["benign_val"]) > g.threshold).double().mean())
+            rate = {name: gate_rates(g.score(h[name]), g.threshold) for name in DEV}
+            p, f = rate["harmful_val"], rate["borderline_val"]
             out.append(dict(ridge=ridge, max_benign_fpr=budget, dev_tpr=round(p, 3), dev_borderline_open=round(f, 3),
-                            dev_benign_open=round(fb, 3), dominates=dominated(rows, p, f)))
+                            dev_benign_open=round(rate["benign_val"], 3), dominates=dominated(rows, p, f)))
     return out
 
 
@@ -138,7 +141,7 @@ def best_tpr(roc: dict, max_open: float) -> tuple:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--eval", required=True, help="eval.json of the safety run")
+    ap.add_argument("--eval", required=True, help="eval.json of a safety run on the development rows")
     ap.add_argument("--baseline", default="caa")
     ap.add_argument("--method", default="finesteer")
     ap.add_argument("--target", default="harmful", help="target set name in eval.json")
