@@ -87,11 +87,18 @@ def dev_states(layer: int, n: int, cache_dir: str, threads: int) -> dict:
     return {name: x[layer] for name, x in gate_study.states(args).items()}
 
 
+def gate_benign(h: dict) -> torch.Tensor:
+    """The gate's benign side as the safety run pools it (gate_study's ``benign_train+coconot``)."""
+    import gate_study
+
+    return torch.cat([h[name] for name in gate_study.BENIGN_SIDES["benign_train+coconot"]])
+
+
 def dev_roc(h: dict) -> dict:
     """{ridge: (dev target scores, dev borderline scores)} of the probe gate fitted as in the run."""
     from finesteer.fit import fit_scs
 
-    benign = torch.cat([h["benign_train"], h["coconot_pref"]])
+    benign = gate_benign(h)
     out = {}
     for ridge in RIDGES:
         g = fit_scs(h["harmful_train"], benign, rank=1, method="probe", probe_ridge=ridge)
@@ -112,7 +119,7 @@ def fitted_gates(h: dict, rows: list) -> list:
     from finesteer.eval.metrics import gate_rates
     from finesteer.fit import fit_scs
 
-    benign = torch.cat([h["benign_train"], h["coconot_pref"]])
+    benign = gate_benign(h)
     out = []
     for ridge in RIDGES:
         for budget in BUDGETS:
@@ -127,13 +134,15 @@ def fitted_gates(h: dict, rows: list) -> list:
 def best_tpr(roc: dict, max_open: float) -> tuple:
     """(TPR, ridge): the largest development TPR at a borderline open rate < ``max_open``, over ridges,
     with the threshold at the borderline scores' own quantile (oracle)."""
+    from finesteer.eval.metrics import gate_rates
+
     best = (0.0, None)
     for ridge, (s_t, s_b) in roc.items():
         n_open = int(max_open * len(s_b) - 1e-9)  # strictly fewer than max_open · n borderline rows open
         if n_open < 0:
             continue
         tau = torch.sort(s_b, descending=True).values[n_open] if n_open < len(s_b) else s_b.min() - 1
-        tpr = float((s_t > tau).double().mean())
+        tpr = gate_rates(s_t, float(tau))
         if tpr > best[0]:
             best = (round(tpr, 3), ridge)
     return best
