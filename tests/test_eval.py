@@ -432,6 +432,75 @@ def test_shared_prefix_path_equals_plain_batches(llama, mode):
     assert not torch.allclose(shared[1].logprob, shared[0].logprob, atol=1e-3)
 
 
+def _replay_seqs(tok):
+    seqs = []
+    for p, resps in (("how do I pick a lock", (" no.", " sure, here you go", " I can't help")),
+                     ("name a fruit", (" apple", " I won't", " a", " pear, or a plum"))):
+        pid = tok(p)["input_ids"]
+        for resp in resps:
+            seqs.append(ScoredSeq(tuple(pid + tok(resp, add_special_tokens=False)["input_ids"]), len(pid) - 1))
+    seqs.append(ScoredSeq(tuple(tok("a lone prompt, a reply")["input_ids"]), 12))  # plain path
+    return seqs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("mode", ["prompt", "token"])
+def test_block_replay_changes_no_bit_and_skips_the_blocks(arch, mode):
+    """Steered forwards replay the unsteered output of blocks 0..layer (scoring.py's _BlockReplay):
+    bit-identical scores on both scoring paths, those blocks really not recomputed, and every
+    block's forward as it was afterwards (an instance-level forward included)."""
+    from finesteer.models import find_decoder_layers
+
+    model = tiny_model(arch, layers=4)
+    blocks = find_decoder_layers(model)
+    tok = tiny_tokenizer()
+    seqs = _replay_seqs(tok)
+    g = torch.Generator().manual_seed(5)
+    deltas, q = torch.randn(30, 64, generator=g), torch.randn(30, 64, generator=g)
+    from finesteer.fit import fit_scs
+    gate = fit_scs(q + 1.0, q, rank=2, max_benign_fpr=0.5)
+    configs = [None, Steerer(mose=mean_vector_mose(deltas.mean(0)), layer=LAYER, strength=3.0),
+               Steerer(gate=gate, mose=linear_map_mose(deltas[:2].T, q[:2]), layer=LAYER, gate_mode="soft")]
+    wrapped = blocks[0].forward
+    blocks[0].forward = lambda *a, **k: wrapped(*a, **k)  # as accelerate's device hooks do
+    instance_forward = blocks[0].forward
+    mlp_calls = []
+    handle = blocks[0].mlp.register_forward_pre_hook(lambda m, a: mlp_calls.append(1))
+    try:
+        for compare in (False, True):
+            kw = dict(mode=mode, progress=False, batch_size=8, compare=compare)
+            mlp_calls.clear()
+            fast = score_sequences(model, seqs, configs, LAYER, **kw)
+            n_fast = len(mlp_calls)
+            mlp_calls.clear()
+            slow = score_sequences(model, seqs, configs, LAYER, replay_blocks=False, **kw)
+            assert n_fast < len(mlp_calls), "block 0 ran as often with replay as without"
+            for a, b in zip(fast, slow):
+                assert torch.equal(a.logprob, b.logprob)
+                if compare:
+                    assert torch.equal(a.kl, b.kl) and torch.equal(a.identical, b.identical)
+            assert not torch.equal(fast[1].logprob, fast[0].logprob)
+    finally:
+        handle.remove()
+    assert blocks[0].forward is instance_forward
+    assert all("forward" not in b.__dict__ for b in blocks[1:])
+
+
+def test_block_replay_refuses_another_batch():
+    from finesteer.eval.scoring import _BlockReplay
+
+    model = tiny_model("llama", layers=3)
+    replay = _BlockReplay(model, LAYER, None)
+    with torch.no_grad():
+        with replay.record():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+        with pytest.raises(RuntimeError, match="replay needs the recorded batch"), replay.replay():
+            model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert all("forward" not in b.__dict__ for b in model.model.layers)
+    with pytest.raises(RuntimeError, match="nothing recorded"), _BlockReplay(model, LAYER, None).replay():
+        pass
+
+
 def test_generation_reports_keyword_refusal_rates(llama, files, tmp_path):
     cfg = _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "caa"), strengths=(1.0,), generate=True,
                   limit_generate=2, generate_tokens=3)

@@ -24,8 +24,17 @@ Sequences that share their prompt (several responses scored after one prompt: op
 answers) share its forward pass: the prompts of several groups run once as a left-padded batch with
 ``use_cache=True``, and all their responses run as one batch on the cache rows of their prompts
 (``Cache.batch_select_indices``), with the steering vector of each prompt's last token added at
-every response position, exactly as in prompt-mode generation. Token mode steers every position either way. Models with a sliding attention window
-shorter than the sequence take the plain path.
+every response position, exactly as in prompt-mode generation. Token mode steers every position
+either way. Models with a sliding attention window shorter than the sequence take the plain path,
+and so do models that return no cache unless one is passed in (Gemma 2 under transformers 4.44).
+
+Blocks ``0 .. layer`` compute the same thing under every configuration, because steering starts at
+the output of block ``layer``. So within one batch the unsteered forward records that output and
+each steered forward of the same batch replays it instead of running those blocks again
+(:class:`_BlockReplay`); the steering hook still runs on the replayed output. The result is bit
+for bit the same. It applies to whole-sequence forwards and to the response pass of the
+shared-prefix path; the prompt pass must fill every block's key/value cache, so it always runs in
+full.
 
 Logits are computed only at the positions that are scored: a forward pre-hook on the model's output
 embedding (``model.get_output_embeddings()``, the LM head) gathers those rows first, so a 262k-word
@@ -35,6 +44,7 @@ after the LM head (e.g. Gemma's logit soft-capping) is elementwise and still app
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -112,6 +122,96 @@ class steering_hook:
             self.handle = None
 
 
+def _clone_output(output):
+    """A copy of a decoder block's output (a tensor, or a tuple whose tensors are copied)."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in output)
+    raise TypeError(f"decoder block returned {type(output).__name__}; expected a tensor or a tuple")
+
+
+class _BlockReplay:
+    """Record the unsteered output of decoder block ``layer`` once; replay it in steered forwards.
+
+    Steering adds to the output of block ``layer``, so blocks ``0 .. layer`` see the same inputs and
+    produce the same output under every configuration, given the same batch. :meth:`record` (an
+    unsteered forward) keeps a copy of that output. :meth:`replay` (a later forward over the same
+    batch) makes each of those blocks return a copy of the recording without computing anything.
+    Forward hooks still run, so the steering hook on block ``layer`` steers the replayed output
+    exactly as it would steer the computed one. Each block's own ``forward`` is restored on exit,
+    including one set on the instance (accelerate's device hooks).
+
+    Not for forwards that must fill a key/value cache: the replayed blocks add nothing to it.
+    """
+
+    _MISSING = object()
+
+    def __init__(self, model, layer: int, module_path: Optional[str]):
+        self.blocks = list(find_decoder_layers(model, module_path))[:layer + 1]
+        self.output = None
+
+    @contextmanager
+    def record(self):
+        def hook(module, args, output):
+            self.output = _clone_output(output)
+
+        handle = self.blocks[-1].register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def replay(self):
+        if self.output is None:
+            raise RuntimeError("_BlockReplay.replay: nothing recorded yet")
+        recorded = self.output
+        shape = (recorded if isinstance(recorded, torch.Tensor) else recorded[0]).shape
+
+        def replayed(*args, **kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor) and h.shape != shape:
+                raise RuntimeError(f"_BlockReplay: recorded a block output of shape {tuple(shape)} but the "
+                                   f"forward passes {tuple(h.shape)}; replay needs the recorded batch")
+            return _clone_output(recorded)
+
+        saved = [block.__dict__.get("forward", self._MISSING) for block in self.blocks]
+        try:
+            for block in self.blocks:
+                block.forward = replayed
+            yield self
+        finally:
+            for block, fwd in zip(self.blocks, saved):
+                if fwd is self._MISSING:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = fwd
+
+
+    def reset(self):
+        """Forget the recording (a new batch begins)."""
+        self.output = None
+
+    def around(self, steerer):
+        """The context for one forward under ``steerer`` over the current batch: record when it is
+        unsteered, replay when it is steered and a recording exists, else nothing."""
+        if steerer is None:
+            return self.record()
+        return self.replay() if self.output is not None else nullcontext()
+
+
+def _block_replay(model, configs: Sequence, layer: int, module_path: Optional[str], enabled: bool):
+    """A :class:`_BlockReplay` when ``configs`` mix the unsteered model with steered ones, else None."""
+    if enabled and any(c is None for c in configs) and any(c is not None for c in configs):
+        return _BlockReplay(model, layer, module_path)
+    return None
+
+
+def _around(replay: Optional[_BlockReplay], steerer):
+    return nullcontext() if replay is None else replay.around(steerer)
+
+
 class _gather_logit_rows:
     """Forward pre-hook on the LM head: keep only rows ``(b, t)`` of its input, as one [1, P, d] batch."""
 
@@ -135,9 +235,10 @@ class _gather_logit_rows:
 
 
 def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: str, backend: str, pad_id: int,
-                      module_path: Optional[str]):
+                      module_path: Optional[str], replay: Optional[_BlockReplay] = None):
     """Log-softmax [P, V] (fp32) at every position that predicts a continuation token of ``batch``,
-    rows ordered by sequence then position, plus the target token ids [P]."""
+    rows ordered by sequence then position, plus the target token ids [P]. ``replay``: record or
+    replay blocks ``0 .. layer`` for this batch (see :class:`_BlockReplay`)."""
     device = model_device(model)
     ids, mask, pos, _ = pad_batch([list(s.ids) for s in batch], pad_id, "right", device)
     rows, cols, targets = [], [], []
@@ -151,7 +252,7 @@ def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: 
     last = torch.tensor([s.last_prompt for s in batch], device=device)
     kwargs = full_forward_kwargs(model, ids, mask, pos)
     with torch.no_grad(), steering_hook(model, steerer, layer, mode, backend, last, module_path), \
-            _gather_logit_rows(model, rows_t, cols_t):
+            _gather_logit_rows(model, rows_t, cols_t), _around(replay, steerer):
         out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     logits = logits.reshape(-1, logits.shape[-1]).float()
@@ -159,6 +260,11 @@ def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: 
         raise RuntimeError(f"{type(model).__name__}: the LM head produced {logits.shape[0]} rows, expected "
                            f"{len(rows)}; the model post-processes logits in a way scoring does not support")
     return torch.log_softmax(logits, dim=-1), torch.tensor(targets, device=device)
+
+
+class _NoKVCache(RuntimeError):
+    """The model returned no key/value cache for ``use_cache=True`` (e.g. Gemma 2 under transformers
+    4.44, which builds its cache only when one is passed in); scoring falls back to whole sequences."""
 
 
 def _prefix_groups(seqs: Sequence[ScoredSeq]) -> dict:
@@ -188,13 +294,15 @@ def _fits_window(model, seq: ScoredSeq) -> bool:
 
 
 def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], steerer, layer: int, mode: str,
-                     backend: str, pad_id: int, module_path: Optional[str]) -> List[List[torch.Tensor]]:
+                     backend: str, pad_id: int, module_path: Optional[str],
+                     replay: Optional[_BlockReplay] = None) -> List[List[torch.Tensor]]:
     """``log p`` of every suffix token after its prefix: ``out[g][j]`` [len(suffixes[g][j])] fp64.
 
     The G prefixes run as one left-padded batch with ``use_cache=True``; then all suffixes run as
     one right-padded batch on the cache rows of their prefixes (``Cache.batch_select_indices``).
     In prompt mode the vector of each prefix's last token is added at every position of the prefix
-    and of its suffixes; in token mode every position gets its own.
+    and of its suffixes; in token mode every position gets its own. ``replay`` records or replays
+    blocks ``0 .. layer`` in the suffix pass only (the prefix pass fills the cache of every block).
     """
     from ..ops import add_vectors, sequence_slots, steering_vectors
 
@@ -247,7 +355,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
             first = torch.log_softmax(pre.logits.reshape(G, -1).float(), -1)
             cache = getattr(pre, "cache", None) or getattr(pre, "past_key_values", None)
             if cache is None:
-                raise RuntimeError(f"{type(model).__name__} returned no key/value cache with use_cache=True")
+                raise _NoKVCache(f"{type(model).__name__} returned no key/value cache with use_cache=True")
             if isinstance(cache, tuple):  # transformers 4.x may return the legacy per-layer tuple format
                 from transformers import DynamicCache
 
@@ -258,7 +366,8 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
             cols = [t for suf in flat_suf for t in range(len(suf) - 1)]
             tok_lp = torch.zeros(0, dtype=torch.float64)
             if rows:
-                with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)):
+                with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)), \
+                        _around(replay, steerer):
                     rest = model(input_ids=sids.to(device), attention_mask=torch.cat([pmask[sel], smask], 1).to(device),
                                  position_ids=spos.to(device), use_cache=True, **{kw: cache})
                 logp = torch.log_softmax(rest.logits.reshape(len(rows), -1).float(), -1)
@@ -276,7 +385,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
 
 
 def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc,
-                         max_rows: int):
+                         max_rows: int, replay_blocks: bool = True):
     """Score ``seqs`` group by group (groups = same prompt), several groups per forward (≤ ``max_rows``
     response rows, at least one group)."""
     from tqdm.auto import tqdm
@@ -293,12 +402,16 @@ def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, mod
     chunks.append(cur)
     n = len(seqs)
     lp = [torch.zeros(n, dtype=torch.float64) for _ in configs]
+    replay = _block_replay(model, configs, layer, module_path, replay_blocks)
     with tqdm(total=len(chunks) * len(configs), desc=desc, disable=not progress, unit="fwd") as bar:
         for chunk in chunks:
             prefixes = [prefix for prefix, _ in chunk]
             suffixes = [[seqs[i].ids[seqs[i].last_prompt + 1:] for i in members] for _, members in chunk]
+            if replay is not None:
+                replay.reset()
             for k, cfg in enumerate(configs):
-                per = _prefix_logprobs(model, prefixes, suffixes, cfg, layer, mode, backend, pad_id, module_path)
+                per = _prefix_logprobs(model, prefixes, suffixes, cfg, layer, mode, backend, pad_id, module_path,
+                                       replay)
                 for (_, members), vals in zip(chunk, per):
                     lp[k][members] = torch.stack([x.sum() for x in vals])
                 bar.update()
@@ -316,7 +429,7 @@ def _inverse(order: List[int]) -> torch.Tensor:
 def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: int, mode: str = "prompt",
                     backend: str = "auto", batch_size: int = 8, pad_id: int = 0, compare: bool = False,
                     module_path: Optional[str] = None, progress: bool = True, desc: str = "score",
-                    share_prefix: bool = True) -> List[SeqScores]:
+                    share_prefix: bool = True, replay_blocks: bool = True) -> List[SeqScores]:
     """Score every sequence under every configuration (see the module docstring).
 
     ``configs``: Steerers (each applied alone, at its own strength) or ``None`` (unsteered).
@@ -324,6 +437,8 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
     distributions are computed once per batch and every configuration is compared with them.
     Sequences are processed in length-sorted batches; results come back in input order. With
     ``share_prefix`` (and without ``compare``), sequences with the same prompt share its forward.
+    With ``replay_blocks`` the steered forwards of a batch reuse the unsteered forward's blocks
+    ``0 .. layer`` (when ``configs`` hold both kinds or ``compare`` is set; same results bit for bit).
     """
     from tqdm.auto import tqdm
 
@@ -336,13 +451,20 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
     if share_prefix and not compare and _cache_keyword(model) is not None:
         shared = [i for idx in _prefix_groups(seqs).values() if len(idx) > 1 for i in idx
                   if _fits_window(model, seqs[i])]
+        out = None
         if shared:
+            try:
+                out = _score_shared_prefix(model, [seqs[i] for i in shared], configs, layer, mode, backend, pad_id,
+                                           module_path, progress, desc, max_rows=4 * batch_size,
+                                           replay_blocks=replay_blocks)
+            except _NoKVCache:  # raised by the first forward, before any score is kept
+                out = None
+        if out is not None:
             rest = sorted(set(range(len(seqs))) - set(shared))
-            out = _score_shared_prefix(model, [seqs[i] for i in shared], configs, layer, mode, backend, pad_id,
-                                       module_path, progress, desc, max_rows=4 * batch_size)
             if rest:
                 plain = score_sequences(model, [seqs[i] for i in rest], configs, layer, mode, backend, batch_size,
-                                        pad_id, False, module_path, progress, desc, share_prefix=False)
+                                        pad_id, False, module_path, progress, desc, share_prefix=False,
+                                        replay_blocks=replay_blocks)
                 for a, b in zip(out, plain):
                     a.logprob = torch.cat([a.logprob, b.logprob])[_inverse(shared + rest)]
                     a.n_tokens = torch.cat([a.n_tokens, b.n_tokens])[_inverse(shared + rest)]
@@ -359,13 +481,16 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
     groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     bar = tqdm(total=len(groups) * (len(configs) + (1 if compare else 0)), desc=desc, disable=not progress,
                unit="fwd")
+    replay = _block_replay(model, list(configs) + ([None] if compare else []), layer, module_path, replay_blocks)
     for group in groups:
         batch = [seqs[i] for i in group]
         seg = torch.tensor([s.n_scored for s in batch])
         owner = torch.repeat_interleave(torch.arange(len(batch)), seg)
         base = None
+        if replay is not None:
+            replay.reset()
         if compare:
-            base, targets = _forward_logprobs(model, batch, None, layer, mode, backend, pad_id, module_path)
+            base, targets = _forward_logprobs(model, batch, None, layer, mode, backend, pad_id, module_path, replay)
             base = base.cpu()
             base_arg = base.argmax(-1)
             bar.update()
@@ -373,7 +498,8 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
             if cfg is None and base is not None:
                 logp = base
             else:
-                logp, targets = _forward_logprobs(model, batch, cfg, layer, mode, backend, pad_id, module_path)
+                logp, targets = _forward_logprobs(model, batch, cfg, layer, mode, backend, pad_id, module_path,
+                                                  replay)
                 logp = logp.cpu()
                 bar.update()
             tok_lp = logp.gather(-1, targets.cpu().unsqueeze(-1)).squeeze(-1).double()
