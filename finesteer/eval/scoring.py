@@ -32,9 +32,10 @@ Blocks ``0 .. layer`` compute the same thing under every configuration, because 
 the output of block ``layer``. So within one batch the unsteered forward records that output and
 each steered forward of the same batch replays it instead of running those blocks again
 (:class:`_BlockReplay`); the steering hook still runs on the replayed output. The result is bit
-for bit the same. It applies to whole-sequence forwards and to the response pass of the
-shared-prefix path; the prompt pass must fill every block's key/value cache, so it always runs in
-full.
+for bit the same. It applies to whole-sequence forwards and to both passes of the shared-prefix
+path; there a replayed prompt pass gets the unsteered pass's key/value cache entries of those
+blocks copied in (where the cache keeps a per-block list, transformers ≥ 4.56; otherwise the prompt
+pass runs in full).
 
 Logits are computed only at the positions that are scored: a forward pre-hook on the model's output
 embedding (``model.get_output_embeddings()``, the LM head) gathers those rows first, so a 262k-word
@@ -43,6 +44,7 @@ after the LM head (e.g. Gemma's logit soft-capping) is elementwise and still app
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -136,25 +138,36 @@ class _BlockReplay:
 
     Steering adds to the output of block ``layer``, so blocks ``0 .. layer`` see the same inputs and
     produce the same output under every configuration, given the same batch. :meth:`record` (an
-    unsteered forward) keeps a copy of that output. :meth:`replay` (a later forward over the same
-    batch) makes each of those blocks return a copy of the recording without computing anything.
-    Forward hooks still run, so the steering hook on block ``layer`` steers the replayed output
-    exactly as it would steer the computed one. Each block's own ``forward`` is restored on exit,
-    including one set on the instance (accelerate's device hooks).
+    unsteered forward) keeps a copy of that output under a key (one per kind of forward of the
+    batch: the whole sequences, or the prompt and the response pass of the shared-prefix path).
+    :meth:`replay` (a later forward over the same batch) makes each of those blocks return a copy
+    of the recording without computing anything. Forward hooks still run, so the steering hook on
+    block ``layer`` steers the replayed output exactly as it would steer the computed one. Each
+    block's own ``forward`` is restored on exit, including one set on the instance (accelerate's
+    device hooks).
 
-    Not for forwards that must fill a key/value cache: the replayed blocks add nothing to it.
+    Replayed blocks add nothing to a key/value cache. A prompt pass that fills one for the response
+    pass therefore keeps the unsteered cache entries of those blocks (:meth:`keep_cache`) and puts
+    copies back after each replayed prompt pass (:meth:`restore_cache`); that needs a cache with a
+    per-block ``layers`` list (transformers ≥ 4.56). Without one the prompt pass runs in full.
     """
 
     _MISSING = object()
 
     def __init__(self, model, layer: int, module_path: Optional[str]):
         self.blocks = list(find_decoder_layers(model, module_path))[:layer + 1]
-        self.output = None
+        self.outputs: dict = {}
+        self.cache_layers: Optional[list] = None
+
+    def reset(self):
+        """Forget every recording (a new batch begins)."""
+        self.outputs = {}
+        self.cache_layers = None
 
     @contextmanager
-    def record(self):
+    def record(self, key: str = "whole"):
         def hook(module, args, output):
-            self.output = _clone_output(output)
+            self.outputs[key] = _clone_output(output)
 
         handle = self.blocks[-1].register_forward_hook(hook)
         try:
@@ -163,10 +176,10 @@ class _BlockReplay:
             handle.remove()
 
     @contextmanager
-    def replay(self):
-        if self.output is None:
-            raise RuntimeError("_BlockReplay.replay: nothing recorded yet")
-        recorded = self.output
+    def replay(self, key: str = "whole"):
+        if key not in self.outputs:
+            raise RuntimeError(f"_BlockReplay.replay: nothing recorded for {key!r} yet")
+        recorded = self.outputs[key]
         shape = (recorded if isinstance(recorded, torch.Tensor) else recorded[0]).shape
 
         def replayed(*args, **kwargs):
@@ -188,17 +201,34 @@ class _BlockReplay:
                 else:
                     block.forward = fwd
 
-
-    def reset(self):
-        """Forget the recording (a new batch begins)."""
-        self.output = None
-
-    def around(self, steerer):
+    def around(self, steerer, key: str = "whole"):
         """The context for one forward under ``steerer`` over the current batch: record when it is
         unsteered, replay when it is steered and a recording exists, else nothing."""
         if steerer is None:
-            return self.record()
-        return self.replay() if self.output is not None else nullcontext()
+            return self.record(key)
+        return self.replay(key) if key in self.outputs else nullcontext()
+
+    def keep_cache(self, cache) -> None:
+        """Keep copies of the cache entries of the replayable blocks, right after the unsteered
+        prompt pass filled them (before anything reorders the cache)."""
+        layers = getattr(cache, "layers", None)
+        n = len(self.blocks)
+        self.cache_layers = [copy.deepcopy(x) for x in layers[:n]] \
+            if isinstance(layers, list) and len(layers) >= n else None
+
+    def can_replay_cached(self, key: str) -> bool:
+        """Whether a prompt pass recorded under ``key`` can be replayed (its cache entries were kept)."""
+        return key in self.outputs and self.cache_layers is not None
+
+    def restore_cache(self, cache, seq_length: int) -> bool:
+        """Put copies of the kept entries into ``cache`` after a replayed prompt pass; True when the
+        cache then holds ``seq_length`` positions, as the full pass would have left it."""
+        layers = getattr(cache, "layers", None)
+        if self.cache_layers is None or not isinstance(layers, list) or len(layers) < len(self.cache_layers):
+            return False
+        for i, kept in enumerate(self.cache_layers):
+            layers[i] = copy.deepcopy(kept)
+        return int(cache.get_seq_length()) == seq_length
 
 
 def _block_replay(model, configs: Sequence, layer: int, module_path: Optional[str], enabled: bool):
@@ -208,8 +238,8 @@ def _block_replay(model, configs: Sequence, layer: int, module_path: Optional[st
     return None
 
 
-def _around(replay: Optional[_BlockReplay], steerer):
-    return nullcontext() if replay is None else replay.around(steerer)
+def _around(replay: Optional[_BlockReplay], steerer, key: str = "whole"):
+    return nullcontext() if replay is None else replay.around(steerer, key)
 
 
 class _gather_logit_rows:
@@ -302,7 +332,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
     one right-padded batch on the cache rows of their prefixes (``Cache.batch_select_indices``).
     In prompt mode the vector of each prefix's last token is added at every position of the prefix
     and of its suffixes; in token mode every position gets its own. ``replay`` records or replays
-    blocks ``0 .. layer`` in the suffix pass only (the prefix pass fills the cache of every block).
+    blocks ``0 .. layer`` in both passes (see :class:`_BlockReplay` for the prompt pass's cache).
     """
     from ..ops import add_vectors, sequence_slots, steering_vectors
 
@@ -347,19 +377,34 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
     state["owner"] = sel.to(device)
     kw = _cache_keyword(model)
     handle = block.register_forward_hook(hook) if steerer is not None else None
+    def prompt_pass(blocks_ctx):
+        """The prompt pass: logits at each prompt's last token and the filled key/value cache."""
+        state.pop("v", None)  # the steering hook takes the next forward for the prompt pass
+        with _gather_logit_rows(model, torch.arange(G, device=device), torch.full((G,), P - 1, device=device)), \
+                blocks_ctx:
+            pre = model(input_ids=ids.to(device), attention_mask=pmask.to(device), position_ids=ppos.to(device),
+                        use_cache=True)
+        cache = getattr(pre, "cache", None) or getattr(pre, "past_key_values", None)
+        if cache is None:
+            raise _NoKVCache(f"{type(model).__name__} returned no key/value cache with use_cache=True")
+        if isinstance(cache, tuple):  # transformers 4.x may return the legacy per-layer tuple format
+            from transformers import DynamicCache
+
+            cache = DynamicCache.from_legacy_cache(cache)
+        return pre, cache
+
     try:
         with torch.no_grad():
-            with _gather_logit_rows(model, torch.arange(G, device=device), torch.full((G,), P - 1, device=device)):
-                pre = model(input_ids=ids.to(device), attention_mask=pmask.to(device), position_ids=ppos.to(device),
-                            use_cache=True)
+            if replay is not None and steerer is None:
+                pre, cache = prompt_pass(replay.record("prompt"))
+                replay.keep_cache(cache)
+            elif replay is not None and replay.can_replay_cached("prompt"):
+                pre, cache = prompt_pass(replay.replay("prompt"))
+                if not replay.restore_cache(cache, P):  # the cache would not take the kept entries
+                    pre, cache = prompt_pass(nullcontext())
+            else:
+                pre, cache = prompt_pass(nullcontext())
             first = torch.log_softmax(pre.logits.reshape(G, -1).float(), -1)
-            cache = getattr(pre, "cache", None) or getattr(pre, "past_key_values", None)
-            if cache is None:
-                raise _NoKVCache(f"{type(model).__name__} returned no key/value cache with use_cache=True")
-            if isinstance(cache, tuple):  # transformers 4.x may return the legacy per-layer tuple format
-                from transformers import DynamicCache
-
-                cache = DynamicCache.from_legacy_cache(cache)
             cache.batch_select_indices(sel.to(device))
             first_lp = first[sel.to(device), torch.tensor([suf[0] for suf in flat_suf], device=device)]
             rows = [j for j, suf in enumerate(flat_suf) for _ in range(len(suf) - 1)]
@@ -367,7 +412,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
             tok_lp = torch.zeros(0, dtype=torch.float64)
             if rows:
                 with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)), \
-                        _around(replay, steerer):
+                        _around(replay, steerer, "response"):
                     rest = model(input_ids=sids.to(device), attention_mask=torch.cat([pmask[sel], smask], 1).to(device),
                                  position_ids=spos.to(device), use_cache=True, **{kw: cache})
                 logp = torch.log_softmax(rest.logits.reshape(len(rows), -1).float(), -1)
