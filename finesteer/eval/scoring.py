@@ -377,6 +377,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
     state["owner"] = sel.to(device)
     kw = _cache_keyword(model)
     handle = block.register_forward_hook(hook) if steerer is not None else None
+
     def prompt_pass(blocks_ctx):
         """The prompt pass: logits at each prompt's last token and the filled key/value cache."""
         state.pop("v", None)  # the steering hook takes the next forward for the prompt pass
