@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0)
+RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
 BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 DEV = ("harmful_val", "borderline_val", "benign_val")
 
