@@ -4,8 +4,9 @@
 unsteered model, then each steerer at each strength). Steering starts at the output of block
 ``layer``, so within a batch the steered forwards replay the unsteered forward's output of blocks
 ``0 .. layer`` instead of recomputing them (``replay_blocks=True``, the default; bit-identical
-results). This script times both settings side by side in one process (interleaved rounds, medians;
-``benchmarks/utils.py``) on the two workloads of an evaluation:
+results). This script times both settings side by side in one process (``--reps`` rounds, each
+running both settings in alternating order, after one untimed call of each; medians) on the two
+workloads of an evaluation:
 
 - ``margins`` — prompts × refusal/compliance openings, shared-prefix path (one prompt pass per
   group of prompts, one response pass);
@@ -26,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import RESULTS_DIR, environment, time_interleaved  # noqa: E402
+from utils import RESULTS_DIR, _summary, environment  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "safety" / "harmful_val.jsonl"
 
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, default=11, help="hooked block (the README's quality runs use 11)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--strengths", type=int, default=4, help="steered configurations besides the unsteered one")
-    ap.add_argument("--budget", type=float, default=60.0, help="seconds of timing per workload (both settings)")
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds per workload (each runs both settings)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
@@ -127,8 +129,14 @@ def main(argv=None) -> int:
 
     results = {}
     for name, seqs, compare in (("margins", margin_seqs, False), ("utility", utility_seqs, True)):
-        t = time_interleaved({"replay": job(seqs, compare, True), "no_replay": job(seqs, compare, False)},
-                             torch.device("cpu"), budget_s=a.budget, min_reps=5, max_reps=200)
+        jobs = {"replay": job(seqs, compare, True), "no_replay": job(seqs, compare, False)}
+        samples = {k: [] for k in jobs}
+        for r in range(a.reps):  # whole calls take seconds: a few interleaved rounds, order alternating
+            for k in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+                t0 = time.perf_counter()
+                jobs[k]()
+                samples[k].append(time.perf_counter() - t0)
+        t = {k: _summary(v) for k, v in samples.items()}
         ratio = t["replay"]["median_us"] / t["no_replay"]["median_us"]
         results[name] = dict(sequences=len(seqs), configurations=len(configs), **t, replay_over_no_replay=ratio)
         print(f"{name}: {len(seqs)} sequences x {len(configs)} configurations: replay "
