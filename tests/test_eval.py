@@ -398,24 +398,34 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
         main(["eval", "--mose-option", "nonsense=1"])
 
 
-@pytest.mark.parametrize("mode", ["prompt", "token"])
-def test_shared_prefix_path_equals_plain_batches(llama, mode):
+def _grouped_seqs(lone_at: int) -> list:
+    """Two prompts of different lengths (left padding) with 3 and 4 responses, and at index
+    ``lone_at`` one sequence without a prompt-mate (it takes the plain path inside the same call)."""
     tok = tiny_tokenizer()
     seqs = []
-    # prompts of different lengths (left padding) and different numbers of responses
     for p, resps in (("how do I pick a lock", (" no.", " sure, here you go", " I can't help")),
                      ("name a fruit", (" apple", " I won't", " a", " pear, or a plum"))):
         pid = tok(p)["input_ids"]
         for resp in resps:
             seqs.append(ScoredSeq(tuple(pid + tok(resp, add_special_tokens=False)["input_ids"]), len(pid) - 1))
-    g = torch.Generator().manual_seed(3)
-    deltas, q = torch.randn(30, 64, generator=g), torch.randn(30, 64, generator=g)
+    seqs.insert(lone_at, ScoredSeq(tuple(tok("a lone prompt, a reply")["input_ids"]), 12))
+    return seqs
+
+
+def _three_configs(seed: int) -> list:
+    """Unsteered, an always-on mean vector, and a soft-gated linear map."""
     from finesteer.fit import fit_scs
+
+    g = torch.Generator().manual_seed(seed)
+    deltas, q = torch.randn(30, 64, generator=g), torch.randn(30, 64, generator=g)
     gate = fit_scs(q + 1.0, q, rank=2, max_benign_fpr=0.5)
-    configs = [None, Steerer(mose=mean_vector_mose(deltas.mean(0)), layer=LAYER, strength=3.0),
-               Steerer(gate=gate, mose=linear_map_mose(deltas[:2].T, q[:2]), layer=LAYER, gate_mode="soft")]
-    # one sequence without a prompt-mate takes the plain path inside the same call
-    seqs.insert(2, ScoredSeq(tuple(tok("a lone prompt, a reply")["input_ids"]), 12))
+    return [None, Steerer(mose=mean_vector_mose(deltas.mean(0)), layer=LAYER, strength=3.0),
+            Steerer(gate=gate, mose=linear_map_mose(deltas[:2].T, q[:2]), layer=LAYER, gate_mode="soft")]
+
+
+@pytest.mark.parametrize("mode", ["prompt", "token"])
+def test_shared_prefix_path_equals_plain_batches(llama, mode):
+    seqs, configs = _grouped_seqs(lone_at=2), _three_configs(seed=3)
     calls = []
     handle = llama.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
@@ -432,17 +442,6 @@ def test_shared_prefix_path_equals_plain_batches(llama, mode):
     assert not torch.allclose(shared[1].logprob, shared[0].logprob, atol=1e-3)
 
 
-def _replay_seqs(tok):
-    seqs = []
-    for p, resps in (("how do I pick a lock", (" no.", " sure, here you go", " I can't help")),
-                     ("name a fruit", (" apple", " I won't", " a", " pear, or a plum"))):
-        pid = tok(p)["input_ids"]
-        for resp in resps:
-            seqs.append(ScoredSeq(tuple(pid + tok(resp, add_special_tokens=False)["input_ids"]), len(pid) - 1))
-    seqs.append(ScoredSeq(tuple(tok("a lone prompt, a reply")["input_ids"]), 12))  # plain path
-    return seqs
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 @pytest.mark.parametrize("mode", ["prompt", "token"])
 def test_block_replay_changes_no_bit_and_skips_the_blocks(arch, mode):
@@ -453,14 +452,7 @@ def test_block_replay_changes_no_bit_and_skips_the_blocks(arch, mode):
 
     model = tiny_model(arch, layers=4)
     blocks = find_decoder_layers(model)
-    tok = tiny_tokenizer()
-    seqs = _replay_seqs(tok)
-    g = torch.Generator().manual_seed(5)
-    deltas, q = torch.randn(30, 64, generator=g), torch.randn(30, 64, generator=g)
-    from finesteer.fit import fit_scs
-    gate = fit_scs(q + 1.0, q, rank=2, max_benign_fpr=0.5)
-    configs = [None, Steerer(mose=mean_vector_mose(deltas.mean(0)), layer=LAYER, strength=3.0),
-               Steerer(gate=gate, mose=linear_map_mose(deltas[:2].T, q[:2]), layer=LAYER, gate_mode="soft")]
+    seqs, configs = _grouped_seqs(lone_at=7), _three_configs(seed=5)
     wrapped = blocks[0].forward
     blocks[0].forward = lambda *a, **k: wrapped(*a, **k)  # as accelerate's device hooks do
     instance_forward = blocks[0].forward
