@@ -4,9 +4,9 @@
 unsteered model, then each steerer at each strength). Steering starts at the output of block
 ``layer``, so within a batch the steered forwards replay the unsteered forward's output of blocks
 ``0 .. layer`` instead of recomputing them (``replay_blocks=True``, the default; bit-identical
-results). This script times both settings side by side in one process (``--reps`` rounds, each
-running both settings in alternating order, after one untimed call of each; medians) on the two
-workloads of an evaluation:
+results). This script times both settings side by side in one process (``--reps`` interleaved
+rounds, ``benchmarks/utils.py``'s ``time_interleaved``; medians) on the two workloads of an
+evaluation:
 
 - ``margins`` — prompts × refusal/compliance openings, shared-prefix path (one prompt pass per
   group of prompts, one response pass);
@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import RESULTS_DIR, _summary, environment  # noqa: E402
+from utils import RESULTS_DIR, environment, time_interleaved  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "safety" / "harmful_val.jsonl"
 
@@ -64,11 +63,13 @@ def load(name: str):
 
 
 def prompts(n: int) -> list:
-    if DATA.exists():
-        rows = [json.loads(line)["prompt"] for line in DATA.open()]
-        return [f"User: {p}\nAssistant:" for p in rows[:n]]
-    return [f"User: question number {i} about something quite ordinary, asked politely?\nAssistant:"
-            for i in range(n)]
+    """``n`` prompts in the plain format (``harmful_val`` when the shared data is there)."""
+    from finesteer.data import load_prompts
+    from finesteer.extract import PLAIN_TEMPLATE
+
+    rows = load_prompts(DATA, limit=n) if DATA.exists() else \
+        [f"question number {i} about something quite ordinary, asked politely?" for i in range(n)]
+    return [PLAIN_TEMPLATE.format(prompt=p) for p in rows]
 
 
 def sequences(tok, texts: list, openings: list, vocab: int):
@@ -130,14 +131,11 @@ def main(argv=None) -> int:
 
     results = {}
     for name, seqs, compare in (("margins", margin_seqs, False), ("utility", utility_seqs, True)):
-        jobs = {"replay": job(seqs, compare, True), "no_replay": job(seqs, compare, False)}
-        samples = {k: [] for k in jobs}
-        for r in range(a.reps):  # whole calls take seconds: a few interleaved rounds, order alternating
-            for k in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
-                t0 = time.perf_counter()
-                jobs[k]()
-                samples[k].append(time.perf_counter() - t0)
-        t = {k: _summary(times) for k, times in samples.items()}
+        # whole calls take seconds: the check above warmed them up, one call each estimates, then
+        # exactly --reps interleaved rounds
+        t = time_interleaved({"replay": job(seqs, compare, True), "no_replay": job(seqs, compare, False)},
+                             torch.device("cpu"), budget_s=0.0, min_reps=a.reps, max_reps=a.reps,
+                             warmup=0, estimate=1)
         ratio = t["replay"]["median_us"] / t["no_replay"]["median_us"]
         results[name] = dict(sequences=len(seqs), configurations=len(configs), **t, replay_over_no_replay=ratio)
         print(f"{name}: {len(seqs)} sequences x {len(configs)} configurations: replay "

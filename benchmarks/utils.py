@@ -81,11 +81,15 @@ def _summary(samples_s) -> dict:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, budget_s: float = 2.0,
-                     min_reps: int = 5, max_reps: int = 2000, flush_l2: bool = False) -> Dict[str, dict]:
+                     min_reps: int = 5, max_reps: int = 2000, flush_l2: bool = False, warmup: int = 3,
+                     estimate: int = 5) -> Dict[str, dict]:
     """Median time per call of every provider in ``fns``, timed round-robin in this process.
 
-    The number of rounds is chosen from a warm-up so that all providers together take about
-    ``budget_s``; returns ``{name: {"median_us", "p20_us", "p80_us", "min_us", "reps"}}``.
+    Each provider first runs ``warmup`` untimed calls, then ``estimate`` calls that measure its
+    cost; the number of rounds is chosen from that so that all providers together take about
+    ``budget_s`` (within ``min_reps`` .. ``max_reps``). Calls that take seconds want
+    ``warmup=0, estimate=1`` and ``min_reps = max_reps``. Returns
+    ``{name: {"median_us", "p20_us", "p80_us", "min_us", "reps"}}``.
     """
     names = list(fns)
     cuda = device.type == "cuda"
@@ -95,14 +99,14 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     # Warm-up (builds, caches, thread pools) and a cost estimate per provider.
     est = {}
     for name in names:
-        for _ in range(3):
+        for _ in range(warmup):
             fns[name]()
         sync()
         t0 = time.perf_counter()
-        for _ in range(5):
+        for _ in range(estimate):
             fns[name]()
         sync()
-        est[name] = (time.perf_counter() - t0) / 5
+        est[name] = (time.perf_counter() - t0) / estimate
     total = sum(est.values())
     rounds = int(max(min_reps, min(max_reps, budget_s / max(total, 1e-9))))
     # On CUDA each sample averages `inner` back-to-back calls (≥ ~50 µs of work per sample).
