@@ -520,16 +520,79 @@ def test_generation_reports_keyword_refusal_rates(llama, files, tmp_path):
 
 
 def test_skipping_closed_gates_changes_no_number(llama, files, tmp_path, monkeypatch):
-    """Prompts whose hard gate is closed reuse the unsteered scores; scoring them anyway gives the same."""
+    """Batches whose hard gates are all closed skip their steered forwards (scoring.py's
+    _all_zero); turning replay, and with it every skip, off gives the same numbers bit for bit."""
     import finesteer.eval.harness as harness
 
     cfg = _config(files, tmp_path, methods=("unsteered", "cast", "finesteer"), strengths=(4.0,), truthfulqa=None)
     skipped = run_eval(llama, tiny_tokenizer(), cfg)
     opens = [g["open_rate"] for s in skipped.sets.values() for g in s["gate"].values()]
     assert min(opens) < 1.0, "the test needs some closed gates"
-    monkeypatch.setattr(harness, "GATE_SKIP_MARGIN", float("inf"))  # nothing counts as surely closed
+    plain_score = harness.score_sequences
+    monkeypatch.setattr(harness, "score_sequences", lambda *a, **k: plain_score(*a, replay_blocks=False, **k))
     scored = run_eval(llama, tiny_tokenizer(), cfg)
-    for a, b in zip(skipped.rows, scored.rows):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert a[k] == pytest.approx(b[k], abs=1e-4), k
+    assert skipped.rows == scored.rows
+
+
+def _gate_between(model, seqs, closed_on: set, layer: int = LAYER):
+    """A hard SCS gate whose threshold sits between the prompts of ``seqs`` listed in ``closed_on``
+    (sequence indices; score at or below τ) and the others, from block ``layer``'s output at each
+    sequence's last prompt token."""
+    from finesteer.gate import SCSGate
+    from finesteer.integrations.hf import _hidden_of
+    from finesteer.models import find_decoder_layers
+
+    rows = []
+    handle = find_decoder_layers(model)[layer].register_forward_hook(
+        lambda m, a, out: rows.append(_hidden_of(out)[0, -1]))
+    try:
+        with torch.no_grad():
+            for s in seqs:
+                model(input_ids=torch.tensor([s.ids[:s.last_prompt + 1]]))
+    finally:
+        handle.remove()
+    h = torch.stack(rows)
+    g = torch.Generator().manual_seed(0)
+    gate = SCSGate(P=torch.linalg.qr(torch.randn(h.shape[1], 2, generator=g))[0], mu=h.mean(0), threshold=0.0)
+    scores = gate.score(h)
+    lo = max(float(scores[i]) for i in closed_on)
+    hi = min(float(scores[i]) for i in range(len(seqs)) if i not in closed_on)
+    assert lo < hi, "the random gate does not separate the prompts; pick another seed"
+    gate.threshold = (lo + hi) / 2
+    return gate
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_closed_gates_skip_their_forwards_bit_exactly(llama, compare):
+    """A configuration whose hard gate is closed on every prompt of a batch runs no forward there;
+    scores, KL and greedy identity equal those of running it, bit for bit; ``batch_key`` keeps
+    prompts of different keys out of one batch."""
+    seqs = _grouped_seqs(lone_at=7)             # prompt A: 0-2, prompt B: 3-6, a lone sequence: 7
+    gate = _gate_between(llama, seqs, closed_on={0, 1, 2, 7})
+    mose = mean_vector_mose(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    configs = [None, Steerer(gate=gate, mose=mose, layer=LAYER, strength=4.0),
+               Steerer(gate=None, mose=mose, layer=LAYER, strength=4.0)]
+    key = [s.ids[:s.last_prompt + 1] == seqs[3].ids[:seqs[3].last_prompt + 1] for s in seqs]
+    forwards = []
+    handle = llama.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    try:
+        kw = dict(mode="prompt", progress=False, batch_size=8, compare=compare)
+        fast = score_sequences(llama, seqs, configs, LAYER, batch_key=key, **kw)
+        n_fast = len(forwards)
+        forwards.clear()
+        slow = score_sequences(llama, seqs, configs, LAYER, batch_key=key, replay_blocks=False, **kw)
+        n_slow = len(forwards)
+    finally:
+        handle.remove()
+    if compare:   # plain path, one batch per key: the gated config skips the all-closed one
+        assert (n_slow, n_fast) == (2 * 3, 2 * 3 - 1)   # base, gated, ungated per batch
+    else:         # shared prompts A and B (2 passes each, one chunk per key) and the lone sequence
+        assert (n_slow, n_fast) == (3 * (2 + 2 + 1), 3 * (2 + 2 + 1) - 2 - 1)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.logprob, b.logprob)
+        if compare:
+            assert torch.equal(a.kl, b.kl) and torch.equal(a.identical, b.identical)
+    closed, opened = [0, 1, 2, 7], [3, 4, 5, 6]
+    assert torch.equal(fast[1].logprob[closed], fast[0].logprob[closed])
+    assert not torch.equal(fast[1].logprob[opened], fast[0].logprob[opened])
+    assert not torch.equal(fast[2].logprob[closed], fast[0].logprob[closed])

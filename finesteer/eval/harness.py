@@ -30,13 +30,9 @@ from .baselines import NOT_EXPRESSIBLE, FitData, build_methods, mean_vector_mose
 from .config import EvalConfig
 from .data import (PromptSet, disjoint_split, load_prompt_set, load_train_pairs, load_train_prompts,
                    load_truthfulqa)
-from .scoring import ScoredSeq, SeqScores, greedy_continuations, score_sequences
+from .scoring import ScoredSeq, greedy_continuations, score_sequences
 
 __all__ = ["EvalResult", "run_eval"]
-
-#: Gate scores this far below τ count as surely closed when deciding which steered forwards to skip
-#: (the extraction pass and the scoring pass agree on a score to float rounding, far below this).
-GATE_SKIP_MARGIN = 1e-4
 
 #: Lower-cased substrings that mark a generated answer as a refusal (``--generate``).
 REFUSAL_KEYWORDS = ("i'm sorry", "i am sorry", "i apologize", "i can't", "i cannot", "i can not", "i won't",
@@ -222,51 +218,33 @@ class _Run:
                                          cache_file=self._cache_file(name), progress=cfg.progress,
                                          module_path=cfg.module_path, prompt_format=self.enc.fmt)[cfg.layer]
 
-    def _score_raw(self, seqs: List[ScoredSeq], configs: list, desc: str, compare: bool):
-        cfg = self.cfg
-        return score_sequences(self.model, seqs, configs, cfg.layer, mode=cfg.mode, backend=cfg.backend,
-                               batch_size=cfg.batch_size, pad_id=self.pad_id, compare=compare,
-                               module_path=cfg.module_path, progress=cfg.progress, desc=desc)
-
-    def _closed(self, steerer, h_prompts: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Prompts [P] whose hard gate is surely closed at the last prompt token (prompt mode), or None.
-
-        A closed hard gate makes the prompt-mode vector exactly zero, so the steered forward is the
-        unsteered one bit for bit and need not run. The scores come from the extraction pass, which
-        may differ from the scoring pass by float rounding, so only scores below τ − GATE_SKIP_MARGIN
-        count as surely closed; the rest are scored by a steered forward.
-        """
-        if (h_prompts is None or steerer is None or steerer.gate is None or steerer.gate_mode != "hard"
-                or self.cfg.mode != "prompt"):
-            return None
-        return steerer.gate.score(h_prompts) <= steerer.gate.threshold - GATE_SKIP_MARGIN
+    def _gate_pattern(self, configs: list, h_prompts: torch.Tensor) -> list:
+        """Per prompt, which distinct hard gates among ``configs`` open on its state in ``h_prompts``
+        [P, d] (prompt mode; else one pattern for all). Scoring batches prompts of one pattern
+        together, so a gate closed on a whole batch skips that batch's steered forward."""
+        gates = []
+        for c in configs:
+            if (c is not None and c.gate is not None and c.gate_mode == "hard" and self.cfg.mode == "prompt"
+                    and all(c.gate is not g for g in gates)):
+                gates.append(c.gate)
+        if not gates:
+            return [()] * h_prompts.shape[0]
+        opens = torch.stack([g.score(h_prompts) > g.threshold for g in gates], dim=1)
+        return [tuple(row) for row in opens.tolist()]
 
     def _score(self, seqs: List[ScoredSeq], configs: list, desc: str, compare: bool = False,
                prompt_of: Optional[List[int]] = None, h_prompts: Optional[torch.Tensor] = None):
         """Scores of ``seqs`` under ``configs`` (the first is None: unsteered). ``prompt_of[i]`` is the
-        prompt of sequence i and ``h_prompts`` [P, d] the prompts' states at the layer: with them,
-        sequences whose hard gate is surely closed reuse the unsteered scores (see :meth:`_closed`)."""
-        closed = [self._closed(c, h_prompts) if prompt_of is not None else None for c in configs]
-        full = [k for k, c in enumerate(closed) if c is None]
-        out = [None] * len(configs)
-        for k, sc in zip(full, self._score_raw(seqs, [configs[k] for k in full], desc, compare)):
-            out[k] = sc
-        base = out[0]
-        for k, c in enumerate(closed):
-            if c is None:
-                continue
-            active = [i for i, p in enumerate(prompt_of) if not bool(c[p])]
-            sc = SeqScores(base.logprob.clone(), base.n_tokens,
-                           torch.zeros_like(base.kl) if compare else None,
-                           torch.ones_like(base.identical) if compare else None)
-            if active:
-                got = self._score_raw([seqs[i] for i in active], [configs[k]], f"{desc} (gate open)", compare)[0]
-                idx = torch.tensor(active)
-                sc.logprob[idx] = got.logprob
-                if compare:
-                    sc.kl[idx], sc.identical[idx] = got.kl, got.identical
-            out[k] = sc
-        return out
+        prompt of sequence i and ``h_prompts`` [P, d] the prompts' states at the layer (from the
+        extraction pass): sequences are batched by their prompts' gate patterns (:meth:`_gate_pattern`)."""
+        cfg = self.cfg
+        key = None
+        if prompt_of is not None and h_prompts is not None:
+            pattern = self._gate_pattern(configs, h_prompts)
+            key = [pattern[p] for p in prompt_of]
+        return score_sequences(self.model, seqs, configs, cfg.layer, mode=cfg.mode, backend=cfg.backend,
+                               batch_size=cfg.batch_size, pad_id=self.pad_id, compare=compare,
+                               module_path=cfg.module_path, progress=cfg.progress, desc=desc, batch_key=key)
 
     # -- steps --------------------------------------------------------------------------------
     def fit(self, inputs: _Inputs):

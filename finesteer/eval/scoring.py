@@ -55,7 +55,7 @@ import torch
 from ..extract import pad_batch
 from ..integrations.hf import _hidden_of, _with_hidden
 from ..models import find_decoder_layers, full_forward_kwargs, model_device
-from ..ops import as_bank, steer
+from ..ops import add_vectors, as_bank, sequence_slots, steer, steering_vectors
 
 __all__ = ["ScoredSeq", "SeqScores", "greedy_continuations", "score_sequences", "steering_hook"]
 
@@ -96,11 +96,14 @@ class steering_hook:
 
     ``last_index`` [B] (prompt mode) gives each row's last prompt position; the vector computed there
     is added at every position of the row. In token mode every position gets its own gate and vector.
+    ``vectors`` [B, fp32 d] (prompt mode, optional): the rows' vectors, already computed by
+    :meth:`_BlockReplay.prompt_vectors` from the very hidden states this forward will see; they are
+    added as :func:`~finesteer.ops.steer` would add its own.
     ``steerer=None`` registers nothing (the unsteered model, bit for bit).
     """
 
     def __init__(self, model, steerer, layer: int, mode: str, backend: str, last_index: Optional[torch.Tensor],
-                 module_path: Optional[str] = None):
+                 module_path: Optional[str] = None, vectors: Optional[torch.Tensor] = None):
         self.handle = None
         if steerer is None:
             return
@@ -109,8 +112,12 @@ class steering_hook:
 
         def hook(module, args, output):
             h = _hidden_of(output)
-            out = steer(h, bank, mode=mode, backend=backend, last_index=last_index if mode == "prompt" else None,
-                        check_index_range=False)
+            if vectors is not None:
+                slot = sequence_slots(torch.arange(h.shape[0], device=h.device), h.shape[1])
+                out = add_vectors(h.reshape(-1, h.shape[-1]), vectors, slot, backend).reshape(h.shape)
+            else:
+                out = steer(h, bank, mode=mode, backend=backend, last_index=last_index if mode == "prompt" else None,
+                            check_index_range=False)
             return _with_hidden(output, out)
 
         self.handle = block.register_forward_hook(hook)
@@ -208,6 +215,14 @@ class _BlockReplay:
             return self.record(key)
         return self.replay(key) if key in self.outputs else nullcontext()
 
+    def prompt_vectors(self, key: str, steerer, last_index: torch.Tensor, backend: str) -> torch.Tensor:
+        """The prompt-mode vectors [B, d] fp32 that ``steerer`` adds in a forward replaying ``key``:
+        computed by the operator from the recorded output at each row's last prompt position
+        ``last_index`` [B], which are the hidden states that forward's steering hook sees."""
+        h = _hidden_of(self.outputs[key])
+        rows = h[torch.arange(h.shape[0], device=h.device), last_index.to(h.device)]
+        return steering_vectors(rows, as_bank(steerer, h.device), None, backend)
+
     def keep_cache(self, cache) -> None:
         """Keep copies of the cache entries of the replayable blocks, right after the unsteered
         prompt pass filled them (before anything reorders the cache)."""
@@ -242,6 +257,26 @@ def _around(replay: Optional[_BlockReplay], steerer, key: str = "whole"):
     return nullcontext() if replay is None else replay.around(steerer, key)
 
 
+def _replayed_vectors(replay: Optional[_BlockReplay], steerer, mode: str, backend: str, last_index: torch.Tensor,
+                      key: str = "whole") -> Optional[torch.Tensor]:
+    """Prompt-mode vectors [B, d] of ``steerer`` for the next forward over the recorded batch (see
+    :meth:`_BlockReplay.prompt_vectors`), or None: unsteered, token mode, or nothing recorded."""
+    if replay is None or steerer is None or mode != "prompt" or key not in replay.outputs:
+        return None
+    return replay.prompt_vectors(key, steerer, last_index, backend)
+
+
+def _all_zero(vectors: Optional[torch.Tensor]) -> bool:
+    """Whether a steered forward adds nothing (every vector exactly zero: closed hard gates), so
+    that it would reproduce the unsteered forward of the same batch bit for bit (DESIGN §4)."""
+    return vectors is not None and not bool(vectors.any())
+
+
+def _unsteered_first(configs: Sequence) -> List[int]:
+    """Indices of ``configs`` with the unsteered ones first: their forward records what the others replay."""
+    return sorted(range(len(configs)), key=lambda k: configs[k] is not None)
+
+
 class _gather_logit_rows:
     """Forward pre-hook on the LM head: keep only rows ``(b, t)`` of its input, as one [1, P, d] batch."""
 
@@ -265,10 +300,12 @@ class _gather_logit_rows:
 
 
 def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: str, backend: str, pad_id: int,
-                      module_path: Optional[str], replay: Optional[_BlockReplay] = None):
+                      module_path: Optional[str], replay: Optional[_BlockReplay] = None,
+                      vectors: Optional[torch.Tensor] = None):
     """Log-softmax [P, V] (fp32) at every position that predicts a continuation token of ``batch``,
     rows ordered by sequence then position, plus the target token ids [P]. ``replay``: record or
-    replay blocks ``0 .. layer`` for this batch (see :class:`_BlockReplay`)."""
+    replay blocks ``0 .. layer`` for this batch (see :class:`_BlockReplay`); ``vectors``: the
+    prompt-mode vectors, already computed (see :class:`steering_hook`)."""
     device = model_device(model)
     ids, mask, pos, _ = pad_batch([list(s.ids) for s in batch], pad_id, "right", device)
     rows, cols, targets = [], [], []
@@ -281,7 +318,7 @@ def _forward_logprobs(model, batch: List[ScoredSeq], steerer, layer: int, mode: 
     cols_t = torch.tensor(cols, device=device)
     last = torch.tensor([s.last_prompt for s in batch], device=device)
     kwargs = full_forward_kwargs(model, ids, mask, pos)
-    with torch.no_grad(), steering_hook(model, steerer, layer, mode, backend, last, module_path), \
+    with torch.no_grad(), steering_hook(model, steerer, layer, mode, backend, last, module_path, vectors), \
             _gather_logit_rows(model, rows_t, cols_t), _around(replay, steerer):
         out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -325,7 +362,8 @@ def _fits_window(model, seq: ScoredSeq) -> bool:
 
 def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], steerer, layer: int, mode: str,
                      backend: str, pad_id: int, module_path: Optional[str],
-                     replay: Optional[_BlockReplay] = None) -> List[List[torch.Tensor]]:
+                     replay: Optional[_BlockReplay] = None,
+                     vectors: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
     """``log p`` of every suffix token after its prefix: ``out[g][j]`` [len(suffixes[g][j])] fp64.
 
     The G prefixes run as one left-padded batch with ``use_cache=True``; then all suffixes run as
@@ -333,9 +371,9 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
     In prompt mode the vector of each prefix's last token is added at every position of the prefix
     and of its suffixes; in token mode every position gets its own. ``replay`` records or replays
     blocks ``0 .. layer`` in both passes (see :class:`_BlockReplay` for the prompt pass's cache).
+    ``vectors`` [G, d] (prompt mode): the prefixes' vectors, already computed from the hidden states
+    the prompt pass will produce (see :class:`steering_hook`).
     """
-    from ..ops import add_vectors, sequence_slots, steering_vectors
-
     device = model_device(model)
     G = len(prefixes)
     P = max(len(x) for x in prefixes)
@@ -352,8 +390,9 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
         if mode == "token":
             out = steer(flat, bank, mode="token", backend=backend, check_index_range=False)
         else:
-            if "v" not in state:  # the prefix pass (left-padded: every last token sits at P − 1)
-                state["v"] = steering_vectors(h[:, -1], bank, None, backend)
+            if state["pass"] == "prompt":  # left-padded: every last token sits at P − 1
+                if state["v"] is None:
+                    state["v"] = steering_vectors(h[:, -1], bank, None, backend)
                 rows = torch.arange(h.shape[0], device=h.device)
             else:
                 rows = state["owner"]
@@ -380,7 +419,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
 
     def prompt_pass(blocks_ctx):
         """The prompt pass: logits at each prompt's last token and the filled key/value cache."""
-        state.pop("v", None)  # the steering hook takes the next forward for the prompt pass
+        state["pass"], state["v"] = "prompt", vectors  # the steering hook computes v here unless given
         with _gather_logit_rows(model, torch.arange(G, device=device), torch.full((G,), P - 1, device=device)), \
                 blocks_ctx:
             pre = model(input_ids=ids.to(device), attention_mask=pmask.to(device), position_ids=ppos.to(device),
@@ -411,6 +450,7 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
             rows = [j for j, suf in enumerate(flat_suf) for _ in range(len(suf) - 1)]
             cols = [t for suf in flat_suf for t in range(len(suf) - 1)]
             tok_lp = torch.zeros(0, dtype=torch.float64)
+            state["pass"] = "response"
             if rows:
                 with _gather_logit_rows(model, torch.tensor(rows, device=device), torch.tensor(cols, device=device)), \
                         _around(replay, steerer, "response"):
@@ -431,16 +471,19 @@ def _prefix_logprobs(model, prefixes: List[tuple], suffixes: List[List[tuple]], 
 
 
 def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, module_path, progress, desc,
-                         max_rows: int, replay_blocks: bool = True):
+                         max_rows: int, replay_blocks: bool = True, batch_key: Optional[Sequence] = None):
     """Score ``seqs`` group by group (groups = same prompt), several groups per forward (≤ ``max_rows``
-    response rows, at least one group)."""
+    response rows, at least one group; groups whose first sequences' ``batch_key`` differ never share one)."""
     from tqdm.auto import tqdm
 
+    def key_of(members):
+        return 0 if batch_key is None else batch_key[members[0]]
+
     groups = list(_prefix_groups(seqs).items())
-    groups.sort(key=lambda kv: len(kv[0]))  # similar prompt lengths pad little
+    groups.sort(key=lambda kv: (key_of(kv[1]), len(kv[0])))  # similar prompt lengths pad little
     chunks, cur, rows = [], [], 0
     for prefix, members in groups:
-        if cur and rows + len(members) > max_rows:
+        if cur and (rows + len(members) > max_rows or key_of(members) != key_of(cur[0][1])):
             chunks.append(cur)
             cur, rows = [], 0
         cur.append((prefix, members))
@@ -453,11 +496,20 @@ def _score_shared_prefix(model, seqs, configs, layer, mode, backend, pad_id, mod
         for chunk in chunks:
             prefixes = [prefix for prefix, _ in chunk]
             suffixes = [[seqs[i].ids[seqs[i].last_prompt + 1:] for i in members] for _, members in chunk]
+            last = torch.full((len(prefixes),), max(len(x) for x in prefixes) - 1)  # the prompt pass pads left
             if replay is not None:
                 replay.reset()
-            for k, cfg in enumerate(configs):
-                per = _prefix_logprobs(model, prefixes, suffixes, cfg, layer, mode, backend, pad_id, module_path,
-                                       replay)
+            unsteered = None
+            for k in _unsteered_first(configs):
+                cfg = configs[k]
+                vectors = _replayed_vectors(replay, cfg, mode, backend, last, key="prompt")
+                if _all_zero(vectors):
+                    per = unsteered
+                else:
+                    per = _prefix_logprobs(model, prefixes, suffixes, cfg, layer, mode, backend, pad_id, module_path,
+                                           replay, vectors)
+                if cfg is None:
+                    unsteered = per
                 for (_, members), vals in zip(chunk, per):
                     lp[k][members] = torch.stack([x.sum() for x in vals])
                 bar.update()
@@ -475,7 +527,8 @@ def _inverse(order: List[int]) -> torch.Tensor:
 def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: int, mode: str = "prompt",
                     backend: str = "auto", batch_size: int = 8, pad_id: int = 0, compare: bool = False,
                     module_path: Optional[str] = None, progress: bool = True, desc: str = "score",
-                    share_prefix: bool = True, replay_blocks: bool = True) -> List[SeqScores]:
+                    share_prefix: bool = True, replay_blocks: bool = True,
+                    batch_key: Optional[Sequence] = None) -> List[SeqScores]:
     """Score every sequence under every configuration (see the module docstring).
 
     ``configs``: Steerers (each applied alone, at its own strength) or ``None`` (unsteered).
@@ -484,7 +537,16 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
     Sequences are processed in length-sorted batches; results come back in input order. With
     ``share_prefix`` (and without ``compare``), sequences with the same prompt share its forward.
     With ``replay_blocks`` the steered forwards of a batch reuse the unsteered forward's blocks
-    ``0 .. layer`` (when ``configs`` hold both kinds or ``compare`` is set; same results bit for bit).
+    ``0 .. layer`` (when ``configs`` hold both kinds or ``compare`` is set; same results bit for bit),
+    and in prompt mode a steered configuration whose vectors, computed from that recording, are all
+    exactly zero on a batch (its hard gates closed on every prompt) is not run there: its scores are
+    the unsteered ones, which is what its forward would compute bit for bit.
+
+    ``batch_key``: one sortable value per sequence (default: all equal). Sequences with different
+    keys never share a batch. Give the same key to sequences whose gates are expected to open
+    under the same configurations (e.g. the gates' decisions on the prompt's states from an
+    earlier pass), so whole batches skip; a key only orders the work, so a wrong guess costs time,
+    never a number.
     """
     from tqdm.auto import tqdm
 
@@ -502,7 +564,8 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
             try:
                 out = _score_shared_prefix(model, [seqs[i] for i in shared], configs, layer, mode, backend, pad_id,
                                            module_path, progress, desc, max_rows=4 * batch_size,
-                                           replay_blocks=replay_blocks)
+                                           replay_blocks=replay_blocks,
+                                           batch_key=None if batch_key is None else [batch_key[i] for i in shared])
             except _NoKVCache:  # raised by the first forward, before any score is kept
                 out = None
         if out is not None:
@@ -510,7 +573,8 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
             if rest:
                 plain = score_sequences(model, [seqs[i] for i in rest], configs, layer, mode, backend, batch_size,
                                         pad_id, False, module_path, progress, desc, share_prefix=False,
-                                        replay_blocks=replay_blocks)
+                                        replay_blocks=replay_blocks,
+                                        batch_key=None if batch_key is None else [batch_key[i] for i in rest])
                 for a, b in zip(out, plain):
                     a.logprob = torch.cat([a.logprob, b.logprob])[_inverse(shared + rest)]
                     a.n_tokens = torch.cat([a.n_tokens, b.n_tokens])[_inverse(shared + rest)]
@@ -523,8 +587,14 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
     kl = [torch.zeros(n, dtype=torch.float64) for _ in configs]
     same = [torch.zeros(n, dtype=torch.bool) for _ in configs]
     counts = torch.tensor([s.n_scored for s in seqs], dtype=torch.long)
-    order = sorted(range(n), key=lambda i: len(seqs[i].ids))
-    groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    key = (lambda i: 0) if batch_key is None else batch_key.__getitem__
+    order = sorted(range(n), key=lambda i: (key(i), len(seqs[i].ids)))
+    groups = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and key(groups[-1][0]) == key(i):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     bar = tqdm(total=len(groups) * (len(configs) + (1 if compare else 0)), desc=desc, disable=not progress,
                unit="fwd")
     replay = _block_replay(model, list(configs) + ([None] if compare else []), layer, module_path, replay_blocks)
@@ -532,6 +602,7 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
         batch = [seqs[i] for i in group]
         seg = torch.tensor([s.n_scored for s in batch])
         owner = torch.repeat_interleave(torch.arange(len(batch)), seg)
+        last = torch.tensor([s.last_prompt for s in batch])
         base = None
         if replay is not None:
             replay.reset()
@@ -540,14 +611,22 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
             base = base.cpu()
             base_arg = base.argmax(-1)
             bar.update()
-        for k, cfg in enumerate(configs):
-            if cfg is None and base is not None:
-                logp = base
+        unsteered = base
+        for k in _unsteered_first(configs):
+            cfg = configs[k]
+            vectors = _replayed_vectors(replay, cfg, mode, backend, last)
+            if cfg is None and unsteered is not None:
+                logp = unsteered
+            elif _all_zero(vectors):
+                logp = unsteered
+                bar.update()
             else:
                 logp, targets = _forward_logprobs(model, batch, cfg, layer, mode, backend, pad_id, module_path,
-                                                  replay)
+                                                  replay, vectors)
                 logp = logp.cpu()
                 bar.update()
+            if cfg is None:
+                unsteered = logp
             tok_lp = logp.gather(-1, targets.cpu().unsqueeze(-1)).squeeze(-1).double()
             lp[k][group] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, owner, tok_lp)
             if compare:
