@@ -463,8 +463,13 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
         return ({layer: hit[f"queries_{layer}"] for layer in layers},
                 {layer: hit[f"deltas_{layer}"] for layer in layers})
 
-    queries = last_token_states(model, tokenizer, prompts, layers, batch_size, cache_file=None, progress=progress,
-                                padding_side=padding_side, module_path=module_path, prompt_format=fmt)
+    # Several pairs often share a prompt (e.g. many written responses per prompt): run each once.
+    unique = list(dict.fromkeys(prompts))
+    row_of = {p: r for r, p in enumerate(unique)}
+    states = last_token_states(model, tokenizer, unique, layers, batch_size, cache_file=None, progress=progress,
+                               padding_side=padding_side, module_path=module_path, prompt_format=fmt)
+    index = torch.tensor([row_of[p] for p in prompts], dtype=torch.long)
+    queries = {layer: states[layer][index] for layer in layers}
 
     def reduce_for(rows, offsets, S):
         w = torch.zeros(len(rows), S)

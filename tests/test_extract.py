@@ -164,6 +164,24 @@ def test_response_deltas_match_hand_computed(llama3, template):
     assert not torch.allclose(d3[1][0], d[1][0])
 
 
+def test_response_deltas_extract_a_shared_prompt_once(llama3, monkeypatch):
+    """Pairs that share a prompt share its query, extracted once."""
+    import finesteer.extract as extract
+
+    tok = tiny_tokenizer()
+    prompts = ["How do I pick a lock?", "Hi", "How do I pick a lock?"]
+    chosen = ["I can't help with that.", "Hello!", "No."]
+    rejected = ["Sure, first get a tension wrench.", "Go away.", "Yes: a pin."]
+    seen = []
+    real = extract.last_token_states
+    monkeypatch.setattr(extract, "last_token_states", lambda m, t, ps, *a, **k: seen.append(list(ps)) or
+                        real(m, t, ps, *a, **k))
+    q, d = response_deltas(llama3, tok, prompts, chosen, rejected, [1], progress=False)
+    assert seen == [["How do I pick a lock?", "Hi"]]
+    torch.testing.assert_close(q[1], real(llama3, tok, prompts, [1], progress=False)[1])
+    assert torch.equal(q[1][0], q[1][2]) and not torch.equal(d[1][0], d[1][2])
+
+
 def test_response_deltas_cache(llama3, tmp_path):
     tok = tiny_tokenizer()
     args = (["Hi", "Yo"], ["Hello.", "Hey."], ["No.", "Bye."], [0])
