@@ -37,6 +37,14 @@ path; there a replayed prompt pass gets the unsteered pass's key/value cache ent
 blocks copied in (where the cache keeps a per-block list, transformers ≥ 4.56; otherwise the prompt
 pass runs in full).
 
+The same recording decides which steered forwards need not run at all. In prompt mode the vectors
+a configuration adds are a function of that recorded output at the last prompt tokens, so they are
+computed from it before the forward (and handed to the hook, so the forward adds exactly those).
+When every one of them is exactly zero (hard gates closed on every prompt of the batch), the
+operator leaves the hidden states bit-identical (DESIGN §4) and the forward would repeat the
+unsteered one; its scores are the unsteered scores. ``batch_key`` lets the caller put prompts whose
+gates are expected to close together in the same batches.
+
 Logits are computed only at the positions that are scored: a forward pre-hook on the model's output
 embedding (``model.get_output_embeddings()``, the LM head) gathers those rows first, so a 262k-word
 vocabulary costs ``d × V`` per scored token instead of per sequence position. Whatever the model does
