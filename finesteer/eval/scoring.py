@@ -625,6 +625,7 @@ def score_sequences(model, seqs: Sequence[ScoredSeq], configs: Sequence, layer: 
             vectors = _replayed_vectors(replay, cfg, mode, backend, last)
             if cfg is None and unsteered is not None:
                 logp = unsteered
+                bar.update()
             elif _all_zero(vectors):
                 logp = unsteered
                 bar.update()
