@@ -39,7 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 #: Settings of the README's Quality section. Layer, gate method and operating point were chosen on
 #: the development rows of the validation files (the first half of each: benchmarks/quality/
 #: gate_study.py, docs/quality.md); the runs score the second half (eval_start), which no choice
-#: looked at. With these subset sizes one task takes 40–51 min with one thread on 2 cores (docs/quality.md).
+#: looked at. With these subset sizes one task takes 26–30 min with one thread on 2 cores (docs/quality.md).
 DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5, strengths="1,2,4,8,16",
                 limit_train=1000, limit_pairs=300, limit_eval=40, limit_truthfulqa=100, openings_per_side=3,
                 continuation_tokens=8, pairs_per_prompt=8)
