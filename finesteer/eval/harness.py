@@ -223,10 +223,11 @@ class _Run:
         [P, d] (prompt mode; else one pattern for all). Scoring batches prompts of one pattern
         together, so a gate closed on a whole batch skips that batch's steered forward."""
         gates = []
-        for c in configs:
-            if (c is not None and c.gate is not None and c.gate_mode == "hard" and self.cfg.mode == "prompt"
-                    and all(c.gate is not g for g in gates)):
-                gates.append(c.gate)
+        if self.cfg.mode == "prompt":  # token mode steers every position by its own gate: nothing skips
+            for c in configs:
+                hard = c is not None and c.gate is not None and c.gate_mode == "hard"
+                if hard and all(c.gate is not g for g in gates):
+                    gates.append(c.gate)
         if not gates:
             return [()] * h_prompts.shape[0]
         opens = torch.stack([g.score(h_prompts) > g.threshold for g in gates], dim=1)
