@@ -285,6 +285,15 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     assert caa["benign_kl"] > 0 and caa["target_gate_open"] == 1.0
     bset = result.sets["benign"]
     assert "reference_logprob_per_token" in bset["results"]["caa"]["4.0"]
+    # per-prompt values, in the set's order, average to the reported means
+    for name, ps in result.sets.items():
+        r = ps["results"]["caa"]["4.0"]
+        per = r["per_prompt"]
+        assert len(per["margin_shift"]) == ps["n"]
+        assert sum(per["margin_shift"]) / ps["n"] == pytest.approx(r["margin_shift"], abs=1e-5)
+        assert ("kl" in per) == (ps["role"] == "benign")
+        if "kl" in per:
+            assert sum(per["kl"]) / ps["n"] == pytest.approx(r["kl"], abs=1e-5) and min(per["kl"]) >= 0
     assert set(bset["gate"]) == {"cast", "scs_mean", "finesteer"}
     assert set(result.fit["delta_prediction_heldout"]) == {"mean_vector", "alphasteer", "mose"}
     assert "iti_head_intervention" in result.not_expressible

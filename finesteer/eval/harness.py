@@ -103,6 +103,11 @@ def _same_file(a: Optional[str], b: Optional[str]) -> bool:
         return a == b
 
 
+def _rounded(values: torch.Tensor, digits: int = 6) -> List[float]:
+    """A 1-D tensor as a JSON-friendly list, rounded to ``digits`` decimals (keeps eval.json small)."""
+    return [round(float(v), digits) for v in values.double().reshape(-1).tolist()]
+
+
 def _limit(rows: list, limit: Optional[int]) -> list:
     return rows if limit is None else rows[:limit]
 
@@ -404,10 +409,13 @@ class _Run:
         results = {}
         for k, (name, lam, _) in enumerate(self.configs):
             r = metrics.margin_stats(margins[k], base_margin)
+            # Per prompt, in the set's order, so a reader can re-pool or re-gate the results offline.
+            r["per_prompt"] = {"margin_shift": _rounded(margins[k] - base_margin)}
             if util is not None:
                 sc = util[1][k]
                 r["kl"] = float(sc.kl.mean())
                 r["greedy_identical"] = float(sc.identical.double().mean())
+                r["per_prompt"]["kl"] = _rounded(sc.kl)
             if refs is not None:
                 base, rest = refs
                 per_tok = rest[k].logprob / rest[k].n_tokens

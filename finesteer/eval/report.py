@@ -2,7 +2,7 @@
 
 Files written by :func:`write_reports` into one directory:
 
-- ``eval.json`` — everything measured (per-prompt gate scores included);
+- ``eval.json`` — everything measured (per-prompt gate scores, margin shifts and KL included);
 - ``eval.md`` — the summary table (one row per method × strength), fit statistics and timings;
 - ``curve.png`` — the refusal-vs-utility curve: target margin shift against benign KL and against
   benign margin shift, one line per method over λ (the plot a reader looks at first);
