@@ -34,7 +34,7 @@ class CalibrationReport:
 
     def __str__(self) -> str:  # printed by the CLI
         return (
-            f"tau={self.threshold:.4f}  TPR={self.tpr:.3f}  FPR={self.fpr:.3f}  "
+            f"tau={self.threshold:.4g}  TPR={self.tpr:.3f}  FPR={self.fpr:.3f}  "
             f"AUROC={self.auroc:.3f}  (held-out: {self.n_target} target, {self.n_benign} benign; "
             f"max benign FPR {self.max_benign_fpr})"
         )

@@ -372,3 +372,12 @@ def test_probe_gate_decisions_are_the_same_in_every_backend(dtype):
         out = fs.steer(h, st, backend=backend)
         opened = (out.float() - h.float()).abs().amax(1) > 0
         assert torch.equal(opened[clear], expected[clear]), backend
+
+
+def test_calibration_report_prints_a_tiny_threshold_readably():
+    # probe gates calibrate τ around 1e-7 on real models; a fixed-point format printed it as 0.0000
+    from finesteer.gate import CalibrationReport
+
+    text = str(CalibrationReport(threshold=2.835e-7, tpr=0.8, fpr=0.05, auroc=0.9, n_target=10, n_benign=10,
+                                 max_benign_fpr=0.05))
+    assert "tau=2.835e-07" in text
