@@ -17,9 +17,9 @@ method          gate g(h)                                     vector
                                                               map ≈ 1 on target prompts (ridge); Q_b = the
                                                               benign principal subspace. Linear β is exact in
                                                               the relu MLP: β = [I, −I] relu([M; −M] h) = M h
-``scs_mean``    the fitted SCS gate (hard)                    δ̄
+``scs_mean``    the fitted SCS gate (hard, or soft)           δ̄
 ``mose_nogate`` off                                           the fitted MoSE
-``finesteer``   the fitted SCS gate (hard)                    the fitted MoSE
+``finesteer``   the fitted SCS gate (hard, or soft)           the fitted MoSE
 =============== ============================================= ================================================
 
 A linear-probe gate (g = 1[wᵀh + b > 0], as in ITI-style probing) fits the operator too, although
@@ -141,15 +141,21 @@ def alphasteer_mose(target: torch.Tensor, benign: torch.Tensor, delta: torch.Ten
 
 def build_methods(data: FitData, names: Sequence[str], layer: int, gate: Optional[SCSGate] = None,
                   mose: Optional[MoSE] = None, max_benign_fpr: float = 0.05, calib_fraction: float = 0.2,
-                  seed: int = 0) -> Dict[str, Optional[Steerer]]:
+                  seed: int = 0, gate_mode: str = "hard", temperature: Optional[float] = None) -> Dict[str, Optional[Steerer]]:
     """Build the steerers (strength 1) of ``names`` from ``data``; ``unsteered`` maps to ``None``.
 
     ``gate`` / ``mose``: the fitted FineSteer SCS gate and MoSE (needed by ``scs_mean``,
-    ``mose_nogate`` and ``finesteer``).
+    ``mose_nogate`` and ``finesteer``). ``gate_mode``: how ``scs_mean`` and ``finesteer`` use that
+    gate, ``"hard"`` or ``"soft"`` with ``temperature`` (in score units); CAST keeps its hard threshold.
     """
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if gate_mode not in ("hard", "soft"):
+        raise ValueError(f"gate_mode must be 'hard' or 'soft', got {gate_mode!r}")
+    if gate_mode == "soft" and not (temperature is not None and temperature > 0):
+        raise ValueError(f"a soft gate needs a temperature > 0, got {temperature!r}")
+    gated = {"gate_mode": "hard"} if gate_mode == "hard" else {"gate_mode": "soft", "temperature": temperature}
     dbar = data.deltas.double().mean(0).float()
     out: Dict[str, Optional[Steerer]] = {}
     for name in names:
@@ -167,11 +173,11 @@ def build_methods(data: FitData, names: Sequence[str], layer: int, gate: Optiona
         elif name == "alphasteer":
             out[name] = Steerer(mose=alphasteer_mose(data.target, data.benign, dbar), layer=layer)
         elif name == "scs_mean":
-            out[name] = Steerer(gate=gate, mose=mean_vector_mose(dbar), layer=layer, gate_mode="hard")
+            out[name] = Steerer(gate=gate, mose=mean_vector_mose(dbar), layer=layer, **gated)
         elif name == "mose_nogate":
             out[name] = Steerer(mose=mose, layer=layer)
         elif name == "finesteer":
-            out[name] = Steerer(gate=gate, mose=mose, layer=layer, gate_mode="hard")
+            out[name] = Steerer(gate=gate, mose=mose, layer=layer, **gated)
     return out
 
 

@@ -173,6 +173,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gate threshold: the largest allowed held-out benign FPR (default: 0.05)")
     f.add_argument("--calib-fraction", type=float, default=0.2, help="gate prompts held out to calibrate τ "
                                                                      "(default: 0.2)")
+    f.add_argument("--gate-mode", default="hard", choices=["hard", "soft"],
+                   help="gate of scs_mean and finesteer: hard, 1[score > τ], leaves closed prompts exactly "
+                        "untouched (default); soft, sigmoid((score − τ)/T)")
+    f.add_argument("--gate-temperature", type=float, default=0.5,
+                   help="soft gate T in units of the std of the gate's scores on the benign training prompts "
+                        "(default: 0.5)")
     f.add_argument("--k-min", type=int, default=4, help="fewest MoSE experts K tried (default: 4)")
     f.add_argument("--k-max", type=int, default=10, help="most MoSE experts K tried (default: 10)")
     f.add_argument("--residual-dim", type=int, default=10, help="MoSE residual basis size m (default: 10)")
@@ -215,7 +221,7 @@ def config_from_args(args):
         eval_start=args.eval_start,
         holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
         scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
-        mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
+        gate_mode=args.gate_mode, gate_temperature=args.gate_temperature, mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
         prompt_format=args.prompt_format, module_path=args.layers_path,
         cache_dir=args.cache_dir or str(Path(args.output_dir) / "cache"), progress=not args.quiet)
 

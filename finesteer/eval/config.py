@@ -58,6 +58,12 @@ class EvalConfig:
         generate: also generate greedy answers with the steerer attached and report keyword refusal
             rates (for instruct models); generate_tokens, limit_generate bound the cost.
     Methods: ``methods`` ⊆ :data:`~finesteer.eval.baselines.METHODS`; ``strengths`` the λ grid.
+    Gate shape of the SCS-gated methods (``scs_mean``, ``finesteer``; CAST keeps its hard threshold):
+        gate_mode: ``"hard"`` (g = 1[s > τ]: a closed gate leaves a prompt exactly untouched) or
+            ``"soft"`` (g = sigmoid((s − τ)/T), DESIGN §2).
+        gate_temperature: T of the soft gate in units of the standard deviation of the fitted gate's
+            scores on the benign training prompts (scores of a probe gate are ~1e-7, so an absolute
+            temperature would mean nothing across models).
     Fit options: delta_positions, rank, scs_method, benign_rank, max_benign_fpr, calib_fraction, mose_options
     (keyword arguments of :func:`finesteer.fit_mose`), holdout_fraction (pairs held out to measure how
     well each method predicts response shifts; the steerers are fitted on the rest), seed.
@@ -94,6 +100,8 @@ class EvalConfig:
     benign_rank: Optional[int] = None
     max_benign_fpr: float = 0.05
     calib_fraction: float = 0.2
+    gate_mode: str = "hard"
+    gate_temperature: float = 0.5
     mose_options: Dict = field(default_factory=dict)
     seed: int = 0
     mode: str = "prompt"
@@ -118,6 +126,10 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.methods: unknown or empty {list(unknown)}; choose from {', '.join(METHODS)}")
         if not self.strengths or any(not (s > 0) for s in self.strengths):
             raise ValueError(f"EvalConfig.strengths must be positive numbers, got {list(self.strengths)}")
+        if self.gate_mode not in ("hard", "soft"):
+            raise ValueError(f"EvalConfig.gate_mode must be 'hard' or 'soft', got {self.gate_mode!r}")
+        if not (self.gate_temperature > 0) or self.gate_temperature == float("inf"):
+            raise ValueError(f"EvalConfig.gate_temperature must be a finite number > 0, got {self.gate_temperature}")
         if self.mode not in ("prompt", "token"):
             raise ValueError(f"EvalConfig.mode must be 'prompt' or 'token', got {self.mode!r}")
         names = [s.name for s in self.eval_sets]

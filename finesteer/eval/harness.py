@@ -103,6 +103,17 @@ def _same_file(a: Optional[str], b: Optional[str]) -> bool:
         return a == b
 
 
+def soft_gate_temperature(gate, benign: torch.Tensor, relative: float) -> float:
+    """The soft gate's temperature in score units: ``relative`` × the standard deviation of ``gate``'s
+    scores on the benign training states ``benign`` [N, d] (how widely the gate's scores spread
+    where it should stay closed; a probe gate's scores are ~1e-7, an energy gate's ~0.1)."""
+    spread = float(gate.score(benign).double().std())
+    if not spread > 0:
+        raise ValueError("soft gate: the gate's scores on the benign training prompts do not vary, so a "
+                         "temperature relative to their spread is undefined; use gate_mode='hard'")
+    return relative * spread
+
+
 def _rounded(values: torch.Tensor, digits: int = 6) -> List[float]:
     """A 1-D tensor as a JSON-friendly list, rounded to ``digits`` decimals (keeps eval.json small)."""
     return [round(float(v), digits) for v in values.double().reshape(-1).tolist()]
@@ -279,9 +290,10 @@ class _Run:
             opts.setdefault("progress", cfg.progress)
             mose = fit_mose(q[~held], d[~held], **opts)
             data = FitData(target=h_t, benign=h_b, queries=q[~held], deltas=d[~held])
+            temperature = soft_gate_temperature(gate, h_b, cfg.gate_temperature) if cfg.gate_mode == "soft" else None
             methods = build_methods(data, self.cfg.methods, cfg.layer, gate=gate, mose=mose,
                                     max_benign_fpr=cfg.max_benign_fpr, calib_fraction=cfg.calib_fraction,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, gate_mode=cfg.gate_mode, temperature=temperature)
         # How well each distinct vector field predicts held-out response shifts (the gate aside):
         # the mean vector (CAA, CAST, SCS + mean), the AlphaSteer map, the MoSE.
         fields = {"mean_vector": mean_vector_mose(d[~held].double().mean(0).float()), "mose": mose}
@@ -293,7 +305,8 @@ class _Run:
         pred = {name: metrics.delta_prediction(f.vector(q_held.float()), d_held) for name, f in fields.items()}
         fit = {"n_target": len(inputs.target), "n_benign": len(inputs.benign), "n_pairs_fit": int((~held).sum()),
                "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": int(q_held.shape[0]),
-               "gate": gate.report.to_dict(),
+               "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode,
+                        **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
                "mose": {k: v for k, v in (mose.fit_stats or {}).items() if isinstance(v, (int, float, str, list))},
                "delta_prediction_heldout": pred}
         if "cast" in methods:
