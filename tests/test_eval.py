@@ -338,7 +338,7 @@ def test_probe_gate_runs_through_the_harness(llama, files, tmp_path):
 
 def test_soft_gate_temperature_is_relative_to_the_benign_score_spread(llama, files, tmp_path):
     from finesteer import SCSGate
-    from finesteer.eval.harness import _Inputs, _Run, soft_gate_temperature
+    from finesteer.eval.harness import _Inputs, _Run, benign_score_spread, soft_gate_temperature
 
     cfg = _config(files, tmp_path, scs_method="probe", rank=None, truthfulqa=None, gate_mode="soft",
                   gate_temperature=0.25, methods=("unsteered", "cast", "scs_mean", "finesteer"), strengths=(2.0,))
@@ -353,12 +353,13 @@ def test_soft_gate_temperature_is_relative_to_the_benign_score_spread(llama, fil
     assert run.methods["cast"].gate_mode == "hard"  # CAST's condition stays a threshold
     assert run.result.fit["gate"]["mode"] == "soft"
     assert run.result.fit["gate"]["temperature"] == pytest.approx(0.25 * spread, rel=1e-12)
+    assert run.result.fit["gate"]["benign_score_std"] == pytest.approx(spread, rel=1e-12)
     # a soft gate is never exactly closed: every benign training prompt is steered a little
     g = run.methods["finesteer"].gate_value(h_b)
     assert bool((g > 0).all()) and bool((g < 1).all())
     constant = SCSGate(P=gate.P, mu=gate.mu, threshold=gate.threshold)
     with pytest.raises(ValueError, match="do not vary"):
-        soft_gate_temperature(constant, h_b[:1].expand(4, -1), 0.5)
+        soft_gate_temperature(benign_score_spread(constant, h_b[:1].expand(4, -1)), 0.5)
 
 
 def test_several_benign_files_are_pooled(files, tmp_path):

@@ -1,5 +1,6 @@
 """The quality study scripts' own logic, on hand-made inputs (no model): borderline_bound.py (the
-per-opened decomposition and the dominance boxes) and mose_splits.py (re-splitting pairs by prompt)."""
+per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt) and
+gate_shape.py (re-gating per-prompt CAA curves)."""
 import importlib.util
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def bound():
 @pytest.fixture(scope="module")
 def splits():
     return _load("mose_splits")
+
+
+@pytest.fixture(scope="module")
+def shape():
+    return _load("gate_shape")
 
 
 def _sets(p, f, fs, caa):
@@ -91,3 +97,49 @@ def test_mose_splits_rejects_a_cache_without_one_layer(splits, tmp_path):
     save_file({"deltas_3": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match="expected one queries_<layer>"):
         splits.load_pairs(str(path))
+
+
+def _per_prompt_sets():
+    """Two prompts per set; CAA per-prompt curves at λ = 1, 2 (KL on the benign set only)."""
+    def res(shifts, kls=None):
+        out = {}
+        for k, lam in enumerate(("1.0", "2.0")):
+            pp = {"margin_shift": [row[k] for row in shifts]}
+            r = {"margin_shift": sum(pp["margin_shift"]) / len(shifts)}
+            if kls is not None:
+                pp["kl"] = [row[k] for row in kls]
+                r["kl"] = sum(pp["kl"]) / len(kls)
+            out[lam] = {**r, "per_prompt": pp}
+        return out
+
+    return {"harmful": {"role": "target", "results": {"caa": res([[2.0, 4.0], [1.0, 3.0]])}},
+            "borderline": {"role": "benign", "results": {"caa": res([[1.0, 2.0], [3.0, 5.0]],
+                                                                    [[0.1, 0.4], [0.2, 1.0]])}}}
+
+
+def test_gate_shape_reads_each_prompt_at_its_own_strength(shape):
+    sets = _per_prompt_sets()
+    lams, vals = shape.curves(sets["harmful"]["results"]["caa"], "margin_shift")
+    assert lams.tolist() == [0.0, 1.0, 2.0] and vals[0].tolist() == [0.0, 0.0]
+    # prompt 0 at 1.5 (between its 2 and 4), prompt 1 at 0.5 (between 0 and its 1), and beyond the grid
+    got = shape.read_at(lams, vals, torch.tensor([1.5, 0.5], dtype=torch.float64))
+    assert got.tolist() == [3.0, 0.5]
+    assert shape.read_at(lams, vals, torch.tensor([3.0, 3.0], dtype=torch.float64)).tolist() == [6.0, 5.0]
+    # a hard gate that opens on prompt 0 of each set: set means are half of that prompt's values
+    gate = {"harmful": torch.tensor([1.0, 0.0], dtype=torch.float64),
+            "borderline": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    rows = shape.simulate(sets, gate, [2.0], ["borderline"])
+    assert rows == [{"method": "sim", "strength": 2.0, "target_margin_shift": 2.0, "benign_kl": 0.2,
+                     "benign_margin_shift": 1.0}]
+
+
+def test_gate_shape_dominance_uses_the_report_rule(shape):
+    sets = _per_prompt_sets()
+    base = shape.caa_rows(sets, ["borderline"], points=(1.0, 2.0))
+    assert [r["target_margin_shift"] for r in base] == [1.5, 3.5]
+    # gate open on harmful prompt 0 only: at λ = 2 it moves the target set 2.0 ≥ CAA λ = 1's 1.5, with
+    # borderline KL 0 < 0.15 and shift 0 < 2; nothing it reaches matches CAA λ = 2 (3.5)
+    gate = {"harmful": torch.tensor([1.0, 0.0], dtype=torch.float64),
+            "borderline": torch.tensor([0.0, 0.0], dtype=torch.float64)}
+    rows = shape.simulate(sets, gate, [1.0, 2.0], ["borderline"])
+    assert shape.dominated(rows, base) == [1.0]

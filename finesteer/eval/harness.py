@@ -103,11 +103,16 @@ def _same_file(a: Optional[str], b: Optional[str]) -> bool:
         return a == b
 
 
-def soft_gate_temperature(gate, benign: torch.Tensor, relative: float) -> float:
-    """The soft gate's temperature in score units: ``relative`` × the standard deviation of ``gate``'s
-    scores on the benign training states ``benign`` [N, d] (how widely the gate's scores spread
-    where it should stay closed; a probe gate's scores are ~1e-7, an energy gate's ~0.1)."""
-    spread = float(gate.score(benign).double().std())
+def benign_score_spread(gate, benign: torch.Tensor) -> float:
+    """The standard deviation of ``gate``'s scores on the benign training states ``benign`` [N, d]:
+    how widely its scores spread where it should stay closed (a probe gate's are ~1e-7 apart, an
+    energy gate's ~0.1), the unit of the soft gate's temperature."""
+    return float(gate.score(benign).double().std())
+
+
+def soft_gate_temperature(spread: float, relative: float) -> float:
+    """The soft gate's temperature in score units: ``relative`` × ``spread``
+    (:func:`benign_score_spread`)."""
     if not spread > 0:
         raise ValueError("soft gate: the gate's scores on the benign training prompts do not vary, so a "
                          "temperature relative to their spread is undefined; use gate_mode='hard'")
@@ -290,7 +295,8 @@ class _Run:
             opts.setdefault("progress", cfg.progress)
             mose = fit_mose(q[~held], d[~held], **opts)
             data = FitData(target=h_t, benign=h_b, queries=q[~held], deltas=d[~held])
-            temperature = soft_gate_temperature(gate, h_b, cfg.gate_temperature) if cfg.gate_mode == "soft" else None
+            spread = benign_score_spread(gate, h_b)
+            temperature = soft_gate_temperature(spread, cfg.gate_temperature) if cfg.gate_mode == "soft" else None
             methods = build_methods(data, self.cfg.methods, cfg.layer, gate=gate, mose=mose,
                                     max_benign_fpr=cfg.max_benign_fpr, calib_fraction=cfg.calib_fraction,
                                     seed=cfg.seed, gate_mode=cfg.gate_mode, temperature=temperature)
@@ -305,7 +311,7 @@ class _Run:
         pred = {name: metrics.delta_prediction(f.vector(q_held.float()), d_held) for name, f in fields.items()}
         fit = {"n_target": len(inputs.target), "n_benign": len(inputs.benign), "n_pairs_fit": int((~held).sum()),
                "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": int(q_held.shape[0]),
-               "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode,
+               "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode, "benign_score_std": spread,
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
                "mose": {k: v for k, v in (mose.fit_stats or {}).items() if isinstance(v, (int, float, str, list))},
                "delta_prediction_heldout": pred}
