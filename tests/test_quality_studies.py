@@ -135,7 +135,7 @@ def test_gate_shape_reads_each_prompt_at_its_own_strength(shape):
 
 def test_gate_shape_dominance_uses_the_report_rule(shape):
     sets = _per_prompt_sets()
-    base = shape.caa_rows(sets, ["borderline"], points=(1.0, 2.0))
+    base = shape.pooled_rows(sets, "caa", ["borderline"], points=(1.0, 2.0))
     assert [r["target_margin_shift"] for r in base] == [1.5, 3.5]
     # gate open on harmful prompt 0 only: at λ = 2 it moves the target set 2.0 ≥ CAA λ = 1's 1.5, with
     # borderline KL 0 < 0.15 and shift 0 < 2; nothing it reaches matches CAA λ = 2 (3.5)
@@ -143,3 +143,18 @@ def test_gate_shape_dominance_uses_the_report_rule(shape):
             "borderline": torch.tensor([0.0, 0.0], dtype=torch.float64)}
     rows = shape.simulate(sets, gate, [1.0, 2.0], ["borderline"])
     assert shape.dominated(rows, base) == [1.0]
+
+
+def test_dev_tradeoff_lists_dominated_and_unreached_caa_points():
+    tradeoff = _load("dev_tradeoff")
+    sets = _per_prompt_sets()
+    # FineSteer as a hard gate open on harmful prompt 0 only (borderline closed): its results are
+    # CAA's for that prompt, halved over the set, and zero on the borderline set
+    caa = sets["harmful"]["results"]["caa"]
+    sets["harmful"]["results"]["finesteer"] = {
+        lam: {"margin_shift": r["per_prompt"]["margin_shift"][0] / 2} for lam, r in caa.items()}
+    sets["borderline"]["results"]["finesteer"] = {lam: {"margin_shift": 0.0, "kl": 0.0} for lam in caa}
+    got = tradeoff.summarise({"sets": sets}, grid=(1.0, 2.0))
+    # targets: FineSteer 1.0 / 2.0, CAA 1.5 / 3.5 → CAA λ = 1 matched by FineSteer λ = 2, CAA λ = 2 never
+    assert got == {"pooled benign": {"dominated": [1.0], "unreached": [2.0], "compared": 2},
+                   "borderline": {"dominated": [1.0], "unreached": [2.0], "compared": 2}}

@@ -81,14 +81,16 @@ def simulate(sets: dict, gate_of: dict, strengths, benign: list) -> list:
     return rows
 
 
-def caa_rows(sets: dict, benign: list, points=CAA_POINTS) -> list:
-    """CAA's own rows at ``points``, benign columns pooled over ``benign``."""
+def pooled_rows(sets: dict, method: str, benign: list, points=None) -> list:
+    """``method``'s rows (as ``EvalResult.rows``) at ``points`` (None: every strength it was run at),
+    target columns pooled over the target sets and benign columns over the benign sets in ``benign``."""
+    per = next(iter(sets.values()))["results"][method]
     rows = []
-    for lam in points:
-        rs = {n: s["results"]["caa"][str(lam)] for n, s in sets.items()}
+    for lam in sorted(float(k) for k in per) if points is None else points:
+        rs = {n: s["results"][method][str(float(lam))] for n, s in sets.items()}
         tgt = [r["margin_shift"] for n, r in rs.items() if sets[n]["role"] == "target"]
         ben = [r for n, r in rs.items() if n in benign]
-        rows.append({"method": "caa", "strength": lam, "target_margin_shift": sum(tgt) / len(tgt),
+        rows.append({"method": method, "strength": lam, "target_margin_shift": sum(tgt) / len(tgt),
                      "benign_kl": sum(r["kl"] for r in ben) / len(ben),
                      "benign_margin_shift": sum(r["margin_shift"] for r in ben) / len(ben)})
     return rows
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
         entry = {"shape": label, "temperature_in_std": t, "mean_gate": mean_g, "views": {}}
         for view, benign in views.items():
             rows = simulate(sets, gate_of, strengths, benign)
-            entry["views"][view] = {"dominated_caa_strengths": dominated(rows, caa_rows(sets, benign, points)), "rows": rows}
+            entry["views"][view] = {"dominated_caa_strengths": dominated(rows, pooled_rows(sets, "caa", benign, points)), "rows": rows}
         print(f"{label:>16}: dominates CAA at " + "; ".join(f"{v}: {e['dominated_caa_strengths']}"
                                                            for v, e in entry["views"].items()) + f"  (mean gate {mean_g})")
         table.append(entry)
