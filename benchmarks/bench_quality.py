@@ -39,10 +39,17 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 #: Settings of the README's Quality section. Layer, gate method and operating point were chosen on
 #: the development rows of the validation files (the first half of each: benchmarks/quality/
 #: gate_study.py, docs/quality.md); the runs score the second half (eval_start), which no choice
-#: looked at. With these subset sizes one task takes 26–30 min with one thread on 2 cores (docs/quality.md).
-DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5, strengths="1,2,4,8,16",
+#: looked at. With these subset sizes one task takes 25–45 min with one thread on 2 cores, depending on
+#: the machine (docs/quality.md gives each run's parts).
+DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5,
                 limit_train=1000, limit_pairs=300, limit_eval=40, limit_truthfulqa=100, openings_per_side=3,
                 continuation_tokens=8, pairs_per_prompt=8)
+#: The safety run measures the refusal-vs-utility curve on a finer λ grid: FineSteer's gate opens on
+#: about half of the harmful prompts, so it matches CAA's target shift at some 2–4× CAA's λ, and the
+#: point-by-point comparison needs strengths between the powers of two to find that point.
+SAFETY = dict(strengths="1,1.5,2,3,4,6,8,12,16")
+#: The over-refusal run's grid.
+OVERREFUSAL = dict(strengths="1,2,4,8,16")
 #: The truthfulness run scores every method on every TruthfulQA answer, its most expensive step:
 #: fewer strengths, and AlphaSteer (a safety baseline) left out.
 TRUTHFULNESS = dict(strengths="2,4,8", methods="unsteered,caa,cast,scs_mean,mose_nogate,finesteer")
@@ -58,26 +65,35 @@ def _gemma_gguf() -> str:
     return str(pkg.assemble())
 
 
+#: Each task's λ grid, unless --strengths is given.
+TASK_STRENGTHS = {"safety": SAFETY["strengths"], "truthfulness": TRUTHFULNESS["strengths"],
+                  "overrefusal": OVERREFUSAL["strengths"]}
+
+
 def task_args(task: str, a) -> list:
     s = DATA / "safety"
     tqa = DATA / "truthfulqa" / "train.jsonl"
     common = ["--layer", str(a.layer), "--scs-method", a.scs_method, "--max-benign-fpr", str(a.max_benign_fpr),
-              "--eval-start", str(a.eval_start), "--strengths", a.strengths, "--limit-train", str(a.limit_train),
+              "--eval-start", str(a.eval_start), "--strengths", a.strengths or TASK_STRENGTHS[task],
+              "--limit-train", str(a.limit_train),
               "--limit-pairs", str(a.limit_pairs), "--limit-eval", str(a.limit_eval),
               "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":
         # The gate's benign side pools ordinary instructions and CoCoNot's benign-but-sensitive
         # requests (prompts only), so it learns to stay closed on sensitive-sounding benign prompts.
-        return common + ["--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
+        # δ averages the first 6 response tokens, where the refusal decision sits: on the development
+        # rows that gave every method a steadier margin per unit of benign KL than all tokens (CAA's
+        # margin no longer stalls and dips between λ = 2 and 6) and FineSteer the best trade-off of
+        # 2, 4, 6, 8 and all tokens (docs/quality.md).
+        return common + ["--delta-positions", "6",
+                         "--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
                          "--target", str(s / "harmful_train.jsonl"),
                          "--benign", str(s / "benign_train.jsonl"), str(s / "coconot_pref.jsonl"),
                          "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
                          "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
     if task == "truthfulness":
-        if a.strengths == DEFAULTS["strengths"]:  # unless --strengths was given
-            common[common.index("--strengths") + 1] = TRUTHFULNESS["strengths"]
         return common + ["--methods", TRUTHFULNESS["methods"], "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
@@ -102,6 +118,10 @@ def main(argv=None) -> int:
                         "~/.cache/finesteer/bench_quality/<task>)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--strengths", default=None,
+                   help="comma-separated λ grid of every task (default: each task's own; safety "
+                        f"{SAFETY['strengths']}, truthfulness {TRUTHFULNESS['strengths']}, "
+                        f"over-refusal {OVERREFUSAL['strengths']})")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `finesteer eval` options, after --")
     a = p.parse_args(argv)
     if not DATA.is_dir():
