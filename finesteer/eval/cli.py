@@ -221,7 +221,8 @@ def config_from_args(args):
         eval_start=args.eval_start,
         holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
         scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
-        gate_mode=args.gate_mode, gate_temperature=args.gate_temperature, mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
+        gate_mode=args.gate_mode, gate_temperature=args.gate_temperature,
+        mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
         prompt_format=args.prompt_format, module_path=args.layers_path,
         cache_dir=args.cache_dir or str(Path(args.output_dir) / "cache"), progress=not args.quiet)
 
