@@ -44,15 +44,13 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5,
                 limit_train=1000, limit_pairs=300, limit_eval=40, limit_truthfulqa=100, openings_per_side=3,
                 continuation_tokens=8, pairs_per_prompt=8)
-#: The safety run measures the refusal-vs-utility curve on a finer λ grid: FineSteer's gate opens on
-#: about half of the harmful prompts, so it matches CAA's target shift at some 2–4× CAA's λ, and the
-#: point-by-point comparison needs strengths between the powers of two to find that point.
-SAFETY = dict(strengths="1,1.5,2,3,4,6,8,12,16")
-#: The over-refusal run's grid.
-OVERREFUSAL = dict(strengths="1,2,4,8,16")
-#: The truthfulness run scores every method on every TruthfulQA answer, its most expensive step:
-#: fewer strengths, and AlphaSteer (a safety baseline) left out.
-TRUTHFULNESS = dict(strengths="2,4,8", methods="unsteered,caa,cast,scs_mean,mose_nogate,finesteer")
+#: Each task's λ grid, unless --strengths is given. Safety measures the refusal-vs-utility curve on a
+#: finer grid: FineSteer's gate opens on about half of the harmful prompts, so it matches CAA's target
+#: shift at some 2–4× CAA's λ, and the point-by-point comparison needs strengths between the powers
+#: of two to find that point. Truthfulness scores every method on every TruthfulQA answer, its most
+#: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
+TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
+TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 
 
 def _gemma_gguf() -> str:
@@ -63,11 +61,6 @@ def _gemma_gguf() -> str:
               "(pip install 'finesteer[eval]'), and no --model was given")
         sys.exit(0)
     return str(pkg.assemble())
-
-
-#: Each task's λ grid, unless --strengths is given.
-TASK_STRENGTHS = {"safety": SAFETY["strengths"], "truthfulness": TRUTHFULNESS["strengths"],
-                  "overrefusal": OVERREFUSAL["strengths"]}
 
 
 def task_args(task: str, a) -> list:
@@ -94,7 +87,7 @@ def task_args(task: str, a) -> list:
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
                          "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
     if task == "truthfulness":
-        return common + ["--methods", TRUTHFULNESS["methods"], "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
+        return common + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
     if task == "overrefusal":
@@ -119,9 +112,8 @@ def main(argv=None) -> int:
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--strengths", default=None,
-                   help="comma-separated λ grid of every task (default: each task's own; safety "
-                        f"{SAFETY['strengths']}, truthfulness {TRUTHFULNESS['strengths']}, "
-                        f"over-refusal {OVERREFUSAL['strengths']})")
+                   help="comma-separated λ grid of every task (default: each task's own: "
+                        + "; ".join(f"{t} {g}" for t, g in TASK_STRENGTHS.items()) + ")")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `finesteer eval` options, after --")
     a = p.parse_args(argv)
     if not DATA.is_dir():

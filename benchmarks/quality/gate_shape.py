@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -62,20 +61,21 @@ def read_at(lams: torch.Tensor, vals: torch.Tensor, x: torch.Tensor) -> torch.Te
 def simulate(sets: dict, gate_of: dict, strengths, benign: list) -> list:
     """Rows (as ``EvalResult.rows``) of a gated CAA-curve method, ``gate_of[set]`` [N] its gate
     values; benign columns pooled over the benign sets named in ``benign``, as the report pools them."""
+    used = {n: s for n, s in sets.items() if s["role"] == "target" or n in benign}
+    # each set's per-prompt CAA curves, built once for every strength
+    margin = {n: curves(s["results"]["caa"], "margin_shift") for n, s in used.items()}
+    kls = {n: curves(s["results"]["caa"], "kl") for n, s in used.items() if s["role"] == "benign"}
     rows = []
     for lam in strengths:
         target, kl, shift = [], [], []
-        for name, s in sets.items():
-            if s["role"] == "benign" and name not in benign:
-                continue
-            caa = s["results"]["caa"]
+        for name, s in used.items():
             x = lam * gate_of[name]
-            m = read_at(*curves(caa, "margin_shift"), x).mean()
+            m = read_at(*margin[name], x).mean()
             if s["role"] == "target":
                 target.append(float(m))
             else:
                 shift.append(float(m))
-                kl.append(float(read_at(*curves(caa, "kl"), x).clamp_min(0).mean()))
+                kl.append(float(read_at(*kls[name], x).clamp_min(0).mean()))
         rows.append({"method": "sim", "strength": lam, "target_margin_shift": sum(target) / len(target),
                      "benign_kl": sum(kl) / len(kl), "benign_margin_shift": sum(shift) / len(shift)})
     return rows
