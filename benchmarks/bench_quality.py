@@ -51,6 +51,14 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 #: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
 TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
+#: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
+#: method moves a set by its open rate times what it moves the prompts it opens: FineSteer's gate
+#: opens on about half of the unseen harmful prompts, so matching CAA's target shift at CAA λ = 8–16
+#: takes FineSteer λ beyond 16. CAA itself is not scored there: at λ = 16 its benign KL is already 18
+#: with every greedy continuation changed. The gated methods' extra rows cost little, because prompts
+#: whose gates are closed are not re-scored.
+GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64"}
+GATED_METHODS = ("cast", "scs_mean", "finesteer")
 
 
 def _gemma_gguf() -> str:
@@ -99,6 +107,16 @@ def task_args(task: str, a) -> list:
     raise ValueError(task)
 
 
+def gated_extra_args(task: str, extra: list) -> list:
+    """``--extra-strengths`` for the task's gated methods that the run scores (its ``--methods``
+    among the further eval options ``extra``, else every method)."""
+    if task not in GATED_EXTRA_STRENGTHS:
+        return []
+    methods = extra[extra.index("--methods") + 1].split(",") if "--methods" in extra[:-1] else GATED_METHODS
+    return [x for m in GATED_METHODS if m in methods
+            for x in ("--extra-strengths", f"{m}={GATED_EXTRA_STRENGTHS[task]}")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="all", choices=["all", "safety", "truthfulness", "overrefusal"])
@@ -113,7 +131,9 @@ def main(argv=None) -> int:
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--strengths", default=None,
                    help="comma-separated λ grid of every task (default: each task's own: "
-                        + "; ".join(f"{t} {g}" for t, g in TASK_STRENGTHS.items()) + ")")
+                        + "; ".join(f"{t} {g}" for t, g in TASK_STRENGTHS.items()) + "); the gated methods "
+                        + ", ".join(GATED_METHODS) + " are also scored at "
+                        + "; ".join(f"{t} {g}" for t, g in GATED_EXTRA_STRENGTHS.items()))
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `finesteer eval` options, after --")
     a = p.parse_args(argv)
     if not DATA.is_dir():
@@ -126,8 +146,8 @@ def main(argv=None) -> int:
     extra = [x for x in a.extra if x != "--"]
     for task in tasks:
         t0 = time.perf_counter()
-        argv_task = ["--model", model, *task_args(task, a), "-o", str(Path(a.out) / task),
-                     "--cache-dir", str(Path(a.cache_dir) / task), *extra]
+        argv_task = ["--model", model, *task_args(task, a), *gated_extra_args(task, extra),
+                     "-o", str(Path(a.out) / task), "--cache-dir", str(Path(a.cache_dir) / task), *extra]
         print(f"== {task}: finesteer eval " + " ".join(argv_task), flush=True)
         rc = eval_main(argv_task)
         print(f"== {task}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)

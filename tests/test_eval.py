@@ -362,6 +362,22 @@ def test_soft_gate_temperature_is_relative_to_the_benign_score_spread(llama, fil
         soft_gate_temperature(benign_score_spread(constant, h_b[:1].expand(4, -1)), 0.5)
 
 
+def test_extra_strengths_score_one_method_beyond_the_grid(llama, files, tmp_path):
+    cfg = _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "caa", "finesteer"), strengths=(1.0, 2.0),
+                  extra_strengths={"finesteer": (8.0, 2.0, 4.0)})
+    assert cfg.strengths_of("finesteer") == (1.0, 2.0, 4.0, 8.0) and cfg.strengths_of("caa") == (1.0, 2.0)
+    result = run_eval(llama, tiny_tokenizer(), cfg)
+    grid = {m: [r["strength"] for r in result.rows if r["method"] == m] for m in ("caa", "finesteer")}
+    assert grid == {"caa": [1.0, 2.0], "finesteer": [1.0, 2.0, 4.0, 8.0]}
+    # a row's numbers do not depend on which other strengths were scored beside it
+    plain = run_eval(llama, tiny_tokenizer(), _config(files, tmp_path, truthfulqa=None,
+                                                      methods=("unsteered", "caa", "finesteer"), strengths=(1.0, 2.0)))
+    assert plain.rows == [r for r in result.rows if r["strength"] <= 2.0]
+    # the point-by-point check finds FineSteer's extra strengths like any other
+    md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
+    assert "| finesteer | 8 |" in md
+
+
 def test_several_benign_files_are_pooled(files, tmp_path):
     from finesteer.eval.harness import _Inputs
 
@@ -394,6 +410,12 @@ def test_config_errors(files):
         EvalConfig(**base, pairs=files["tqa"], methods=("caa", "iti"))
     with pytest.raises(ValueError, match="positive"):
         EvalConfig(**base, pairs=files["tqa"], strengths=(0.0,))
+    with pytest.raises(ValueError, match="not a steered method of this run"):
+        EvalConfig(**base, pairs=files["tqa"], methods=("unsteered", "caa"), extra_strengths={"finesteer": (8.0,)})
+    with pytest.raises(ValueError, match="not a steered method of this run"):
+        EvalConfig(**base, pairs=files["tqa"], extra_strengths={"unsteered": (8.0,)})
+    with pytest.raises(ValueError, match=r"extra_strengths\['caa'\] must be positive"):
+        EvalConfig(**base, pairs=files["tqa"], extra_strengths={"caa": (8.0, -1.0)})
     with pytest.raises(ValueError, match="gate_mode"):
         EvalConfig(**base, pairs=files["tqa"], gate_mode="off")
     with pytest.raises(ValueError, match="gate_temperature"):
@@ -410,7 +432,7 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--eval-target", "--eval-benign", "--truthfulqa", "--methods", "--strengths", "--limit-eval",
-                "--threads", "--cache-dir", "--generate", "--prompt-format", "--gguf-file"):
+                "--threads", "--cache-dir", "--generate", "--prompt-format", "--gguf-file", "--extra-strengths"):
         assert opt in text
     model_dir = save_tiny(tmp_path / "model")
     out = tmp_path / "cli-out"
@@ -421,11 +443,13 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
                "--k-max", "2", "--residual-dim", "2", "--hidden", "8", "--epochs", "3", "--openings-per-side", "1",
                "--continuation-tokens", "2", "--limit-eval", "2", "--pairs-per-prompt", "1", "--threads", "1",
                "--mose-option", "loss=mse_cosine", "--mose-option", "query_dim=none", "--scs-method", "contrastive",
-               "--benign-rank", "1",
+               "--benign-rank", "1", "--extra-strengths", "finesteer=4", "--extra-strengths", "finesteer=8",
                "--quiet", "-o", str(out)])
     assert rc == 0
     doc = json.loads((out / "eval.json").read_text())
-    assert [r["method"] for r in doc["rows"]] == ["unsteered", "caa", "finesteer"]
+    assert [(r["method"], r["strength"]) for r in doc["rows"]] == [("unsteered", 0.0), ("caa", 2.0), ("finesteer", 2.0),
+                                                                   ("finesteer", 4.0), ("finesteer", 8.0)]
+    assert doc["config"]["extra_strengths"] == {"finesteer": [4.0, 8.0]}
     assert doc["config"]["mose_options"]["loss"] == "mse_cosine" and doc["config"]["mose_options"]["query_dim"] is None
     assert doc["config"]["scs_method"] == "contrastive" and doc["config"]["benign_rank"] == 1
     assert (out / "curve.png").is_file() and (out / "cache").is_dir()
@@ -435,6 +459,9 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     assert rc == 2 and "--layer 9 is out of range" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--mose-option", "nonsense=1"])
+    with pytest.raises(SystemExit):
+        main(["eval", "--extra-strengths", "unsteered=2"])
+    assert "expected METHOD=λ,λ,..." in capsys.readouterr().err
 
 
 def _grouped_seqs(lone_at: int) -> list:

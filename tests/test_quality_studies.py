@@ -158,3 +158,22 @@ def test_dev_tradeoff_lists_dominated_and_unreached_caa_points():
     # targets: FineSteer 1.0 / 2.0, CAA 1.5 / 3.5 → CAA λ = 1 matched by FineSteer λ = 2, CAA λ = 2 never
     assert got == {"pooled benign": {"dominated": [1.0], "unreached": [2.0], "compared": 2},
                    "borderline": {"dominated": [1.0], "unreached": [2.0], "compared": 2}}
+
+
+def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
+    spec = importlib.util.spec_from_file_location("bench_quality", _DIR.parent / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    grid = bench.GATED_EXTRA_STRENGTHS["safety"]
+    assert bench.gated_extra_args("safety", []) == [
+        "--extra-strengths", f"cast={grid}", "--extra-strengths", f"scs_mean={grid}",
+        "--extra-strengths", f"finesteer={grid}"]
+    assert bench.gated_extra_args("safety", ["--methods", "unsteered,caa,finesteer"]) == [
+        "--extra-strengths", f"finesteer={grid}"]
+    assert bench.gated_extra_args("safety", ["--methods", "unsteered,caa"]) == []
+    assert bench.gated_extra_args("truthfulness", []) == []
+    # what it gives is what `finesteer eval` parses
+    from finesteer.eval.cli import _merged, _method_strengths
+    args = bench.gated_extra_args("safety", [])
+    merged = _merged([_method_strengths(v) for v in args[1::2]])
+    assert merged["finesteer"] == tuple(float(x) for x in grid.split(","))

@@ -45,6 +45,15 @@ def _methods(text: str):
     return vals
 
 
+def _method_strengths(text: str):
+    """``METHOD=λ,λ,...`` for --extra-strengths."""
+    name, sep, lams = text.partition("=")
+    if not sep or name not in METHODS or name == "unsteered":
+        raise argparse.ArgumentTypeError(f"expected METHOD=λ,λ,... with METHOD one of "
+                                         f"{', '.join(m for m in METHODS if m != 'unsteered')}, got {text!r}")
+    return name, _floats(lams)
+
+
 def _mose_option(text: str):
     """``NAME=VALUE`` for a :class:`~finesteer.fit.mose.MoSEOptions` field, VALUE parsed as the field's type."""
     import dataclasses
@@ -160,7 +169,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--methods", type=_methods, default=METHODS,
                    help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
     f.add_argument("--strengths", type=_floats, default=(0.5, 1.0, 2.0, 4.0),
-                   help="comma-separated strengths λ (default: 0.5,1,2,4)")
+                   help="comma-separated strengths λ of every steered method (default: 0.5,1,2,4)")
+    f.add_argument("--extra-strengths", action="append", default=[], metavar="METHOD=λ,λ", type=_method_strengths,
+                   help="further strengths for one method, scored beside --strengths (e.g. finesteer=24,32: a "
+                        "gated method moves a set only through the prompts it opens, so it needs a larger λ to "
+                        "move the set as far as an always-on one); repeatable")
     f.add_argument("--delta-positions", type=positions_arg, default="all",
                    help="response tokens averaged for δ: 'all' (default) or the first N")
     f.add_argument("--rank", type=int, default=None, help="SCS subspace rank r (default: 16; the probe gate is "
@@ -198,6 +211,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "and data skips those steps (default: OUTPUT_DIR/cache)")
 
 
+def _merged(method_strengths) -> dict:
+    """Repeated --extra-strengths of one method pooled: {method: (λ, ...)}."""
+    out = {}
+    for name, lams in method_strengths:
+        out[name] = out.get(name, ()) + tuple(lams)
+    return out
+
+
 def config_from_args(args):
     """The :class:`~finesteer.eval.config.EvalConfig` that ``args`` describe."""
     from pathlib import Path
@@ -214,7 +235,7 @@ def config_from_args(args):
     return EvalConfig(
         layer=args.layer, target=args.target, benign=args.benign, pairs=args.pairs, opening_pairs=args.opening_pairs,
         pairs_per_prompt=args.pairs_per_prompt, eval_sets=sets, truthfulqa=args.truthfulqa, methods=args.methods,
-        strengths=args.strengths, toward=args.toward, openings_per_side=args.openings_per_side,
+        strengths=args.strengths, extra_strengths=_merged(args.extra_strengths), toward=args.toward, openings_per_side=args.openings_per_side,
         continuation_tokens=args.continuation_tokens, generate=args.generate, generate_tokens=args.generate_tokens,
         limit_generate=args.limit_generate, limit_train=args.limit_train, limit_pairs=args.limit_pairs,
         limit_eval=args.limit_eval, limit_truthfulqa=args.limit_truthfulqa, fit_fraction=args.fit_fraction,

@@ -57,7 +57,12 @@ class EvalConfig:
             KL and greedy identity are measured.
         generate: also generate greedy answers with the steerer attached and report keyword refusal
             rates (for instruct models); generate_tokens, limit_generate bound the cost.
-    Methods: ``methods`` ⊆ :data:`~finesteer.eval.baselines.METHODS`; ``strengths`` the λ grid.
+    Methods: ``methods`` ⊆ :data:`~finesteer.eval.baselines.METHODS`; ``strengths`` the λ grid of every
+        steered method; ``extra_strengths`` further strengths of single methods ({method: (λ, ...)}),
+        scored beside the grid. A gated method moves a set by its open rate times what it moves the
+        prompts it opens, so it needs a larger λ than an always-on one to move the set as far; its
+        own strengths let the trade-off comparison reach the baseline's strongest points without
+        scoring the always-on baseline at strengths nobody would use.
     Gate shape of the SCS-gated methods (``scs_mean``, ``finesteer``; CAST keeps its hard threshold):
         gate_mode: ``"hard"`` (g = 1[s > τ]: a closed gate leaves a prompt exactly untouched) or
             ``"soft"`` (g = sigmoid((s − τ)/T), DESIGN §2).
@@ -81,6 +86,7 @@ class EvalConfig:
     truthfulqa: Optional[str] = None
     methods: Tuple[str, ...] = METHODS
     strengths: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    extra_strengths: Dict[str, Tuple[float, ...]] = field(default_factory=dict)
     toward: str = "refusal"
     openings_per_side: Optional[int] = None
     continuation_tokens: int = 16
@@ -126,6 +132,12 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.methods: unknown or empty {list(unknown)}; choose from {', '.join(METHODS)}")
         if not self.strengths or any(not (s > 0) for s in self.strengths):
             raise ValueError(f"EvalConfig.strengths must be positive numbers, got {list(self.strengths)}")
+        for name, lams in dict(self.extra_strengths).items():
+            if name not in self.methods or name == "unsteered":
+                raise ValueError(f"EvalConfig.extra_strengths: {name!r} is not a steered method of this run "
+                                 f"(methods: {', '.join(self.methods)})")
+            if not lams or any(not (s > 0) for s in lams):
+                raise ValueError(f"EvalConfig.extra_strengths[{name!r}] must be positive numbers, got {list(lams)}")
         if self.gate_mode not in ("hard", "soft"):
             raise ValueError(f"EvalConfig.gate_mode must be 'hard' or 'soft', got {self.gate_mode!r}")
         if not (self.gate_temperature > 0) or self.gate_temperature == float("inf"):
@@ -147,6 +159,11 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.eval_start must be in [0, 1), got {self.eval_start}")
         self.methods = tuple(self.methods)
         self.strengths = tuple(float(s) for s in self.strengths)
+        self.extra_strengths = {k: tuple(float(s) for s in v) for k, v in dict(self.extra_strengths).items()}
+
+    def strengths_of(self, method: str) -> Tuple[float, ...]:
+        """The strengths ``method`` is scored at: the grid and its extra strengths, ascending, each once."""
+        return tuple(sorted(set(self.strengths) | set(self.extra_strengths.get(method, ()))))
 
     def to_dict(self) -> dict:
         return asdict(self)

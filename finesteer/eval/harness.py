@@ -321,11 +321,11 @@ class _Run:
         self.result.methods = {m: METHOD_NOTES[m] for m in methods}
         self.result.not_expressible = dict(NOT_EXPRESSIBLE)
         self.methods = methods
-        # every configuration: unsteered once, each steered method at each strength
+        # every configuration: unsteered once, each steered method at each of its strengths
         self.configs = [("unsteered", 0.0, None)] if "unsteered" in methods else []
         for name, st in methods.items():
             if st is not None:
-                self.configs += [(name, lam, with_strength(st, lam)) for lam in cfg.strengths]
+                self.configs += [(name, lam, with_strength(st, lam)) for lam in cfg.strengths_of(name)]
         self.unsteered_in_configs = bool(self.configs) and self.configs[0][2] is None
 
     def _with_base(self):
