@@ -52,11 +52,12 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 #: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
-#: method moves a set by its open rate times what it moves the prompts it opens: FineSteer's gate
-#: opens on about half of the unseen harmful prompts, so matching CAA's target shift at CAA λ = 8–16
-#: takes FineSteer λ beyond 16. CAA itself is not scored there: at λ = 16 its benign KL is already 18
-#: with every greedy continuation changed. The gated methods' extra rows cost little, because prompts
-#: whose gates are closed are not re-scored.
+#: method moves a set by its open rate times what it moves the prompts it opens, so it needs a larger
+#: λ than CAA to move the set as far; these strengths measure how far it can go at all. On gemma its
+#: margin saturates by λ ≈ 48 (the norms after the steered layer make a huge λ·v act through its
+#: direction only), which bounds the set mean by open rate × the saturated per-prompt shift. CAA
+#: itself is not scored there: at λ = 16 its benign KL is already 18 with every greedy continuation
+#: changed. The extra rows cost little: prompts whose gates are closed are not re-scored.
 GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64"}
 GATED_METHODS = ("cast", "scs_mean", "finesteer")
 
