@@ -49,8 +49,10 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 #: shift at some 2–4× CAA's λ, and the point-by-point comparison needs strengths between the powers
 #: of two to find that point. Truthfulness scores every method on every TruthfulQA answer, its most
 #: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
-TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
+TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "safety_mixed": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8",
+                  "overrefusal": "1,2,4,8,16"}
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
+MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
 #: method moves a set by its open rate times what it moves the prompts it opens, so it needs a larger
 #: λ than CAA to move the set as far; these strengths measure how far it can go at all. On gemma its
@@ -95,6 +97,13 @@ def task_args(task: str, a) -> list:
                          "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
                          "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
+    if task == "safety_mixed":
+        # The safety run with CoCoNot's (prompt, chosen, rejected) pairs pooled into the experts'
+        # data: the response shift to learn now depends on the query (refusal on harmful prompts,
+        # CoCoNot's preferred, mostly compliant answers on benign-but-sensitive ones), which one
+        # mean vector cannot follow and MoSE's routing can. Same gate and settings as safety; only
+        # the methods that differ in their vector (mean vs MoSE) are run.
+        return task_args("safety", a) + ["--pairs", str(s / "coconot_pref.jsonl"), "--methods", MIXED_METHODS]
     if task == "truthfulness":
         return common + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
@@ -120,7 +129,7 @@ def gated_extra_args(task: str, extra: list) -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="all", choices=["all", "safety", "truthfulness", "overrefusal"])
+    p.add_argument("--task", default="all", choices=["all", "safety", "safety_mixed", "truthfulness", "overrefusal"])
     p.add_argument("--model", default=None, help="model dir / hub id / .gguf (default: the gemma-3-270m GGUF)")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain", "raw"])
     p.add_argument("--threads", type=int, default=1)
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
     model = a.model or _gemma_gguf()
     from finesteer.eval.cli import main as eval_main
 
-    tasks = ["safety", "truthfulness", "overrefusal"] if a.task == "all" else [a.task]
+    tasks = ["safety", "safety_mixed", "truthfulness", "overrefusal"] if a.task == "all" else [a.task]
     extra = [x for x in a.extra if x != "--"]
     for task in tasks:
         t0 = time.perf_counter()

@@ -304,6 +304,8 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     assert doc["rows"] == json.loads(json.dumps(result.rows))
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "| method | λ |" in md and "finesteer" in md and "Trade-off, point by point" in md
+    for method, base in (("finesteer", "caa"), ("finesteer", "cast"), ("finesteer", "scs_mean"), ("mose_nogate", "caa")):
+        assert f"| all benign sets | {method} | {base} | 1 |" in md and f"| benign | {method} | {base} | 4 |" in md
     for kind in ("curve", "gate_hist", "truthfulqa"):
         with open(files_out[kind], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -362,6 +364,37 @@ def test_soft_gate_temperature_is_relative_to_the_benign_score_spread(llama, fil
         soft_gate_temperature(benign_score_spread(constant, h_b[:1].expand(4, -1)), 0.5)
 
 
+def test_opening_pairs_and_a_pairs_file_are_pooled(llama, files, tmp_path):
+    """Both training sources at once: the opening pairs first, then the file's pairs, each limited
+    on its own; held-out prediction is also reported per source."""
+    from finesteer.eval.harness import _Inputs
+    from finesteer.eval.openings import refusal_pairs
+
+    sensitive = [f"how do locks work {i}?" for i in range(12)]
+    prefs = _jsonl(tmp_path / "prefs.jsonl", [{"prompt": p, "chosen": "Sure, here is how it works.",
+                                               "rejected": "I cannot help with that."} for p in sensitive])
+    cfg = _config(files, tmp_path, pairs=prefs, truthfulqa=None, limit_pairs=10, holdout_fraction=0.3,
+                  methods=("unsteered", "caa", "finesteer"), strengths=(2.0,))
+    inputs = _Inputs(cfg)
+    opening = refusal_pairs(HARMFUL[:10], per_prompt=1)
+    assert inputs.pairs[0] == opening[0] + sensitive[:10]
+    assert inputs.pairs[1] == opening[1] + ["Sure, here is how it works."] * 10
+    assert inputs.pair_sources == ["harmful_train.jsonl"] * 10 + ["prefs.jsonl"] * 10
+    assert _Inputs(_config(files, tmp_path, limit_pairs=10)).pair_sources == ["harmful_train.jsonl"] * 10
+    result = run_eval(llama, tiny_tokenizer(), cfg)
+    by_source = result.fit["delta_prediction_heldout_by_source"]
+    assert set(by_source) == {"harmful_train.jsonl", "prefs.jsonl"}
+    n = {src: per["mose"]["n"] for src, per in by_source.items()}
+    assert sum(n.values()) == result.fit["n_prompts_heldout"] and min(n.values()) >= 1
+    assert set(by_source["prefs.jsonl"]) == {"mean_vector", "mose"}
+    md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
+    assert "| prefs.jsonl |" in md and "per pair file" in md
+    # one source: no per-source breakdown
+    single = run_eval(llama, tiny_tokenizer(), _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "caa"),
+                                                       strengths=(1.0,)))
+    assert "delta_prediction_heldout_by_source" not in single.fit
+
+
 def test_extra_strengths_score_one_method_beyond_the_grid(llama, files, tmp_path):
     cfg = _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "caa", "finesteer"), strengths=(1.0, 2.0),
                   extra_strengths={"finesteer": (8.0, 2.0, 4.0)})
@@ -404,7 +437,7 @@ def test_eval_start_leaves_the_first_rows_for_development(files, tmp_path):
 def test_config_errors(files):
     base = dict(layer=0, target=files["target"], benign=files["benign"],
                 eval_sets=[EvalSetSpec("b", files["benign_val"], "benign")])
-    with pytest.raises(ValueError, match="exactly one of pairs"):
+    with pytest.raises(ValueError, match="give pairs .* or both"):
         EvalConfig(**base)
     with pytest.raises(ValueError, match="unknown or empty"):
         EvalConfig(**base, pairs=files["tqa"], methods=("caa", "iti"))

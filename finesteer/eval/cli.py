@@ -117,11 +117,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     t = p.add_argument_group("training data (the steerers are fitted on these)")
     t.add_argument("--layer", type=int, required=True, help="0-based decoder layer to steer (h after block L)")
-    src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pairs", help="preference triples (prompt, chosen, rejected; δ = chosen − rejected), or a "
-                                     "TruthfulQA file (question, best/correct/incorrect answers → correct vs incorrect)")
-    src.add_argument("--opening-pairs", help="prompt file turned into CAA-style (refusal opening, compliance opening) "
-                                             "pairs from the training openings of finesteer.eval.openings")
+    t.add_argument("--pairs", help="preference triples (prompt, chosen, rejected; δ = chosen − rejected), or a "
+                                   "TruthfulQA file (question, best/correct/incorrect answers → correct vs incorrect)")
+    t.add_argument("--opening-pairs", help="prompt file turned into CAA-style (refusal opening, compliance opening) "
+                                           "pairs from the training openings of finesteer.eval.openings; give "
+                                           "--pairs, --opening-pairs or both (both: the two are pooled, e.g. "
+                                           "refusal pairs on harmful prompts with CoCoNot's pairs)")
     t.add_argument("--pairs-per-prompt", type=int, default=2, help="pairs per prompt for --opening-pairs (default: 2)")
     t.add_argument("--target", required=True, help="prompts the gate should open on (field prompt or question)")
     t.add_argument("--benign", required=True, nargs="+", metavar="FILE",

@@ -38,8 +38,12 @@ class EvalConfig:
             benign-but-sensitive requests, so the gate also learns to stay closed on the latter).
         pairs: preference triples (prompt, chosen, rejected) for the experts, or a TruthfulQA file
             (converted to (correct, incorrect) pairs); δ = chosen − rejected.
-        opening_pairs: instead of ``pairs``, a prompt file turned into CAA-style (refusal opening,
-            compliance opening) pairs with :func:`finesteer.eval.openings.refusal_pairs`.
+        opening_pairs: a prompt file turned into CAA-style (refusal opening, compliance opening)
+            pairs with :func:`finesteer.eval.openings.refusal_pairs`. Give ``pairs``,
+            ``opening_pairs`` or both: both pools the two sources into one training set (opening
+            pairs first), so the experts see a response shift that depends on the query — e.g.
+            refusal on harmful prompts, CoCoNot's preferred answers on benign-but-sensitive ones —
+            and the held-out prediction is also reported per source.
         pairs_per_prompt: pairs per prompt for ``opening_pairs``.
     Evaluation inputs (scored, never fitted on — a file that is also a training file is split by
     record, seeded, ``fit_fraction`` of it for fitting and the rest for scoring):
@@ -122,9 +126,9 @@ class EvalConfig:
         self.benign = (self.benign,) if isinstance(self.benign, str) else tuple(self.benign)
         if not self.benign:
             raise ValueError("EvalConfig.benign: give at least one prompt file")
-        if (self.pairs is None) == (self.opening_pairs is None):
-            raise ValueError("EvalConfig: give exactly one of pairs (a preference file) and opening_pairs (a prompt "
-                             "file turned into refusal/compliance opening pairs)")
+        if self.pairs is None and self.opening_pairs is None:
+            raise ValueError("EvalConfig: give pairs (a preference file), opening_pairs (a prompt file turned into "
+                             "refusal/compliance opening pairs) or both")
         if self.toward not in TOWARD:
             raise ValueError(f"EvalConfig.toward must be one of {TOWARD}, got {self.toward!r}")
         unknown = [m for m in self.methods if m not in METHODS]

@@ -133,7 +133,7 @@ class _Inputs:
 
     def __init__(self, cfg: EvalConfig):
         self.splits: Dict[str, dict] = {}
-        train_files = [cfg.target, *cfg.benign, cfg.pairs or cfg.opening_pairs]
+        train_files = [cfg.target, *cfg.benign, *(f for f in (cfg.opening_pairs, cfg.pairs) if f is not None)]
         scored_files = [s.path for s in cfg.eval_sets] + ([cfg.truthfulqa] if cfg.truthfulqa else [])
         # rows of every shared file: fit rows for training, scored rows for evaluation
         self._rows: Dict[str, tuple] = {}
@@ -148,7 +148,7 @@ class _Inputs:
         self.target = _limit(self._part(cfg.target, load_train_prompts(cfg.target), 0), cfg.limit_train)
         self.benign = [p for path in cfg.benign
                        for p in _limit(self._part(path, load_train_prompts(path), 0), cfg.limit_train)]
-        self.pairs = self._load_pairs(cfg)
+        self.pairs, self.pair_sources = self._load_pairs(cfg)
         self.sets: List[PromptSet] = []
         for spec in cfg.eval_sets:
             full = load_prompt_set(spec.name, spec.path, spec.role)
@@ -171,10 +171,20 @@ class _Inputs:
         return [items[i] for i in self._indices(path, len(items), part)]
 
     def _load_pairs(self, cfg: EvalConfig) -> tuple:
+        """``((prompts, chosen, rejected), sources)``: the training pairs of ``opening_pairs`` then
+        ``pairs`` (each limited to ``limit_pairs`` records/prompts), and per pair the name of the
+        file it came from."""
+        parts = []
         if cfg.opening_pairs is not None:
             from .openings import refusal_pairs
             prompts = _limit(self._part(cfg.opening_pairs, load_train_prompts(cfg.opening_pairs), 0), cfg.limit_pairs)
-            return tuple(refusal_pairs(prompts, per_prompt=cfg.pairs_per_prompt))
+            parts.append((Path(cfg.opening_pairs).name, refusal_pairs(prompts, per_prompt=cfg.pairs_per_prompt)))
+        if cfg.pairs is not None:
+            parts.append((Path(cfg.pairs).name, self._file_pairs(cfg)))
+        pairs = tuple([x for _, triple in parts for x in triple[k]] for k in range(3))
+        return pairs, [name for name, triple in parts for _ in triple[0]]
+
+    def _file_pairs(self, cfg: EvalConfig) -> tuple:
         from ..data import read_records
         n = len(read_records(cfg.pairs))
         keep = set(self._indices(cfg.pairs, n, 0))
@@ -309,12 +319,22 @@ class _Run:
         # carries (in CAA-style data, which written opening) is noise the query cannot see.
         q_held, d_held = merge_duplicate_queries(q[held].double(), d[held].double())
         pred = {name: metrics.delta_prediction(f.vector(q_held.float()), d_held) for name, f in fields.items()}
+        sources = sorted(set(inputs.pair_sources))
+        pred_by_source = {}
+        if len(sources) > 1:  # pooled pair files: how well each field predicts each source's shifts
+            for src in sources:
+                rows = held & torch.tensor([s == src for s in inputs.pair_sources])
+                if rows.any():
+                    qs, ds = merge_duplicate_queries(q[rows].double(), d[rows].double())
+                    pred_by_source[src] = {name: metrics.delta_prediction(f.vector(qs.float()), ds)
+                                           for name, f in fields.items()}
         fit = {"n_target": len(inputs.target), "n_benign": len(inputs.benign), "n_pairs_fit": int((~held).sum()),
                "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": int(q_held.shape[0]),
                "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode, "benign_score_std": spread,
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
                "mose": {k: v for k, v in (mose.fit_stats or {}).items() if isinstance(v, (int, float, str, list))},
-               "delta_prediction_heldout": pred}
+               "delta_prediction_heldout": pred,
+               **({"delta_prediction_heldout_by_source": pred_by_source} if pred_by_source else {})}
         if "cast" in methods:
             fit["cast_gate"] = methods["cast"].gate.report.to_dict()
         self.result.fit = fit

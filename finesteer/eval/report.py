@@ -75,6 +75,12 @@ def _markdown(doc: dict) -> str:
                 f"{fit.get('n_pairs_heldout')} pairs; target: each prompt's δ averaged over its pairs):",
                 "", "| vector field | cosine | MSE |", "|---|---|---|"]
         out += [f"| {k} | {v['cosine']:.3f} | {v['mse']:.4g} |" for k, v in pred.items()]
+    by_source = fit.get("delta_prediction_heldout_by_source") or {}
+    if by_source:
+        out += ["", "The same, per pair file:", "", "| pair file | held-out prompts | vector field | cosine | MSE |",
+                "|---|---|---|---|---|"]
+        out += [f"| {src} | {v['n']} | {k} | {v['cosine']:.3f} | {v['mse']:.4g} |"
+                for src, per in by_source.items() for k, v in per.items()]
     if doc.get("generation"):
         out += ["", "Keyword refusal rate of greedy generations:", ""]
         for name, s in doc["generation"].items():
@@ -101,33 +107,40 @@ def _set_rows(doc: dict, name: str) -> List[dict]:
     return out
 
 
+#: (method, baseline) pairs of the point-by-point trade-off check: FineSteer against the baselines,
+#: and the MoSE ablations against the same configuration with the mean vector (FineSteer vs SCS +
+#: mean share a gate; MoSE with the gate off vs CAA share none), where MoSE's routing shows or not.
+COMPARISONS = (("finesteer", "caa"), ("finesteer", "cast"), ("finesteer", "scs_mean"), ("mose_nogate", "caa"))
+
+
 def _tradeoff_markdown(doc: dict) -> List[str]:
-    """The point-by-point dominance check of FineSteer against CAA and CAST (when they were run
-    and the rows carry target margins): on the pooled benign sets, then on each benign set."""
+    """The point-by-point dominance check of :data:`COMPARISONS` that were run (when the rows carry
+    target margins): on the pooled benign sets, then on each benign set."""
     from .metrics import tradeoff_comparison
 
     rows = doc["rows"]
     methods = {r["method"] for r in rows}
-    if "finesteer" not in methods or not any("target_margin_shift" in r for r in rows):
+    pairs = [(m, b) for m, b in COMPARISONS if m in methods and b in methods]
+    if not pairs or not any("target_margin_shift" in r for r in rows):
         return []
     views = [("all benign sets", rows)]
     views += [(name, _set_rows(doc, name)) for name, s in doc.get("sets", {}).items() if s.get("role") == "benign"]
-    out = ["", "Trade-off, point by point: for each baseline strength, the weakest FineSteer strength that moves "
-           "the target prompts at least as far, and whether its benign cost there is lower (KL; |margin shift|):", "",
-           "| benign set | baseline | λ | target shift | benign KL | benign shift | FineSteer λ | target shift | "
-           "benign KL | benign shift | KL lower | shift lower |", "|" + "---|" * 12]
+    out = ["", "Trade-off, point by point: for each baseline strength, the weakest strength of the method that moves "
+           "the target prompts at least as far, and whether its benign cost there is lower (KL; |margin shift|). "
+           "FineSteer against the baselines; the MoSE ablations against the same configuration with the mean "
+           "vector (finesteer vs scs_mean: same gate; mose_nogate vs caa: no gate):", "",
+           "| benign set | method | baseline | λ | target shift | benign KL | benign shift | method λ | target shift | "
+           "benign KL | benign shift | KL lower | shift lower |", "|" + "---|" * 13]
     for view, view_rows in views:
-        for base in ("caa", "cast"):
-            if base not in methods:
-                continue
-            for e in tradeoff_comparison(view_rows, "finesteer", base):
+        for method, base in pairs:
+            for e in tradeoff_comparison(view_rows, method, base):
                 mine = (["—"] * 6 if e["strength"] is None else
                         [f"{e['strength']:g}", f"{e['target_shift']:+.3f}", f"{e['benign_kl']:.4f}",
                          f"{e['benign_shift']:+.3f}", "yes" if e["kl_lower"] else "no",
                          "yes" if e["shift_lower"] else "no"])
-                out.append(f"| {view} | {base} | {e['baseline_strength']:g} | {e['baseline_target_shift']:+.3f} | "
-                           f"{e['baseline_benign_kl']:.4f} | {e['baseline_benign_shift']:+.3f} | "
-                           + " | ".join(mine) + " |")
+                out.append(f"| {view} | {method} | {base} | {e['baseline_strength']:g} | "
+                           f"{e['baseline_target_shift']:+.3f} | {e['baseline_benign_kl']:.4f} | "
+                           f"{e['baseline_benign_shift']:+.3f} | " + " | ".join(mine) + " |")
     return out
 
 
