@@ -1,12 +1,16 @@
 """Steering quality on a real pretrained LLM: ``finesteer eval`` with the settings the README reports.
 
-Three behaviours, each fitted on the shared TRAIN sets and scored on the shared VALIDATION sets
-(never tuned on what is reported):
+Three behaviours and one variant, each fitted on the shared TRAIN sets and scored on the shared
+VALIDATION sets (never tuned on what is reported):
 
 - ``safety`` — refusal on harmful requests: CAA-style (refusal opening, compliance opening) pairs on
   ``harmful_train`` prompts (training openings), gate ``harmful_train`` vs ``benign_train``; scored
   on ``harmful_val`` (target) and ``benign_val`` / ``borderline_val`` (benign) with the disjoint
   scoring openings;
+- ``safety_mixed`` — the safety run with CoCoNot's (chosen, rejected) pairs on benign-but-sensitive
+  prompts pooled into the experts' training data, so the response shift to learn depends on the
+  query (refusal on harmful prompts, CoCoNot's preferred answers on sensitive benign ones): where
+  MoSE's routing can do what one mean vector cannot. Same gate, settings and scoring as ``safety``;
 - ``truthfulness`` — TruthfulQA (correct − incorrect answers) pairs; the single TruthfulQA file is
   split by question (``--fit-fraction``), MC1/MC2 on the unseen half; gate TruthfulQA questions vs
   ``benign_train``;
