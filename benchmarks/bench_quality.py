@@ -53,8 +53,8 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 #: shift at some 2–4× CAA's λ, and the point-by-point comparison needs strengths between the powers
 #: of two to find that point. Truthfulness scores every method on every TruthfulQA answer, its most
 #: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
-TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "safety_mixed": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8",
-                  "overrefusal": "1,2,4,8,16"}
+TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
+TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it from the safety run's arguments
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
