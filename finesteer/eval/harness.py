@@ -317,19 +317,20 @@ class _Run:
             fields["alphasteer"] = methods["alphasteer"].mose
         # Scored against each held-out prompt's δ averaged over its pairs: which response pair a row
         # carries (in CAA-style data, which written opening) is noise the query cannot see.
-        q_held, d_held = merge_duplicate_queries(q[held].double(), d[held].double())
-        pred = {name: metrics.delta_prediction(f.vector(q_held.float()), d_held) for name, f in fields.items()}
+        def prediction(rows: torch.Tensor) -> dict:
+            q_rows, d_rows = merge_duplicate_queries(q[rows].double(), d[rows].double())
+            return {name: metrics.delta_prediction(f.vector(q_rows.float()), d_rows) for name, f in fields.items()}
+
+        pred = prediction(held)
         sources = sorted(set(inputs.pair_sources))
         pred_by_source = {}
         if len(sources) > 1:  # pooled pair files: how well each field predicts each source's shifts
             for src in sources:
                 rows = held & torch.tensor([s == src for s in inputs.pair_sources])
                 if rows.any():
-                    qs, ds = merge_duplicate_queries(q[rows].double(), d[rows].double())
-                    pred_by_source[src] = {name: metrics.delta_prediction(f.vector(qs.float()), ds)
-                                           for name, f in fields.items()}
+                    pred_by_source[src] = prediction(rows)
         fit = {"n_target": len(inputs.target), "n_benign": len(inputs.benign), "n_pairs_fit": int((~held).sum()),
-               "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": int(q_held.shape[0]),
+               "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": pred["mose"]["n"],
                "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode, "benign_score_std": spread,
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
                "mose": {k: v for k, v in (mose.fit_stats or {}).items() if isinstance(v, (int, float, str, list))},
