@@ -318,7 +318,8 @@ def _drop_long(args, model, tok, fmt, pairs, target, benign):
     from .models import model_context_length
 
     context = model_context_length(model)
-    found = {"pairs": long_rows(tok, pairs[0], pairs[1], pairs[2], context=context, prompt_format=fmt),
+    found = {"pairs": long_rows(tok, pairs[0], pairs[1], pairs[2], context=context, prompt_format=fmt,
+                                positions=args.delta_positions),
              "target": long_rows(tok, target, context=context, prompt_format=fmt),
              "benign": long_rows(tok, benign, context=context, prompt_format=fmt)}
     if not args.skip_long:

@@ -135,15 +135,18 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True
 
 def long_rows(tokenizer, prompts: Sequence[str], chosen: Optional[Sequence[str]] = None,
               rejected: Optional[Sequence[str]] = None, chat_template: bool = True,
-              context: Optional[int] = None, prompt_format: Optional[str] = None) -> list:
+              context: Optional[int] = None, prompt_format: Optional[str] = None,
+              positions: Positions = "all") -> list:
     """Indices of the rows longer than ``context`` tokens: the rows :func:`last_token_states`
     (prompts only) or :func:`response_deltas` (with ``chosen`` and ``rejected``: prompt + either
-    response) would refuse as too long. Lets a caller drop them first instead of failing.
+    response, up to its ``positions``-th response token when that is an int n, as that function
+    runs it) would refuse as too long. Lets a caller drop them first instead of failing.
 
     Tokenised exactly as the extraction functions do (``prompt_format``/``chat_template`` as in
     :func:`resolve_prompt_format`); other bad rows (empty text, a response the chat template does
     not render verbatim) raise as they would there. ``context=None`` → ``[]``.
     """
+    _check_positions(positions)
     if context is None:
         return []
     fmt = resolve_prompt_format(tokenizer, prompt_format, chat_template)
@@ -156,11 +159,29 @@ def long_rows(tokenizer, prompts: Sequence[str], chosen: Optional[Sequence[str]]
             n = 0
             for name, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
                 _check_text(resp, f"{name} response of pair", i)
-                ids, _, _ = _encode_response(tokenizer, p, resp, fmt, f"pair {i} ({name})")
+                ids, _, _ = _pair_tokens(tokenizer, p, resp, fmt, f"pair {i} ({name})", positions)
                 n = max(n, len(ids))
         if n > context:
             out.append(i)
     return out
+
+
+def _check_positions(positions) -> None:
+    if not (positions == "all" or (isinstance(positions, int) and not isinstance(positions, bool)
+                                   and positions > 0)):
+        raise ValueError(f"positions must be 'all' or a positive int (first n response tokens), got {positions!r}")
+
+
+def _pair_tokens(tokenizer, prompt: str, response: str, fmt: str, where: str, positions: Positions = "all"):
+    """``(ids, start, end)`` of the tokens :func:`response_deltas` runs for one response: prompt +
+    response (:func:`_encode_response`), and with ``positions`` = n only up to the n-th response
+    token. A causal model's states at those tokens do not depend on the tokens after them, so the
+    cut changes no δ and makes a long written answer cost no more than a short one."""
+    ids, start, end = _encode_response(tokenizer, prompt, response, fmt, where)
+    if positions != "all":
+        end = min(end, start + positions)
+        ids = ids[:end]
+    return ids, start, end
 
 
 def _join_plain(prompt: str, response: str) -> str:
@@ -435,9 +456,7 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
     :func:`last_token_states`.
     """
     layers = _layer_list(layers)
-    if not (positions == "all" or (isinstance(positions, int) and not isinstance(positions, bool)
-                                   and positions > 0)):
-        raise ValueError(f"positions must be 'all' or a positive int (first n response tokens), got {positions!r}")
+    _check_positions(positions)
     n = len(prompts)
     if len(chosen) != n or len(rejected) != n:
         raise ValueError(f"prompts, chosen and rejected must have the same length, got {n}, {len(chosen)}, "
@@ -449,10 +468,8 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
         _check_text(prompts[i], "prompt", i)
         for name, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
             _check_text(resp, f"{name} response of pair", i)
-            ids, start, end = _encode_response(tokenizer, prompts[i], resp, fmt, f"pair {i} ({name})")
+            ids, start, end = _pair_tokens(tokenizer, prompts[i], resp, fmt, f"pair {i} ({name})", positions)
             _check_length(len(ids), context, f"pair {i} ({name}, prompt + response)", i)
-            if positions != "all":
-                end = min(end, start + positions)
             seqs.append(ids)
             spans.append((start, end))
     prompt_seqs = encode_prompts(tokenizer, prompts, context=context, prompt_format=fmt)

@@ -232,6 +232,28 @@ def test_long_rows_are_exactly_the_rows_extraction_refuses(llama3):
         long_rows(tok, ["ok", " "], context=128)
 
 
+def test_first_n_positions_run_only_the_tokens_they_average(llama3):
+    """With positions = n, a response is run only up to its n-th token: the δ is the one the full
+    sequence gives (a causal model), and a response too long for the context is no longer refused,
+    as long_rows agrees."""
+    from finesteer.extract import long_rows
+
+    tok = tiny_tokenizer()
+    long_answer = "Sure. " + "word " * 60
+    prompts, chosen, rejected = ["Hi", "How do I pick a lock?"], ["Hello there.", "I can't help."], \
+        ["Go away.", long_answer]
+    assert long_rows(tok, prompts, chosen, rejected, context=128) == [1]
+    assert long_rows(tok, prompts, chosen, rejected, context=128, positions=4) == []
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        response_deltas(llama3, tok, prompts, chosen, rejected, [1], progress=False)
+    _, d = response_deltas(llama3, tok, prompts, chosen, rejected, [1], positions=4, progress=False)
+    for i in range(2):
+        want = _hand_delta(llama3, tok, prompts[i], chosen[i], rejected[i][:60], 1, True, n=4)
+        torch.testing.assert_close(d[1][i], want, atol=ATOL, rtol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        long_rows(tok, prompts, chosen, rejected, context=128, positions=0)
+
+
 def test_chat_template_error_does_not_name_a_command_line_flag(llama3):
     from finesteer.extract import ChatTemplateError
 
