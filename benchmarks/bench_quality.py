@@ -46,7 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 #: looked at. With these subset sizes one task takes 25–45 min with one thread on 2 cores, depending on
 #: the machine (docs/quality.md gives each run's parts).
 DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5,
-                limit_train=1000, limit_pairs=300, limit_eval=40, limit_truthfulqa=100, openings_per_side=3,
+                limit_train=1000, limit_eval=40, limit_truthfulqa=100, openings_per_side=3,
                 continuation_tokens=8, pairs_per_prompt=8)
 #: Each task's λ grid, unless --strengths is given. Safety measures the refusal-vs-utility curve on a
 #: finer grid: FineSteer's gate opens on about half of the harmful prompts, so it matches CAA's target
@@ -55,6 +55,13 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 #: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
 TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
 TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it from the safety run's arguments
+#: Each task's ``--limit-pairs`` (records or prompts per pair file), unless --limit-pairs is given.
+#: safety_mixed gives the experts every training prompt of both files (1000 harmful_train prompts,
+#: all 927 CoCoNot records): with 300 of each, MoSE's routing did not carry over to the other
+#: harmful collection (on the development rows MoSE gate-off moved harmful prompts −4.18 at λ = 16,
+#: toward refusal on 38 %; with all of them +33.67, 88 %), as the gate needed all 1000 prompts
+#: (docs/quality.md). The other tasks keep 300: their MoSE fits were set and reported with it.
+TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "truthfulness": 300, "overrefusal": 300}
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
@@ -78,36 +85,43 @@ def _gemma_gguf() -> str:
     return str(pkg.assemble())
 
 
+def _safety_args(a) -> list:
+    """The safety run's own options (after the common ones), shared by safety_mixed."""
+    s = DATA / "safety"
+    # The gate's benign side pools ordinary instructions and CoCoNot's benign-but-sensitive
+    # requests (prompts only), so it learns to stay closed on sensitive-sounding benign prompts.
+    # δ averages the first 6 response tokens, where the refusal decision sits: on the development
+    # rows that gave every method a steadier margin per unit of benign KL than all tokens (CAA's
+    # margin no longer stalls and dips between λ = 2 and 6) and FineSteer the best trade-off of
+    # 2, 4, 6, 8 and all tokens (docs/quality.md).
+    return ["--delta-positions", "6",
+            "--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
+            "--target", str(s / "harmful_train.jsonl"),
+            "--benign", str(s / "benign_train.jsonl"), str(s / "coconot_pref.jsonl"),
+            "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
+            "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
+            "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
+
+
 def task_args(task: str, a) -> list:
     s = DATA / "safety"
     tqa = DATA / "truthfulqa" / "train.jsonl"
     common = ["--layer", str(a.layer), "--scs-method", a.scs_method, "--max-benign-fpr", str(a.max_benign_fpr),
               "--eval-start", str(a.eval_start), "--strengths", a.strengths or TASK_STRENGTHS[task],
               "--limit-train", str(a.limit_train),
-              "--limit-pairs", str(a.limit_pairs), "--limit-eval", str(a.limit_eval),
+              "--limit-pairs", str(a.limit_pairs or TASK_LIMIT_PAIRS[task]), "--limit-eval", str(a.limit_eval),
               "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":
-        # The gate's benign side pools ordinary instructions and CoCoNot's benign-but-sensitive
-        # requests (prompts only), so it learns to stay closed on sensitive-sounding benign prompts.
-        # δ averages the first 6 response tokens, where the refusal decision sits: on the development
-        # rows that gave every method a steadier margin per unit of benign KL than all tokens (CAA's
-        # margin no longer stalls and dips between λ = 2 and 6) and FineSteer the best trade-off of
-        # 2, 4, 6, 8 and all tokens (docs/quality.md).
-        return common + ["--delta-positions", "6",
-                         "--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
-                         "--target", str(s / "harmful_train.jsonl"),
-                         "--benign", str(s / "benign_train.jsonl"), str(s / "coconot_pref.jsonl"),
-                         "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
-                         "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
-                         "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
+        return common + _safety_args(a)
     if task == "safety_mixed":
         # The safety run with CoCoNot's (prompt, chosen, rejected) pairs pooled into the experts'
         # data: the response shift to learn now depends on the query (refusal on harmful prompts,
         # CoCoNot's preferred, mostly compliant answers on benign-but-sensitive ones), which one
-        # mean vector cannot follow and MoSE's routing can. Same gate and settings as safety; only
-        # the methods that differ in their vector (mean vs MoSE) are run.
-        return task_args("safety", a) + ["--pairs", str(s / "coconot_pref.jsonl"), "--methods", MIXED_METHODS]
+        # mean vector cannot follow and MoSE's routing can. Same gate and settings as safety, except
+        # that the experts get every training prompt (TASK_LIMIT_PAIRS); only the methods that differ
+        # in their vector (mean vs MoSE) are run.
+        return common + _safety_args(a) + ["--pairs", str(s / "coconot_pref.jsonl"), "--methods", MIXED_METHODS]
     if task == "truthfulness":
         return common + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
@@ -148,6 +162,10 @@ def main(argv=None) -> int:
                         + "; ".join(f"{t} {g}" for t, g in TASK_STRENGTHS.items()) + "); the gated methods "
                         + ", ".join(GATED_METHODS) + " are also scored at "
                         + "; ".join(f"{t} {g}" for t, g in GATED_EXTRA_STRENGTHS.items()))
+    p.add_argument("--limit-pairs", type=int, default=None,
+                   help="--limit-pairs of every task (records of a pair file, prompts of written openings, pairs "
+                        "of TruthfulQA; default: each "
+                        "task's own: " + "; ".join(f"{t} {n}" for t, n in TASK_LIMIT_PAIRS.items()) + ")")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `finesteer eval` options, after --")
     a = p.parse_args(argv)
     if not DATA.is_dir():

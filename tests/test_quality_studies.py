@@ -160,10 +160,34 @@ def test_dev_tradeoff_lists_dominated_and_unreached_caa_points():
                    "borderline": {"dominated": [1.0], "unreached": [2.0], "compared": 2}}
 
 
-def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
+def _bench_quality():
     spec = importlib.util.spec_from_file_location("bench_quality", _DIR.parent / "bench_quality.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_quality_pair_limit_is_the_tasks_own_unless_given():
+    import argparse
+
+    bench = _bench_quality()
+
+    def option(task, flag, **given):
+        a = argparse.Namespace(**{**bench.DEFAULTS, "strengths": None, "limit_pairs": None, "threads": 1,
+                                  "prompt_format": "auto", **given})
+        args = bench.task_args(task, a)
+        return args[args.index(flag) + 1]
+
+    assert option("safety", "--limit-pairs") == "300" and option("safety_mixed", "--limit-pairs") == "1000"
+    assert option("safety_mixed", "--limit-pairs", limit_pairs=50) == "50"
+    # safety_mixed is the safety run plus the CoCoNot pairs: same gate data, δ positions, scored sets
+    for flag in ("--target", "--delta-positions", "--opening-pairs", "--eval-target", "--limit-train"):
+        assert option("safety_mixed", flag) == option("safety", flag)
+    assert option("safety_mixed", "--pairs").endswith("coconot_pref.jsonl")
+
+
+def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
+    bench = _bench_quality()
     grid = bench.GATED_EXTRA_STRENGTHS["safety"]
     assert bench.gated_extra_args("safety", []) == [
         "--extra-strengths", f"cast={grid}", "--extra-strengths", f"scs_mean={grid}",

@@ -152,7 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lim = p.add_argument_group("subset sizes")
     lim.add_argument("--limit-train", type=int, default=None, help="at most N gate prompts from each of --target "
                                                                     "and --benign")
-    lim.add_argument("--limit-pairs", type=int, default=None, help="at most N pair records / prompts")
+    lim.add_argument("--limit-pairs", type=int, default=None,
+                     help="at most N records of --pairs (of a TruthfulQA file: N pairs, 2 per question) and N "
+                          "prompts of --opening-pairs")
     lim.add_argument("--limit-eval", type=int, default=None, help="at most N prompts from each evaluation set")
     lim.add_argument("--limit-truthfulqa", type=int, default=None, help="at most N TruthfulQA questions")
     lim.add_argument("--limit-generate", type=int, default=20, help="prompts per set for --generate (default: 20)")
