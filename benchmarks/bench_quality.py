@@ -60,7 +60,9 @@ TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it
 #: all 927 CoCoNot records): with 300 of each, MoSE's routing did not carry over to the other
 #: harmful collection (on the development rows MoSE gate-off moved harmful prompts −4.18 at λ = 16,
 #: toward refusal on 38 %; with all of them +33.67, 88 %), as the gate needed all 1000 prompts
-#: (docs/quality.md). The other tasks keep 300: their MoSE fits were set and reported with it.
+#: (docs/quality.md). Over-refusal keeps 300: with all 927 CoCoNot records MoSE predicted held-out
+#: δ better but FineSteer moved the development borderline prompts less (+17.93 vs +28.64 at
+#: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
 TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "truthfulness": 300, "overrefusal": 300}
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
