@@ -1,16 +1,21 @@
 """Steering quality on a real pretrained LLM: ``finesteer eval`` with the settings the README reports.
 
-Three behaviours and one variant, each fitted on the shared TRAIN sets and scored on the shared
+Three behaviours and two variants, each fitted on the shared TRAIN sets and scored on the shared
 VALIDATION sets (never tuned on what is reported):
 
 - ``safety`` — refusal on harmful requests: CAA-style (refusal opening, compliance opening) pairs on
-  ``harmful_train`` prompts (training openings), gate ``harmful_train`` vs ``benign_train``; scored
+  ``harmful_train`` prompts (training openings), gate ``harmful_train`` vs ``benign_train`` and
+  CoCoNot's prompts; scored
   on ``harmful_val`` (target) and ``benign_val`` / ``borderline_val`` (benign) with the disjoint
   scoring openings;
 - ``safety_mixed`` — the safety run with CoCoNot's (chosen, rejected) pairs on benign-but-sensitive
   prompts pooled into the experts' training data, so the response shift to learn depends on the
   query (refusal on harmful prompts, CoCoNot's preferred answers on sensitive benign ones): where
   MoSE's routing can do what one mean vector cannot. Same gate, settings and scoring as ``safety``;
+- ``refuse_or_comply`` — one steerer for both behaviours: safety_mixed's experts, a gate
+  ``harmful_train`` vs ``benign_train`` only (so it may open on sensitive benign prompts), scored
+  toward refusal on ``harmful_val`` and toward compliance on ``borderline_val`` (both targets),
+  ``benign_val`` benign;
 - ``truthfulness`` — TruthfulQA (correct − incorrect answers) pairs; the single TruthfulQA file is
   split by question (``--fit-fraction``), MC1/MC2 on the unseen half; gate TruthfulQA questions vs
   ``benign_train``;
@@ -55,6 +60,7 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 #: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
 TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
 TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it from the safety run's arguments
+TASK_STRENGTHS["refuse_or_comply"] = TASK_STRENGTHS["safety"]
 #: Each task's ``--limit-pairs`` (records or prompts per pair file), unless --limit-pairs is given.
 #: safety_mixed gives the experts every training prompt of both files (1000 harmful_train prompts,
 #: all 927 CoCoNot records): with 300 of each, MoSE's routing did not carry over to the other
@@ -63,7 +69,8 @@ TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it
 #: (docs/quality.md). Over-refusal keeps 300: with all 927 CoCoNot records MoSE predicted held-out
 #: δ better but FineSteer moved the development borderline prompts less (+17.93 vs +28.64 at
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
-TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "truthfulness": 300, "overrefusal": 300}
+TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "refuse_or_comply": 1000, "truthfulness": 300,
+                    "overrefusal": 300}
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
@@ -124,6 +131,21 @@ def task_args(task: str, a) -> list:
         # that the experts get every training prompt (TASK_LIMIT_PAIRS); only the methods that differ
         # in their vector (mean vs MoSE) are run.
         return common + _safety_args(a) + ["--pairs", str(s / "coconot_pref.jsonl"), "--methods", MIXED_METHODS]
+    if task == "refuse_or_comply":
+        # One steerer, two behaviours (the paper's case for MoSE): refuse harmful requests, comply
+        # with benign-but-sensitive ones. The experts' data is safety_mixed's; the gate separates
+        # any sensitive request (harmful_train) from ordinary instructions only, so it may open on
+        # borderline prompts, and MoSE decides which way to steer them. Scored: harmful prompts
+        # toward refusal, borderline prompts toward compliance (both targets), ordinary benign
+        # prompts left alone.
+        return common + ["--delta-positions", "6",
+                         "--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
+                         "--pairs", str(s / "coconot_pref.jsonl"),
+                         "--target", str(s / "harmful_train.jsonl"), "--benign", str(s / "benign_train.jsonl"),
+                         "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
+                         "--eval-target", f"borderline={s / 'borderline_val.jsonl'}",
+                         "--set-toward", "borderline=compliance",
+                         "--eval-benign", f"benign={s / 'benign_val.jsonl'}", "--methods", MIXED_METHODS]
     if task == "truthfulness":
         return common + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
@@ -149,7 +171,7 @@ def gated_extra_args(task: str, extra: list) -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="all", choices=["all", "safety", "safety_mixed", "truthfulness", "overrefusal"])
+    p.add_argument("--task", default="all", choices=["all", *TASK_LIMIT_PAIRS])
     p.add_argument("--model", default=None, help="model dir / hub id / .gguf (default: the gemma-3-270m GGUF)")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain", "raw"])
     p.add_argument("--threads", type=int, default=1)
@@ -176,7 +198,7 @@ def main(argv=None) -> int:
     model = a.model or _gemma_gguf()
     from finesteer.eval.cli import main as eval_main
 
-    tasks = ["safety", "safety_mixed", "truthfulness", "overrefusal"] if a.task == "all" else [a.task]
+    tasks = list(TASK_LIMIT_PAIRS) if a.task == "all" else [a.task]
     extra = [x for x in a.extra if x != "--"]
     for task in tasks:
         t0 = time.perf_counter()

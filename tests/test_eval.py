@@ -326,6 +326,26 @@ def test_file_fitted_and_scored_is_split(llama, files, tmp_path):
     assert result.fit["n_target"] == split["fit"]
 
 
+def test_a_set_scored_toward_compliance_has_the_opposite_margins(llama, files, tmp_path):
+    """--set-toward: the same prompts scored toward compliance give exactly the negated margin shifts
+    (and toward-rates measured the other way); the report names the set's direction."""
+    cfg = _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "caa", "finesteer"), strengths=(2.0,),
+                  eval_sets=[EvalSetSpec("harmful", files["harmful_val"], "target"),
+                             EvalSetSpec("harmful_comply", files["harmful_val"], "target", toward="compliance"),
+                             EvalSetSpec("benign", files["benign_val"], "benign")])
+    result = run_eval(llama, tiny_tokenizer(), cfg)
+    doc = result.to_dict()
+    assert doc["sets"]["harmful"]["toward"] == "refusal" and doc["sets"]["harmful_comply"]["toward"] == "compliance"
+    for method in ("caa", "finesteer"):
+        ref = doc["sets"]["harmful"]["results"][method]["2.0"]["per_prompt"]["margin_shift"]
+        com = doc["sets"]["harmful_comply"]["results"][method]["2.0"]["per_prompt"]["margin_shift"]
+        assert com == pytest.approx([-x for x in ref], abs=1e-9) and any(abs(x) > 1e-6 for x in ref)
+    from finesteer.eval.report import _markdown
+    assert "set harmful_comply: toward **compliance**" in _markdown(doc)
+    with pytest.raises(ValueError, match="toward must be one of"):
+        EvalSetSpec("x", files["harmful_val"], "target", toward="up")
+
+
 def test_probe_gate_runs_through_the_harness(llama, files, tmp_path):
     cfg = _config(files, tmp_path, scs_method="probe", rank=None, truthfulqa=None,
                   methods=("unsteered", "scs_mean", "finesteer"), strengths=(2.0,))
@@ -495,6 +515,14 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--extra-strengths", "unsteered=2"])
     assert "expected METHOD=λ,λ,..." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--set-toward", "borderline=sideways"])
+    assert "expected NAME=refusal or NAME=compliance" in capsys.readouterr().err
+    rc = main(["eval", "--model", str(model_dir), "--layer", "1", "--opening-pairs", files["target"],
+               "--target", files["target"], "--benign", files["benign"],
+               "--eval-benign", f"benign={files['benign_val']}", "--set-toward", "borderline=compliance",
+               "--quiet", "-o", str(out)])
+    assert rc == 2 and "--set-toward names borderline, which is not an evaluation set" in capsys.readouterr().err
 
 
 def _grouped_seqs(lone_at: int) -> list:

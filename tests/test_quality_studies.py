@@ -184,6 +184,10 @@ def test_bench_quality_pair_limit_is_the_tasks_own_unless_given():
     for flag in ("--target", "--delta-positions", "--opening-pairs", "--eval-target", "--limit-train"):
         assert option("safety_mixed", flag) == option("safety", flag)
     assert option("safety_mixed", "--pairs").endswith("coconot_pref.jsonl")
+    # refuse_or_comply: safety_mixed's experts, borderline prompts scored toward compliance
+    for flag in ("--pairs", "--opening-pairs", "--limit-pairs", "--delta-positions", "--pairs-per-prompt"):
+        assert option("refuse_or_comply", flag) == option("safety_mixed", flag)
+    assert option("refuse_or_comply", "--set-toward") == "borderline=compliance"
 
 
 def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():

@@ -27,6 +27,13 @@ def _named_path(text: str):
     return name, path
 
 
+def _set_toward(text: str):
+    name, sep, direction = text.partition("=")
+    if not sep or not name or direction not in ("refusal", "compliance"):
+        raise argparse.ArgumentTypeError(f"expected NAME=refusal or NAME=compliance, got {text!r}")
+    return name, direction
+
+
 def _floats(text: str):
     try:
         vals = tuple(float(x) for x in text.split(",") if x.strip())
@@ -139,6 +146,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--toward", default="refusal", choices=["refusal", "compliance"],
                    help="which openings the margin counts as 'toward': refusal (safety, default) or compliance "
                         "(reducing over-refusal); prompts with chosen/rejected fields use those")
+    e.add_argument("--set-toward", type=_set_toward, action="append", default=[], metavar="NAME=DIRECTION",
+                   help="score evaluation set NAME toward refusal or compliance instead of --toward (e.g. "
+                        "borderline=compliance beside harmful sets scored toward refusal: one steerer that should "
+                        "refuse some prompts and comply with others); repeatable")
     e.add_argument("--openings-per-side", type=int, default=None,
                    help="score with only the first N refusal and N compliance openings (default: all)")
     e.add_argument("--continuation-tokens", type=int, default=16,
@@ -228,8 +239,14 @@ def config_from_args(args):
 
     from .config import EvalConfig, EvalSetSpec
 
-    sets = [EvalSetSpec(n, pth, "target") for n, pth in args.eval_target]
-    sets += [EvalSetSpec(n, pth, "benign") for n, pth in args.eval_benign]
+    toward = dict(args.set_toward)
+    names = [n for n, _ in args.eval_target + args.eval_benign]
+    unknown = sorted(set(toward) - set(names))
+    if unknown:
+        raise ValueError(f"--set-toward names {', '.join(unknown)}, which is not an evaluation set "
+                         f"(--eval-target / --eval-benign names: {', '.join(names) or 'none'})")
+    sets = [EvalSetSpec(n, pth, "target", toward.get(n)) for n, pth in args.eval_target]
+    sets += [EvalSetSpec(n, pth, "benign", toward.get(n)) for n, pth in args.eval_benign]
     if args.k_min > args.k_max:
         raise ValueError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     mose = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,

@@ -14,17 +14,23 @@ TOWARD = ("refusal", "compliance")
 @dataclass
 class EvalSetSpec:
     """A named evaluation file and its role: ``target`` (the steerer should move these prompts) or
-    ``benign`` (it should leave them alone)."""
+    ``benign`` (it should leave them alone). ``toward``: which openings this set's margin counts as
+    "toward" (``"refusal"`` or ``"compliance"``); None takes the run's :attr:`EvalConfig.toward`. A
+    run with target sets of both kinds scores one steerer that should refuse some prompts and comply
+    with others (each set's margin shift is then positive when it moves that set its own way)."""
 
     name: str
     path: str
     role: str
+    toward: Optional[str] = None
 
     def __post_init__(self):
         if self.role not in ("target", "benign"):
             raise ValueError(f"eval set {self.name!r}: role must be 'target' or 'benign', got {self.role!r}")
         if not self.name or "=" in self.name:
             raise ValueError(f"eval set name {self.name!r}: must be non-empty and contain no '='")
+        if self.toward is not None and self.toward not in TOWARD:
+            raise ValueError(f"eval set {self.name!r}: toward must be one of {TOWARD} or None, got {self.toward!r}")
 
 
 @dataclass
@@ -168,6 +174,13 @@ class EvalConfig:
     def strengths_of(self, method: str) -> Tuple[float, ...]:
         """The strengths ``method`` is scored at: the grid and its extra strengths, ascending, each once."""
         return tuple(sorted(set(self.strengths) | set(self.extra_strengths.get(method, ()))))
+
+    def toward_of(self, set_name: str) -> str:
+        """The margin direction of evaluation set ``set_name``: its own ``toward``, else the run's."""
+        for spec in self.eval_sets:
+            if spec.name == set_name:
+                return spec.toward or self.toward
+        raise KeyError(f"no evaluation set named {set_name!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

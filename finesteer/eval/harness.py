@@ -375,7 +375,8 @@ class _Run:
         cfg = self.cfg
         k = cfg.openings_per_side
         refusals, compliances = list(SCORE_REFUSALS[:k]), list(SCORE_COMPLIANCES[:k])
-        toward_o, away_o = (refusals, compliances) if cfg.toward == "refusal" else (compliances, refusals)
+        toward = cfg.toward_of(ps.name)
+        toward_o, away_o = (refusals, compliances) if toward == "refusal" else (compliances, refusals)
         seqs, layout, prompt_of = [], [], []
         for i, (prompt, pair) in enumerate(zip(ps.prompts, ps.pairs)):
             tw, aw = ([pair[0]], [pair[1]]) if pair is not None else (toward_o, away_o)
@@ -434,7 +435,7 @@ class _Run:
         return self._split_base(scores)
 
     def evaluate_set(self, ps: PromptSet) -> dict:
-        out = {"role": ps.role, "n": len(ps), "source": ps.source,
+        out = {"role": ps.role, "toward": self.cfg.toward_of(ps.name), "n": len(ps), "source": ps.source,
                "pairs_from_file": sum(p is not None for p in ps.pairs)}
         with self.time("gate"):
             out["gate"] = self.gate_scores(ps)

@@ -54,9 +54,12 @@ def markdown_table(rows: List[dict]) -> str:
 def _markdown(doc: dict) -> str:
     fit = doc["fit"]
     out = [f"# finesteer eval — {doc['model']}, layer {doc['config']['layer']}", ""]
+    own = {n: s["toward"] for n, s in doc.get("sets", {}).items() if s.get("toward", doc["config"]["toward"])
+           != doc["config"]["toward"]}
+    per_set = "".join(f"; set {n}: toward **{t}**" for n, t in own.items())
     out.append("Margin = log p(toward response | prompt) − log p(away response | prompt), toward = "
-               f"**{doc['config']['toward']}**; shift = steered − unsteered. KL = KL(unsteered ‖ steered) of the "
-               "next-token distribution over the unsteered greedy continuation of benign prompts.")
+               f"**{doc['config']['toward']}**{per_set}; shift = steered − unsteered. KL = KL(unsteered ‖ steered) "
+               "of the next-token distribution over the unsteered greedy continuation of benign prompts.")
     out += ["", markdown_table(doc["rows"]), ""]
     g = fit.get("gate", {})
     out.append(f"SCS gate (fit calibration): τ={g.get('threshold', float('nan')):.4g}, TPR={g.get('tpr', 0):.3f}, "
