@@ -94,22 +94,27 @@ def _gemma_gguf() -> str:
     return str(pkg.assemble())
 
 
+def _refusal_pairs_args(a) -> list:
+    """The experts' refusal data of the safety runs: written refusal/compliance openings on
+    ``harmful_train`` prompts, δ over the first 6 response tokens, where the refusal decision sits
+    (on the development rows that gave every method a steadier margin per unit of benign KL than all
+    tokens — CAA's margin no longer stalls and dips between λ = 2 and 6 — and FineSteer the best
+    trade-off of 2, 4, 6, 8 and all tokens; docs/quality.md)."""
+    return ["--delta-positions", "6", "--opening-pairs", str(DATA / "safety" / "harmful_train.jsonl"),
+            "--pairs-per-prompt", str(a.pairs_per_prompt)]
+
+
 def _safety_args(a) -> list:
     """The safety run's own options (after the common ones), shared by safety_mixed."""
     s = DATA / "safety"
     # The gate's benign side pools ordinary instructions and CoCoNot's benign-but-sensitive
     # requests (prompts only), so it learns to stay closed on sensitive-sounding benign prompts.
-    # δ averages the first 6 response tokens, where the refusal decision sits: on the development
-    # rows that gave every method a steadier margin per unit of benign KL than all tokens (CAA's
-    # margin no longer stalls and dips between λ = 2 and 6) and FineSteer the best trade-off of
-    # 2, 4, 6, 8 and all tokens (docs/quality.md).
-    return ["--delta-positions", "6",
-            "--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
-            "--target", str(s / "harmful_train.jsonl"),
-            "--benign", str(s / "benign_train.jsonl"), str(s / "coconot_pref.jsonl"),
-            "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
-            "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
-            "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
+    return _refusal_pairs_args(a) + [
+        "--target", str(s / "harmful_train.jsonl"),
+        "--benign", str(s / "benign_train.jsonl"), str(s / "coconot_pref.jsonl"),
+        "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
+        "--eval-benign", f"benign={s / 'benign_val.jsonl'}",
+        "--eval-benign", f"borderline={s / 'borderline_val.jsonl'}"]
 
 
 def task_args(task: str, a) -> list:
@@ -138,14 +143,12 @@ def task_args(task: str, a) -> list:
         # borderline prompts, and MoSE decides which way to steer them. Scored: harmful prompts
         # toward refusal, borderline prompts toward compliance (both targets), ordinary benign
         # prompts left alone.
-        return common + ["--delta-positions", "6",
-                         "--opening-pairs", str(s / "harmful_train.jsonl"), "--pairs-per-prompt", str(a.pairs_per_prompt),
-                         "--pairs", str(s / "coconot_pref.jsonl"),
-                         "--target", str(s / "harmful_train.jsonl"), "--benign", str(s / "benign_train.jsonl"),
-                         "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
-                         "--eval-target", f"borderline={s / 'borderline_val.jsonl'}",
-                         "--set-toward", "borderline=compliance",
-                         "--eval-benign", f"benign={s / 'benign_val.jsonl'}", "--methods", MIXED_METHODS]
+        return common + _refusal_pairs_args(a) + [
+            "--pairs", str(s / "coconot_pref.jsonl"),
+            "--target", str(s / "harmful_train.jsonl"), "--benign", str(s / "benign_train.jsonl"),
+            "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
+            "--eval-target", f"borderline={s / 'borderline_val.jsonl'}", "--set-toward", "borderline=compliance",
+            "--eval-benign", f"benign={s / 'benign_val.jsonl'}", "--methods", MIXED_METHODS]
     if task == "truthfulness":
         return common + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
