@@ -16,6 +16,7 @@ import time
 
 from ..fit.scs import METHODS as SCS_METHODS
 from .baselines import METHODS
+from .config import TOWARD
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,8 +30,8 @@ def _named_path(text: str):
 
 def _set_toward(text: str):
     name, sep, direction = text.partition("=")
-    if not sep or not name or direction not in ("refusal", "compliance"):
-        raise argparse.ArgumentTypeError(f"expected NAME=refusal or NAME=compliance, got {text!r}")
+    if not sep or not name or direction not in TOWARD:
+        raise argparse.ArgumentTypeError("expected NAME=" + " or NAME=".join(TOWARD) + f", got {text!r}")
     return name, direction
 
 
@@ -143,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a set the steerer should leave alone (e.g. benign=benign_val.jsonl); repeatable")
     e.add_argument("--truthfulqa", default=None, help="TruthfulQA file (question, best_answer, correct_answers, "
                                                       "incorrect_answers) for MC1/MC2")
-    e.add_argument("--toward", default="refusal", choices=["refusal", "compliance"],
+    e.add_argument("--toward", default="refusal", choices=list(TOWARD),
                    help="which openings the margin counts as 'toward': refusal (safety, default) or compliance "
                         "(reducing over-refusal); prompts with chosen/rejected fields use those")
     e.add_argument("--set-toward", type=_set_toward, action="append", default=[], metavar="NAME=DIRECTION",
