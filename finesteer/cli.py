@@ -153,6 +153,7 @@ def check_output_path(path, flag: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .fit.mose import INITS
 
     parser = argparse.ArgumentParser(
         prog="finesteer",
@@ -213,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--residual-dim", type=int, default=10, help="residual basis size m (default: 10)")
     m.add_argument("--hidden", type=int, default=256, help="hidden size H of the residual MLP (default: 256)")
     m.add_argument("--epochs", type=int, default=200, help="most training epochs (early stopping) (default: 200)")
+    m.add_argument("--mose-init", default="mean", choices=INITS,
+                   help="where training starts: mean (the mean δ), ridge (the mean δ plus a ridge read-out of "
+                        "the residual from the query, penalty picked on the validation rows; needs --hidden >= "
+                        "2·--residual-dim), random (default: mean)")
     m.add_argument("--seed", type=int, default=0, help="seed of the splits and the MoSE fit (default: 0)")
     m.add_argument("--strength", type=float, default=1.0, help="steering strength λ stored in the artifact "
                                                                    "(default: 1.0)")
@@ -377,7 +382,8 @@ def cmd_fit(args) -> int:
                    calib_fraction=args.calib_fraction, seed=args.seed)
     print(f"SCS gate ({args.scs_method}, rank {gate.rank}): {gate.report}")
     mose = fit_mose(q[layer], d[layer], k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim,
-                    hidden=args.hidden, epochs=args.epochs, seed=args.seed, progress=_progress(args))
+                    hidden=args.hidden, epochs=args.epochs, init=args.mose_init, seed=args.seed,
+                    progress=_progress(args))
     _print_mose(mose)
     meta = {"delta_positions": args.delta_positions, "prompt_format": fmt, "n_pairs": len(pairs[0]),
             "n_target": len(target), "n_benign": len(benign)}

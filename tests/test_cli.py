@@ -77,6 +77,18 @@ def test_fit_prints_calibration_and_mose_stats(work, capsys):
     assert out.read_bytes() == work[2].read_bytes()
 
 
+def test_fit_mose_init_ridge_is_recorded_in_the_artifact(work, tmp_path):
+    root, files, artifact = work
+    out = tmp_path / "ridge.safetensors"
+    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
+               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
+               *FIT_SMALL, "--mose-init", "ridge"])
+    assert rc == 0
+    stats = Steerer.load(out, hidden_size=64).mose.fit_stats
+    assert stats["hyperparameters"]["init"] == "ridge" and "ridge_penalty" in stats
+    assert Steerer.load(artifact, hidden_size=64).mose.fit_stats["hyperparameters"]["init"] == "mean"
+
+
 def test_generate_writes_base_and_steered_side_by_side(work, tmp_path):
     root, files, artifact = work
     out = tmp_path / "out.jsonl"

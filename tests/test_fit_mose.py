@@ -10,7 +10,7 @@ from finesteer import MoSE
 from finesteer.fit import MoSENetwork, fit_mose, fit_mose_network
 from finesteer.fit._validate import child_generator, holdout_split
 from finesteer.fit.kmeans import calinski_harabasz, kmeans, select_k
-from finesteer.fit.mose import _train_loss
+from finesteer.fit.mose import RIDGE_PENALTIES, _train_loss, ridge_residual
 
 D = 32
 FAST = dict(hidden=32, epochs=40, batch_size=128, attn_dim=16, progress=False)
@@ -122,6 +122,57 @@ def test_mean_init_never_ends_worse_than_the_mean_on_its_validation_rows():
     assert mean_start["val_loss"] <= mean_start["val_loss_mean_delta"] * (1 + 1e-6)
     assert random_start["val_loss"] > random_start["val_loss_mean_delta"]
     assert mean_start["val_loss_mean_delta"] == pytest.approx(random_start["val_loss_mean_delta"])
+
+
+def linear_deltas(n: int, seed: int = 0):
+    """δ = a constant + a linear function of the query + small noise: what a ridge read-out fits."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, D, generator=g)
+    W = 0.5 * torch.randn(D, D, generator=g)
+    delta = 3.0 + q @ W + 0.1 * torch.randn(n, D, generator=g)
+    return q, delta
+
+
+def test_linear_residual_is_written_exactly_into_the_mlp():
+    q, delta = linear_deltas(80)
+    _, net = fit_mose_network(q, delta, **{**FAST, "epochs": 1, "lr": 1e-12})
+    m, p = net.fc2.out_features, net.fc1.in_features
+    g = torch.Generator().manual_seed(1)
+    A, a = torch.randn(m, p, generator=g), torch.randn(m, generator=g)
+    net.set_linear_residual(A, a)
+    x = net.features(q)
+    beta = net.coefficients_features(x)[:, net.C.shape[0]:]
+    torch.testing.assert_close(beta, net.out_scale * (x @ A.T + a), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"weight \[10, 32\]"):
+        net.set_linear_residual(A[:, :3], a)
+
+
+def test_ridge_init_starts_at_the_validation_picked_ridge_read_out_and_never_ends_worse():
+    q, delta = linear_deltas(200)
+    frozen = {**FAST, "epochs": 1, "lr": 1e-12, "residual_dim": 16}
+    ridge = fit_mose(q, delta, **frozen, init="ridge").fit_stats
+    mean = fit_mose(q, delta, **frozen).fit_stats
+    assert ridge["ridge_penalty"] in RIDGE_PENALTIES
+    # the linear read-out of 16 of 32 δ directions removes most of the error the mean vector leaves
+    assert ridge["val_mse"] < 0.6 * mean["val_mse"]
+    assert ridge["val_cosine"] > mean["val_cosine"]
+    trained = fit_mose(q, delta, **{**FAST, "residual_dim": 16, "epochs": 30, "lr": 1e-2}, init="ridge").fit_stats
+    assert trained["val_loss"] <= ridge["val_loss"] * (1 + 1e-6)
+
+
+def test_ridge_read_out_falls_back_to_zero_when_no_penalty_helps():
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(50, 8, generator=g), torch.randn(50, 3, generator=g)
+    fit = ridge_residual(x, t, torch.randn(20, 8, generator=g), t.mean(0).expand(20, 3))
+    assert fit["penalty"] == float("inf") and fit["val_mse"] == pytest.approx(0.0, abs=1e-12)
+    assert not fit["weight"].any()
+    torch.testing.assert_close(fit["bias"], t.double().mean(0))
+
+
+def test_ridge_init_needs_two_hidden_units_per_residual_coefficient():
+    q, delta = linear_deltas(60)
+    with pytest.raises(ValueError, match=r"hidden=8 < 2·residual_dim=20"):
+        fit_mose(q, delta, **{**FAST, "hidden": 8}, init="ridge")
 
 
 def test_shapes_statistics_and_history(fitted):

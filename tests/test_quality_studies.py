@@ -1,7 +1,9 @@
 """The quality study scripts' own logic, on hand-made inputs (no model): borderline_bound.py (the
 per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt) and
 gate_shape.py (re-gating per-prompt CAA curves)."""
+import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,26 @@ def test_mose_splits_holds_out_whole_prompts(splits, tmp_path):
     assert row["n_prompts_heldout"] == 8  # 20 % of 40 prompts, each prompt's 3 pairs merged
     for name in ("mean_vector", "mose"):
         assert set(row[name]) == {"cosine", "mse", "n"} and row[name]["n"] == 8
+
+
+def test_mose_splits_scores_named_variants_on_every_split(splits, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(60, 32, generator=g)
+    d = q @ torch.randn(32, 32, generator=g) + 2.0
+    path = tmp_path / "train-pairs-plain-layer3.safetensors"
+    save_file({"queries_3": q, "deltas_3": d}, str(path))
+    out = tmp_path / "splits.json"
+    assert splits.main(["--pairs-cache", str(path), "--splits", "2", "--variant", "ridge:init=ridge,hidden=32",
+                        "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["variants"] == {"ridge": {"init": "ridge", "hidden": "32"}}
+    assert {"ridge_cosine_mean", "ridge_cosine_higher", "ridge_mse_lower"} <= set(result["summary"])
+    assert all(set(r) >= {"mean_vector", "mose", "ridge"} for r in result["splits"])
+    for bad in ("ridge", "mose:init=ridge", "x:no_such_option=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            splits.parse_variant(bad)
 
 
 def test_mose_splits_rejects_a_cache_without_one_layer(splits, tmp_path):

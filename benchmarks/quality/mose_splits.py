@@ -12,6 +12,10 @@ Input: the pair cache a ``bench_quality.py`` run leaves, e.g.
 
     python benchmarks/quality/mose_splits.py --pairs-cache <that file> --splits 8 \\
         -o benchmarks/results/quality/mose_splits_overrefusal.json
+
+``--variant NAME:OPTION=VALUE[,OPTION=VALUE...]`` (repeatable; options as ``finesteer eval
+--mose-option``) also fits and scores MoSE with those options on every split, e.g.
+``--variant ridge:init=ridge``.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def load_pairs(path: str) -> tuple:
 
 
 def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_prompts: int, seed: int,
-              holdout: float) -> dict:
+              holdout: float, variants: dict = None) -> dict:
     from finesteer.eval import metrics
     from finesteer.eval.baselines import mean_vector_mose
     from finesteer.fit import fit_mose
@@ -49,11 +53,24 @@ def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_promp
     q_held, d_held = merge_duplicate_queries(q[held].double(), d[held].double())
     fields = {"mean_vector": mean_vector_mose(d[~held].double().mean(0).float()),
               "mose": fit_mose(q[~held], d[~held], seed=0, progress=False)}
+    for name, options in (variants or {}).items():
+        fields[name] = fit_mose(q[~held], d[~held], seed=0, progress=False, **options)
     out = {"seed": seed, "n_prompts_heldout": int(q_held.shape[0])}
     for name, f in fields.items():
         scores = metrics.delta_prediction(f.vector(q_held.float()), d_held)
         out[name] = {k: round(float(v), 4) for k, v in scores.items()}
     return out
+
+
+def parse_variant(text: str) -> tuple:
+    """``NAME:OPTION=VALUE[,OPTION=VALUE...]`` → (NAME, {option: value}); values parsed as
+    ``finesteer eval --mose-option`` parses them."""
+    from finesteer.eval.cli import _mose_option
+
+    name, sep, spec = text.partition(":")
+    if not sep or not name or name in ("mean_vector", "mose"):
+        raise argparse.ArgumentTypeError(f"expected NAME:OPTION=VALUE[,...] with a new NAME, got {text!r}")
+    return name, dict(_mose_option(item) for item in spec.split(","))
 
 
 def main(argv=None) -> int:
@@ -62,25 +79,32 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=int, default=8)
     ap.add_argument("--holdout", type=float, default=0.2, help="fraction of prompts held out per split")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variant", type=parse_variant, action="append", default=[],
+                    help="NAME:OPTION=VALUE[,...]: also score MoSE fitted with these options (repeatable)")
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     q, d = load_pairs(a.pairs_cache)
     uniq, prompt_of = torch.unique(q, dim=0, return_inverse=True)
-    rows = [one_split(q, d, prompt_of, len(uniq), 1000 + s, a.holdout) for s in range(a.splits)]
+    variants = dict(a.variant)
+    rows = [one_split(q, d, prompt_of, len(uniq), 1000 + s, a.holdout, variants) for s in range(a.splits)]
     summary = {}
-    for name in ("mean_vector", "mose"):
+    for name in ("mean_vector", "mose", *variants):
         for metric in ("cosine", "mse"):
             vals = torch.tensor([r[name][metric] for r in rows], dtype=torch.float64)
             summary[f"{name}_{metric}_mean"] = round(float(vals.mean()), 4)
-    summary["mose_cosine_higher"] = sum(r["mose"]["cosine"] > r["mean_vector"]["cosine"] for r in rows)
-    summary["mose_mse_lower"] = sum(r["mose"]["mse"] < r["mean_vector"]["mse"] for r in rows)
+    for name in ("mose", *variants):
+        summary[f"{name}_cosine_higher"] = sum(r[name]["cosine"] > r["mean_vector"]["cosine"] for r in rows)
+        summary[f"{name}_mse_lower"] = sum(r[name]["mse"] < r["mean_vector"]["mse"] for r in rows)
     for r in rows:
-        print(f"seed {r['seed']}: held-out prompts {r['n_prompts_heldout']}: cosine mose {r['mose']['cosine']:.3f} "
-              f"vs mean {r['mean_vector']['cosine']:.3f}; MSE {r['mose']['mse']:.4g} vs {r['mean_vector']['mse']:.4g}")
+        print(f"seed {r['seed']}: held-out prompts {r['n_prompts_heldout']}: cosine "
+              + ", ".join(f"{name} {r[name]['cosine']:.3f}" for name in ("mean_vector", "mose", *variants))
+              + "; MSE " + ", ".join(f"{name} {r[name]['mse']:.4g}" for name in ("mean_vector", "mose", *variants)))
     print(f"over {len(rows)} splits: {json.dumps(summary)}")
     if a.output:
         Path(a.output).write_text(json.dumps(dict(pairs_cache=Path(a.pairs_cache).name, holdout=a.holdout,
+                                                  variants={k: {o: str(v) for o, v in opts.items()}
+                                                            for k, opts in variants.items()},
                                                   summary=summary, splits=rows), indent=1) + "\n")
     return 0
 

@@ -27,13 +27,15 @@ from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
 from .train import TrainResult, train_early_stopping
 
-__all__ = ["INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "build_network", "fit_experts", "fit_mose", "fit_mose_network",
-           "merge_duplicate_queries",
-           "residual_basis", "train_network"]
+__all__ = ["INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "build_network", "fit_experts", "fit_mose",
+           "fit_mose_network", "merge_duplicate_queries", "residual_basis", "ridge_residual", "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
 LOSSES = ("mse", "mse_cosine")
-INITS = ("mean", "random")
+INITS = ("mean", "ridge", "random")
+#: Ridge penalties ``init="ridge"`` tries, as multiples of the training features' mean squared
+#: singular value (so the grid means the same on any scale); the validation rows pick one.
+RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 _WHERE = "fit_mose"
 #: K-means restarts per candidate K (best inertia kept).
 KMEANS_RESTARTS = 4
@@ -58,8 +60,12 @@ class MoSEOptions:
     anything else — several responses to one prompt are one example of "what to add here".
     ``init``: ``"mean"`` (default) starts the network at the mean training δ (routing at the cluster
     proportions, residual zero) and early stopping also considers those starting weights, so the
-    fit never ends worse on its validation rows than the plain mean-difference vector; ``"random"``
-    is PyTorch's default initialisation of every layer.
+    fit never ends worse on its validation rows than the plain mean-difference vector; ``"ridge"``
+    starts the same routing but the residual at the ridge regression of the training δ's residual
+    coefficients on the query features (:func:`ridge_residual`, penalty picked on the validation
+    rows, zero when no penalty beats it), written exactly into the MLP (needs ``hidden`` ≥
+    2·``residual_dim``), so the fit never ends worse on its validation rows than that linear
+    read-out either; ``"random"`` is PyTorch's default initialisation of every layer.
     """
 
     k_range: tuple = (4, 10)
@@ -98,6 +104,9 @@ class MoSEOptions:
         check_choice(self.residual, "residual", _WHERE, RESIDUALS)
         check_choice(self.loss, "loss", _WHERE, LOSSES)
         check_choice(self.init, "init", _WHERE, INITS)
+        if self.init == "ridge" and self.hidden < 2 * self.residual_dim:
+            raise ValueError(f"{_WHERE}: init='ridge' writes the linear residual into the MLP with two hidden units "
+                             f"per residual coefficient; hidden={self.hidden} < 2·residual_dim={2 * self.residual_dim}")
         return dataclasses.replace(
             self, k_range=(k_min, k_max),
             residual_dim=check_int(self.residual_dim, "residual_dim", _WHERE, 1),
@@ -148,10 +157,11 @@ def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides
                    the training queries (the identity when query_dim is None or ≥ d):
                    s(h) = softmax((W_q h + b_q) K_Cᵀ/√d_a) V + U (W_2 relu(W_1 h + b_1) + b_2),
                    K_C = C W_kᵀ + b_k, V = C (or learned C W_vᵀ + b_v), started at the mean δ
-                   (``init="mean"``: query weights and W_2 zero, routing prior log(n_k/n)); trained by AdamW on
+                   (``init="mean"``: query weights and W_2 zero, routing prior log(n_k/n); ``init="ridge"``:
+                   the same routing, β at the validation-picked ridge read-out); trained by AdamW on
                    the ``loss`` (MSE(s(q), δ), or MSE plus a cosine term) with early stopping; the
-                   best-validation weights are kept (with ``init="mean"`` the starting weights compete
-                   too: best_epoch 0)
+                   best-validation weights are kept (with ``init="mean"``/``"ridge"`` the starting weights
+                   compete too: best_epoch 0)
         export     normalisation and Π folded into W_q, b_q, W_1, b_1 (fp64, then fp32);
                    R = W_qᵀ K_Cᵀ/√d_a, c = K_C b_q/√d_a → MoSE(R, c, V, U, W1, b1, W2, b2)
 
@@ -195,7 +205,8 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
     experts = fit_experts(d_tr, opts)
     U = residual_basis(d_tr, experts.prototypes, opts)
     net = build_network(q_tr, d_tr, experts.prototypes, U, opts,
-                        cluster_sizes=experts.sizes if opts.init == "mean" else None)
+                        cluster_sizes=None if opts.init == "random" else experts.sizes)
+    ridge = ridge_start(net, q_tr, d_tr, q_va, d_va) if opts.init == "ridge" else None
     result = train_network(net, q_tr, d_tr, q_va, d_va, opts)
 
     with torch.no_grad():
@@ -226,6 +237,10 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
         "seed": opts.seed,
         "hyperparameters": opts.to_dict(),
     }
+    if ridge is not None:
+        # None: no penalty beat the zero read-out on the validation rows (the start is the mean δ)
+        stats["ridge_penalty"] = None if math.isinf(ridge["penalty"]) else ridge["penalty"]
+        stats["ridge_val_mse"] = ridge["val_mse"]
     mose = net.export(prototypes=experts.prototypes.float().contiguous(), cluster_sizes=experts.sizes.float(),
                       fit_stats=stats, history=result.history)
     return mose, net
@@ -334,6 +349,51 @@ def build_network(queries: torch.Tensor, deltas: torch.Tensor, prototypes: torch
                        cluster_sizes=cluster_sizes)
 
 
+def ridge_residual(x_train: torch.Tensor, t_train: torch.Tensor, x_val: torch.Tensor, t_val: torch.Tensor,
+                   penalties=RIDGE_PENALTIES) -> dict:
+    """The affine read-out t ≈ A x + a [m] from features x [p], by ridge regression on the training
+    rows (``x_train`` [n, p], ``t_train`` [n, m]), its penalty picked by MSE on the validation rows.
+
+    For each relative penalty g in ``penalties``, λ = g · mean(S²) (S: singular values of the
+    centred training features) and A = T̃ᵀ P diag(S/(S² + λ)) Qᵀ with X̃ = P S Qᵀ, T̃ the centred
+    targets, a = mean(t) − A mean(x). The zero map (A = 0, a = mean t) competes too, as penalty
+    ``inf``. Returns ``{"weight": A [m, p], "bias": a [m], "penalty": g, "val_mse": float}`` (fp64);
+    the validation MSE is per element of t.
+    """
+    X, T = x_train.double(), t_train.double()
+    xm, tm = X.mean(0), T.mean(0)
+    P, S, Qh = torch.linalg.svd(X - xm, full_matrices=False)
+    proj = (T - tm).T @ P                                              # [m, r]
+    Xv, Tv = x_val.double(), t_val.double()
+    best = {"weight": torch.zeros(T.shape[1], X.shape[1], dtype=torch.float64), "bias": tm, "penalty": math.inf,
+            "val_mse": float((tm - Tv).square().mean())}
+    scale = float(S.square().mean()) if S.numel() else 0.0
+    if scale <= 0.0:
+        return best
+    for g in penalties:
+        A = (proj * (S / (S.square() + g * scale))) @ Qh                # [m, p]
+        a = tm - A @ xm
+        mse = float((Xv @ A.T + a - Tv).square().mean())
+        if mse < best["val_mse"]:
+            best = {"weight": A, "bias": a, "penalty": float(g), "val_mse": mse}
+    return best
+
+
+def ridge_start(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor, q_val: torch.Tensor,
+                d_val: torch.Tensor) -> dict:
+    """Step 3b (``init="ridge"``): on a network started at the mean δ, set the residual to the
+    ridge read-out (:func:`ridge_residual`) of the training rows' residual coefficients
+    t = Uᵀ(δ − mean δ)/σ_δ from the features — what is left once routing gives the mean. Returns
+    the ridge result (penalty and validation MSE, for ``fit_stats``)."""
+    with torch.no_grad():
+        x_tr, x_va = net.features(q_train.float()), net.features(q_val.float())
+    U, s_d = net.U.double(), float(net.out_scale)
+    centre = d_train.double().mean(0)
+    fit = ridge_residual(x_tr, (d_train.double() - centre) @ U / s_d, x_va, (d_val.double() - centre) @ U / s_d)
+    net.set_linear_residual(fit["weight"], fit["bias"])
+    return fit
+
+
 def train_network(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor, q_val: torch.Tensor,
                   d_val: torch.Tensor, opts: MoSEOptions) -> TrainResult:
     """Step 4: AdamW on ``opts.loss`` over the training rows, early stopping on the same loss over
@@ -352,7 +412,7 @@ def train_network(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor
     return train_early_stopping(
         net, batch_loss, val_loss, q_train.shape[0], epochs=opts.epochs, lr=opts.lr, weight_decay=opts.weight_decay,
         batch_size=opts.batch_size, patience=opts.patience, generator=child_generator(opts.seed, 3),
-        keep_initial=opts.init == "mean",
+        keep_initial=opts.init != "random",
         loss_scale=s_d, progress=opts.progress, desc=f"MoSE fit (K={net.C.shape[0]})")
 
 

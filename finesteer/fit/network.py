@@ -110,6 +110,28 @@ class MoSENetwork(nn.Module):
         self.fc2.weight.zero_()
         self.fc2.bias.zero_()
 
+    @torch.no_grad()
+    def set_linear_residual(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Make the residual coefficients an affine map of the features, β(h) = σ_δ (A x + a)
+        exactly, with ``weight`` A [m, p] and ``bias`` a [m] — through the MLP the operator already
+        has, since z = relu(z) − relu(−z): hidden units 0..m−1 compute relu(A x + a), units m..2m−1
+        relu(−(A x + a)), and W_2 = [I, −I, 0]. The other hidden units keep their weights but start
+        with a zero output column, so they still receive gradients. Needs ``hidden`` ≥ 2m."""
+        m, p = self.fc2.out_features, self.fc1.in_features
+        if tuple(weight.shape) != (m, p) or tuple(bias.shape) != (m,):
+            raise ValueError(f"set_linear_residual: need weight [{m}, {p}] and bias [{m}], got "
+                             f"{list(weight.shape)} and {list(bias.shape)}")
+        if self.fc1.out_features < 2 * m:
+            raise ValueError(f"set_linear_residual: hidden={self.fc1.out_features} < 2·residual_dim={2 * m}; an "
+                             "affine residual needs two hidden units per residual coefficient")
+        A, a = weight.to(self.fc1.weight.dtype), bias.to(self.fc1.bias.dtype)
+        self.fc1.weight[:m], self.fc1.bias[:m] = A, a
+        self.fc1.weight[m:2 * m], self.fc1.bias[m:2 * m] = -A, -a
+        eye = torch.eye(m, dtype=self.fc2.weight.dtype)
+        self.fc2.weight.zero_()
+        self.fc2.weight[:, :m], self.fc2.weight[:, m:2 * m] = eye, -eye
+        self.fc2.bias.zero_()
+
     # --- pieces -------------------------------------------------------------------------------
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """x [B, p] from raw hidden states h [B, d]."""
