@@ -87,19 +87,20 @@ def main(argv=None) -> int:
     q, d = load_pairs(a.pairs_cache)
     uniq, prompt_of = torch.unique(q, dim=0, return_inverse=True)
     variants = dict(a.variant)
+    names = ("mean_vector", "mose", *variants)
     rows = [one_split(q, d, prompt_of, len(uniq), 1000 + s, a.holdout, variants) for s in range(a.splits)]
     summary = {}
-    for name in ("mean_vector", "mose", *variants):
+    for name in names:
         for metric in ("cosine", "mse"):
             vals = torch.tensor([r[name][metric] for r in rows], dtype=torch.float64)
             summary[f"{name}_{metric}_mean"] = round(float(vals.mean()), 4)
-    for name in ("mose", *variants):
+    for name in names[1:]:
         summary[f"{name}_cosine_higher"] = sum(r[name]["cosine"] > r["mean_vector"]["cosine"] for r in rows)
         summary[f"{name}_mse_lower"] = sum(r[name]["mse"] < r["mean_vector"]["mse"] for r in rows)
     for r in rows:
         print(f"seed {r['seed']}: held-out prompts {r['n_prompts_heldout']}: cosine "
-              + ", ".join(f"{name} {r[name]['cosine']:.3f}" for name in ("mean_vector", "mose", *variants))
-              + "; MSE " + ", ".join(f"{name} {r[name]['mse']:.4g}" for name in ("mean_vector", "mose", *variants)))
+              + ", ".join(f"{name} {r[name]['cosine']:.3f}" for name in names)
+              + "; MSE " + ", ".join(f"{name} {r[name]['mse']:.4g}" for name in names))
     print(f"over {len(rows)} splits: {json.dumps(summary)}")
     if a.output:
         Path(a.output).write_text(json.dumps(dict(pairs_cache=Path(a.pairs_cache).name, holdout=a.holdout,
