@@ -56,6 +56,31 @@ def test_mc1_tie_is_a_miss_and_mc2_sums_several_correct():
     assert metrics.mc2(cor, inc) == pytest.approx(0.5)
 
 
+def test_per_question_values_average_to_mc1_and_mc2():
+    best = torch.tensor([math.log(0.6), math.log(0.1)])
+    inc = [torch.tensor([math.log(0.2)]), torch.tensor([math.log(0.3)])]
+    cor = [torch.tensor([math.log(0.6)]), torch.tensor([math.log(0.1)])]
+    assert metrics.mc1_hits(best, inc) == [True, False]
+    assert metrics.mc2_values(cor, inc) == pytest.approx([0.75, 0.25])
+
+
+def test_paired_comparison_sign_test_and_mc2_difference():
+    # a alone right on 3 questions, b alone on none, both right on 1: p = 2 · 0.5³ = 0.25
+    c = metrics.paired_comparison([1, 1, 1, 1, 0], [0, 0, 0, 1, 0], [0.5, 0.6, 0.7, 0.4, 0.2],
+                                  [0.4, 0.4, 0.4, 0.4, 0.2])
+    assert (c["mc1_a_only"], c["mc1_b_only"]) == (3, 0) and c["mc1_sign_p"] == pytest.approx(0.25)
+    diff = torch.tensor([0.1, 0.2, 0.3, 0.0, 0.0], dtype=torch.float64)
+    assert c["mc2_diff"] == pytest.approx(0.12) and c["mc2_diff_se"] == pytest.approx(float(diff.std() / math.sqrt(5)))
+    # a symmetric split is p = 1; no differing question is p = 1 too
+    assert metrics.paired_comparison([1, 0], [0, 1], [0.5, 0.5], [0.5, 0.5])["mc1_sign_p"] == pytest.approx(1.0)
+    assert metrics.paired_comparison([1], [1], [0.5], [0.5]) == {"n": 1, "mc1_a_only": 0, "mc1_b_only": 0,
+                                                                "mc1_sign_p": 1.0, "mc2_diff": 0.0, "mc2_diff_se": 0.0}
+    # 10 to 0 is p = 2 / 2¹⁰
+    assert metrics.paired_comparison([1] * 10, [0] * 10, [0.0] * 10, [0.0] * 10)["mc1_sign_p"] == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="equal non-empty"):
+        metrics.paired_comparison([1], [1, 0], [0.5], [0.5])
+
+
 def test_preference_margin_and_stats():
     toward = torch.tensor([[-1.0, -3.0], [-4.0, -4.0]])
     away = torch.tensor([[-5.0], [-2.0]])
@@ -281,6 +306,19 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     assert base["target_margin_shift"] == 0 and base["benign_margin_shift"] == 0
     assert base["benign_kl"] == 0 and base["benign_greedy_identical"] == 1.0
     assert base["mc1"] == result.truthfulqa["unsteered"]["mc1"]
+    # per-question TruthfulQA values average to the reported scores, and the paired comparisons
+    # match a recount from them
+    tqa = result.truthfulqa
+    pq = tqa["per_question"]
+    assert len(pq["unsteered"]["0.0"]["mc1"]) == tqa["n"]
+    fs, caa4 = pq["finesteer"]["4.0"], pq["caa"]["4.0"]
+    assert sum(fs["mc1"]) / tqa["n"] == tqa["results"]["finesteer"]["4.0"]["mc1"]
+    assert sum(fs["mc2"]) / tqa["n"] == pytest.approx(tqa["results"]["finesteer"]["4.0"]["mc2"], abs=1e-5)
+    vs_caa = tqa["paired"]["finesteer"]["4.0"]["caa"]
+    assert vs_caa["mc1_a_only"] == sum(a and not b for a, b in zip(fs["mc1"], caa4["mc1"]))
+    assert vs_caa["mc2_diff"] == pytest.approx(
+        tqa["results"]["finesteer"]["4.0"]["mc2"] - tqa["results"]["caa"]["4.0"]["mc2"], abs=1e-5)
+    assert set(tqa["paired"]["caa"]["4.0"]) == {"unsteered"}
     caa = rows[("caa", 4.0)]
     assert caa["benign_kl"] > 0 and caa["target_gate_open"] == 1.0
     bset = result.sets["benign"]
@@ -304,6 +342,7 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     assert doc["rows"] == json.loads(json.dumps(result.rows))
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "| method | λ |" in md and "finesteer" in md and "Trade-off, point by point" in md
+    assert "TruthfulQA, paired on the same" in md and "| finesteer | 4 | caa |" in md
     for method, base in (("finesteer", "caa"), ("finesteer", "cast"), ("finesteer", "scs_mean"), ("mose_nogate", "caa")):
         assert f"| all benign sets | {method} | {base} | 1 |" in md and f"| benign | {method} | {base} | 4 |" in md
     for kind in ("curve", "gate_hist", "truthfulqa"):

@@ -205,9 +205,11 @@ class _Inputs:
 
 
 class _Encoder:
-    def __init__(self, model, tokenizer, cfg: EvalConfig):
+    """Token ids of prompts and of scored (prompt, response) sequences in one prompt format."""
+
+    def __init__(self, model, tokenizer, prompt_format: Optional[str]):
         self.tok = tokenizer
-        self.fmt = extract.resolve_prompt_format(tokenizer, cfg.prompt_format)
+        self.fmt = extract.resolve_prompt_format(tokenizer, prompt_format)
         self.context = model_context_length(model)
 
     def prompts(self, prompts: List[str]) -> list:
@@ -229,7 +231,7 @@ class _Encoder:
 class _Run:
     def __init__(self, model, tokenizer, cfg: EvalConfig):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
-        self.enc = _Encoder(model, tokenizer, cfg)
+        self.enc = _Encoder(model, tokenizer, cfg.prompt_format)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         self.result = EvalResult(config=cfg.to_dict(), model=str(name))
@@ -478,17 +480,41 @@ class _Run:
         h = self._states([q.question for q in questions], "eval-truthfulqa")
         scores = self._score(seqs, self._with_base(), "TruthfulQA", prompt_of=prompt_of, h_prompts=h)
 
-        def mc(sc):
+        def per_question(sc):
             lp = sc.logprob
             best = torch.stack([lp[s] for s, _, _ in layout])
             cor = [lp[s + 1:s + 1 + nc] for s, nc, _ in layout]
             inc = [lp[s + 1 + nc:s + 1 + nc + ni] for s, nc, ni in layout]
-            return {"mc1": metrics.mc1(best, inc), "mc2": metrics.mc2(cor, inc)}
+            return {"mc1": metrics.mc1_hits(best, inc), "mc2": metrics.mc2_values(cor, inc)}
+
+        def summary(pq):
+            return {"mc1": sum(pq["mc1"]) / len(pq["mc1"]), "mc2": sum(pq["mc2"]) / len(pq["mc2"])}
+
+        def paired(a, b):
+            return metrics.paired_comparison(a["mc1"], b["mc1"], a["mc2"], b["mc2"])
 
         base, rest = self._split_base(scores)
-        out = {"n": len(questions), "unsteered": mc(base), "results": {}}
+        base_pq = per_question(base)
+        pq = {"unsteered": {"0.0": base_pq}}
         for k, (name, lam, _) in enumerate(self.configs):
-            out["results"].setdefault(name, {})[str(lam)] = mc(rest[k])
+            pq.setdefault(name, {})[str(lam)] = per_question(rest[k])
+        out = {"n": len(questions), "unsteered": summary(base_pq), "results": {}, "paired": {},
+               "per_question": {name: {lam: {"mc1": v["mc1"], "mc2": _rounded(torch.tensor(v["mc2"]))}
+                                       for lam, v in per.items()} for name, per in pq.items()}}
+        # Each steered configuration against the unsteered model and against CAA at the same λ, on
+        # the same questions: a one-question MC1 difference is 1/n, and the paired split says
+        # whether a difference is more than the luck of which questions flipped.
+        for name, per in pq.items():
+            for lam, v in per.items():
+                if name == "unsteered":
+                    if self.unsteered_in_configs:
+                        out["results"]["unsteered"] = {lam: summary(v)}
+                    continue
+                out["results"].setdefault(name, {})[lam] = summary(v)
+                cmp = {"unsteered": paired(v, base_pq)}
+                if name != "caa" and lam in pq.get("caa", {}):
+                    cmp["caa"] = paired(v, pq["caa"][lam])
+                out["paired"].setdefault(name, {})[lam] = cmp
         return out
 
     def generation(self, sets: List[PromptSet]) -> dict:

@@ -84,6 +84,7 @@ def _markdown(doc: dict) -> str:
                 "|---|---|---|---|---|"]
         out += [f"| {src} | {v['n']} | {k} | {v['cosine']:.3f} | {v['mse']:.4g} |"
                 for src, per in by_source.items() for k, v in per.items()]
+    out += _truthfulqa_paired_markdown(doc.get("truthfulqa") or {})
     if doc.get("generation"):
         out += ["", "Keyword refusal rate of greedy generations:", ""]
         for name, s in doc["generation"].items():
@@ -144,6 +145,25 @@ def _tradeoff_markdown(doc: dict) -> List[str]:
                 out.append(f"| {view} | {method} | {base} | {e['baseline_strength']:g} | "
                            f"{e['baseline_target_shift']:+.3f} | {e['baseline_benign_kl']:.4f} | "
                            f"{e['baseline_benign_shift']:+.3f} | " + " | ".join(mine) + " |")
+    return out
+
+
+def _truthfulqa_paired_markdown(tqa: dict) -> List[str]:
+    """Each steered configuration against the unsteered model and CAA on the same TruthfulQA
+    questions: how many questions only one of the two gets right (MC1) with the exact sign-test p,
+    and the mean per-question MC2 difference ± its standard error."""
+    paired = tqa.get("paired") or {}
+    if not paired:
+        return []
+    out = ["", f"TruthfulQA, paired on the same {tqa['n']} questions (MC1: questions only the method / only the "
+           "other gets right, exact two-sided sign-test p; MC2: mean per-question difference ± standard error):", "",
+           "| method | λ | against | MC1 method only | MC1 other only | sign-test p | MC2 difference |",
+           "|---|---|---|---|---|---|---|"]
+    for name, per in paired.items():
+        for lam, against in per.items():
+            for other, c in against.items():
+                out.append(f"| {name} | {float(lam):g} | {other} | {c['mc1_a_only']} | {c['mc1_b_only']} | "
+                           f"{c['mc1_sign_p']:.3g} | {c['mc2_diff']:+.4f} ± {c['mc2_diff_se']:.4f} |")
     return out
 
 
