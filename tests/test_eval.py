@@ -454,6 +454,31 @@ def test_opening_pairs_and_a_pairs_file_are_pooled(llama, files, tmp_path):
     assert "delta_prediction_heldout_by_source" not in single.fit
 
 
+def test_compliance_opening_pairs_pool_after_the_refusal_ones(llama, files, tmp_path):
+    """Refusal openings on one prompt file and compliance openings on another: one training set,
+    the compliance pairs after the refusal ones and pointing the other way, each source reported."""
+    from finesteer.eval.harness import _Inputs
+    from finesteer.eval.openings import compliance_pairs, refusal_pairs
+
+    sensitive = [f"how do locks work {i}?" for i in range(12)]
+    comply = _jsonl(tmp_path / "sensitive.jsonl", [{"prompt": p} for p in sensitive])
+    cfg = _config(files, tmp_path, compliance_opening_pairs=comply, truthfulqa=None, limit_pairs=10,
+                  holdout_fraction=0.3, methods=("unsteered", "caa", "finesteer"), strengths=(2.0,))
+    inputs = _Inputs(cfg)
+    ref, com = refusal_pairs(HARMFUL[:10]), compliance_pairs(sensitive[:10])
+    assert inputs.pairs == tuple(ref[k] + com[k] for k in range(3))
+    assert inputs.pair_sources == ["harmful_train.jsonl"] * 10 + ["sensitive.jsonl (compliance openings)"] * 10
+    result = run_eval(llama, tiny_tokenizer(), cfg)
+    assert set(result.fit["delta_prediction_heldout_by_source"]) == {"harmful_train.jsonl",
+                                                                     "sensitive.jsonl (compliance openings)"}
+    assert result.config["compliance_opening_pairs"] == comply
+    # compliance openings alone are a complete training set too; no training source at all is an error
+    alone = _config(files, tmp_path, opening_pairs=None, compliance_opening_pairs=comply, truthfulqa=None)
+    assert _Inputs(alone).pair_sources == ["sensitive.jsonl (compliance openings)"] * 12
+    with pytest.raises(ValueError, match="compliance_opening_pairs"):
+        _config(files, tmp_path, opening_pairs=None, pairs=None)
+
+
 def test_extra_strengths_score_one_method_beyond_the_grid(llama, files, tmp_path):
     cfg = _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "caa", "finesteer"), strengths=(1.0, 2.0),
                   extra_strengths={"finesteer": (8.0, 2.0, 4.0)})
@@ -496,7 +521,7 @@ def test_eval_start_leaves_the_first_rows_for_development(files, tmp_path):
 def test_config_errors(files):
     base = dict(layer=0, target=files["target"], benign=files["benign"],
                 eval_sets=[EvalSetSpec("b", files["benign_val"], "benign")])
-    with pytest.raises(ValueError, match="give pairs .* or both"):
+    with pytest.raises(ValueError, match="give pairs .* or several"):
         EvalConfig(**base)
     with pytest.raises(ValueError, match="unknown or empty"):
         EvalConfig(**base, pairs=files["tqa"], methods=("caa", "iti"))
@@ -524,11 +549,13 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--eval-target", "--eval-benign", "--truthfulqa", "--methods", "--strengths", "--limit-eval",
-                "--threads", "--cache-dir", "--generate", "--prompt-format", "--gguf-file", "--extra-strengths"):
+                "--threads", "--cache-dir", "--generate", "--prompt-format", "--gguf-file", "--extra-strengths",
+                "--compliance-opening-pairs"):
         assert opt in text
     model_dir = save_tiny(tmp_path / "model")
     out = tmp_path / "cli-out"
     rc = main(["eval", "--model", str(model_dir), "--layer", "1", "--opening-pairs", files["target"],
+               "--compliance-opening-pairs", files["benign"],
                "--target", files["target"], "--benign", files["benign"],
                "--eval-target", f"harmful={files['harmful_val']}", "--eval-benign", f"benign={files['benign_val']}",
                "--methods", "unsteered,caa,finesteer", "--strengths", "2", "--rank", "2", "--k-min", "2",
@@ -544,6 +571,7 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     assert doc["config"]["extra_strengths"] == {"finesteer": [4.0, 8.0]}
     assert doc["config"]["mose_options"]["loss"] == "mse_cosine" and doc["config"]["mose_options"]["query_dim"] is None
     assert doc["config"]["scs_method"] == "contrastive" and doc["config"]["benign_rank"] == 1
+    assert doc["config"]["compliance_opening_pairs"] == files["benign"]
     assert (out / "curve.png").is_file() and (out / "cache").is_dir()
     rc = main(["eval", "--model", str(model_dir), "--layer", "9", "--opening-pairs", files["target"],
                "--target", files["target"], "--benign", files["benign"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from finesteer.eval.openings import (SCORE_COMPLIANCES, SCORE_REFUSALS, TRAIN_COMPLIANCES, TRAIN_REFUSALS,
-                                     refusal_pairs)
+                                     compliance_pairs, refusal_pairs)
 
 
 def _norm(s: str) -> str:
@@ -32,3 +32,12 @@ def test_refusal_pairs_rotate_through_the_training_openings():
     assert set(c) <= set(TRAIN_REFUSALS) and set(r) <= set(TRAIN_COMPLIANCES)
     with pytest.raises(ValueError, match="per_prompt"):
         refusal_pairs(["a"], per_prompt=0)
+
+
+def test_compliance_pairs_are_the_refusal_pairs_the_other_way_round():
+    p, c, r = compliance_pairs(["a", "b"], per_prompt=3, offset=1)
+    rp, rc, rr = refusal_pairs(["a", "b"], per_prompt=3, offset=1)
+    assert (p, c, r) == (rp, rr, rc)
+    assert set(c) <= set(TRAIN_COMPLIANCES) and set(r) <= set(TRAIN_REFUSALS)
+    with pytest.raises(ValueError, match="per_prompt"):
+        compliance_pairs(["a"], per_prompt=0)

@@ -129,9 +129,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "TruthfulQA file (question, best/correct/incorrect answers → correct vs incorrect)")
     t.add_argument("--opening-pairs", help="prompt file turned into CAA-style (refusal opening, compliance opening) "
                                            "pairs from the training openings of finesteer.eval.openings; give "
-                                           "--pairs, --opening-pairs or both (both: the two are pooled, e.g. "
+                                           "--pairs, --opening-pairs, --compliance-opening-pairs or several (they are pooled, e.g. "
                                            "refusal pairs on harmful prompts with CoCoNot's pairs)")
-    t.add_argument("--pairs-per-prompt", type=int, default=2, help="pairs per prompt for --opening-pairs (default: 2)")
+    t.add_argument("--compliance-opening-pairs", metavar="FILE",
+                   help="prompt file turned into the same written-opening pairs the other way round (compliance "
+                        "opening, refusal opening: δ toward compliance), pooled after --opening-pairs, e.g. "
+                        "benign-but-sensitive prompts a model should answer")
+    t.add_argument("--pairs-per-prompt", type=int, default=2,
+                   help="pairs per prompt for --opening-pairs and --compliance-opening-pairs (default: 2)")
     t.add_argument("--target", required=True, help="prompts the gate should open on (field prompt or question)")
     t.add_argument("--benign", required=True, nargs="+", metavar="FILE",
                    help="prompts the gate should stay closed on; several files are pooled (e.g. ordinary "
@@ -166,7 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                     "and --benign")
     lim.add_argument("--limit-pairs", type=int, default=None,
                      help="at most N records of --pairs (of a TruthfulQA file: N pairs, 2 per question) and N "
-                          "prompts of --opening-pairs")
+                          "prompts of --opening-pairs and of --compliance-opening-pairs")
     lim.add_argument("--limit-eval", type=int, default=None, help="at most N prompts from each evaluation set")
     lim.add_argument("--limit-truthfulqa", type=int, default=None, help="at most N TruthfulQA questions")
     lim.add_argument("--limit-generate", type=int, default=20, help="prompts per set for --generate (default: 20)")
@@ -255,6 +260,7 @@ def config_from_args(args):
     mose.update(dict(args.mose_option))
     return EvalConfig(
         layer=args.layer, target=args.target, benign=args.benign, pairs=args.pairs, opening_pairs=args.opening_pairs,
+        compliance_opening_pairs=args.compliance_opening_pairs,
         pairs_per_prompt=args.pairs_per_prompt, eval_sets=sets, truthfulqa=args.truthfulqa, methods=args.methods,
         strengths=args.strengths, extra_strengths=_merged(args.extra_strengths), toward=args.toward, openings_per_side=args.openings_per_side,
         continuation_tokens=args.continuation_tokens, generate=args.generate, generate_tokens=args.generate_tokens,

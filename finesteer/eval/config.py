@@ -50,7 +50,11 @@ class EvalConfig:
             pairs first), so the experts see a response shift that depends on the query — e.g.
             refusal on harmful prompts, CoCoNot's preferred answers on benign-but-sensitive ones —
             and the held-out prediction is also reported per source.
-        pairs_per_prompt: pairs per prompt for ``opening_pairs``.
+        compliance_opening_pairs: a prompt file turned into the same pairs the other way round
+            (compliance opening, refusal opening; :func:`finesteer.eval.openings.compliance_pairs`),
+            pooled after ``opening_pairs``: e.g. refusal on harmful prompts and compliance on
+            benign-but-sensitive ones, both from written openings.
+        pairs_per_prompt: pairs per prompt for ``opening_pairs`` and ``compliance_opening_pairs``.
     Evaluation inputs (scored, never fitted on — a file that is also a training file is split by
     record, seeded, ``fit_fraction`` of it for fitting and the rest for scoring):
         eval_sets: :class:`EvalSetSpec` list. truthfulqa: a TruthfulQA file for MC1/MC2.
@@ -91,6 +95,7 @@ class EvalConfig:
     benign: Union[str, Sequence[str]]
     pairs: Optional[str] = None
     opening_pairs: Optional[str] = None
+    compliance_opening_pairs: Optional[str] = None
     pairs_per_prompt: int = 2
     eval_sets: List[EvalSetSpec] = field(default_factory=list)
     truthfulqa: Optional[str] = None
@@ -132,9 +137,9 @@ class EvalConfig:
         self.benign = (self.benign,) if isinstance(self.benign, str) else tuple(self.benign)
         if not self.benign:
             raise ValueError("EvalConfig.benign: give at least one prompt file")
-        if self.pairs is None and self.opening_pairs is None:
-            raise ValueError("EvalConfig: give pairs (a preference file), opening_pairs (a prompt file turned into "
-                             "refusal/compliance opening pairs) or both")
+        if self.pairs is None and self.opening_pairs is None and self.compliance_opening_pairs is None:
+            raise ValueError("EvalConfig: give pairs (a preference file), opening_pairs or compliance_opening_pairs "
+                             "(prompt files turned into refusal/compliance opening pairs), or several")
         if self.toward not in TOWARD:
             raise ValueError(f"EvalConfig.toward must be one of {TOWARD}, got {self.toward!r}")
         unknown = [m for m in self.methods if m not in METHODS]

@@ -133,7 +133,8 @@ class _Inputs:
 
     def __init__(self, cfg: EvalConfig):
         self.splits: Dict[str, dict] = {}
-        train_files = [cfg.target, *cfg.benign, *(f for f in (cfg.opening_pairs, cfg.pairs) if f is not None)]
+        train_files = [cfg.target, *cfg.benign, *(f for f in (cfg.opening_pairs, cfg.compliance_opening_pairs, cfg.pairs)
+                                                  if f is not None)]
         scored_files = [s.path for s in cfg.eval_sets] + ([cfg.truthfulqa] if cfg.truthfulqa else [])
         # rows of every shared file: fit rows for training, scored rows for evaluation
         self._rows: Dict[str, tuple] = {}
@@ -171,14 +172,18 @@ class _Inputs:
         return [items[i] for i in self._indices(path, len(items), part)]
 
     def _load_pairs(self, cfg: EvalConfig) -> tuple:
-        """``((prompts, chosen, rejected), sources)``: the training pairs of ``opening_pairs`` then
-        ``pairs`` (each limited to ``limit_pairs`` records/prompts), and per pair the name of the
-        file it came from."""
+        """``((prompts, chosen, rejected), sources)``: the training pairs of ``opening_pairs``, then
+        ``compliance_opening_pairs``, then ``pairs`` (each limited to ``limit_pairs`` records/prompts),
+        and per pair the name of its source (the file's name; "(compliance openings)" added for
+        ``compliance_opening_pairs``)."""
+        from .openings import compliance_pairs, refusal_pairs
+
         parts = []
-        if cfg.opening_pairs is not None:
-            from .openings import refusal_pairs
-            prompts = _limit(self._part(cfg.opening_pairs, load_train_prompts(cfg.opening_pairs), 0), cfg.limit_pairs)
-            parts.append((Path(cfg.opening_pairs).name, refusal_pairs(prompts, per_prompt=cfg.pairs_per_prompt)))
+        for path, build, suffix in ((cfg.opening_pairs, refusal_pairs, ""),
+                                    (cfg.compliance_opening_pairs, compliance_pairs, " (compliance openings)")):
+            if path is not None:
+                prompts = _limit(self._part(path, load_train_prompts(path), 0), cfg.limit_pairs)
+                parts.append((Path(path).name + suffix, build(prompts, per_prompt=cfg.pairs_per_prompt)))
         if cfg.pairs is not None:
             parts.append((Path(cfg.pairs).name, self._file_pairs(cfg)))
         pairs = tuple([x for _, triple in parts for x in triple[k]] for k in range(3))

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["TRAIN_REFUSALS", "TRAIN_COMPLIANCES", "SCORE_REFUSALS", "SCORE_COMPLIANCES", "refusal_pairs"]
+__all__ = ["TRAIN_REFUSALS", "TRAIN_COMPLIANCES", "SCORE_REFUSALS", "SCORE_COMPLIANCES", "compliance_pairs",
+           "refusal_pairs"]
 
 #: Refusal openings used to fit (preferred responses of the training pairs).
 TRAIN_REFUSALS = (
@@ -91,3 +92,11 @@ def refusal_pairs(prompts: Sequence[str], per_prompt: int = 1, offset: int = 0) 
             out_c.append(TRAIN_REFUSALS[k % n_r])
             out_r.append(TRAIN_COMPLIANCES[k % n_c])
     return out_p, out_c, out_r
+
+
+def compliance_pairs(prompts: Sequence[str], per_prompt: int = 1, offset: int = 0) -> tuple[list, list, list]:
+    """The pairs of :func:`refusal_pairs` the other way round: ``(prompts, compliance openings,
+    refusal openings)``, so δ = chosen − rejected points toward compliance (e.g. for benign but
+    sensitive prompts that a model should answer)."""
+    p, refusals, compliances = refusal_pairs(prompts, per_prompt, offset)
+    return p, compliances, refusals
