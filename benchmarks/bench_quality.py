@@ -1,6 +1,6 @@
 """Steering quality on a real pretrained LLM: ``finesteer eval`` with the settings the README reports.
 
-Three behaviours and two variants, each fitted on the shared TRAIN sets and scored on the shared
+Three behaviours and three variants, each fitted on the shared TRAIN sets and scored on the shared
 VALIDATION sets (never tuned on what is reported):
 
 - ``safety`` — refusal on harmful requests: CAA-style (refusal opening, compliance opening) pairs on
@@ -16,6 +16,11 @@ VALIDATION sets (never tuned on what is reported):
   ``harmful_train`` vs ``benign_train`` only (so it may open on sensitive benign prompts), scored
   toward refusal on ``harmful_val`` and toward compliance on ``borderline_val`` (both targets),
   ``benign_val`` benign;
+- ``refuse_or_comply_openings`` — refuse_or_comply with the comply side's δ from written openings
+  too: CoCoNot's prompts with (compliance opening, refusal opening) pairs (the training openings the
+  other way round) instead of CoCoNot's (chosen, rejected) answers, whose first tokens mostly differ
+  in wording, not in behaviour (see ``benchmarks/quality/margin_transfer.py``); everything else as
+  refuse_or_comply;
 - ``truthfulness`` — TruthfulQA (correct − incorrect answers) pairs; the single TruthfulQA file is
   split by question (``--fit-fraction``), MC1/MC2 on the unseen half; gate TruthfulQA questions vs
   ``benign_train``;
@@ -61,6 +66,7 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
 TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it from the safety run's arguments
 TASK_STRENGTHS["refuse_or_comply"] = TASK_STRENGTHS["safety"]
+TASK_STRENGTHS["refuse_or_comply_openings"] = TASK_STRENGTHS["safety"]
 #: Each task's ``--limit-pairs`` (records or prompts per pair file), unless --limit-pairs is given.
 #: safety_mixed gives the experts every training prompt of both files (1000 harmful_train prompts,
 #: all 927 CoCoNot records): with 300 of each, MoSE's routing did not carry over to the other
@@ -69,8 +75,8 @@ TASK_STRENGTHS["refuse_or_comply"] = TASK_STRENGTHS["safety"]
 #: (docs/quality.md). Over-refusal keeps 300: with all 927 CoCoNot records MoSE predicted held-out
 #: δ better but FineSteer moved the development borderline prompts less (+17.93 vs +28.64 at
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
-TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "refuse_or_comply": 1000, "truthfulness": 300,
-                    "overrefusal": 300}
+TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
+                    "refuse_or_comply_openings": 1000, "truthfulness": 300, "overrefusal": 300}
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
@@ -136,15 +142,17 @@ def task_args(task: str, a) -> list:
         # that the experts get every training prompt (TASK_LIMIT_PAIRS); only the methods that differ
         # in their vector (mean vs MoSE) are run.
         return common + _safety_args(a) + ["--pairs", str(s / "coconot_pref.jsonl"), "--methods", MIXED_METHODS]
-    if task == "refuse_or_comply":
+    if task in ("refuse_or_comply", "refuse_or_comply_openings"):
         # One steerer, two behaviours (the paper's case for MoSE): refuse harmful requests, comply
-        # with benign-but-sensitive ones. The experts' data is safety_mixed's; the gate separates
-        # any sensitive request (harmful_train) from ordinary instructions only, so it may open on
-        # borderline prompts, and MoSE decides which way to steer them. Scored: harmful prompts
-        # toward refusal, borderline prompts toward compliance (both targets), ordinary benign
-        # prompts left alone.
+        # with benign-but-sensitive ones. The experts' data is safety_mixed's (refuse_or_comply) or
+        # the same prompts with written openings on both sides (refuse_or_comply_openings); the gate
+        # separates any sensitive request (harmful_train) from ordinary instructions only, so it may
+        # open on borderline prompts, and MoSE decides which way to steer them. Scored: harmful
+        # prompts toward refusal, borderline prompts toward compliance (both targets), ordinary
+        # benign prompts left alone.
+        comply = "--pairs" if task == "refuse_or_comply" else "--compliance-opening-pairs"
         return common + _refusal_pairs_args(a) + [
-            "--pairs", str(s / "coconot_pref.jsonl"),
+            comply, str(s / "coconot_pref.jsonl"),
             "--target", str(s / "harmful_train.jsonl"), "--benign", str(s / "benign_train.jsonl"),
             "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
             "--eval-target", f"borderline={s / 'borderline_val.jsonl'}", "--set-toward", "borderline=compliance",

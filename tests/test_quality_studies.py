@@ -194,10 +194,12 @@ def test_bench_quality_pair_limit_is_the_tasks_own_unless_given():
 
     bench = _bench_quality()
 
+    def task_args(task, **given):
+        return bench.task_args(task, argparse.Namespace(**{**bench.DEFAULTS, "strengths": None, "limit_pairs": None,
+                                                           "threads": 1, "prompt_format": "auto", **given}))
+
     def option(task, flag, **given):
-        a = argparse.Namespace(**{**bench.DEFAULTS, "strengths": None, "limit_pairs": None, "threads": 1,
-                                  "prompt_format": "auto", **given})
-        args = bench.task_args(task, a)
+        args = task_args(task, **given)
         return args[args.index(flag) + 1]
 
     assert option("safety", "--limit-pairs") == "300" and option("safety_mixed", "--limit-pairs") == "1000"
@@ -210,6 +212,10 @@ def test_bench_quality_pair_limit_is_the_tasks_own_unless_given():
     for flag in ("--pairs", "--opening-pairs", "--limit-pairs", "--delta-positions", "--pairs-per-prompt"):
         assert option("refuse_or_comply", flag) == option("safety_mixed", flag)
     assert option("refuse_or_comply", "--set-toward") == "borderline=compliance"
+    # refuse_or_comply_openings: the same run with written compliance openings on CoCoNot's prompts
+    assert option("refuse_or_comply_openings", "--compliance-opening-pairs") == option("refuse_or_comply", "--pairs")
+    swapped = [x if x != "--compliance-opening-pairs" else "--pairs" for x in task_args("refuse_or_comply_openings")]
+    assert swapped == task_args("refuse_or_comply")
 
 
 def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
