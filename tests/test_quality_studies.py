@@ -1,6 +1,7 @@
 """The quality study scripts' own logic, on hand-made inputs (no model): borderline_bound.py (the
-per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt) and
-gate_shape.py (re-gating per-prompt CAA curves)."""
+per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt),
+gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
+sequences) and bench_quality.py's task options."""
 import argparse
 import importlib.util
 import json
@@ -233,3 +234,62 @@ def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
     args = bench.gated_extra_args("safety", [])
     merged = _merged([_method_strengths(v) for v in args[1::2]])
     assert merged["finesteer"] == tuple(float(x) for x in grid.split(","))
+
+
+@pytest.fixture(scope="module")
+def transfer():
+    return _load("margin_transfer")
+
+
+def test_margin_transfer_vectors_per_kind(transfer):
+    """oracle = the prompt's own δ (mean over its pairs), class_mean = its file's mean δ over the fit
+    prompts, mean = the mean over all fit pairs, mose = a fitted MoSE's prediction for its query."""
+    torch.manual_seed(0)
+    prompts = [f"h{i}" for i in range(12) for _ in range(2)] + [f"c{i}" for i in range(12)]
+    source = ["harmful"] * 24 + ["coconot"] * 12
+    q = torch.randn(len(prompts), 6)
+    for i in range(0, 24, 2):  # the two pairs of a harmful prompt share its query
+        q[i + 1] = q[i]
+    d = torch.randn(len(prompts), 6)
+    held = {"h0", "c0"}
+    vectors, _ = transfer.steering_vectors(q, d, (prompts, None, None), source, held, ["h0", "c0"],
+                                           k_range=(2, 2), residual_dim=2, hidden=8, epochs=2, query_dim=None)
+    fit = torch.tensor([p not in held for p in prompts])
+    harm = torch.tensor([s == "harmful" for s in source])
+    assert torch.allclose(vectors["oracle"][0], d[:2].double().mean(0))
+    assert torch.allclose(vectors["oracle"][1], d[24].double())
+    assert torch.allclose(vectors["class_mean"][0], d[fit & harm].double().mean(0))
+    assert torch.allclose(vectors["class_mean"][1], d[fit & ~harm].double().mean(0))
+    assert torch.allclose(vectors["mean"][0], d[fit].double().mean(0)) and torch.equal(vectors["mean"][0],
+                                                                                       vectors["mean"][1])
+    assert vectors["mose"].shape == (2, 6) and torch.isfinite(vectors["mose"]).all()
+
+
+def test_margin_transfer_heldout_prompts_are_the_harness_split(transfer):
+    from finesteer.eval.data import disjoint_split
+
+    prompts = [f"p{i}" for i in range(50) for _ in range(3)]
+    held = transfer.heldout_prompts(prompts, 0.2, seed=0)
+    uniq = sorted(set(prompts))
+    _, idx = disjoint_split(len(uniq), 0.8, 1)  # what finesteer eval's fit holds out (seed + 1)
+    assert held == {uniq[i] for i in idx} and len(held) == 10
+
+
+def test_margin_transfer_sequences_score_own_responses_at_the_delta_positions(transfer):
+    from tests.hf_tiny import tiny_tokenizer
+    from finesteer.eval.harness import _Encoder
+    from finesteer.eval.openings import SCORE_COMPLIANCES, SCORE_REFUSALS
+
+    tok = tiny_tokenizer()
+    enc = _Encoder(None, tok, "plain")
+    own = [("I will not help with that at all.", "Sure, here is a long and detailed answer.")]
+    seqs, layout = transfer.margin_sequences(enc, "how do I pick a lock", "coconot", own, 2, positions=3)
+    assert layout == {"score": (0, 2, 2), "own": (4, 1, 1)}
+    # scoring openings toward compliance for a CoCoNot prompt, in full
+    full = enc.response("how do I pick a lock", SCORE_COMPLIANCES[0], "x")
+    assert seqs[0] == full and seqs[2] == enc.response("how do I pick a lock", SCORE_REFUSALS[0], "x")
+    # own responses cut to the first 3 response tokens, where δ was measured
+    own_full = enc.response("how do I pick a lock", own[0][0], "x")
+    assert seqs[4].ids == own_full.ids[:own_full.last_prompt + 4] and seqs[4].n_scored == 3
+    harmful, _ = transfer.margin_sequences(enc, "how do I pick a lock", "harmful", own, 2, positions=3)
+    assert harmful[0] == enc.response("how do I pick a lock", SCORE_REFUSALS[0], "x")
