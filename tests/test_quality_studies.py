@@ -293,3 +293,17 @@ def test_margin_transfer_sequences_score_own_responses_at_the_delta_positions(tr
     assert seqs[4].ids == own_full.ids[:own_full.last_prompt + 4] and seqs[4].n_scored == 3
     harmful, _ = transfer.margin_sequences(enc, "how do I pick a lock", "harmful", own, 2, positions=3)
     assert harmful[0] == enc.response("how do I pick a lock", SCORE_REFUSALS[0], "x")
+
+
+@pytest.mark.skipif(not (_DIR.parents[2] / "shared" / "data" / "safety").is_dir(),
+                    reason="the shared data folder ../shared/data is absent")
+def test_margin_transfer_builds_either_tasks_pairs(transfer):
+    from finesteer.eval.openings import TRAIN_COMPLIANCES, TRAIN_REFUSALS
+
+    (p, c, r), source = transfer.build_pairs(2, 3, 2, "answers")
+    assert source == ["harmful"] * 4 + ["coconot"] * 3 and c[0] in TRAIN_REFUSALS and c[4] not in TRAIN_COMPLIANCES
+    (p2, c2, r2), source2 = transfer.build_pairs(2, 3, 2, "openings")
+    assert source2 == ["harmful"] * 4 + ["coconot"] * 6 and p2[4] == p2[5] == p[4]
+    assert set(c2[4:]) <= set(TRAIN_COMPLIANCES) and set(r2[4:]) <= set(TRAIN_REFUSALS)
+    with pytest.raises(ValueError, match="comply"):
+        transfer.build_pairs(2, 3, 2, "both")

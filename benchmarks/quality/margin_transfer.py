@@ -28,7 +28,9 @@ The data and split are refuse_or_comply's (``bench_quality.py``): 1000 ``harmful
 8 written opening pairs plus every CoCoNot record, δ over the first 6 response tokens, layer 11,
 held-out prompts as ``finesteer eval`` picks them. The pair extraction uses the same cache file
 as that run (``<cache-dir>/train-pairs-plain-layer11.safetensors``), so either fills it for the
-other. Training data only; the validation files are not read. Run (one torch thread)::
+other. ``--comply openings`` takes refuse_or_comply_openings' data instead (written compliance
+openings on CoCoNot's prompts; give that task's cache). Training data only; the validation files
+are not read. Run (one torch thread)::
 
     nice python benchmarks/quality/margin_transfer.py --cache-dir <dir> \\
         -o benchmarks/results/quality/margin_transfer_refuse_or_comply.json
@@ -49,16 +51,23 @@ KINDS = ("oracle", "class_mean", "mean", "mose")
 VIEWS = ("score", "own")
 
 
-def build_pairs(limit_harmful: int, limit_coconot: int, pairs_per_prompt: int) -> tuple:
-    """refuse_or_comply's training pairs, in its order: ``((prompts, chosen, rejected), source)``,
-    source[i] ∈ {"harmful", "coconot"}."""
+def build_pairs(limit_harmful: int, limit_coconot: int, pairs_per_prompt: int, comply: str = "answers") -> tuple:
+    """The task's training pairs, in its order: ``((prompts, chosen, rejected), source)``,
+    source[i] ∈ {"harmful", "coconot"}. ``comply="answers"``: CoCoNot's (chosen, rejected) answers
+    (refuse_or_comply); ``"openings"``: written (compliance, refusal) openings on CoCoNot's prompts
+    (refuse_or_comply_openings)."""
     from finesteer.eval.data import load_train_pairs, load_train_prompts
-    from finesteer.eval.openings import refusal_pairs
+    from finesteer.eval.openings import compliance_pairs, refusal_pairs
 
     harmful = load_train_prompts(DATA / "harmful_train.jsonl")[:limit_harmful]
     hp, hc, hr = refusal_pairs(harmful, per_prompt=pairs_per_prompt)
-    cp, cc, cr = load_train_pairs(DATA / "coconot_pref.jsonl")
-    cp, cc, cr = cp[:limit_coconot], cc[:limit_coconot], cr[:limit_coconot]
+    if comply == "answers":
+        cp, cc, cr = (x[:limit_coconot] for x in load_train_pairs(DATA / "coconot_pref.jsonl"))
+    elif comply == "openings":
+        sensitive = load_train_prompts(DATA / "coconot_pref.jsonl")[:limit_coconot]
+        cp, cc, cr = compliance_pairs(sensitive, per_prompt=pairs_per_prompt)
+    else:
+        raise ValueError(f"comply must be 'answers' or 'openings', got {comply!r}")
     return (hp + cp, hc + cc, hr + cr), ["harmful"] * len(hp) + ["coconot"] * len(cp)
 
 
@@ -123,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-harmful", type=int, default=1000, help="harmful_train prompts (the run's --limit-pairs)")
     ap.add_argument("--limit-coconot", type=int, default=1000, help="CoCoNot records (the run's --limit-pairs)")
     ap.add_argument("--pairs-per-prompt", type=int, default=8)
+    ap.add_argument("--comply", choices=("answers", "openings"), default="answers",
+                    help="the comply side's pairs: CoCoNot's answers (refuse_or_comply) or written openings on "
+                         "its prompts (refuse_or_comply_openings; use that task's cache)")
     ap.add_argument("--delta-positions", type=int, default=6)
     ap.add_argument("--holdout", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
@@ -153,7 +165,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tok = load_model(str(assemble()), device="cpu", dtype="float32", progress=False)
     fmt = extract.resolve_prompt_format(tok, "auto")
-    pairs, source = build_pairs(a.limit_harmful, a.limit_coconot, a.pairs_per_prompt)
+    pairs, source = build_pairs(a.limit_harmful, a.limit_coconot, a.pairs_per_prompt, a.comply)
     cache = Path(a.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     q, d = extract.response_deltas(model, tok, *pairs, [a.layer], positions=a.delta_positions,
@@ -222,7 +234,7 @@ def main(argv=None) -> int:
     print("timings (s):", timings)
     if a.output:
         Path(a.output).write_text(json.dumps(dict(
-            layer=a.layer, delta_positions=a.delta_positions, strengths=strengths, holdout=a.holdout,
+            comply=a.comply, layer=a.layer, delta_positions=a.delta_positions, strengths=strengths, holdout=a.holdout,
             n_per_file=a.n_per_file, openings_per_side=a.openings_per_side, timings=timings,
             mose_fit={k: v for k, v in (fit_stats or {}).items() if isinstance(v, (int, float, str))},
             summary=summary,
