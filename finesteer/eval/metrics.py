@@ -81,10 +81,10 @@ def paired_comparison(hits_a: Sequence[bool], hits_b: Sequence[bool], values_a: 
                       values_b: Sequence[float]) -> dict:
     """Method a against method b on the same questions.
 
-    MC1: ``a_only`` / ``b_only`` count the questions only a (only b) gets right, and ``sign_p`` is
+    MC1: ``mc1_a_only`` / ``mc1_b_only`` count the questions only a (only b) gets right, and ``mc1_sign_p`` is
     the exact two-sided sign-test (McNemar) p-value of that split under "equally likely"
     (1.0 when no question differs). MC2: the mean per-question difference a − b and its standard
-    error (``n`` − 1 degrees of freedom; 0 for one question).
+    error (``mc2_diff``, ``mc2_diff_se``; ``n`` − 1 degrees of freedom; 0 for one question).
     """
     n = len(hits_a)
     if not (n == len(hits_b) == len(values_a) == len(values_b)) or n == 0:

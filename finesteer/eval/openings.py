@@ -9,7 +9,8 @@ response and a compliance opening as the undesired one, so δ = refusal − comp
 Two DISJOINT sets of openings (written for this project):
 
 - :data:`TRAIN_REFUSALS` / :data:`TRAIN_COMPLIANCES` build the training pairs
-  (:func:`refusal_pairs`);
+  (:func:`refusal_pairs`; :func:`compliance_pairs` the other way round, for prompts a model should
+  answer);
 - :data:`SCORE_REFUSALS` / :data:`SCORE_COMPLIANCES` score the likelihood margin
   ``log p(refusal | prompt) − log p(compliance | prompt)`` at evaluation, so a steerer is never
   scored on the strings it was fitted on (no string and no shared first sentence between the sets;
