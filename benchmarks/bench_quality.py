@@ -54,9 +54,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 #: the development rows of the validation files (the first half of each: benchmarks/quality/
 #: gate_study.py, docs/quality.md); the runs score the second half (eval_start), which no choice
 #: looked at. With these subset sizes one task takes 25–45 min with one thread on 2 cores, depending on
-#: the machine (docs/quality.md gives each run's parts).
+#: the machine (docs/quality.md gives each run's parts). TruthfulQA scores all 203 questions of the file's
+#: held-out half (it scored the first 100 before; there one question is 0.01, and MC1 differences of a
+#: question or two between methods cannot be told from chance; docs/quality.md).
 DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5,
-                limit_train=1000, limit_eval=40, limit_truthfulqa=100, openings_per_side=3,
+                limit_train=1000, limit_eval=40, limit_truthfulqa=203, openings_per_side=3,
                 continuation_tokens=8, pairs_per_prompt=8)
 #: Each task's λ grid, unless --strengths is given. Safety measures the refusal-vs-utility curve on a
 #: finer grid: FineSteer's gate opens on about half of the harmful prompts, so it matches CAA's target
