@@ -90,6 +90,12 @@ MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: changed. The extra rows cost little: prompts whose gates are closed are not re-scored.
 GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64"}
 GATED_METHODS = ("cast", "scs_mean", "finesteer")
+#: FineSteer's curve below the task grid's smallest λ. The trade-off check asks, for each baseline
+#: point, for the weakest FineSteer strength that moves the targets at least as far; for the weakest
+#: baseline point (CAST-style λ = 1: +1.81) that strength lies below 1, and on the grid alone the
+#: check could only offer FineSteer λ = 1 (+3.35, twice as far, at benign KL 0.014 vs 0.007).
+#: More points of the same curve; no fit or setting changes.
+FINESTEER_BELOW_GRID = {"safety": "0.5,0.75"}
 
 
 def _gemma_gguf() -> str:
@@ -174,12 +180,14 @@ def task_args(task: str, a) -> list:
 
 def gated_extra_args(task: str, extra: list) -> list:
     """``--extra-strengths`` for the task's gated methods that the run scores (its ``--methods``
-    among the further eval options ``extra``, else every method)."""
-    if task not in GATED_EXTRA_STRENGTHS:
-        return []
+    among the further eval options ``extra``, else every method): :data:`GATED_EXTRA_STRENGTHS`,
+    and :data:`FINESTEER_BELOW_GRID` for FineSteer."""
     methods = extra[extra.index("--methods") + 1].split(",") if "--methods" in extra[:-1] else GATED_METHODS
-    return [x for m in GATED_METHODS if m in methods
-            for x in ("--extra-strengths", f"{m}={GATED_EXTRA_STRENGTHS[task]}")]
+    out = [x for m in GATED_METHODS if m in methods and task in GATED_EXTRA_STRENGTHS
+           for x in ("--extra-strengths", f"{m}={GATED_EXTRA_STRENGTHS[task]}")]
+    if "finesteer" in methods and task in FINESTEER_BELOW_GRID:
+        out += ["--extra-strengths", f"finesteer={FINESTEER_BELOW_GRID[task]}"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -198,7 +206,8 @@ def main(argv=None) -> int:
                    help="comma-separated λ grid of every task (default: each task's own: "
                         + "; ".join(f"{t} {g}" for t, g in TASK_STRENGTHS.items()) + "); the gated methods "
                         + ", ".join(GATED_METHODS) + " are also scored at "
-                        + "; ".join(f"{t} {g}" for t, g in GATED_EXTRA_STRENGTHS.items()))
+                        + "; ".join(f"{t} {g}" for t, g in GATED_EXTRA_STRENGTHS.items()) + ", and finesteer at "
+                        + "; ".join(f"{t} {g}" for t, g in FINESTEER_BELOW_GRID.items()))
     p.add_argument("--limit-pairs", type=int, default=None,
                    help="--limit-pairs of every task (records of a pair file, prompts of written openings, pairs "
                         "of TruthfulQA; default: each "

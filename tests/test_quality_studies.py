@@ -221,19 +221,20 @@ def test_bench_quality_pair_limit_is_the_tasks_own_unless_given():
 
 def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
     bench = _bench_quality()
-    grid = bench.GATED_EXTRA_STRENGTHS["safety"]
+    grid, low = bench.GATED_EXTRA_STRENGTHS["safety"], bench.FINESTEER_BELOW_GRID["safety"]
     assert bench.gated_extra_args("safety", []) == [
         "--extra-strengths", f"cast={grid}", "--extra-strengths", f"scs_mean={grid}",
-        "--extra-strengths", f"finesteer={grid}"]
+        "--extra-strengths", f"finesteer={grid}", "--extra-strengths", f"finesteer={low}"]
     assert bench.gated_extra_args("safety", ["--methods", "unsteered,caa,finesteer"]) == [
-        "--extra-strengths", f"finesteer={grid}"]
+        "--extra-strengths", f"finesteer={grid}", "--extra-strengths", f"finesteer={low}"]
     assert bench.gated_extra_args("safety", ["--methods", "unsteered,caa"]) == []
     assert bench.gated_extra_args("truthfulness", []) == []
-    # what it gives is what `finesteer eval` parses
+    # what it gives is what `finesteer eval` parses: FineSteer's two lists pooled
     from finesteer.eval.cli import _merged, _method_strengths
     args = bench.gated_extra_args("safety", [])
     merged = _merged([_method_strengths(v) for v in args[1::2]])
-    assert merged["finesteer"] == tuple(float(x) for x in grid.split(","))
+    assert sorted(merged["finesteer"]) == sorted(float(x) for x in (grid + "," + low).split(","))
+    assert merged["cast"] == tuple(float(x) for x in grid.split(","))
 
 
 @pytest.fixture(scope="module")
