@@ -34,7 +34,7 @@ converted once into finesteer's GGUF cache. Results go to ``benchmarks/results/q
 threads were several times slower); every step is cached under ``--cache-dir``, so a rerun that only
 changes methods or strengths skips extraction.
 
-    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 2.5 h
+    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 4 h (the sum of the tasks' own times)
     nice python benchmarks/bench_quality.py --task safety --limit-eval 100 --strengths 0.5,1,2,4,8
 
 Skips with a message (exit status 0) when the shared data or the model package is missing.
