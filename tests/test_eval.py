@@ -790,3 +790,11 @@ def test_closed_gates_skip_their_forwards_bit_exactly(llama, compare):
     assert torch.equal(fast[1].logprob[closed], fast[0].logprob[closed])
     assert not torch.equal(fast[1].logprob[opened], fast[0].logprob[opened])
     assert not torch.equal(fast[2].logprob[closed], fast[0].logprob[closed])
+
+
+def test_layout_margin_reads_one_prompt_of_a_flat_list():
+    # prompt 1 of a flat list: toward responses at 3, 4 (−1, −3), away at 5 (−6): margin −2 + 6 = 4
+    lp = torch.tensor([-9.0, -9.0, -9.0, -1.0, -3.0, -6.0, -9.0])
+    assert metrics.layout_margin(lp, 3, 2, 1) == pytest.approx(4.0)
+    assert metrics.layout_margin(lp, 3, 2, 1) == float(metrics.preference_margin(lp[3:5].reshape(1, -1),
+                                                                                lp[5:6].reshape(1, -1))[0])

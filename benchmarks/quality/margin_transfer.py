@@ -188,7 +188,6 @@ def main(argv=None) -> int:
             own.setdefault(p, []).append((c, r))
 
     enc = _Encoder(model, tok, fmt)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     shifts = {(k, lam, v): [] for k in KINDS for lam in strengths for v in VIEWS}
     base_margin = {v: [] for v in VIEWS}
     t1 = time.perf_counter()
@@ -196,27 +195,20 @@ def main(argv=None) -> int:
         seqs, layout = margin_sequences(enc, p, kind_of[p], own[p], a.openings_per_side, a.delta_positions)
         configs = [None] + [with_strength(Steerer(mose=mean_vector_mose(vectors[k][i].float()), layer=a.layer), lam)
                             for k in KINDS for lam in strengths]
-        scores = score_sequences(model, seqs, configs, a.layer, pad_id=pad_id, progress=False)
-
-        def margin(sc, view):
-            start, nt, na = layout[view]
-            lp = sc.logprob
-            return float(metrics.preference_margin(lp[start:start + nt].reshape(1, -1),
-                                                   lp[start + nt:start + nt + na].reshape(1, -1))[0])
-
+        scores = score_sequences(model, seqs, configs, a.layer, pad_id=enc.pad_id, progress=False)
         for view in VIEWS:
-            m0 = margin(scores[0], view)
+            m0 = metrics.layout_margin(scores[0].logprob, *layout[view])
             base_margin[view].append(m0)
             for j, (k, lam) in enumerate((k, lam) for k in KINDS for lam in strengths):
-                shifts[(k, lam, view)].append(margin(scores[1 + j], view) - m0)
+                shifts[(k, lam, view)].append(metrics.layout_margin(scores[1 + j].logprob, *layout[view]) - m0)
         if (i + 1) % 10 == 0:
             print(f"scored {i + 1}/{len(order)} prompts ({time.perf_counter() - t1:.0f} s)", flush=True)
 
     summary = {}
-    for kind_name, members in (("harmful", chosen["harmful"]), ("coconot", chosen["coconot"])):
-        idx = torch.tensor([order.index(p) for p in members])
+    n_harmful = len(chosen["harmful"])  # order = the harmful prompts, then the CoCoNot ones
+    for kind_name, idx in (("harmful", torch.arange(n_harmful)), ("coconot", torch.arange(n_harmful, len(order)))):
         oracle = vectors["oracle"][idx]
-        block = {"n": len(members),
+        block = {"n": len(idx),
                  "cosine_to_oracle": {k: round(float(torch.nn.functional.cosine_similarity(
                      vectors[k][idx], oracle, dim=1).mean()), 4) for k in KINDS},
                  "vector_norm": {k: round(float(vectors[k][idx].norm(dim=1).mean()), 2) for k in KINDS}}

@@ -215,6 +215,7 @@ class _Encoder:
     def __init__(self, model, tokenizer, prompt_format: Optional[str]):
         self.tok = tokenizer
         self.fmt = extract.resolve_prompt_format(tokenizer, prompt_format)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.context = model_context_length(model)
 
     def prompts(self, prompts: List[str]) -> list:
@@ -237,7 +238,7 @@ class _Run:
     def __init__(self, model, tokenizer, cfg: EvalConfig):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.enc = _Encoder(model, tokenizer, cfg.prompt_format)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = self.enc.pad_id
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         self.result = EvalResult(config=cfg.to_dict(), model=str(name))
         self.time = _Timer(self.result.timings)
@@ -396,12 +397,7 @@ class _Run:
                              h_prompts=self._states(ps.prompts, f"eval-{ps.name}"))
 
         def margin(sc):
-            vals = []
-            for start, nt, na in layout:
-                lp = sc.logprob
-                vals.append(float(metrics.preference_margin(lp[start:start + nt].reshape(1, -1),
-                                                            lp[start + nt:start + nt + na].reshape(1, -1))[0]))
-            return torch.tensor(vals, dtype=torch.float64)
+            return torch.tensor([metrics.layout_margin(sc.logprob, *at) for at in layout], dtype=torch.float64)
 
         base, rest = self._split_base(scores)
         return margin(base), [margin(s) for s in rest]
@@ -509,17 +505,14 @@ class _Run:
         # Each steered configuration against the unsteered model and against CAA at the same λ, on
         # the same questions: a one-question MC1 difference is 1/n, and the paired split says
         # whether a difference is more than the luck of which questions flipped.
-        for name, per in pq.items():
-            for lam, v in per.items():
-                if name == "unsteered":
-                    if self.unsteered_in_configs:
-                        out["results"]["unsteered"] = {lam: summary(v)}
-                    continue
-                out["results"].setdefault(name, {})[lam] = summary(v)
+        for name, lam, steerer in self.configs:
+            v = pq[name][str(lam)]
+            out["results"].setdefault(name, {})[str(lam)] = summary(v)
+            if steerer is not None:
                 cmp = {"unsteered": paired(v, base_pq)}
-                if name != "caa" and lam in pq.get("caa", {}):
-                    cmp["caa"] = paired(v, pq["caa"][lam])
-                out["paired"].setdefault(name, {})[lam] = cmp
+                if name != "caa" and str(lam) in pq.get("caa", {}):
+                    cmp["caa"] = paired(v, pq["caa"][str(lam)])
+                out["paired"].setdefault(name, {})[str(lam)] = cmp
         return out
 
     def generation(self, sets: List[PromptSet]) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from ..fit.metrics import auroc
 
-__all__ = ["auroc", "delta_prediction", "gate_rates", "histogram", "margin_stats", "mc1", "mc1_hits", "mc2",
+__all__ = ["auroc", "delta_prediction", "gate_rates", "histogram", "layout_margin", "margin_stats", "mc1", "mc1_hits", "mc2",
            "mc2_values", "paired_comparison", "preference_margin", "tradeoff_comparison"]
 
 
@@ -26,6 +26,15 @@ def preference_margin(toward: torch.Tensor, away: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"preference_margin: expected [N, A] and [N, B], got {tuple(toward.shape)} and "
                          f"{tuple(away.shape)}")
     return toward.double().mean(1) - away.double().mean(1)
+
+
+def layout_margin(logprob: torch.Tensor, start: int, n_toward: int, n_away: int) -> float:
+    """:func:`preference_margin` of one prompt whose responses lie side by side in a flat [S] list of
+    summed log-likelihoods: the ``n_toward`` toward responses from ``start`` on, then the
+    ``n_away`` away ones."""
+    toward = logprob[start:start + n_toward].reshape(1, -1)
+    away = logprob[start + n_toward:start + n_toward + n_away].reshape(1, -1)
+    return float(preference_margin(toward, away)[0])
 
 
 def margin_stats(steered: torch.Tensor, unsteered: torch.Tensor) -> dict:
