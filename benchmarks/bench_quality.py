@@ -35,7 +35,7 @@ threads were several times slower); every step is cached under ``--cache-dir``, 
 changes methods or strengths skips extraction.
 
     nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 4 h (the sum of the tasks' own times)
-    nice python benchmarks/bench_quality.py --task safety --limit-eval 100 --strengths 0.5,1,2,4,8
+    nice python benchmarks/bench_quality.py --task safety --limit-eval 40 --strengths 0.5,1,2,4,8
 
 Skips with a message (exit status 0) when the shared data or the model package is missing.
 """
@@ -58,7 +58,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality"
 #: held-out half (it scored the first 100 before; there one question is 0.01, and MC1 differences of a
 #: question or two between methods cannot be told from chance; docs/quality.md).
 DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.5,
-                limit_train=1000, limit_eval=40, limit_truthfulqa=203, openings_per_side=3,
+                limit_train=1000, limit_truthfulqa=203, openings_per_side=3,
                 continuation_tokens=8, pairs_per_prompt=8)
 #: Each task's λ grid, unless --strengths is given. Safety measures the refusal-vs-utility curve on a
 #: finer grid: FineSteer's gate opens on about half of the harmful prompts, so it matches CAA's target
@@ -79,6 +79,12 @@ TASK_STRENGTHS["refuse_or_comply_openings"] = TASK_STRENGTHS["safety"]
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
 TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
                     "refuse_or_comply_openings": 1000, "truthfulness": 300, "overrefusal": 300}
+#: Prompts scored per evaluation set (``--limit-eval``), unless --limit-eval is given. Safety scores
+#: 100 per set (it scored 40 before): its comparison with CAA's strongest points turns on the gate's
+#: open rate on the harmful set, and with 40 prompts that rate's standard error is ≈ 8 points (57.5 %
+#: on the development rows, 47.5 % on the reported ones). Set before the 100-prompt run was seen.
+TASK_LIMIT_EVAL = {"safety": 100}
+DEFAULT_LIMIT_EVAL = 40
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: Further strengths of the gated methods (``--extra-strengths``), beside the task's grid. A gated
@@ -94,8 +100,9 @@ GATED_METHODS = ("cast", "scs_mean", "finesteer")
 #: point, for the weakest FineSteer strength that moves the targets at least as far; for the weakest
 #: baseline point (CAST-style λ = 1: +1.81) that strength lies below 1, and on the grid alone the
 #: check could only offer FineSteer λ = 1 (+3.35, twice as far, at benign KL 0.014 vs 0.007).
-#: More points of the same curve; no fit or setting changes.
-FINESTEER_BELOW_GRID = {"safety": "0.5,0.75"}
+#: More points of the same curve; no fit or setting changes. (λ = 0.6 was added after the 40-prompt
+#: run showed the crossing between 0.5 and 0.75.)
+FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75"}
 
 
 def _gemma_gguf() -> str:
@@ -137,7 +144,8 @@ def task_args(task: str, a) -> list:
     common = ["--layer", str(a.layer), "--scs-method", a.scs_method, "--max-benign-fpr", str(a.max_benign_fpr),
               "--eval-start", str(a.eval_start), "--strengths", a.strengths or TASK_STRENGTHS[task],
               "--limit-train", str(a.limit_train),
-              "--limit-pairs", str(a.limit_pairs or TASK_LIMIT_PAIRS[task]), "--limit-eval", str(a.limit_eval),
+              "--limit-pairs", str(a.limit_pairs or TASK_LIMIT_PAIRS[task]),
+              "--limit-eval", str(a.limit_eval or TASK_LIMIT_EVAL.get(task, DEFAULT_LIMIT_EVAL)),
               "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":
@@ -208,6 +216,9 @@ def main(argv=None) -> int:
                         + ", ".join(GATED_METHODS) + " are also scored at "
                         + "; ".join(f"{t} {g}" for t, g in GATED_EXTRA_STRENGTHS.items()) + ", and finesteer at "
                         + "; ".join(f"{t} {g}" for t, g in FINESTEER_BELOW_GRID.items()))
+    p.add_argument("--limit-eval", type=int, default=None,
+                   help="prompts scored per evaluation set (default: each task's own: "
+                        + "; ".join(f"{t} {n}" for t, n in TASK_LIMIT_EVAL.items()) + f"; else {DEFAULT_LIMIT_EVAL})")
     p.add_argument("--limit-pairs", type=int, default=None,
                    help="--limit-pairs of every task (records of a pair file, prompts of written openings, pairs "
                         "of TruthfulQA; default: each "

@@ -190,14 +190,14 @@ def _bench_quality():
     return bench
 
 
-def test_bench_quality_pair_limit_is_the_tasks_own_unless_given():
+def test_bench_quality_limits_are_the_tasks_own_unless_given():
     import argparse
 
     bench = _bench_quality()
 
     def task_args(task, **given):
         return bench.task_args(task, argparse.Namespace(**{**bench.DEFAULTS, "strengths": None, "limit_pairs": None,
-                                                           "threads": 1, "prompt_format": "auto", **given}))
+                                                           "limit_eval": None, "threads": 1, "prompt_format": "auto", **given}))
 
     def option(task, flag, **given):
         args = task_args(task, **given)
@@ -205,6 +205,10 @@ def test_bench_quality_pair_limit_is_the_tasks_own_unless_given():
 
     assert option("safety", "--limit-pairs") == "300" and option("safety_mixed", "--limit-pairs") == "1000"
     assert option("safety_mixed", "--limit-pairs", limit_pairs=50) == "50"
+    # the safety run scores more prompts per set than the others, unless told
+    assert option("safety", "--limit-eval") == str(bench.TASK_LIMIT_EVAL["safety"]) != str(bench.DEFAULT_LIMIT_EVAL)
+    assert option("safety_mixed", "--limit-eval") == option("truthfulness", "--limit-eval") == str(bench.DEFAULT_LIMIT_EVAL)
+    assert option("safety", "--limit-eval", limit_eval=7) == "7"
     # safety_mixed is the safety run plus the CoCoNot pairs: same gate data, δ positions, scored sets
     for flag in ("--target", "--delta-positions", "--opening-pairs", "--eval-target", "--limit-train"):
         assert option("safety_mixed", flag) == option("safety", flag)
