@@ -24,6 +24,9 @@ VALIDATION sets (never tuned on what is reported):
 - ``truthfulness`` — TruthfulQA (correct − incorrect answers) pairs; the single TruthfulQA file is
   split by question (``--fit-fraction``), MC1/MC2 on the unseen half; gate TruthfulQA questions vs
   ``benign_train``;
+- ``truthfulness_swapped`` — the same with the file's halves swapped (``--swap-split``): the other
+  fold of a two-fold cross-fit, so that with ``truthfulness`` every question is scored once by
+  steerers not fitted on it (``benchmarks/quality/truthfulqa_crossfit.py`` pools the two);
 - ``overrefusal`` — CoCoNot's contrast set (chosen mostly complies: δ points away from refusal),
   gate CoCoNot prompts vs ``benign_train``; scored toward compliance on ``borderline_val`` (target)
   and ``benign_val`` (benign).
@@ -34,7 +37,7 @@ converted once into finesteer's GGUF cache. Results go to ``benchmarks/results/q
 threads were several times slower); every step is cached under ``--cache-dir``, so a rerun that only
 changes methods or strengths skips extraction.
 
-    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 4 h (the sum of the tasks' own times)
+    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 5 h (the sum of the tasks' own times)
     nice python benchmarks/bench_quality.py --task safety --limit-eval 40 --strengths 0.5,1,2,4,8
 
 Skips with a message (exit status 0) when the shared data or the model package is missing.
@@ -69,6 +72,7 @@ TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "o
 TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it from the safety run's arguments
 TASK_STRENGTHS["refuse_or_comply"] = TASK_STRENGTHS["safety"]
 TASK_STRENGTHS["refuse_or_comply_openings"] = TASK_STRENGTHS["safety"]
+TASK_STRENGTHS["truthfulness_swapped"] = TASK_STRENGTHS["truthfulness"]
 #: Each task's ``--limit-pairs`` (records or prompts per pair file), unless --limit-pairs is given.
 #: safety_mixed gives the experts every training prompt of both files (1000 harmful_train prompts,
 #: all 927 CoCoNot records): with 300 of each, MoSE's routing did not carry over to the other
@@ -78,7 +82,8 @@ TASK_STRENGTHS["refuse_or_comply_openings"] = TASK_STRENGTHS["safety"]
 #: δ better but FineSteer moved the development borderline prompts less (+17.93 vs +28.64 at
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
 TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
-                    "refuse_or_comply_openings": 1000, "truthfulness": 300, "overrefusal": 300}
+                    "refuse_or_comply_openings": 1000, "truthfulness": 300, "truthfulness_swapped": 300,
+                    "overrefusal": 300}
 #: Prompts scored per evaluation set (``--limit-eval``), unless --limit-eval is given. Safety scores
 #: 100 per set (it scored 40 before): its comparison with CAA's strongest points turns on the gate's
 #: open rate on the harmful set, and with 40 prompts that rate's standard error is ≈ 8 points (57.5 %
@@ -173,8 +178,13 @@ def task_args(task: str, a) -> list:
             "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
             "--eval-target", f"borderline={s / 'borderline_val.jsonl'}", "--set-toward", "borderline=compliance",
             "--eval-benign", f"benign={s / 'benign_val.jsonl'}", "--methods", MIXED_METHODS]
-    if task == "truthfulness":
-        return common + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
+    if task in ("truthfulness", "truthfulness_swapped"):
+        # truthfulness_swapped is the other fold of a two-fold cross-fit: the same run with the
+        # TruthfulQA file's halves swapped (fit on the questions truthfulness scores, score the ones
+        # it fits on), so the two runs together score all 406 questions, each by a steerer that
+        # never saw it (benchmarks/quality/truthfulqa_crossfit.py pools them).
+        swap = ["--swap-split"] if task == "truthfulness_swapped" else []
+        return common + swap + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
                          "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
                          "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
     if task == "overrefusal":

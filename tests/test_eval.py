@@ -363,6 +363,26 @@ def test_file_fitted_and_scored_is_split(llama, files, tmp_path):
     assert split["fit"] + split["scored"] == len(HARMFUL)
     assert result.sets["harmful_train"]["n"] == split["scored"]
     assert result.fit["n_target"] == split["fit"]
+    assert split["swapped"] is False
+
+
+def test_swap_split_fits_on_the_scored_part_and_scores_the_fitted_part(files, tmp_path):
+    """--swap-split is the second fold of a two-fold cross-fit: the same seeded split with its parts
+    exchanged, so the two runs together score every record of the shared file exactly once."""
+    from finesteer.eval.data import load_truthfulqa
+    from finesteer.eval.harness import _Inputs
+
+    def inputs(swap):
+        return _Inputs(_config(files, tmp_path, swap_split=swap, truthfulqa=files["tqa"], pairs=files["tqa"],
+                               opening_pairs=None, eval_sets=[EvalSetSpec("harmful_train", files["target"], "target")]))
+
+    plain, swapped = inputs(False), inputs(True)
+    assert set(swapped.target) == set(plain.sets[0].prompts) and set(plain.target) == set(swapped.sets[0].prompts)
+    assert not set(plain.target) & set(plain.sets[0].prompts)
+    questions = [{q.question for q in run.truthfulqa} for run in (plain, swapped)]
+    assert not questions[0] & questions[1] and len(questions[0] | questions[1]) == len(load_truthfulqa(files["tqa"]))
+    assert set(swapped.pairs[0]) <= questions[0] and set(plain.pairs[0]) <= questions[1]
+    assert swapped.splits[files["target"]]["swapped"] is True
 
 
 def test_a_set_scored_toward_compliance_has_the_opposite_margins(llama, files, tmp_path):

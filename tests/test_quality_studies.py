@@ -1,7 +1,7 @@
 """The quality study scripts' own logic, on hand-made inputs (no model): borderline_bound.py (the
 per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt),
 gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
-sequences) and bench_quality.py's task options."""
+sequences), truthfulqa_crossfit.py (pooling two cross-fit folds) and bench_quality.py's task options."""
 import argparse
 import importlib.util
 import json
@@ -312,3 +312,60 @@ def test_margin_transfer_builds_either_tasks_pairs(transfer):
     assert set(c2[4:]) <= set(TRAIN_COMPLIANCES) and set(r2[4:]) <= set(TRAIN_REFUSALS)
     with pytest.raises(ValueError, match="comply"):
         transfer.build_pairs(2, 3, 2, "both")
+
+
+def _fold(swapped, hits, values, n_records=8):
+    """A minimal eval.json of one cross-fit fold: per-question MC1 hits / MC2 values per configuration
+    ``{(method, λ): ([bool], [float])}``."""
+    tqa = "/data/tqa.jsonl"
+    per = {}
+    for (m, lam), h in hits.items():
+        per.setdefault(m, {})[lam] = {"mc1": h, "mc2": values[(m, lam)]}
+    results = {m: {lam: {"mc1": sum(v["mc1"]) / len(v["mc1"]), "mc2": sum(v["mc2"]) / len(v["mc2"])}
+                   for lam, v in p.items()} for m, p in per.items()}
+    n = len(next(iter(hits.values())))
+    return {"config": {"truthfulqa": tqa},
+            "splits": {tqa: {"records": n_records, "fit": n_records - n, "scored": n, "fit_fraction": 0.5,
+                             "seed": 0, **({"swapped": True} if swapped else {})}},
+            "truthfulqa": {"n": n, "per_question": per, "results": results}}
+
+
+def test_truthfulqa_crossfit_pools_both_folds_and_pairs_them():
+    cf = _load("truthfulqa_crossfit")
+    a = _fold(False, {("unsteered", "0.0"): [False, False, True, False], ("caa", "2.0"): [True, False, True, False],
+                      ("finesteer", "2.0"): [True, True, True, False]},
+              {("unsteered", "0.0"): [0.1, 0.2, 0.6, 0.3], ("caa", "2.0"): [0.5, 0.2, 0.6, 0.3],
+               ("finesteer", "2.0"): [0.6, 0.7, 0.6, 0.3]})
+    b = _fold(True, {("unsteered", "0.0"): [True, False, False, False], ("caa", "2.0"): [True, True, False, False],
+                     ("finesteer", "2.0"): [True, False, False, True]},
+              {("unsteered", "0.0"): [0.6, 0.1, 0.1, 0.2], ("caa", "2.0"): [0.6, 0.5, 0.1, 0.2],
+               ("finesteer", "2.0"): [0.7, 0.1, 0.2, 0.8]})
+    out = cf.pool(a, b)
+    assert out["n"] == 8 and out["folds"] == [4, 4]
+    assert out["results"]["finesteer"]["2.0"]["mc1"] == pytest.approx(5 / 8)
+    assert out["results"]["caa"]["2.0"]["mc2"] == pytest.approx((1.6 + 1.4) / 8)
+    assert out["results"]["finesteer"]["2.0"]["fold_mc1"] == [0.75, 0.5]
+    vs_caa = out["paired"]["finesteer"]["2.0"]["caa"]
+    # finesteer-only: fold a question 1, fold b question 3; caa-only: fold b question 1
+    assert (vs_caa["mc1_a_only"], vs_caa["mc1_b_only"], vs_caa["n"]) == (2, 1, 8)
+    assert vs_caa["mc2_diff"] == pytest.approx((0.1 + 0.5 + 0.1 - 0.4 + 0.1 + 0.6) / 8)
+    assert set(out["paired"]["caa"]["2.0"]) == {"unsteered"} and "unsteered" not in out["paired"]
+    md = cf.markdown(out)
+    assert "8 questions (4 + 4)" in md and "| finesteer | 2 | caa | 2 | 1 |" in md
+
+
+def test_truthfulqa_crossfit_refuses_runs_that_are_not_two_folds():
+    cf = _load("truthfulqa_crossfit")
+    cfg = {("unsteered", "0.0"): [True, False]}
+    val = {("unsteered", "0.0"): [0.5, 0.5]}
+    with pytest.raises(ValueError, match="both runs have swapped=False"):
+        cf.pool(_fold(False, cfg, val, 4), _fold(False, cfg, val, 4))
+    with pytest.raises(ValueError, match="records"):
+        cf.pool(_fold(False, cfg, val, 4), _fold(True, cfg, val, 6))
+    other = _fold(True, {**cfg, ("caa", "2.0"): [True, True]}, {**val, ("caa", "2.0"): [0.1, 0.2]}, 4)
+    with pytest.raises(ValueError, match="different configurations"):
+        cf.pool(_fold(False, cfg, val, 4), other)
+    no_split = _fold(True, cfg, val, 4)
+    no_split["splits"] = {}
+    with pytest.raises(ValueError, match="not split"):
+        cf.pool(_fold(False, cfg, val, 4), no_split)

@@ -181,6 +181,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "(default: 0)")
     lim.add_argument("--fit-fraction", type=float, default=0.5,
                      help="share of a file used for fitting when it is also scored (default: 0.5)")
+    lim.add_argument("--swap-split", action="store_true",
+                     help="swap the two parts of such a split: fit on the part normally scored and score the part "
+                          "normally fitted (the second fold of a two-fold cross-fit; same seed)")
     lim.add_argument("--holdout-fraction", type=float, default=0.2,
                      help="share of pair prompts held out from the MoSE fit to measure response-shift prediction "
                           "(default: 0.2)")
@@ -266,6 +269,7 @@ def config_from_args(args):
         continuation_tokens=args.continuation_tokens, generate=args.generate, generate_tokens=args.generate_tokens,
         limit_generate=args.limit_generate, limit_train=args.limit_train, limit_pairs=args.limit_pairs,
         limit_eval=args.limit_eval, limit_truthfulqa=args.limit_truthfulqa, fit_fraction=args.fit_fraction,
+        swap_split=args.swap_split,
         eval_start=args.eval_start,
         holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
         scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,

@@ -56,7 +56,9 @@ class EvalConfig:
             benign-but-sensitive ones, both from written openings.
         pairs_per_prompt: pairs per prompt for ``opening_pairs`` and ``compliance_opening_pairs``.
     Evaluation inputs (scored, never fitted on — a file that is also a training file is split by
-    record, seeded, ``fit_fraction`` of it for fitting and the rest for scoring):
+    record, seeded, ``fit_fraction`` of it for fitting and the rest for scoring; ``swap_split``
+    fits on that rest and scores the first part instead, the second fold of a two-fold
+    cross-fit, so that with ``fit_fraction`` 0.5 two runs score every record once):
         eval_sets: :class:`EvalSetSpec` list. truthfulqa: a TruthfulQA file for MC1/MC2.
         eval_start: each evaluation-set file is scored from row ⌊eval_start·rows⌋ on (before
             ``limit_eval``); the rows before it are left for development — choosing a layer, a gate
@@ -113,6 +115,7 @@ class EvalConfig:
     limit_eval: Optional[int] = None
     limit_truthfulqa: Optional[int] = None
     fit_fraction: float = 0.5
+    swap_split: bool = False
     eval_start: float = 0.0
     holdout_fraction: float = 0.2
     delta_positions: Union[str, int] = "all"

@@ -143,9 +143,12 @@ class _Inputs:
                 from ..data import read_records
                 n = len(read_records(path))
                 fit, scored = disjoint_split(n, cfg.fit_fraction, cfg.seed)
+                if cfg.swap_split:
+                    fit, scored = scored, fit
                 self._rows[str(Path(path).resolve())] = (fit, scored)
                 self.splits[str(path)] = {"records": n, "fit": len(fit), "scored": len(scored),
-                                          "fit_fraction": cfg.fit_fraction, "seed": cfg.seed}
+                                          "fit_fraction": cfg.fit_fraction, "seed": cfg.seed,
+                                          "swapped": cfg.swap_split}
         self.target = _limit(self._part(cfg.target, load_train_prompts(cfg.target), 0), cfg.limit_train)
         self.benign = [p for path in cfg.benign
                        for p in _limit(self._part(path, load_train_prompts(path), 0), cfg.limit_train)]
