@@ -350,8 +350,20 @@ def test_truthfulqa_crossfit_pools_both_folds_and_pairs_them():
     assert (vs_caa["mc1_a_only"], vs_caa["mc1_b_only"], vs_caa["n"]) == (2, 1, 8)
     assert vs_caa["mc2_diff"] == pytest.approx((0.1 + 0.5 + 0.1 - 0.4 + 0.1 + 0.6) / 8)
     assert set(out["paired"]["caa"]["2.0"]) == {"unsteered"} and "unsteered" not in out["paired"]
+    assert set(out["paired"]["finesteer"]["2.0"]) == {"unsteered", "caa"}  # no scs_mean run here
     md = cf.markdown(out)
     assert "8 questions (4 + 4)" in md and "| finesteer | 2 | caa | 2 | 1 |" in md
+
+
+def test_truthfulqa_crossfit_compares_finesteer_with_its_mean_vector_ablation():
+    cf = _load("truthfulqa_crossfit")
+    hits = {("unsteered", "0.0"): [False, False], ("caa", "4.0"): [True, False],
+            ("scs_mean", "4.0"): [True, False], ("finesteer", "4.0"): [True, True]}
+    vals = {k: [0.5, 0.5] for k in hits}
+    out = cf.pool(_fold(False, hits, vals, 4), _fold(True, hits, vals, 4))
+    assert set(out["paired"]["finesteer"]["4.0"]) == {"unsteered", "caa", "scs_mean"}
+    assert set(out["paired"]["scs_mean"]["4.0"]) == {"unsteered", "caa"}
+    assert out["paired"]["finesteer"]["4.0"]["scs_mean"]["mc1_a_only"] == 2
 
 
 def test_truthfulqa_crossfit_refuses_runs_that_are_not_two_folds():

@@ -7,7 +7,8 @@ on it. This script checks that the two ``eval.json`` files are the two folds of 
 file, seed and fraction; one swapped; disjoint questions), pools every configuration's per-question
 MC1 hits and MC2 values, and repeats the paired comparison of ``finesteer eval`` (against the
 unsteered model and against CAA at the same λ: questions only one side gets right with the exact
-sign-test p, and the MC2 difference ± its standard error) on the pooled questions.
+sign-test p, and the MC2 difference ± its standard error) on the pooled questions; FineSteer is
+also compared with SCS + mean vector, the ablation that differs only in MoSE.
 
     python benchmarks/quality/truthfulqa_crossfit.py \\
         benchmarks/results/quality/truthfulness/eval.json \\
@@ -25,6 +26,12 @@ import sys
 from pathlib import Path
 
 from finesteer.eval import metrics
+
+
+#: Besides the unsteered model, what each steered configuration is compared with at the same λ:
+#: CAA (the issue's baseline), and for FineSteer also SCS + mean vector — the same gate with the
+#: mean vector instead of MoSE, so that pair isolates what MoSE's query-specific vectors add.
+AGAINST_SAME_STRENGTH = ("caa", "scs_mean")
 
 
 def _fold_split(doc: dict, where: str) -> dict:
@@ -64,7 +71,8 @@ def check_folds(a: dict, b: dict) -> None:
 
 def pool(a: dict, b: dict) -> dict:
     """Pooled MC1/MC2 of every configuration over both folds' questions, and the paired comparisons
-    against the unsteered model and CAA at the same λ (:func:`finesteer.eval.metrics.paired_comparison`)."""
+    against the unsteered model and :data:`AGAINST_SAME_STRENGTH` at the same λ
+    (:func:`finesteer.eval.metrics.paired_comparison`)."""
     check_folds(a, b)
     qa, qb = a["truthfulqa"]["per_question"], b["truthfulqa"]["per_question"]
     pooled = {m: {lam: {"mc1": list(qa[m][lam]["mc1"]) + list(qb[m][lam]["mc1"]),
@@ -83,9 +91,10 @@ def pool(a: dict, b: dict) -> dict:
             if m == "unsteered":
                 continue
             cmp = {"unsteered": metrics.paired_comparison(v["mc1"], base["mc1"], v["mc2"], base["mc2"])}
-            if m != "caa" and lam in pooled.get("caa", {}):
-                c = pooled["caa"][lam]
-                cmp["caa"] = metrics.paired_comparison(v["mc1"], c["mc1"], v["mc2"], c["mc2"])
+            for other in AGAINST_SAME_STRENGTH:
+                if m != other and lam in pooled.get(other, {}) and (other != "scs_mean" or m == "finesteer"):
+                    c = pooled[other][lam]
+                    cmp[other] = metrics.paired_comparison(v["mc1"], c["mc1"], v["mc2"], c["mc2"])
             out["paired"].setdefault(m, {})[lam] = cmp
     return out
 
