@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from finesteer.eval import metrics
+from finesteer.eval.report import truthfulqa_paired_markdown
 
 
 #: Besides the unsteered model, what each steered configuration is compared with at the same λ:
@@ -107,16 +108,7 @@ def markdown(out: dict) -> str:
         for lam, r in per.items():
             lines.append(f"| {m} | {float(lam):g} | {r['mc1']:.3f} | {r['mc2']:.3f} | "
                          f"{r['fold_mc1'][0]:.3f} / {r['fold_mc1'][1]:.3f} | {r['fold_mc2'][0]:.3f} / {r['fold_mc2'][1]:.3f} |")
-    lines += ["", f"Paired on the same {n} questions (MC1: questions only the method / only the other gets right, "
-              "exact two-sided sign-test p; MC2: mean per-question difference ± standard error):", "",
-              "| method | λ | against | MC1 method only | MC1 other only | sign-test p | MC2 difference |",
-              "|---|---|---|---|---|---|---|"]
-    for m, per in out["paired"].items():
-        for lam, cmp in per.items():
-            for other, c in cmp.items():
-                lines.append(f"| {m} | {float(lam):g} | {other} | {c['mc1_a_only']} | {c['mc1_b_only']} | "
-                             f"{c['mc1_sign_p']:.3g} | {c['mc2_diff']:+.4f} ± {c['mc2_diff_se']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + truthfulqa_paired_markdown(out)) + "\n"
 
 
 def main(argv=None) -> int:

@@ -84,7 +84,7 @@ def _markdown(doc: dict) -> str:
                 "|---|---|---|---|---|"]
         out += [f"| {src} | {v['n']} | {k} | {v['cosine']:.3f} | {v['mse']:.4g} |"
                 for src, per in by_source.items() for k, v in per.items()]
-    out += _truthfulqa_paired_markdown(doc.get("truthfulqa") or {})
+    out += truthfulqa_paired_markdown(doc.get("truthfulqa") or {})
     if doc.get("generation"):
         out += ["", "Keyword refusal rate of greedy generations:", ""]
         for name, s in doc["generation"].items():
@@ -148,10 +148,12 @@ def _tradeoff_markdown(doc: dict) -> List[str]:
     return out
 
 
-def _truthfulqa_paired_markdown(tqa: dict) -> List[str]:
-    """Each steered configuration against the unsteered model and CAA on the same TruthfulQA
-    questions: how many questions only one of the two gets right (MC1) with the exact sign-test p,
-    and the mean per-question MC2 difference ± its standard error."""
+def truthfulqa_paired_markdown(tqa: dict) -> List[str]:
+    """The Markdown lines of a TruthfulQA block's ``paired`` comparisons (``tqa`` with ``n`` and
+    ``paired[method][λ][other]``, e.g. ``eval.json``'s ``truthfulqa``): each steered configuration
+    against each configuration it was paired with (the unsteered model, CAA at the same λ) on the
+    same questions — how many questions only one of the two gets right (MC1) with the exact sign-test
+    p, and the mean per-question MC2 difference ± its standard error. No lines without pairs."""
     paired = tqa.get("paired") or {}
     if not paired:
         return []
