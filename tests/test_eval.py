@@ -818,3 +818,20 @@ def test_layout_margin_reads_one_prompt_of_a_flat_list():
     assert metrics.layout_margin(lp, 3, 2, 1) == pytest.approx(4.0)
     assert metrics.layout_margin(lp, 3, 2, 1) == float(metrics.preference_margin(lp[3:5].reshape(1, -1),
                                                                                 lp[5:6].reshape(1, -1))[0])
+
+
+def test_paired_against_pairs_each_steered_configuration_with_the_named_ones_at_its_strength():
+    pq = {"unsteered": {"0.0": {"mc1": [False, False, True], "mc2": [0.2, 0.3, 0.6]}},
+          "caa": {"2.0": {"mc1": [True, False, True], "mc2": [0.5, 0.3, 0.6]}},
+          "finesteer": {"2.0": {"mc1": [True, True, False], "mc2": [0.6, 0.7, 0.5]},
+                        "4.0": {"mc1": [True, True, True], "mc2": [0.9, 0.9, 0.9]}}}
+    out = metrics.paired_against(pq, {name: ("caa",) for name in pq})
+    assert "unsteered" not in out and set(out["caa"]["2.0"]) == {"unsteered"}  # never against itself
+    assert set(out["finesteer"]["2.0"]) == {"unsteered", "caa"}
+    assert set(out["finesteer"]["4.0"]) == {"unsteered"}  # CAA was not scored at λ = 4
+    vs_caa = out["finesteer"]["2.0"]["caa"]
+    assert (vs_caa["mc1_a_only"], vs_caa["mc1_b_only"]) == (1, 1)
+    assert vs_caa["mc2_diff"] == pytest.approx((0.1 + 0.4 - 0.1) / 3)
+    assert out["finesteer"]["4.0"]["unsteered"] == metrics.paired_comparison(
+        [True] * 3, [False, False, True], [0.9] * 3, [0.2, 0.3, 0.6])
+    assert set(metrics.paired_against(pq, {})["finesteer"]["2.0"]) == {"unsteered"}

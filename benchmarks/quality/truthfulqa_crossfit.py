@@ -30,9 +30,11 @@ from finesteer.eval.report import truthfulqa_paired_markdown
 
 
 #: Besides the unsteered model, what each steered configuration is compared with at the same λ:
-#: CAA (the issue's baseline), and for FineSteer also SCS + mean vector — the same gate with the
-#: mean vector instead of MoSE, so that pair isolates what MoSE's query-specific vectors add.
-AGAINST_SAME_STRENGTH = ("caa", "scs_mean")
+#: CAA (the issue's baseline; :data:`DEFAULT_AGAINST`), and for FineSteer also SCS + mean vector —
+#: the same gate with the mean vector instead of MoSE, so that pair isolates what MoSE's
+#: query-specific vectors add.
+DEFAULT_AGAINST = ("caa",)
+ALSO_AGAINST = {"finesteer": ("caa", "scs_mean")}
 
 
 def _fold_split(doc: dict, where: str) -> dict:
@@ -72,16 +74,15 @@ def check_folds(a: dict, b: dict) -> None:
 
 def pool(a: dict, b: dict) -> dict:
     """Pooled MC1/MC2 of every configuration over both folds' questions, and the paired comparisons
-    against the unsteered model and :data:`AGAINST_SAME_STRENGTH` at the same λ
-    (:func:`finesteer.eval.metrics.paired_comparison`)."""
+    against the unsteered model and :data:`ALSO_AGAINST` / :data:`DEFAULT_AGAINST` at the same λ
+    (:func:`finesteer.eval.metrics.paired_against`)."""
     check_folds(a, b)
     qa, qb = a["truthfulqa"]["per_question"], b["truthfulqa"]["per_question"]
     pooled = {m: {lam: {"mc1": list(qa[m][lam]["mc1"]) + list(qb[m][lam]["mc1"]),
                         "mc2": list(qa[m][lam]["mc2"]) + list(qb[m][lam]["mc2"])} for lam in per}
               for m, per in qa.items()}
-    base = next(iter(pooled["unsteered"].values()))
-    n = len(base["mc1"])
-    out = {"n": n, "folds": [a["truthfulqa"]["n"], b["truthfulqa"]["n"]], "results": {}, "paired": {}}
+    n = len(next(iter(pooled["unsteered"].values()))["mc1"])
+    out = {"n": n, "folds": [a["truthfulqa"]["n"], b["truthfulqa"]["n"]], "results": {}}
     for m, per in pooled.items():
         for lam, v in per.items():
             out["results"].setdefault(m, {})[lam] = {"mc1": sum(v["mc1"]) / n, "mc2": sum(v["mc2"]) / n,
@@ -89,14 +90,7 @@ def pool(a: dict, b: dict) -> dict:
                                                                   b["truthfulqa"]["results"][m][lam]["mc1"]],
                                                      "fold_mc2": [a["truthfulqa"]["results"][m][lam]["mc2"],
                                                                   b["truthfulqa"]["results"][m][lam]["mc2"]]}
-            if m == "unsteered":
-                continue
-            cmp = {"unsteered": metrics.paired_comparison(v["mc1"], base["mc1"], v["mc2"], base["mc2"])}
-            for other in AGAINST_SAME_STRENGTH:
-                if m != other and lam in pooled.get(other, {}) and (other != "scs_mean" or m == "finesteer"):
-                    c = pooled[other][lam]
-                    cmp[other] = metrics.paired_comparison(v["mc1"], c["mc1"], v["mc2"], c["mc2"])
-            out["paired"].setdefault(m, {})[lam] = cmp
+    out["paired"] = metrics.paired_against(pooled, {m: ALSO_AGAINST.get(m, DEFAULT_AGAINST) for m in pooled})
     return out
 
 

@@ -494,28 +494,20 @@ class _Run:
         def summary(pq):
             return {"mc1": sum(pq["mc1"]) / len(pq["mc1"]), "mc2": sum(pq["mc2"]) / len(pq["mc2"])}
 
-        def paired(a, b):
-            return metrics.paired_comparison(a["mc1"], b["mc1"], a["mc2"], b["mc2"])
-
         base, rest = self._split_base(scores)
         base_pq = per_question(base)
         pq = {"unsteered": {"0.0": base_pq}}
         for k, (name, lam, _) in enumerate(self.configs):
             pq.setdefault(name, {})[str(lam)] = per_question(rest[k])
-        out = {"n": len(questions), "unsteered": summary(base_pq), "results": {}, "paired": {},
-               "per_question": {name: {lam: {"mc1": v["mc1"], "mc2": _rounded(torch.tensor(v["mc2"]))}
-                                       for lam, v in per.items()} for name, per in pq.items()}}
         # Each steered configuration against the unsteered model and against CAA at the same λ, on
         # the same questions: a one-question MC1 difference is 1/n, and the paired split says
         # whether a difference is more than the luck of which questions flipped.
-        for name, lam, steerer in self.configs:
-            v = pq[name][str(lam)]
-            out["results"].setdefault(name, {})[str(lam)] = summary(v)
-            if steerer is not None:
-                cmp = {"unsteered": paired(v, base_pq)}
-                if name != "caa" and str(lam) in pq.get("caa", {}):
-                    cmp["caa"] = paired(v, pq["caa"][str(lam)])
-                out["paired"].setdefault(name, {})[str(lam)] = cmp
+        out = {"n": len(questions), "unsteered": summary(base_pq), "results": {},
+               "paired": metrics.paired_against(pq, {name: ("caa",) for name in pq}),
+               "per_question": {name: {lam: {"mc1": v["mc1"], "mc2": _rounded(torch.tensor(v["mc2"]))}
+                                       for lam, v in per.items()} for name, per in pq.items()}}
+        for name, lam, _ in self.configs:
+            out["results"].setdefault(name, {})[str(lam)] = summary(pq[name][str(lam)])
         return out
 
     def generation(self, sets: List[PromptSet]) -> dict:

@@ -13,7 +13,7 @@ import torch
 from ..fit.metrics import auroc
 
 __all__ = ["auroc", "delta_prediction", "gate_rates", "histogram", "layout_margin", "margin_stats", "mc1", "mc1_hits", "mc2",
-           "mc2_values", "paired_comparison", "preference_margin", "tradeoff_comparison"]
+           "mc2_values", "paired_against", "paired_comparison", "preference_margin", "tradeoff_comparison"]
 
 
 def preference_margin(toward: torch.Tensor, away: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,28 @@ def paired_comparison(hits_a: Sequence[bool], hits_b: Sequence[bool], values_a: 
     se = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
     return {"n": n, "mc1_a_only": a_only, "mc1_b_only": b_only, "mc1_sign_p": min(1.0, 2 * tail),
             "mc2_diff": float(diff.mean()), "mc2_diff_se": se}
+
+
+def paired_against(per_question: dict, also_against: dict) -> dict:
+    """Paired comparisons of every steered configuration on the same questions.
+
+    ``per_question[method][λ]`` = ``{"mc1": hits, "mc2": values}`` (:func:`mc1_hits`,
+    :func:`mc2_values`), the unsteered model under ``"unsteered"`` at its one λ. Returns
+    ``out[method][λ][other]`` = :func:`paired_comparison` of each steered configuration against the
+    unsteered model and against each method in ``also_against.get(method, ())`` scored at the same λ.
+    """
+    base = next(iter(per_question["unsteered"].values()))
+    out: dict = {}
+    for method, per in per_question.items():
+        if method == "unsteered":
+            continue
+        for lam, v in per.items():
+            pairs = {"unsteered": base}
+            pairs.update((other, per_question[other][lam]) for other in also_against.get(method, ())
+                         if other != method and lam in per_question.get(other, {}))
+            out.setdefault(method, {})[lam] = {other: paired_comparison(v["mc1"], b["mc1"], v["mc2"], b["mc2"])
+                                               for other, b in pairs.items()}
+    return out
 
 
 def gate_rates(scores: torch.Tensor, threshold: float) -> float:
