@@ -570,7 +570,7 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     text = capsys.readouterr().out
     for opt in ("--eval-target", "--eval-benign", "--truthfulqa", "--methods", "--strengths", "--limit-eval",
                 "--threads", "--cache-dir", "--generate", "--prompt-format", "--gguf-file", "--extra-strengths",
-                "--compliance-opening-pairs"):
+                "--compliance-opening-pairs", "--match-targets", "--match-tolerance"):
         assert opt in text
     model_dir = save_tiny(tmp_path / "model")
     out = tmp_path / "cli-out"
@@ -583,12 +583,14 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
                "--continuation-tokens", "2", "--limit-eval", "2", "--pairs-per-prompt", "1", "--threads", "1",
                "--mose-option", "loss=mse_cosine", "--mose-option", "query_dim=none", "--scs-method", "contrastive",
                "--benign-rank", "1", "--extra-strengths", "finesteer=4", "--extra-strengths", "finesteer=8",
-               "--quiet", "-o", str(out)])
+               "--match-targets", "finesteer:caa", "--match-tolerance", "0.05", "--quiet", "-o", str(out)])
     assert rc == 0
     doc = json.loads((out / "eval.json").read_text())
-    assert [(r["method"], r["strength"]) for r in doc["rows"]] == [("unsteered", 0.0), ("caa", 2.0), ("finesteer", 2.0),
-                                                                   ("finesteer", 4.0), ("finesteer", 8.0)]
+    added = doc["matched"]["added"].get("finesteer", [])
+    assert [(r["method"], r["strength"]) for r in doc["rows"]] == [("unsteered", 0.0), ("caa", 2.0)] + [
+        ("finesteer", lam) for lam in sorted([2.0, 4.0, 8.0] + added)]
     assert doc["config"]["extra_strengths"] == {"finesteer": [4.0, 8.0]}
+    assert doc["config"]["match_targets"] == [["finesteer", "caa"]] and doc["matched"]["tolerance"] == 0.05
     assert doc["config"]["mose_options"]["loss"] == "mse_cosine" and doc["config"]["mose_options"]["query_dim"] is None
     assert doc["config"]["scs_method"] == "contrastive" and doc["config"]["benign_rank"] == 1
     assert doc["config"]["compliance_opening_pairs"] == files["benign"]
@@ -602,6 +604,9 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--extra-strengths", "unsteered=2"])
     assert "expected METHOD=λ,λ,..." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--match-targets", "finesteer:finesteer"])
+    assert "expected METHOD:BASELINE[,...] with two different methods" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--set-toward", "borderline=sideways"])
     assert "expected NAME=refusal or NAME=compliance" in capsys.readouterr().err
@@ -835,3 +840,69 @@ def test_paired_against_pairs_each_steered_configuration_with_the_named_ones_at_
     assert out["finesteer"]["4.0"]["unsteered"] == metrics.paired_comparison(
         [True] * 3, [False, False, True], [0.9] * 3, [0.2, 0.3, 0.6])
     assert set(metrics.paired_against(pq, {})["finesteer"]["2.0"]) == {"unsteered"}
+
+
+def test_match_targets_scores_the_method_where_it_moves_the_targets_as_far_as_each_baseline_point(
+        llama, files, tmp_path):
+    methods = ("unsteered", "caa", "mose_nogate")
+    cfg = _config(files, tmp_path, methods=methods, strengths=(1.0, 3.0, 9.0), match_targets=(("caa", "mose_nogate"),))
+    result = run_eval(llama, tiny_tokenizer(), cfg)
+    rows = {(r["method"], r["strength"]): r for r in result.rows}
+    points = result.matched["points"]["caa:mose_nogate"]
+    assert [p["baseline_strength"] for p in points] == [1.0, 3.0, 9.0]
+    added = result.matched["added"]["caa"]
+    assert added and not set(added) & {1.0, 3.0, 9.0}
+    for p in points:
+        want = rows[("mose_nogate", p["baseline_strength"])]["target_margin_shift"]
+        assert p["baseline_target_shift"] == want > 0
+        if p["strength"] is not None:  # the weakest CAA strength at least as far, now within 2 %
+            assert p["within_tolerance"] and want <= p["target_shift"] <= 1.02 * want
+            assert rows[("caa", p["strength"])]["target_margin_shift"] == p["target_shift"]
+            assert not any(want <= r["target_margin_shift"] for (m, lam), r in rows.items()
+                           if m == "caa" and lam < p["strength"])
+    assert sum(p["strength"] in added for p in points) >= 2
+    # every added strength is a full row: benign metrics and TruthfulQA, in strength order
+    caa_rows = [r for r in result.rows if r["method"] == "caa"]
+    assert [r["strength"] for r in caa_rows] == sorted([1.0, 3.0, 9.0] + added)
+    assert all("benign_kl" in r and "mc1" in r for r in caa_rows)
+    # and the same numbers as a run given those strengths outright
+    plain = run_eval(llama, tiny_tokenizer(), _config(files, tmp_path, methods=methods, strengths=(1.0, 3.0, 9.0),
+                                                      extra_strengths={"caa": tuple(added)}))
+    assert len(plain.rows) == len(result.rows)
+    for a, b in zip(plain.rows, result.rows):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12) for k in a)
+    md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
+    assert "Target matching" in md and f"{added[0]:g}" in md
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["matched"] == result.matched
+
+
+def test_next_strength_interpolates_toward_the_window():
+    from finesteer.eval.matching import next_strength, round_strength
+
+    curve = [(1.0, 2.0), (2.0, 4.0), (4.0, 6.0)]
+    # target 3 → between λ 1 (2.0) and λ 2 (4.0), aiming at 3·1.01 = 3.03: λ = 1 + 1.03/2
+    assert next_strength(curve, 3.0, 0.02) == round_strength(1.515)
+    # below the weakest point: from (0, 0)
+    assert next_strength(curve, 1.0, 0.02) == pytest.approx(0.505)
+    # a point already in the window, out of reach, nothing to move, or a guess onto a measured λ
+    assert next_strength(curve, 3.95, 0.02) is None
+    assert next_strength(curve, 6.5, 0.02) is None
+    assert next_strength(curve, 0.0, 0.02) is None and next_strength(curve, -1.0, 0.02) is None
+    assert next_strength([(1.0, 2.0), (1.0001, 4.0)], 3.0, 0.02) is None
+    # a dip in the curve: the weakest λ that reaches the target bounds the search, whatever comes later
+    assert next_strength([(1.0, 2.0), (2.0, 5.0), (3.0, 4.5)], 4.0, 0.02) == round_strength(1.0 + 2.04 / 3.0)
+    assert round_strength(1.23456) == 1.235 and round_strength(12345.6) == 12350.0
+
+
+def test_match_targets_config_errors(files, tmp_path):
+    with pytest.raises(ValueError, match="two different steered methods"):
+        _config(files, tmp_path, match_targets=(("finesteer", "finesteer"),))
+    with pytest.raises(ValueError, match="two different steered methods"):
+        _config(files, tmp_path, methods=("unsteered", "caa"), match_targets=(("finesteer", "caa"),))
+    with pytest.raises(ValueError, match="two different steered methods"):
+        _config(files, tmp_path, match_targets=(("unsteered", "caa"),))
+    with pytest.raises(ValueError, match="needs a target evaluation set"):
+        _config(files, tmp_path, eval_sets=[EvalSetSpec("benign", files["benign_val"], "benign")],
+                match_targets=(("finesteer", "caa"),))
+    with pytest.raises(ValueError, match="match_tolerance"):
+        _config(files, tmp_path, match_tolerance=0.0)

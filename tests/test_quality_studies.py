@@ -241,6 +241,18 @@ def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
     assert merged["cast"] == tuple(float(x) for x in grid.split(","))
 
 
+def test_bench_quality_matches_finesteer_to_the_baselines_it_runs():
+    bench = _bench_quality()
+    assert bench.match_args("safety", []) == ["--match-targets", "finesteer:caa,finesteer:cast,finesteer:scs_mean"]
+    assert bench.match_args("safety", ["--methods", "unsteered,caa,finesteer"]) == ["--match-targets", "finesteer:caa"]
+    assert bench.match_args("safety", ["--methods", "unsteered,caa"]) == []
+    assert bench.match_args("safety", ["--match-targets", "finesteer:cast"]) == []  # the caller's own wins
+    assert bench.match_args("truthfulness", []) == []
+    from finesteer.eval.cli import _method_pairs
+    assert _method_pairs(bench.match_args("safety", [])[1]) == (("finesteer", "caa"), ("finesteer", "cast"),
+                                                                ("finesteer", "scs_mean"))
+
+
 @pytest.fixture(scope="module")
 def transfer():
     return _load("margin_transfer")

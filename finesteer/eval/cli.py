@@ -62,6 +62,21 @@ def _method_strengths(text: str):
     return name, _floats(lams)
 
 
+def _method_pairs(text: str):
+    """``METHOD:BASELINE,...`` for --match-targets."""
+    steered = [m for m in METHODS if m != "unsteered"]
+    pairs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        method, sep, base = item.partition(":")
+        if not sep or method not in steered or base not in steered or method == base:
+            raise argparse.ArgumentTypeError(f"expected METHOD:BASELINE[,...] with two different methods of "
+                                             f"{', '.join(steered)}, got {item!r}")
+        pairs.append((method, base))
+    if not pairs:
+        raise argparse.ArgumentTypeError(f"expected METHOD:BASELINE[,...], got {text!r}")
+    return tuple(pairs)
+
+
 def _mose_option(text: str):
     """``NAME=VALUE`` for a :class:`~finesteer.fit.mose.MoSEOptions` field, VALUE parsed as the field's type."""
     import dataclasses
@@ -197,6 +212,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="further strengths for one method, scored beside --strengths (e.g. finesteer=24,32: a "
                         "gated method moves a set only through the prompts it opens, so it needs a larger λ to "
                         "move the set as far as an always-on one); repeatable")
+    f.add_argument("--match-targets", type=_method_pairs, default=(), metavar="METHOD:BASELINE,...",
+                   help="after the grid, also score METHOD at the strengths where it moves the target sets as far as "
+                        "each of BASELINE's points (to within --match-tolerance), found by interpolating its own "
+                        "measured curve, so the trade-off check compares equal target shifts instead of the next "
+                        "grid point (e.g. finesteer:caa,finesteer:cast)")
+    f.add_argument("--match-tolerance", type=float, default=0.02,
+                   help="how much further than the baseline point a matched strength may move the targets, "
+                        "relative (default: 0.02)")
     f.add_argument("--delta-positions", type=positions_arg, default="all",
                    help="response tokens averaged for δ: 'all' (default) or the first N")
     f.add_argument("--rank", type=int, default=None, help="SCS subspace rank r (default: 16; the probe gate is "
@@ -265,7 +288,8 @@ def config_from_args(args):
         layer=args.layer, target=args.target, benign=args.benign, pairs=args.pairs, opening_pairs=args.opening_pairs,
         compliance_opening_pairs=args.compliance_opening_pairs,
         pairs_per_prompt=args.pairs_per_prompt, eval_sets=sets, truthfulqa=args.truthfulqa, methods=args.methods,
-        strengths=args.strengths, extra_strengths=_merged(args.extra_strengths), toward=args.toward, openings_per_side=args.openings_per_side,
+        strengths=args.strengths, extra_strengths=_merged(args.extra_strengths), match_targets=args.match_targets,
+        match_tolerance=args.match_tolerance, toward=args.toward, openings_per_side=args.openings_per_side,
         continuation_tokens=args.continuation_tokens, generate=args.generate, generate_tokens=args.generate_tokens,
         limit_generate=args.limit_generate, limit_train=args.limit_train, limit_pairs=args.limit_pairs,
         limit_eval=args.limit_eval, limit_truthfulqa=args.limit_truthfulqa, fit_fraction=args.fit_fraction,

@@ -79,6 +79,14 @@ class EvalConfig:
         prompts it opens, so it needs a larger λ than an always-on one to move the set as far; its
         own strengths let the trade-off comparison reach the baseline's strongest points without
         scoring the always-on baseline at strengths nobody would use.
+        match_targets: (method, baseline) pairs; after the grid, ``method`` is also scored at the
+            strengths where it moves the target sets as far as each of ``baseline``'s points, to
+            within ``match_tolerance`` (relative; default 2 %), found by interpolating its measured
+            curve (:mod:`finesteer.eval.matching`). The trade-off check compares a baseline point with
+            the weakest strength that moves the targets at least as far; on a grid alone that
+            strength can overshoot by a grid step and charge the method a stronger steer's benign
+            cost. Needs a target evaluation set. Cheap for a gated method (prompts whose gates are
+            closed are not re-scored), a full scoring pass per strength for an always-on one.
     Gate shape of the SCS-gated methods (``scs_mean``, ``finesteer``; CAST keeps its hard threshold):
         gate_mode: ``"hard"`` (g = 1[s > τ]: a closed gate leaves a prompt exactly untouched) or
             ``"soft"`` (g = sigmoid((s − τ)/T), DESIGN §2).
@@ -104,6 +112,8 @@ class EvalConfig:
     methods: Tuple[str, ...] = METHODS
     strengths: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     extra_strengths: Dict[str, Tuple[float, ...]] = field(default_factory=dict)
+    match_targets: Tuple[Tuple[str, str], ...] = ()
+    match_tolerance: float = 0.02
     toward: str = "refusal"
     openings_per_side: Optional[int] = None
     continuation_tokens: int = 16
@@ -156,6 +166,16 @@ class EvalConfig:
                                  f"(methods: {', '.join(self.methods)})")
             if not lams or any(not (s > 0) for s in lams):
                 raise ValueError(f"EvalConfig.extra_strengths[{name!r}] must be positive numbers, got {list(lams)}")
+        self.match_targets = tuple(tuple(p) for p in self.match_targets)
+        for pair in self.match_targets:
+            steered = [m for m in self.methods if m != "unsteered"]
+            if len(pair) != 2 or any(m not in steered for m in pair) or pair[0] == pair[1]:
+                raise ValueError(f"EvalConfig.match_targets: {pair!r} must be (method, baseline), two different "
+                                 f"steered methods of this run (methods: {', '.join(self.methods)})")
+        if self.match_targets and not any(s.role == "target" for s in self.eval_sets):
+            raise ValueError("EvalConfig.match_targets: needs a target evaluation set (eval_sets with role 'target')")
+        if not (0.0 < self.match_tolerance < float("inf")):
+            raise ValueError(f"EvalConfig.match_tolerance must be a finite number > 0, got {self.match_tolerance}")
         if self.gate_mode not in ("hard", "soft"):
             raise ValueError(f"EvalConfig.gate_mode must be 'hard' or 'soft', got {self.gate_mode!r}")
         if not (self.gate_temperature > 0) or self.gate_temperature == float("inf"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 __all__ = ["markdown_table", "write_reports"]
 
@@ -72,6 +72,7 @@ def _markdown(doc: dict) -> str:
         out.append("Gate AUROC on the evaluation sets (target vs benign): "
                    + ", ".join(f"{k} {v:.3f}" for k, v in fit["gate_auroc_eval"].items()) + ".")
     out += _tradeoff_markdown(doc)
+    out += _matching_markdown(doc.get("matched"))
     pred = fit.get("delta_prediction_heldout") or {}
     if pred:
         out += ["", f"Held-out response-shift prediction ({fit.get('n_prompts_heldout')} prompts unseen in the fit, "
@@ -145,6 +146,29 @@ def _tradeoff_markdown(doc: dict) -> List[str]:
                 out.append(f"| {view} | {method} | {base} | {e['baseline_strength']:g} | "
                            f"{e['baseline_target_shift']:+.3f} | {e['baseline_benign_kl']:.4f} | "
                            f"{e['baseline_benign_shift']:+.3f} | " + " | ".join(mine) + " |")
+    return out
+
+
+def _matching_markdown(matched: Optional[dict]) -> List[str]:
+    """What target matching (``--match-targets``) added: strengths per method, and per compared pair
+    the baseline points it matched within the tolerance, matched only beyond it, or could not reach."""
+    if not matched:
+        return []
+    added = "; ".join(f"{m} {', '.join(f'{lam:g}' for lam in lams)}" for m, lams in matched["added"].items())
+    out = ["", f"Target matching (tolerance {matched['tolerance']:.0%}): strengths added by interpolating each "
+           f"method's measured curve — {added or 'none'}."]
+    for pair, points in matched["points"].items():
+        method, base = pair.split(":")
+        far = [p for p in points if p["strength"] is not None and not p["within_tolerance"]]
+        unreached = [p for p in points if p["strength"] is None]
+        cells = [f"{sum(p['within_tolerance'] for p in points)} of {len(points)} {base} points within the tolerance"]
+        if far:
+            cells.append("further: " + ", ".join(f"λ {p['baseline_strength']:g} (+{p['target_shift'] / p['baseline_target_shift'] - 1:.0%})"
+                                                 if p["baseline_target_shift"] > 0 else f"λ {p['baseline_strength']:g}"
+                                                 for p in far))
+        if unreached:
+            cells.append("out of reach: λ " + ", ".join(f"{p['baseline_strength']:g}" for p in unreached))
+        out.append(f"- {method} vs {base}: " + "; ".join(cells) + ".")
     return out
 
 
