@@ -108,6 +108,13 @@ GATED_METHODS = ("cast", "scs_mean", "finesteer")
 #: More points of the same curve; no fit or setting changes. (λ = 0.6 was added after the 40-prompt
 #: run showed the crossing between 0.5 and 0.75.)
 FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75"}
+#: ``--match-targets`` of each task: FineSteer is also scored where it moves the target prompts as far
+#: as each point of CAA, CAST-style and SCS + mean (within 2 %), so the trade-off check compares equal
+#: target shifts rather than the next point of FineSteer's grid (which overshot by up to 30 % in the
+#: 100-prompt run: CAST-style λ = 1.5 moved the targets +2.78, FineSteer's next point λ = 1 +3.63).
+#: Cheap: FineSteer's gate is closed on most prompts, which are not re-scored. MoSE with the gate off
+#: is not matched against CAA (always on: every strength is a full scoring pass).
+TASK_MATCH_TARGETS = {"safety": ("finesteer:caa", "finesteer:cast", "finesteer:scs_mean")}
 
 
 def _gemma_gguf() -> str:
@@ -208,6 +215,16 @@ def gated_extra_args(task: str, extra: list) -> list:
     return out
 
 
+def match_args(task: str, extra: list) -> list:
+    """``--match-targets`` of the task (:data:`TASK_MATCH_TARGETS`), the pairs whose methods the run
+    scores (its ``--methods`` among ``extra``, else every method); none when ``extra`` sets its own."""
+    if "--match-targets" in extra or task not in TASK_MATCH_TARGETS:
+        return []
+    methods = extra[extra.index("--methods") + 1].split(",") if "--methods" in extra[:-1] else None
+    pairs = [p for p in TASK_MATCH_TARGETS[task] if methods is None or all(m in methods for m in p.split(":"))]
+    return ["--match-targets", ",".join(pairs)] if pairs else []
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="all", choices=["all", *TASK_LIMIT_PAIRS])
@@ -245,7 +262,7 @@ def main(argv=None) -> int:
     extra = [x for x in a.extra if x != "--"]
     for task in tasks:
         t0 = time.perf_counter()
-        argv_task = ["--model", model, *task_args(task, a), *gated_extra_args(task, extra),
+        argv_task = ["--model", model, *task_args(task, a), *gated_extra_args(task, extra), *match_args(task, extra),
                      "-o", str(Path(a.out) / task), "--cache-dir", str(Path(a.cache_dir) / task), *extra]
         print(f"== {task}: finesteer eval " + " ".join(argv_task), flush=True)
         rc = eval_main(argv_task)
