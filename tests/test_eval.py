@@ -873,6 +873,11 @@ def test_match_targets_scores_the_method_where_it_moves_the_targets_as_far_as_ea
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12) for k in a)
     md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
     assert "Target matching" in md and f"{added[0]:g}" in md
+    # the trade-off summary counts the table's rows: one line per benign view
+    table = [ln for ln in md.splitlines() if ln.startswith("| all benign sets | caa | mose_nogate |")]
+    won = sum(ln.endswith("| yes | yes |") for ln in table)
+    reached = sum(" — |" not in ln for ln in table)
+    assert f"- all benign sets, caa vs mose_nogate: dominates at {won} of {reached} reached points" in md
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["matched"] == result.matched
 
 

@@ -119,13 +119,16 @@ COMPARISONS = (("finesteer", "caa"), ("finesteer", "cast"), ("finesteer", "scs_m
 
 
 def _tradeoff_markdown(doc: dict) -> List[str]:
-    """The point-by-point dominance check of :data:`COMPARISONS` that were run (when the rows carry
-    target margins): on the pooled benign sets, then on each benign set."""
+    """The point-by-point dominance check of :data:`COMPARISONS` that were run and of the run's
+    ``match_targets`` pairs (when the rows carry target margins): on the pooled benign sets, then on
+    each benign set, and a count of the points dominated."""
     from .metrics import tradeoff_comparison
 
     rows = doc["rows"]
     methods = {r["method"] for r in rows}
-    pairs = [(m, b) for m, b in COMPARISONS if m in methods and b in methods]
+    matched = [tuple(p) for p in doc.get("config", {}).get("match_targets", ())]
+    pairs = [(m, b) for m, b in COMPARISONS + tuple(p for p in matched if p not in COMPARISONS)
+             if m in methods and b in methods]
     if not pairs or not any("target_margin_shift" in r for r in rows):
         return []
     views = [("all benign sets", rows)]
@@ -136,9 +139,16 @@ def _tradeoff_markdown(doc: dict) -> List[str]:
            "vector (finesteer vs scs_mean: same gate; mose_nogate vs caa: no gate):", "",
            "| benign set | method | baseline | λ | target shift | benign KL | benign shift | method λ | target shift | "
            "benign KL | benign shift | KL lower | shift lower |", "|" + "---|" * 13]
+    summary = []
     for view, view_rows in views:
         for method, base in pairs:
-            for e in tradeoff_comparison(view_rows, method, base):
+            entries = tradeoff_comparison(view_rows, method, base)
+            reached = [e for e in entries if e["strength"] is not None]
+            won = [e for e in reached if e["kl_lower"] and e["shift_lower"]]
+            summary.append(f"- {view}, {method} vs {base}: dominates at {len(won)} of {len(reached)} reached points"
+                           + (f" ({len(entries) - len(reached)} out of reach)" if len(reached) < len(entries) else "")
+                           + (": λ " + ", ".join(f"{e['baseline_strength']:g}" for e in won) if won else ""))
+            for e in entries:
                 mine = (["—"] * 6 if e["strength"] is None else
                         [f"{e['strength']:g}", f"{e['target_shift']:+.3f}", f"{e['benign_kl']:.4f}",
                          f"{e['benign_shift']:+.3f}", "yes" if e["kl_lower"] else "no",
@@ -146,7 +156,8 @@ def _tradeoff_markdown(doc: dict) -> List[str]:
                 out.append(f"| {view} | {method} | {base} | {e['baseline_strength']:g} | "
                            f"{e['baseline_target_shift']:+.3f} | {e['baseline_benign_kl']:.4f} | "
                            f"{e['baseline_benign_shift']:+.3f} | " + " | ".join(mine) + " |")
-    return out
+    return out + ["", "Dominance (lower benign KL and lower |benign margin shift| at a matched target shift), per "
+                  "baseline point reached:", ""] + summary
 
 
 def _matching_markdown(matched: Optional[dict]) -> List[str]:
