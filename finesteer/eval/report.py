@@ -145,9 +145,13 @@ def _tradeoff_markdown(doc: dict) -> List[str]:
             entries = tradeoff_comparison(view_rows, method, base)
             reached = [e for e in entries if e["strength"] is not None]
             won = [e for e in reached if e["kl_lower"] and e["shift_lower"]]
+            # the same benign cost (both exactly untouched, typically): neither lower nor higher
+            tied = [e for e in reached if e["benign_kl"] == e["baseline_benign_kl"]
+                    and abs(e["benign_shift"]) == abs(e["baseline_benign_shift"])]
             summary.append(f"- {view}, {method} vs {base}: dominates at {len(won)} of {len(reached)} reached points"
                            + (f" ({len(entries) - len(reached)} out of reach)" if len(reached) < len(entries) else "")
-                           + (": λ " + ", ".join(f"{e['baseline_strength']:g}" for e in won) if won else ""))
+                           + (": λ " + ", ".join(f"{e['baseline_strength']:g}" for e in won) if won else "")
+                           + (f"; the same benign cost at {len(tied)}" if tied else ""))
             for e in entries:
                 mine = (["—"] * 6 if e["strength"] is None else
                         [f"{e['strength']:g}", f"{e['target_shift']:+.3f}", f"{e['benign_kl']:.4f}",
