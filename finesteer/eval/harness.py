@@ -9,7 +9,10 @@ are cached under ``cache_dir``, so a rerun skips them):
    how well each method predicts response shifts), build every method (:mod:`.baselines`);
 4. per evaluation set: gate scores, preference margins, and on benign sets KL / greedy identity over
    the unsteered continuation and reference-answer likelihoods, for every method × strength;
-5. TruthfulQA MC1/MC2 for every method × strength; optionally greedy generation with refusal keywords.
+5. with ``match_targets``: each listed method also at the strengths where it moves the target sets as
+   far as each of its baseline's points (:meth:`_Run.match_targets`; timed as "match targets", its
+   scoring also counted in "margins" / "utility");
+6. TruthfulQA MC1/MC2 for every method × strength; optionally greedy generation with refusal keywords.
 """
 from __future__ import annotations
 
