@@ -513,13 +513,11 @@ class _Run:
         added: Dict[str, List[float]] = {}
 
         def curve(name: str) -> list:
+            """(λ, pooled target shift) of every strength of ``name`` scored so far."""
             return [(lam, self.pooled_target_shift(name, lam)) for n, lam, _ in self.configs if n == name]
 
-        def baseline_points(base: str) -> list:
-            return [(lam, self.pooled_target_shift(base, lam)) for n, lam, _ in self.configs if n == base]
-
         for _ in range(MATCH_ROUNDS):
-            proposals = sorted({(m, lam) for m, b in cfg.match_targets for _, want in baseline_points(b)
+            proposals = sorted({(m, lam) for m, b in cfg.match_targets for _, want in curve(b)
                                 for lam in [next_strength(curve(m), want, cfg.match_tolerance)] if lam is not None})
             if not proposals:
                 break
@@ -540,7 +538,7 @@ class _Run:
         out = {}
         for m, b in cfg.match_targets:
             entries = []
-            for lam_b, want in baseline_points(b):
+            for lam_b, want in curve(b):
                 hit = next((p for p in sorted(curve(m)) if p[1] >= want), None)
                 entries.append({"baseline_strength": lam_b, "baseline_target_shift": want,
                                 "strength": None if hit is None else hit[0],
