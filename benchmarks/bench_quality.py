@@ -203,11 +203,16 @@ def task_args(task: str, a) -> list:
     raise ValueError(task)
 
 
+def _methods_of(extra: list):
+    """The methods named by ``--methods`` among the further eval options ``extra``; None when absent."""
+    return extra[extra.index("--methods") + 1].split(",") if "--methods" in extra[:-1] else None
+
+
 def gated_extra_args(task: str, extra: list) -> list:
     """``--extra-strengths`` for the task's gated methods that the run scores (its ``--methods``
     among the further eval options ``extra``, else every method): :data:`GATED_EXTRA_STRENGTHS`,
     and :data:`FINESTEER_BELOW_GRID` for FineSteer."""
-    methods = extra[extra.index("--methods") + 1].split(",") if "--methods" in extra[:-1] else GATED_METHODS
+    methods = _methods_of(extra) or GATED_METHODS
     out = [x for m in GATED_METHODS if m in methods and task in GATED_EXTRA_STRENGTHS
            for x in ("--extra-strengths", f"{m}={GATED_EXTRA_STRENGTHS[task]}")]
     if "finesteer" in methods and task in FINESTEER_BELOW_GRID:
@@ -220,7 +225,7 @@ def match_args(task: str, extra: list) -> list:
     scores (its ``--methods`` among ``extra``, else every method); none when ``extra`` sets its own."""
     if "--match-targets" in extra or task not in TASK_MATCH_TARGETS:
         return []
-    methods = extra[extra.index("--methods") + 1].split(",") if "--methods" in extra[:-1] else None
+    methods = _methods_of(extra)
     pairs = [p for p in TASK_MATCH_TARGETS[task] if methods is None or all(m in methods for m in p.split(":"))]
     return ["--match-targets", ",".join(pairs)] if pairs else []
 

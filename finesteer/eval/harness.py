@@ -506,7 +506,7 @@ class _Run:
         and baseline λ, the baseline's target shift, the matched strength (None when out of reach)
         and its target shift.
         """
-        from .matching import next_strength
+        from .matching import next_strength, weakest_reaching
 
         cfg = self.cfg
         targets = [ps for ps in sets if ps.role == "target"]
@@ -539,7 +539,7 @@ class _Run:
         for m, b in cfg.match_targets:
             entries = []
             for lam_b, want in curve(b):
-                hit = next((p for p in sorted(curve(m)) if p[1] >= want), None)
+                hit = weakest_reaching(curve(m), want)
                 entries.append({"baseline_strength": lam_b, "baseline_target_shift": want,
                                 "strength": None if hit is None else hit[0],
                                 "target_shift": None if hit is None else hit[1],

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-__all__ = ["next_strength", "round_strength"]
+__all__ = ["next_strength", "round_strength", "weakest_reaching"]
 
 
 def round_strength(lam: float) -> float:
     """``lam`` to 4 significant digits (the strengths matching adds stay readable in the tables)."""
     return float(f"{lam:.4g}")
+
+
+def weakest_reaching(curve: Sequence[Tuple[float, float]], target: float) -> Optional[Tuple[float, float]]:
+    """The (λ, shift) point of ``curve`` with the smallest λ whose shift is at least ``target``; None
+    when no point reaches it."""
+    return next((p for p in sorted(curve) if p[1] >= target), None)
 
 
 def next_strength(curve: Sequence[Tuple[float, float]], target: float, tolerance: float) -> Optional[float]:
@@ -40,7 +46,7 @@ def next_strength(curve: Sequence[Tuple[float, float]], target: float, tolerance
     if not target > 0:
         return None
     points = sorted(curve)
-    hi = next((p for p in points if p[1] >= target), None)
+    hi = weakest_reaching(points, target)
     if hi is None or hi[1] <= target * (1.0 + tolerance):
         return None
     lo = max((p for p in points if p[0] < hi[0]), default=(0.0, 0.0))
