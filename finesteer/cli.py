@@ -111,6 +111,7 @@ OPTION_RULES = (
     ("residual_dim", "--residual-dim", lambda v: v >= 1, "an integer >= 1"),
     ("hidden", "--hidden", lambda v: v >= 1, "an integer >= 1"),
     ("epochs", "--epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("null_rows", "--null-rows", lambda v: v >= 0, "an integer >= 0"),
     ("strength", "--strength", _finite, "a finite number"),
     ("max_new_tokens", "--max-new-tokens", lambda v: v >= 1, "an integer >= 1"),
     ("sampling_temperature", "--sampling-temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
@@ -218,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where training starts: mean (the mean δ), ridge (the mean δ plus a ridge read-out of "
                         "the residual from the query, penalty picked on the validation rows; needs --hidden >= "
                         "2·--residual-dim), random (default: mean)")
+    m.add_argument("--null-rows", type=int, default=0, metavar="N",
+                   help="also fit MoSE on N of the --benign prompts (a seeded choice) with a zero response "
+                        "shift, so its vector shrinks on queries that resemble them more than the targets: it "
+                        "learns how much to steer as well as which way (default: 0)")
     m.add_argument("--seed", type=int, default=0, help="seed of the splits and the MoSE fit (default: 0)")
     m.add_argument("--strength", type=float, default=1.0, help="steering strength λ stored in the artifact "
                                                                    "(default: 1.0)")
@@ -353,7 +358,9 @@ def _drop_long(args, model, tok, fmt, pairs, target, benign):
 
 def cmd_fit(args) -> int:
     from .extract import ChatTemplateError, last_token_states, response_deltas
-    from .fit import fit_mose, fit_scs
+    import torch
+
+    from .fit import choose_null_rows, fit_mose, fit_scs
     from .steerer import Steerer
 
     # Everything that can be checked without the model is checked first: a typo in a field
@@ -362,6 +369,8 @@ def cmd_fit(args) -> int:
     check_output_path(args.output, "-o/--output")
     pairs, target, benign = _load_inputs(args)
     print(f"data: {len(pairs[0])} pairs, {len(target)} target prompts, {len(benign)} benign prompts")
+    if args.null_rows > len(benign):
+        raise CLIError(f"--null-rows {args.null_rows}: --benign has only {len(benign)} prompts to draw them from")
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))
     _check_layer(model, args.layer, args.layers_path)
     fmt = _prompt_format(tok, args.prompt_format, not args.no_chat_template)
@@ -381,12 +390,14 @@ def cmd_fit(args) -> int:
     gate = fit_scs(h_t, h_b, rank=args.rank, method=args.scs_method, max_benign_fpr=args.max_benign_fpr,
                    calib_fraction=args.calib_fraction, seed=args.seed)
     print(f"SCS gate ({args.scs_method}, rank {gate.rank}): {gate.report}")
-    mose = fit_mose(q[layer], d[layer], k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim,
+    null = h_b[choose_null_rows(h_b.shape[0], args.null_rows, args.seed)]
+    queries, deltas = torch.cat([q[layer], null]), torch.cat([d[layer], torch.zeros_like(null)])
+    mose = fit_mose(queries, deltas, k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim,
                     hidden=args.hidden, epochs=args.epochs, init=args.mose_init, seed=args.seed,
                     progress=_progress(args))
     _print_mose(mose)
     meta = {"delta_positions": args.delta_positions, "prompt_format": fmt, "n_pairs": len(pairs[0]),
-            "n_target": len(target), "n_benign": len(benign)}
+            "n_target": len(target), "n_benign": len(benign), "null_rows": args.null_rows}
     if args.skip_long:
         meta["skipped_long"] = skipped
     steerer = Steerer(gate=gate, mose=mose, strength=args.strength, layer=layer, gate_mode=args.gate_mode,

@@ -89,6 +89,27 @@ def test_fit_mose_init_ridge_is_recorded_in_the_artifact(work, tmp_path):
     assert Steerer.load(artifact, hidden_size=64).mose.fit_stats["hyperparameters"]["init"] == "mean"
 
 
+def test_fit_null_rows_shrink_mose_on_benign_prompts(work, tmp_path, capsys):
+    """--null-rows N: MoSE is also fitted on N of the --benign prompts at δ = 0 (recorded in the
+    artifact); the gate is the same fit; more null rows than benign prompts is refused before the
+    model is loaded."""
+    root, files, artifact = work
+    out = tmp_path / "null.safetensors"
+    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
+               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
+               *FIT_SMALL, "--null-rows", "12"])
+    assert rc == 0
+    plain, null = Steerer.load(artifact, hidden_size=64), Steerer.load(out, hidden_size=64)
+    assert null.metadata["null_rows"] == 12 and plain.metadata["null_rows"] == 0
+    assert torch.equal(null.gate.P, plain.gate.P) and null.gate.threshold == plain.gate.threshold
+    # the 24 pairs' rows and 12 null rows (before duplicate queries are merged)
+    assert (plain.mose.fit_stats["n_rows"], null.mose.fit_stats["n_rows"]) == (24, 36)
+    err = _err(capsys, ["fit", "--model", NO_MODEL, "--layer", "0", "--pairs", files["pairs"], "--target",
+                        files["target"], "--benign", files["benign"], "-o", str(tmp_path / "x.safetensors"),
+                        *FIT_SMALL, "--null-rows", "21"])
+    assert "--null-rows 21: --benign has only 20 prompts to draw them from" in err
+
+
 def test_generate_writes_base_and_steered_side_by_side(work, tmp_path):
     root, files, artifact = work
     out = tmp_path / "out.jsonl"
@@ -224,6 +245,7 @@ NO_MODEL = "/nonexistent/finesteer-test-model"
     (["--k-min", "1"], "--k-min must be an integer >= 2, got 1"),
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--limit", "0"], "--limit must be an integer >= 1, got 0"),
+    (["--null-rows", "-1"], "--null-rows must be an integer >= 0, got -1"),
 ])
 def test_fit_checks_numbers_before_loading_the_model(work, tmp_path, capsys, extra, message):
     _, files, _ = work

@@ -515,6 +515,49 @@ def test_extra_strengths_score_one_method_beyond_the_grid(llama, files, tmp_path
     assert "| finesteer | 8 |" in md
 
 
+def test_null_rows_teach_mose_to_leave_benign_prompts_alone(llama, files, tmp_path, monkeypatch):
+    """``null_rows``: that many of the gate's benign training prompts join MoSE's fit data with
+    δ = 0 (a seeded choice; a held-out share reported by MSE); the mean-vector methods keep the
+    pairs' mean; asking for more than the gate has is an error naming the count."""
+    import finesteer.fit as fit_pkg
+
+    seen = []
+    real_fit_mose = fit_pkg.fit_mose
+
+    def spy(queries, deltas, **kw):
+        seen.append((queries.clone(), deltas.clone()))
+        return real_fit_mose(queries, deltas, **kw)
+
+    monkeypatch.setattr(fit_pkg, "fit_mose", spy)
+    kw = dict(truthfulqa=None, methods=("unsteered", "caa", "finesteer"), strengths=(2.0,), holdout_fraction=0.25)
+    plain = run_eval(llama, tiny_tokenizer(), _config(files, tmp_path, **kw))
+    with_null = run_eval(llama, tiny_tokenizer(), _config(files, tmp_path, null_rows=8, **kw))
+    (q0, d0), (q1, d1) = seen
+    # the pairs come first and unchanged; then 6 fitted null rows (8 less 2 held out), δ exactly 0,
+    # each the state of one of the gate's benign training prompts
+    assert torch.equal(q1[:len(q0)], q0) and torch.equal(d1[:len(d0)], d0)
+    nulls = q1[len(q0):]
+    assert nulls.shape[0] == 6 and not d1[len(d0):].any()
+    from finesteer import extract
+    benign_states = extract.last_token_states(llama, tiny_tokenizer(), BENIGN, [LAYER], progress=False)[LAYER]
+    assert all(any(torch.allclose(row, b, atol=1e-6) for b in benign_states) for row in nulls)
+    info = with_null.fit["null_rows"]
+    assert (info["n_fit"], info["n_heldout"]) == (6, 2)
+    assert set(info["prediction_heldout"]) == {"mean_vector", "mose"}
+    assert "null_rows" not in plain.fit
+    # the mean vector (CAA) is the pairs' mean either way; MoSE is fitted on other data
+    caa = lambda r: [x for x in r.rows if x["method"] == "caa"]
+    assert caa(with_null) == caa(plain)
+    assert with_null.fit["delta_prediction_heldout"]["mean_vector"] == plain.fit["delta_prediction_heldout"]["mean_vector"]
+    md = write_reports(with_null, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
+    assert "Null rows (benign training prompts MoSE was fitted to leave alone" in md
+    with pytest.raises(ValueError, match=f"null_rows=999: the gate has only {len(BENIGN)} benign"):
+        run_eval(llama, tiny_tokenizer(), _config(files, tmp_path, null_rows=999, **kw))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="null_rows must be an integer >= 0"):
+            _config(files, tmp_path, null_rows=bad)
+
+
 def test_several_benign_files_are_pooled(files, tmp_path):
     from finesteer.eval.harness import _Inputs
 

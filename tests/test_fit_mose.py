@@ -418,3 +418,33 @@ def test_duplicate_queries_are_merged_into_their_mean_delta():
     # distinct queries are left alone; merging can be switched off
     assert merge_duplicate_queries(q.double(), delta.double())[0].shape[0] == 120
     assert fit_mose(q2, d2, **{**FAST, "epochs": 1, "merge_duplicates": False}).fit_stats["n_samples"] == 240
+
+
+def test_choose_null_rows_is_a_seeded_choice_and_checks_its_count():
+    from finesteer.fit import choose_null_rows
+
+    a = choose_null_rows(50, 12, seed=3)
+    assert a.dtype == torch.long and a.shape == (12,) and torch.equal(a, a.sort().values)
+    assert len(set(a.tolist())) == 12 and 0 <= int(a.min()) and int(a.max()) < 50
+    assert torch.equal(a, choose_null_rows(50, 12, seed=3)) and not torch.equal(a, choose_null_rows(50, 12, seed=4))
+    assert choose_null_rows(50, 0).numel() == 0 and torch.equal(choose_null_rows(5, 5), torch.arange(5))
+    with pytest.raises(ValueError, match="6 null rows asked for, but there are only 5 benign prompts"):
+        choose_null_rows(5, 6)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="n must be an integer >= 0"):
+            choose_null_rows(5, bad)
+
+
+def test_null_rows_make_the_vector_shrink_on_benign_like_queries():
+    """Targets from two modes plus benign queries with δ = 0 (null rows): the fitted vector keeps
+    most of its size on held-out target queries and shrinks on held-out benign ones."""
+    q, delta, _ = mixture(240, modes=2, seed=0)
+    g = torch.Generator().manual_seed(7)
+    benign_key = 3.0 * torch.randn(D, generator=g)
+    benign = benign_key + torch.randn(240, D, generator=g)
+    mose = fit_mose(torch.cat([q, benign]), torch.cat([delta, torch.zeros_like(benign)]), **FAST, k_range=(2, 4))
+    q_new, delta_new, _ = mixture(60, modes=2, seed=1)
+    benign_new = benign_key + torch.randn(60, D, generator=g)
+    on_targets = mose.vector(q_new).norm(dim=1).mean() / delta_new.norm(dim=1).mean()
+    on_benign = mose.vector(benign_new).norm(dim=1).mean() / delta_new.norm(dim=1).mean()
+    assert on_targets > 0.7 and on_benign < 0.2, (float(on_targets), float(on_benign))

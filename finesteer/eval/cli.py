@@ -246,6 +246,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
                    help="any other MoSEOptions field, e.g. loss=mse_cosine, weight_decay=0.1, query_dim=none; "
                         "repeatable")
+    f.add_argument("--null-rows", type=int, default=0, metavar="N",
+                   help="add N of the gate's benign training prompts to MoSE's training data with a zero "
+                        "response shift, so the experts also learn how much to steer: the vector shrinks on "
+                        "queries that resemble benign prompts more than targets (the mean vector of caa, cast "
+                        "and scs_mean is unchanged; default: 0)")
     f.add_argument("--seed", type=int, default=0, help="seed of every split and fit (default: 0)")
     f.add_argument("--mode", default="prompt", choices=["prompt", "token"],
                    help="prompt: one vector per prompt from its last token (default); token: every token")
@@ -298,7 +303,7 @@ def config_from_args(args):
         holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
         scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
         gate_mode=args.gate_mode, gate_temperature=args.gate_temperature,
-        mose_options=mose, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
+        mose_options=mose, null_rows=args.null_rows, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
         prompt_format=args.prompt_format, module_path=args.layers_path,
         cache_dir=args.cache_dir or str(Path(args.output_dir) / "cache"), progress=not args.quiet)
 

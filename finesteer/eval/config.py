@@ -96,6 +96,13 @@ class EvalConfig:
     Fit options: delta_positions, rank, scs_method, benign_rank, max_benign_fpr, calib_fraction, mose_options
     (keyword arguments of :func:`finesteer.fit_mose`), holdout_fraction (pairs held out to measure how
     well each method predicts response shifts; the steerers are fitted on the rest), seed.
+        null_rows: N > 0 adds N of the gate's benign training prompts (a seeded choice over all of
+            them) to MoSE's training data with δ = 0, "steer these by nothing", so the experts learn
+            how much to steer a query as well as which way: on a query that resembles the benign
+            prompts more than the targets, E[δ | query] and with it the vector shrinks. Only MoSE
+            (``mose_nogate``, ``finesteer``) sees them; the mean vector of CAA, CAST and SCS + mean
+            stays the mean of the pairs. ``holdout_fraction`` of them is held out like the pairs,
+            and the held-out prediction is reported for them too. Default 0 (none).
     Execution: mode (prompt/token), backend, batch_size, prompt_format (None: the extraction default),
     module_path, cache_dir (extraction and continuation cache), progress, limits per input.
     """
@@ -137,6 +144,7 @@ class EvalConfig:
     gate_mode: str = "hard"
     gate_temperature: float = 0.5
     mose_options: Dict = field(default_factory=dict)
+    null_rows: int = 0
     seed: int = 0
     mode: str = "prompt"
     backend: str = "auto"
@@ -193,6 +201,8 @@ class EvalConfig:
         for name in ("fit_fraction", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"EvalConfig.{name} must be in (0, 1), got {getattr(self, name)}")
+        if isinstance(self.null_rows, bool) or not isinstance(self.null_rows, int) or self.null_rows < 0:
+            raise ValueError(f"EvalConfig.null_rows must be an integer >= 0, got {self.null_rows!r}")
         if not 0.0 <= self.eval_start < 1.0:
             raise ValueError(f"EvalConfig.eval_start must be in [0, 1), got {self.eval_start}")
         self.methods = tuple(self.methods)

@@ -317,13 +317,15 @@ class _Run:
         fit_p, held_p = disjoint_split(len(prompts), 1.0 - cfg.holdout_fraction, cfg.seed + 1)
         held_set = {prompts[i] for i in held_p}
         held = torch.tensor([p in held_set for p in inputs.pairs[0]])
+        null_fit, null_held = self._null_rows(h_b)
         with self.time("fit"):
             gate = fit_scs(h_t, h_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=cfg.max_benign_fpr,
                            calib_fraction=cfg.calib_fraction, seed=cfg.seed, benign_rank=cfg.benign_rank)
             opts = dict(cfg.mose_options)
             opts.setdefault("seed", cfg.seed)
             opts.setdefault("progress", cfg.progress)
-            mose = fit_mose(q[~held], d[~held], **opts)
+            mose = fit_mose(torch.cat([q[~held], null_fit]), torch.cat([d[~held], torch.zeros_like(null_fit)]),
+                            **opts)
             data = FitData(target=h_t, benign=h_b, queries=q[~held], deltas=d[~held])
             spread = benign_score_spread(gate, h_b)
             temperature = soft_gate_temperature(spread, cfg.gate_temperature) if cfg.gate_mode == "soft" else None
@@ -342,6 +344,9 @@ class _Run:
             return {name: metrics.delta_prediction(f.vector(q_rows.float()), d_rows) for name, f in fields.items()}
 
         pred = prediction(held)
+        # Held-out null rows: the target is δ = 0, so only the MSE (the mean squared vector) means anything.
+        pred_null = {name: {"mse": float(f.vector(null_held).double().square().mean()), "n": int(null_held.shape[0])}
+                     for name, f in fields.items()} if null_held.shape[0] else None
         sources = sorted(set(inputs.pair_sources))
         pred_by_source = {}
         if len(sources) > 1:  # pooled pair files: how well each field predicts each source's shifts
@@ -355,7 +360,9 @@ class _Run:
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
                "mose": {k: v for k, v in (mose.fit_stats or {}).items() if isinstance(v, (int, float, str, list))},
                "delta_prediction_heldout": pred,
-               **({"delta_prediction_heldout_by_source": pred_by_source} if pred_by_source else {})}
+               **({"delta_prediction_heldout_by_source": pred_by_source} if pred_by_source else {}),
+               **({"null_rows": {"n_fit": int(null_fit.shape[0]), "n_heldout": int(null_held.shape[0]),
+                                 "prediction_heldout": pred_null}} if cfg.null_rows else {})}
         if "cast" in methods:
             fit["cast_gate"] = methods["cast"].gate.report.to_dict()
         self.result.fit = fit
@@ -367,6 +374,25 @@ class _Run:
         for name, st in methods.items():
             if st is not None:
                 self.configs += [(name, lam, with_strength(st, lam)) for lam in cfg.strengths_of(name)]
+
+    def _null_rows(self, h_b: torch.Tensor) -> tuple:
+        """``(fit, held)`` query states [n, d] of the ``null_rows`` benign training prompts MoSE learns
+        to leave alone (δ = 0): a seeded choice over all of ``h_b`` (the gate's benign prompts), split
+        like the pairs (``holdout_fraction`` held out). Both empty when ``null_rows`` is 0."""
+        from ..fit import choose_null_rows
+
+        cfg = self.cfg
+        empty = h_b[:0]
+        if not cfg.null_rows:
+            return empty, empty
+        if cfg.null_rows > h_b.shape[0]:
+            raise ValueError(f"EvalConfig.null_rows={cfg.null_rows}: the gate has only {h_b.shape[0]} benign "
+                             f"training prompts to draw them from")
+        pick = choose_null_rows(h_b.shape[0], cfg.null_rows, cfg.seed)
+        if cfg.null_rows == 1:
+            return h_b[pick], empty
+        fit, held = disjoint_split(cfg.null_rows, 1.0 - cfg.holdout_fraction, cfg.seed + 2)
+        return h_b[pick[fit]], h_b[pick[held]]
 
     @staticmethod
     def _scored(configs: list) -> list:

@@ -85,6 +85,12 @@ def _markdown(doc: dict) -> str:
                 "|---|---|---|---|---|"]
         out += [f"| {src} | {v['n']} | {k} | {v['cosine']:.3f} | {v['mse']:.4g} |"
                 for src, per in by_source.items() for k, v in per.items()]
+    null = (fit.get("null_rows") or {}).get("prediction_heldout")
+    if null:
+        out += ["", f"Null rows (benign training prompts MoSE was fitted to leave alone, δ = 0): "
+                f"{fit['null_rows']['n_fit']} in the fit; on the {next(iter(null.values()))['n']} held out, the "
+                "mean squared vector (MSE against δ = 0): " + ", ".join(f"{k} {v['mse']:.4g}" for k, v in null.items())
+                + "."]
     out += truthfulqa_paired_markdown(doc.get("truthfulqa") or {})
     if doc.get("generation"):
         out += ["", "Keyword refusal rate of greedy generations:", ""]

@@ -255,6 +255,24 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
 DUPLICATE_RTOL = 1e-4
 
 
+def choose_null_rows(n_available: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices (sorted, LongTensor [n]) of ``n`` of ``n_available`` benign prompts, a seeded choice:
+    the *null rows* MoSE is fitted to leave alone.
+
+    Null rows are query states paired with δ = 0 ("steer these by nothing") and appended to the
+    (query, δ) training data. MoSE then fits E[δ | query] over targets *and* queries that need no
+    change, so its vector shrinks on a query that resembles the benign prompts more than the
+    targets: the experts learn how much to steer as well as which way. The gate is untouched.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"choose_null_rows: n must be an integer >= 0, got {n!r}")
+    if n > n_available:
+        raise ValueError(f"choose_null_rows: {n} null rows asked for, but there are only {n_available} benign prompts to "
+                         f"draw them from")
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    return torch.randperm(n_available, generator=g)[:n].sort().values
+
+
 def merge_duplicate_queries(queries: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``queries`` [N, d] that are the same state (max-abs difference ≤ DUPLICATE_RTOL·‖q‖∞)
     merged into one row each, its δ the mean of theirs → ``(queries [M, d], deltas [M, d])``, M ≤ N,
