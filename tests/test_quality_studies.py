@@ -1,7 +1,8 @@
 """The quality study scripts' own logic, on hand-made inputs (no model): borderline_bound.py (the
 per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt),
 gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
-sequences), truthfulqa_crossfit.py (pooling two cross-fit folds) and bench_quality.py's task options."""
+sequences), truthfulqa_crossfit.py (pooling two cross-fit folds), null_rows_routing.py (the kept
+push) and bench_quality.py's task options."""
 import argparse
 import importlib.util
 import json
@@ -393,3 +394,33 @@ def test_truthfulqa_crossfit_refuses_runs_that_are_not_two_folds():
     no_split["splits"] = {}
     with pytest.raises(ValueError, match="not split"):
         cf.pool(_fold(False, cfg, val, 4), no_split)
+
+
+def test_null_rows_routing_reads_the_safety_config_and_the_kept_push():
+    """null_rows_routing.py: the safety task's fit settings as bench_quality passes them, and the
+    push kept on opened prompts, hand-computed."""
+    routing = _load("null_rows_routing")
+    cfg = routing.safety_config("/tmp/unused-cache")
+    assert (cfg.layer, cfg.scs_method, cfg.delta_positions, cfg.limit_pairs, cfg.null_rows) == (11, "probe", 6, 300, 0)
+    assert [Path(b).name for b in cfg.benign] == ["benign_train.jsonl", "coconot_pref.jsonl"]
+
+    class Gate:  # opens on rows whose first coordinate is positive
+        threshold = 0.0
+
+        @staticmethod
+        def score(h):
+            return h[:, 0]
+
+    u = torch.tensor([0.0, 1.0])
+    dev = {"harmful_val": torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]),
+           "benign_val": torch.tensor([[-1.0, 0.0]]),
+           "borderline_val": torch.tensor([[1.0, 2.0], [-1.0, 0.0]])}
+    base = lambda h: torch.stack([h[:, 0], torch.full_like(h[:, 0], 4.0)], 1)  # noqa: E731 push 4 everywhere
+    half_on_second = lambda h: torch.stack([h[:, 0], 4.0 / (1.0 + h[:, 1])], 1)  # noqa: E731
+    r = routing.push_report(Gate, u, dev, half_on_second, base)
+    # harmful: opened rows push 4 and 2 (kept 1 and 0.5), the closed one 0 → set push 6/3
+    assert r["harmful_val"] == {"n": 3, "opened": 2, "kept": 0.75, "kept_over_half": 0.5, "set_push": 2.0}
+    # borderline: one opened row, push 4/3 (kept 1/3), set push (4/3)/2
+    assert r["borderline_val"]["opened"] == 1 and r["borderline_val"]["kept"] == pytest.approx(1 / 3)
+    assert r["borderline_over_harmful"] == pytest.approx((2 / 3) / 2.0)
+    assert r["benign_val"] == {"n": 1, "opened": 0, "kept": None, "kept_over_half": None, "set_push": 0.0}
