@@ -156,8 +156,8 @@ def task_args(task: str, a) -> list:
     common = ["--layer", str(a.layer), "--scs-method", a.scs_method, "--max-benign-fpr", str(a.max_benign_fpr),
               "--eval-start", str(a.eval_start), "--strengths", a.strengths or TASK_STRENGTHS[task],
               "--limit-train", str(a.limit_train),
-              "--limit-pairs", str(a.limit_pairs or TASK_LIMIT_PAIRS[task]),
-              "--limit-eval", str(a.limit_eval or TASK_LIMIT_EVAL.get(task, DEFAULT_LIMIT_EVAL)),
+              "--limit-pairs", str(TASK_LIMIT_PAIRS[task] if a.limit_pairs is None else a.limit_pairs),
+              "--limit-eval", str(TASK_LIMIT_EVAL.get(task, DEFAULT_LIMIT_EVAL) if a.limit_eval is None else a.limit_eval),
               "--openings-per-side", str(a.openings_per_side), "--continuation-tokens", str(a.continuation_tokens),
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":

@@ -600,6 +600,9 @@ def test_config_errors(files):
         EvalConfig(**base, pairs=files["tqa"], gate_mode="off")
     with pytest.raises(ValueError, match="gate_temperature"):
         EvalConfig(**base, pairs=files["tqa"], gate_mode="soft", gate_temperature=0.0)
+    for name in ("limit_train", "limit_pairs", "limit_eval", "limit_truthfulqa"):
+        with pytest.raises(ValueError, match=f"{name} must be None \\(no limit\\) or an integer >= 1, got 0"):
+            EvalConfig(**base, pairs=files["tqa"], **{name: 0})
     with pytest.raises(ValueError, match="role"):
         EvalSetSpec("x", "p", "harmful")
 

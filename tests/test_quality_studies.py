@@ -210,6 +210,8 @@ def test_bench_quality_limits_are_the_tasks_own_unless_given():
     assert option("safety", "--limit-eval") == str(bench.TASK_LIMIT_EVAL["safety"]) != str(bench.DEFAULT_LIMIT_EVAL)
     assert option("safety_mixed", "--limit-eval") == option("truthfulness", "--limit-eval") == str(bench.DEFAULT_LIMIT_EVAL)
     assert option("safety", "--limit-eval", limit_eval=7) == "7"
+    # 0 is passed on (finesteer eval refuses it), not replaced by the task's default
+    assert option("safety", "--limit-eval", limit_eval=0) == "0"
     # safety_mixed is the safety run plus the CoCoNot pairs: same gate data, δ positions, scored sets
     for flag in ("--target", "--delta-positions", "--opening-pairs", "--eval-target", "--limit-train"):
         assert option("safety_mixed", flag) == option("safety", flag)

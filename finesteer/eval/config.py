@@ -198,6 +198,10 @@ class EvalConfig:
         for name in ("continuation_tokens", "generate_tokens", "limit_generate", "batch_size", "pairs_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("limit_train", "limit_pairs", "limit_eval", "limit_truthfulqa"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"EvalConfig.{name} must be None (no limit) or an integer >= 1, got {value!r}")
         for name in ("fit_fraction", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"EvalConfig.{name} must be in (0, 1), got {getattr(self, name)}")
