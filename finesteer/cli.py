@@ -358,9 +358,7 @@ def _drop_long(args, model, tok, fmt, pairs, target, benign):
 
 def cmd_fit(args) -> int:
     from .extract import ChatTemplateError, last_token_states, response_deltas
-    import torch
-
-    from .fit import choose_null_rows, fit_mose, fit_scs
+    from .fit import append_null_rows, choose_null_rows, fit_mose, fit_scs
     from .steerer import Steerer
 
     # Everything that can be checked without the model is checked first: a typo in a field
@@ -391,7 +389,7 @@ def cmd_fit(args) -> int:
                    calib_fraction=args.calib_fraction, seed=args.seed)
     print(f"SCS gate ({args.scs_method}, rank {gate.rank}): {gate.report}")
     null = h_b[choose_null_rows(h_b.shape[0], args.null_rows, args.seed)]
-    queries, deltas = torch.cat([q[layer], null]), torch.cat([d[layer], torch.zeros_like(null)])
+    queries, deltas = append_null_rows(q[layer], d[layer], null)
     mose = fit_mose(queries, deltas, k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim,
                     hidden=args.hidden, epochs=args.epochs, init=args.mose_init, seed=args.seed,
                     progress=_progress(args))

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from finesteer import extract
     from finesteer.eval.data import load_train_prompts
     from finesteer.eval.harness import _Inputs, _Run
-    from finesteer.fit import choose_null_rows, fit_mose, fit_scs
+    from finesteer.fit import append_null_rows, choose_null_rows, fit_mose, fit_scs
     from finesteer.models import load_model
 
     t0 = time.perf_counter()
@@ -115,8 +115,7 @@ def main(argv=None) -> int:
         for n, variant in itertools.product(a.null_rows, ("random", "top")):
             pick = (choose_null_rows(h_b.shape[0], n, seed) if variant == "random"
                     else gate.score(h_b).argsort(descending=True)[:n])
-            null = h_b[pick]
-            mose = fit_mose(torch.cat([q, null]), torch.cat([d, torch.zeros_like(null)]), **{**opts, "seed": seed})
+            mose = fit_mose(*append_null_rows(q, d, h_b[pick]), **{**opts, "seed": seed})
             rows.append({"variant": f"{variant} {n}", "seed": seed, **push_report(gate, u, dev, mose.vector, base)})
             r = rows[-1]
             print(f"seed {seed} {variant:6s} {n:4d}: kept harmful {r['harmful_val']['kept']:.2f} "

@@ -300,7 +300,7 @@ class _Run:
 
     # -- steps --------------------------------------------------------------------------------
     def fit(self, inputs: _Inputs):
-        from ..fit import fit_mose, fit_scs
+        from ..fit import append_null_rows, fit_mose, fit_scs
         from ..fit.mose import merge_duplicate_queries
 
         cfg = self.cfg
@@ -324,8 +324,7 @@ class _Run:
             opts = dict(cfg.mose_options)
             opts.setdefault("seed", cfg.seed)
             opts.setdefault("progress", cfg.progress)
-            mose = fit_mose(torch.cat([q[~held], null_fit]), torch.cat([d[~held], torch.zeros_like(null_fit)]),
-                            **opts)
+            mose = fit_mose(*append_null_rows(q[~held], d[~held], null_fit), **opts)
             data = FitData(target=h_t, benign=h_b, queries=q[~held], deltas=d[~held])
             spread = benign_score_spread(gate, h_b)
             temperature = soft_gate_temperature(spread, cfg.gate_temperature) if cfg.gate_mode == "soft" else None

@@ -6,9 +6,9 @@
 
 Both run offline on the CPU, are seeded, and raise ``ValueError`` naming the bad argument.
 """
-from .mose import MoSEOptions, choose_null_rows, fit_mose, fit_mose_network
+from .mose import MoSEOptions, append_null_rows, choose_null_rows, fit_mose, fit_mose_network
 from .network import MoSENetwork
 from .scs import calibration_split, fit_scs
 
-__all__ = ["MoSENetwork", "MoSEOptions", "calibration_split", "choose_null_rows", "fit_mose", "fit_mose_network",
-           "fit_scs"]
+__all__ = ["MoSENetwork", "MoSEOptions", "append_null_rows", "calibration_split", "choose_null_rows", "fit_mose",
+           "fit_mose_network", "fit_scs"]

@@ -267,10 +267,16 @@ def choose_null_rows(n_available: int, n: int, seed: int = 0) -> torch.Tensor:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"choose_null_rows: n must be an integer >= 0, got {n!r}")
     if n > n_available:
-        raise ValueError(f"choose_null_rows: {n} null rows asked for, but there are only {n_available} benign prompts to "
-                         f"draw them from")
+        raise ValueError(f"choose_null_rows: {n} null rows asked for, but there are only {n_available} benign "
+                         f"prompts to draw them from")
     g = torch.Generator().manual_seed(int(seed) + 104729)
     return torch.randperm(n_available, generator=g)[:n].sort().values
+
+
+def append_null_rows(queries: torch.Tensor, deltas: torch.Tensor, null_queries: torch.Tensor) -> tuple:
+    """``(queries', deltas')``: the training rows ``queries`` [N, d] / ``deltas`` [N, d] followed by
+    the null rows ``null_queries`` [M, d] at δ = 0 (see :func:`choose_null_rows`)."""
+    return torch.cat([queries, null_queries]), torch.cat([deltas, torch.zeros_like(null_queries)])
 
 
 def merge_duplicate_queries(queries: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
