@@ -2,7 +2,8 @@
 per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt),
 gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
 sequences), truthfulqa_crossfit.py (pooling two cross-fit folds), null_rows_routing.py (the kept
-push) and bench_quality.py's task options."""
+push), budget_ladder.py (re-gating at a tighter τ, the choice rule, the report) and bench_quality.py's
+task options."""
 import argparse
 import importlib.util
 import json
@@ -426,3 +427,78 @@ def test_null_rows_routing_reads_the_safety_config_and_the_kept_push():
     assert r["borderline_val"]["opened"] == 1 and r["borderline_val"]["kept"] == pytest.approx(1 / 3)
     assert r["borderline_over_harmful"] == pytest.approx((2 / 3) / 2.0)
     assert r["benign_val"] == {"n": 1, "opened": 0, "kept": None, "kept_over_half": None, "set_push": 0.0}
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    return _load("budget_ladder")
+
+
+def _ladder_run(fs_harmful, fs_border, caa, scores=((0.9, 0.5), (0.6, 0.3)), tau=0.4, budget=0.3):
+    """A safety eval.json's ``sets`` and ``fit`` with FineSteer's per-prompt results and gate scores.
+    fs_harmful: {λ: [shift per prompt]}; fs_border: {λ: ([shift], [kl])}; caa: {λ: (target, KL, shift)}."""
+    def mean(x):
+        return sum(x) / len(x)
+
+    harmful = {"role": "target", "n": 2, "gate": {"finesteer": {"threshold": tau, "scores": list(scores[0])}},
+               "results": {"finesteer": {str(k): {"margin_shift": mean(v), "per_prompt": {"margin_shift": v}}
+                                         for k, v in fs_harmful.items()},
+                           "caa": {str(k): {"margin_shift": t} for k, (t, _, _) in caa.items()}}}
+    border = {"role": "benign", "n": 2, "gate": {"finesteer": {"threshold": tau, "scores": list(scores[1])}},
+              "results": {"finesteer": {str(k): {"margin_shift": mean(s), "kl": mean(kl),
+                                                 "per_prompt": {"margin_shift": s, "kl": kl}}
+                                        for k, (s, kl) in fs_border.items()},
+                          "caa": {str(k): {"margin_shift": s, "kl": kl} for k, (_, kl, s) in caa.items()}}}
+    return {"sets": {"harmful": harmful, "borderline": border}, "fit": {"gate": {"max_benign_fpr": budget}}}
+
+
+_CAA = {1.0: (3.0, 0.5, 3.0), 2.0: (6.5, 2.0, 6.0)}
+
+
+def test_budget_ladder_regates_per_prompt_results(ladder):
+    run = _ladder_run({1.0: [4.0, 2.0], 2.0: [8.0, 6.0]}, {1.0: ([1.0, 0.0], [0.1, 0.0]), 2.0: ([2.0, 0.0], [0.4, 0.0])}, _CAA)
+    at_run = ladder.regated_rows(run["sets"], "finesteer", 0.4, ["borderline"])
+    assert [(r["target_margin_shift"], r["benign_kl"], r["benign_margin_shift"]) for r in at_run] == \
+        [(3.0, 0.05, 0.5), (7.0, 0.2, 1.0)]
+    # τ = 0.5: harmful prompt 1 scores exactly 0.5 and a hard gate opens only above τ
+    tight = ladder.regated_rows(run["sets"], "finesteer", 0.5, ["borderline"])
+    assert [(r["target_margin_shift"], r["benign_kl"], r["benign_margin_shift"]) for r in tight] == \
+        [(2.0, 0.05, 0.5), (4.0, 0.2, 1.0)]
+    # τ = 0.7 closes the borderline prompt 0 (0.6) as well
+    tighter = ladder.regated_rows(run["sets"], "finesteer", 0.7, ["borderline"])
+    assert [(r["target_margin_shift"], r["benign_kl"], r["benign_margin_shift"]) for r in tighter] == \
+        [(2.0, 0.0, 0.0), (4.0, 0.0, 0.0)]
+    assert (tight[0]["target_gate_open"], tight[0]["benign_gate_open"]) == (0.5, 0.5)
+    assert (tighter[0]["target_gate_open"], tighter[0]["benign_gate_open"]) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="below the run's own τ"):
+        ladder.regated_rows(run["sets"], "finesteer", 0.3, ["borderline"])
+
+
+def test_budget_ladder_select_takes_the_smallest_budget_that_reaches_and_dominates(ladder):
+    run = _ladder_run({1.0: [4.0, 2.0], 2.0: [8.0, 6.0]}, {1.0: ([1.0, 0.0], [0.1, 0.0]), 2.0: ([2.0, 0.0], [0.4, 0.0])}, _CAA)
+    # task budget τ 0.7 and 0.1's τ 0.5 open harmful prompt 0 only (at most +4: CAA λ = 2's +6.5 out of
+    # reach); the run's 0.3 reaches both CAA points with lower benign cost, so it is chosen
+    res = ladder.select(run, {ladder.TASK_BUDGET: 0.7, 0.1: 0.5, 0.3: 0.4}, 0.3)
+    assert res["task_budget_unreached_caa"] == [2.0]
+    assert res["budgets"]["0.1"]["passes"] == {"reaches_every_caa_point": False, "dominates_beyond_task_budget": False}
+    assert res["budgets"]["0.3"]["passes"] == {"reaches_every_caa_point": True, "dominates_beyond_task_budget": True}
+    assert res["chosen"] == 0.3
+    # a loose point that reaches but costs more than CAA on the borderline prompts is not chosen
+    costly = _ladder_run({1.0: [4.0, 2.0], 2.0: [8.0, 6.0]}, {1.0: ([1.0, 0.0], [0.1, 0.0]), 2.0: ([13.0, 0.0], [0.4, 0.0])}, _CAA)
+    assert ladder.select(costly, {ladder.TASK_BUDGET: 0.7, 0.3: 0.4}, 0.3)["chosen"] is None
+    with pytest.raises(ValueError, match="not the run's"):
+        ladder.select(run, {ladder.TASK_BUDGET: 0.7, 0.3: 0.41}, 0.3)
+
+
+def test_budget_ladder_report_falls_back_to_the_loose_budget_only_beyond_reach(ladder):
+    committed = _ladder_run({1.0: [4.0, 2.0], 4.0: [5.0, 0.0]}, {1.0: ([0.2, 0.0], [0.02, 0.0]), 4.0: ([0.4, 0.0], [0.04, 0.0])},
+                            _CAA, budget=0.05)
+    loose = _ladder_run({1.0: [4.0, 4.0], 2.0: [8.0, 7.0]}, {1.0: ([1.0, 1.0], [0.1, 0.1]), 2.0: ([2.0, 2.0], [0.4, 0.4])}, _CAA)
+    res = ladder.report(committed, loose)
+    got = [(e["baseline_strength"], e["operating_point"], e["strength"], e["dominates"])
+           for e in res["views"]["pooled benign"]["ladder"]]
+    assert got == [(1.0, "task budget", 1.0, True), (2.0, "loose budget", 2.0, True)]
+    assert res["views"]["borderline"]["dominates"] == 2 and res["loose_budget"] == 0.3
+    loose["sets"]["harmful"]["results"]["caa"]["2.0"]["margin_shift"] = 6.6
+    with pytest.raises(ValueError, match="CAA λ = 2 differs"):
+        ladder.report(committed, loose)
