@@ -8,6 +8,9 @@ VALIDATION sets (never tuned on what is reported):
   CoCoNot's prompts; scored
   on ``harmful_val`` (target) and ``benign_val`` / ``borderline_val`` (benign) with the disjoint
   scoring openings;
+- ``safety_budget`` — the safety run's FineSteer with its gate calibrated at a 30 % benign budget
+  instead of 5 % (the same probe and MoSE; only τ moves), beside CAA: the second operating point
+  for the CAA strengths the 5 % gate cannot reach (``benchmarks/quality/budget_ladder.py``);
 - ``safety_mixed`` — the safety run with CoCoNot's (chosen, rejected) pairs on benign-but-sensitive
   prompts pooled into the experts' training data, so the response shift to learn depends on the
   query (refusal on harmful prompts, CoCoNot's preferred answers on sensitive benign ones): where
@@ -69,6 +72,7 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 #: of two to find that point. Truthfulness scores every method on every TruthfulQA answer, its most
 #: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
 TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
+TASK_STRENGTHS["safety_budget"] = TASK_STRENGTHS["safety"]
 TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it from the safety run's arguments
 TASK_STRENGTHS["refuse_or_comply"] = TASK_STRENGTHS["safety"]
 TASK_STRENGTHS["refuse_or_comply_openings"] = TASK_STRENGTHS["safety"]
@@ -81,14 +85,22 @@ TASK_STRENGTHS["truthfulness_swapped"] = TASK_STRENGTHS["truthfulness"]
 #: (docs/quality.md). Over-refusal keeps 300: with all 927 CoCoNot records MoSE predicted held-out
 #: δ better but FineSteer moved the development borderline prompts less (+17.93 vs +28.64 at
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
-TASK_LIMIT_PAIRS = {"safety": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
+TASK_LIMIT_PAIRS = {"safety": 300, "safety_budget": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
                     "refuse_or_comply_openings": 1000, "truthfulness": 300, "truthfulness_swapped": 300,
                     "overrefusal": 300}
 #: Prompts scored per evaluation set (``--limit-eval``), unless --limit-eval is given. Safety scores
 #: 100 per set (it scored 40 before): its comparison with CAA's strongest points turns on the gate's
 #: open rate on the harmful set, and with 40 prompts that rate's standard error is ≈ 8 points (57.5 %
 #: on the development rows, 47.5 % on the reported ones). Set before the 100-prompt run was seen.
-TASK_LIMIT_EVAL = {"safety": 100}
+TASK_LIMIT_EVAL = {"safety": 100, "safety_budget": 100}
+#: Each task's gate budget (``--max-benign-fpr``), unless --max-benign-fpr is given (else
+#: DEFAULTS["max_benign_fpr"]). safety_budget's 30 % is the smallest of 10, 15, 20 and 30 % at which
+#: FineSteer reached every CAA grid point on the development rows and dominated CAA (pooled benign
+#: view) at the two the 5 % gate could not reach (λ = 12, 16), a rule fixed before the runs
+#: (benchmarks/quality/budget_ladder.py select; docs/quality.md, "A second gate budget").
+TASK_MAX_BENIGN_FPR = {"safety_budget": 0.3}
+#: Each task's ``--methods``, where it runs a subset (else the eval's default: every method).
+TASK_METHODS = {"safety_budget": "unsteered,caa,finesteer"}
 DEFAULT_LIMIT_EVAL = 40
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
@@ -99,7 +111,7 @@ MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: direction only), which bounds the set mean by open rate × the saturated per-prompt shift. CAA
 #: itself is not scored there: at λ = 16 its benign KL is already 18 with every greedy continuation
 #: changed. The extra rows cost little: prompts whose gates are closed are not re-scored.
-GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64"}
+GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64", "safety_budget": "24,32,48,64"}
 GATED_METHODS = ("cast", "scs_mean", "finesteer")
 #: FineSteer's curve below the task grid's smallest λ. The trade-off check asks, for each baseline
 #: point, for the weakest FineSteer strength that moves the targets at least as far; for the weakest
@@ -107,7 +119,7 @@ GATED_METHODS = ("cast", "scs_mean", "finesteer")
 #: check could only offer FineSteer λ = 1 (+3.35, twice as far, at benign KL 0.014 vs 0.007).
 #: More points of the same curve; no fit or setting changes. (λ = 0.6 was added after the 40-prompt
 #: run showed the crossing between 0.5 and 0.75.)
-FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75"}
+FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75", "safety_budget": "0.5,0.6,0.75"}
 #: ``--match-targets`` of each task: FineSteer is also scored where it moves the target prompts as far
 #: as each point of CAA, CAST-style and SCS + mean (within 2 %), so the trade-off check compares equal
 #: target shifts rather than the next point of FineSteer's grid (which overshot by up to 30 % in the
@@ -115,6 +127,7 @@ FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75"}
 #: Cheap: FineSteer's gate is closed on most prompts, which are not re-scored. MoSE with the gate off
 #: is not matched against CAA (always on: every strength is a full scoring pass).
 TASK_MATCH_TARGETS = {"safety": ("finesteer:caa", "finesteer:cast", "finesteer:scs_mean")}
+TASK_MATCH_TARGETS["safety_budget"] = TASK_MATCH_TARGETS["safety"]  # those of its methods: finesteer:caa
 
 
 def _gemma_gguf() -> str:
@@ -153,7 +166,8 @@ def _safety_args(a) -> list:
 def task_args(task: str, a) -> list:
     s = DATA / "safety"
     tqa = DATA / "truthfulqa" / "train.jsonl"
-    common = ["--layer", str(a.layer), "--scs-method", a.scs_method, "--max-benign-fpr", str(a.max_benign_fpr),
+    budget = TASK_MAX_BENIGN_FPR.get(task, DEFAULTS["max_benign_fpr"]) if a.max_benign_fpr is None else a.max_benign_fpr
+    common = ["--layer", str(a.layer), "--scs-method", a.scs_method, "--max-benign-fpr", str(budget),
               "--eval-start", str(a.eval_start), "--strengths", a.strengths or TASK_STRENGTHS[task],
               "--limit-train", str(a.limit_train),
               "--limit-pairs", str(TASK_LIMIT_PAIRS[task] if a.limit_pairs is None else a.limit_pairs),
@@ -162,6 +176,8 @@ def task_args(task: str, a) -> list:
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":
         return common + _safety_args(a)
+    if task == "safety_budget":
+        return common + _safety_args(a) + ["--methods", TASK_METHODS[task]]
     if task == "safety_mixed":
         # The safety run with CoCoNot's (prompt, chosen, rejected) pairs pooled into the experts'
         # data: the response shift to learn now depends on the query (refusal on harmful prompts,
@@ -203,16 +219,19 @@ def task_args(task: str, a) -> list:
     raise ValueError(task)
 
 
-def _methods_of(extra: list):
-    """The methods named by ``--methods`` among the further eval options ``extra``; None when absent."""
-    return extra[extra.index("--methods") + 1].split(",") if "--methods" in extra[:-1] else None
+def _methods_of(extra: list, task: str):
+    """The methods the run scores: those named by ``--methods`` among the further eval options
+    ``extra``, else the task's own (:data:`TASK_METHODS`); None when neither names any (every method)."""
+    if "--methods" in extra[:-1]:
+        return extra[extra.index("--methods") + 1].split(",")
+    return TASK_METHODS[task].split(",") if task in TASK_METHODS else None
 
 
 def gated_extra_args(task: str, extra: list) -> list:
     """``--extra-strengths`` for the task's gated methods that the run scores (its ``--methods``
     among the further eval options ``extra``, else every method): :data:`GATED_EXTRA_STRENGTHS`,
     and :data:`FINESTEER_BELOW_GRID` for FineSteer."""
-    methods = _methods_of(extra) or GATED_METHODS
+    methods = _methods_of(extra, task) or GATED_METHODS
     out = [x for m in GATED_METHODS if m in methods and task in GATED_EXTRA_STRENGTHS
            for x in ("--extra-strengths", f"{m}={GATED_EXTRA_STRENGTHS[task]}")]
     if "finesteer" in methods and task in FINESTEER_BELOW_GRID:
@@ -225,7 +244,7 @@ def match_args(task: str, extra: list) -> list:
     scores (its ``--methods`` among ``extra``, else every method); none when ``extra`` sets its own."""
     if "--match-targets" in extra or task not in TASK_MATCH_TARGETS:
         return []
-    methods = _methods_of(extra)
+    methods = _methods_of(extra, task)
     pairs = [p for p in TASK_MATCH_TARGETS[task] if methods is None or all(m in methods for m in p.split(":"))]
     return ["--match-targets", ",".join(pairs)] if pairs else []
 
@@ -241,7 +260,12 @@ def main(argv=None) -> int:
                    help="extraction and continuation cache, outside the repository (default: "
                         "~/.cache/finesteer/bench_quality/<task>)")
     for k, v in DEFAULTS.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        if k != "max_benign_fpr":
+            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--max-benign-fpr", type=float, default=None,
+                   help="gate budget of every task (default: each task's own: "
+                        + "; ".join(f"{t} {b:g}" for t, b in TASK_MAX_BENIGN_FPR.items())
+                        + f"; else {DEFAULTS['max_benign_fpr']:g})")
     p.add_argument("--strengths", default=None,
                    help="comma-separated λ grid of every task (default: each task's own: "
                         + "; ".join(f"{t} {g}" for t, g in TASK_STRENGTHS.items()) + "); the gated methods "

@@ -199,7 +199,8 @@ def test_bench_quality_limits_are_the_tasks_own_unless_given():
 
     def task_args(task, **given):
         return bench.task_args(task, argparse.Namespace(**{**bench.DEFAULTS, "strengths": None, "limit_pairs": None,
-                                                           "limit_eval": None, "threads": 1, "prompt_format": "auto", **given}))
+                                                           "limit_eval": None, "max_benign_fpr": None, "threads": 1,
+                                                           "prompt_format": "auto", **given}))
 
     def option(task, flag, **given):
         args = task_args(task, **given)
@@ -225,6 +226,15 @@ def test_bench_quality_limits_are_the_tasks_own_unless_given():
     assert option("refuse_or_comply_openings", "--compliance-opening-pairs") == option("refuse_or_comply", "--pairs")
     swapped = [x if x != "--compliance-opening-pairs" else "--pairs" for x in task_args("refuse_or_comply_openings")]
     assert swapped == task_args("refuse_or_comply")
+    # safety_budget: the safety run at a 30 % gate budget, FineSteer and CAA only; a given budget wins
+    assert option("safety", "--max-benign-fpr") == str(bench.DEFAULTS["max_benign_fpr"])
+    assert option("safety_budget", "--max-benign-fpr") == "0.3"
+    assert option("safety", "--max-benign-fpr", max_benign_fpr=0.2) == option("safety_budget", "--max-benign-fpr",
+                                                                              max_benign_fpr=0.2) == "0.2"
+    budget = task_args("safety_budget")
+    assert budget[budget.index("--methods") + 1] == "unsteered,caa,finesteer"
+    same = [x for x in budget if x not in ("0.3", "--methods", "unsteered,caa,finesteer")]
+    assert same == [x for x in task_args("safety") if x != str(bench.DEFAULTS["max_benign_fpr"])]
 
 
 def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
@@ -237,6 +247,8 @@ def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
         "--extra-strengths", f"finesteer={grid}", "--extra-strengths", f"finesteer={low}"]
     assert bench.gated_extra_args("safety", ["--methods", "unsteered,caa"]) == []
     assert bench.gated_extra_args("truthfulness", []) == []
+    # a task that names its own methods (safety_budget: unsteered, caa, finesteer) gets FineSteer's only
+    assert bench.gated_extra_args("safety_budget", []) == bench.gated_extra_args("safety", ["--methods", "finesteer"])
     # what it gives is what `finesteer eval` parses: FineSteer's two lists pooled
     from finesteer.eval.cli import _merged, _method_strengths
     args = bench.gated_extra_args("safety", [])
@@ -252,6 +264,7 @@ def test_bench_quality_matches_finesteer_to_the_baselines_it_runs():
     assert bench.match_args("safety", ["--methods", "unsteered,caa"]) == []
     assert bench.match_args("safety", ["--match-targets", "finesteer:cast"]) == []  # the caller's own wins
     assert bench.match_args("truthfulness", []) == []
+    assert bench.match_args("safety_budget", []) == ["--match-targets", "finesteer:caa"]
     from finesteer.eval.cli import _method_pairs
     assert _method_pairs(bench.match_args("safety", [])[1]) == (("finesteer", "caa"), ("finesteer", "cast"),
                                                                 ("finesteer", "scs_mean"))
