@@ -40,7 +40,7 @@ converted once into finesteer's GGUF cache. Results go to ``benchmarks/results/q
 threads were several times slower); every step is cached under ``--cache-dir``, so a rerun that only
 changes methods or strengths skips extraction.
 
-    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 5 h (the sum of the tasks' own times)
+    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 6 h (the sum of the tasks' own times)
     nice python benchmarks/bench_quality.py --task safety --limit-eval 40 --strengths 0.5,1,2,4,8
 
 Skips with a message (exit status 0) when the shared data or the model package is missing.
@@ -101,6 +101,9 @@ TASK_LIMIT_EVAL = {"safety": 100, "safety_budget": 100}
 TASK_MAX_BENIGN_FPR = {"safety_budget": 0.3}
 #: Each task's ``--methods``, where it runs a subset (else the eval's default: every method).
 TASK_METHODS = {"safety_budget": "unsteered,caa,finesteer"}
+#: Tasks that read and fill another task's cache folder under --cache-dir: safety_budget extracts
+#: exactly what safety does (the cache is keyed by its inputs), so after the safety run it extracts nothing.
+TASK_CACHE = {"safety_budget": "safety"}
 DEFAULT_LIMIT_EVAL = 40
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
@@ -249,6 +252,11 @@ def match_args(task: str, extra: list) -> list:
     return ["--match-targets", ",".join(pairs)] if pairs else []
 
 
+def cache_folder(task: str, cache_dir: str) -> str:
+    """The task's extraction cache folder under ``cache_dir``: its own, or the one it shares (:data:`TASK_CACHE`)."""
+    return str(Path(cache_dir) / TASK_CACHE.get(task, task))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="all", choices=["all", *TASK_LIMIT_PAIRS])
@@ -258,7 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="results root (one folder per task)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "finesteer" / "bench_quality"),
                    help="extraction and continuation cache, outside the repository (default: "
-                        "~/.cache/finesteer/bench_quality/<task>)")
+                        "~/.cache/finesteer/bench_quality/<task>; safety_budget shares safety's)")
     for k, v in DEFAULTS.items():
         if k != "max_benign_fpr":
             p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
@@ -292,7 +300,7 @@ def main(argv=None) -> int:
     for task in tasks:
         t0 = time.perf_counter()
         argv_task = ["--model", model, *task_args(task, a), *gated_extra_args(task, extra), *match_args(task, extra),
-                     "-o", str(Path(a.out) / task), "--cache-dir", str(Path(a.cache_dir) / task), *extra]
+                     "-o", str(Path(a.out) / task), "--cache-dir", cache_folder(task, a.cache_dir), *extra]
         print(f"== {task}: finesteer eval " + " ".join(argv_task), flush=True)
         rc = eval_main(argv_task)
         print(f"== {task}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)

@@ -265,6 +265,9 @@ def test_bench_quality_matches_finesteer_to_the_baselines_it_runs():
     assert bench.match_args("safety", ["--match-targets", "finesteer:cast"]) == []  # the caller's own wins
     assert bench.match_args("truthfulness", []) == []
     assert bench.match_args("safety_budget", []) == ["--match-targets", "finesteer:caa"]
+    # it extracts exactly what the safety run does, so it shares that run's cache folder
+    assert bench.cache_folder("safety_budget", "/c") == bench.cache_folder("safety", "/c") == str(Path("/c") / "safety")
+    assert bench.cache_folder("safety_mixed", "/c") == str(Path("/c") / "safety_mixed")
     from finesteer.eval.cli import _method_pairs
     assert _method_pairs(bench.match_args("safety", [])[1]) == (("finesteer", "caa"), ("finesteer", "cast"),
                                                                 ("finesteer", "scs_mean"))
