@@ -1,6 +1,6 @@
 """Steering quality on a real pretrained LLM: ``finesteer eval`` with the settings the README reports.
 
-Three behaviours and three variants, each fitted on the shared TRAIN sets and scored on the shared
+Three behaviours and five variants, each fitted on the shared TRAIN sets and scored on the shared
 VALIDATION sets (never tuned on what is reported):
 
 - ``safety`` — refusal on harmful requests: CAA-style (refusal opening, compliance opening) pairs on
@@ -231,8 +231,8 @@ def _methods_of(extra: list, task: str):
 
 
 def gated_extra_args(task: str, extra: list) -> list:
-    """``--extra-strengths`` for the task's gated methods that the run scores (its ``--methods``
-    among the further eval options ``extra``, else every method): :data:`GATED_EXTRA_STRENGTHS`,
+    """``--extra-strengths`` for the task's gated methods that the run scores (:func:`_methods_of`;
+    every gated method when nothing names them): :data:`GATED_EXTRA_STRENGTHS`,
     and :data:`FINESTEER_BELOW_GRID` for FineSteer."""
     methods = _methods_of(extra, task) or GATED_METHODS
     out = [x for m in GATED_METHODS if m in methods and task in GATED_EXTRA_STRENGTHS
@@ -244,7 +244,7 @@ def gated_extra_args(task: str, extra: list) -> list:
 
 def match_args(task: str, extra: list) -> list:
     """``--match-targets`` of the task (:data:`TASK_MATCH_TARGETS`), the pairs whose methods the run
-    scores (its ``--methods`` among ``extra``, else every method); none when ``extra`` sets its own."""
+    scores (:func:`_methods_of`; every pair when nothing names them); none when ``extra`` sets its own."""
     if "--match-targets" in extra or task not in TASK_MATCH_TARGETS:
         return []
     methods = _methods_of(extra, task)
