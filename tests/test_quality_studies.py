@@ -415,6 +415,39 @@ def test_truthfulqa_crossfit_refuses_runs_that_are_not_two_folds():
         cf.pool(_fold(False, cfg, val, 4), no_split)
 
 
+def test_truthfulqa_crossfit_extends_each_fold_and_reads_the_kl_tradeoff():
+    cf = _load("truthfulqa_crossfit")
+    unst = {("unsteered", "0.0"): [False, False]}
+    uval = {("unsteered", "0.0"): [0.2, 0.2]}
+
+    def run(swapped, cfgs, kl):
+        doc = _fold(swapped, {**unst, **{k: v[0] for k, v in cfgs.items()}}, {**uval, **{k: v[1] for k, v in cfgs.items()}}, 4)
+        doc["rows"] = [{"method": "unsteered", "strength": 0.0, "benign_kl": 0.0}] + [
+            {"method": m, "strength": float(lam), "benign_kl": kl[(m, lam)]} for m, lam in cfgs]
+        return doc
+
+    # λ = 8 in the committed folds; λ = 16 in the extensions. CAA: MC1 1/2 at 8, 1 at 16; FineSteer:
+    # MC1 1/2 at 8 (MC2 below CAA's), 1 at 16 (MC2 above) with less benign KL than CAA at 8
+    base = {("caa", "8.0"): ([True, False], [0.6, 0.2]), ("finesteer", "8.0"): ([False, True], [0.3, 0.4])}
+    more = {("caa", "16.0"): ([True, True], [0.6, 0.6]), ("finesteer", "16.0"): ([True, True], [0.7, 0.7])}
+    kl = {("caa", "8.0"): 0.8, ("finesteer", "8.0"): 0.02, ("caa", "16.0"): 3.0, ("finesteer", "16.0"): 0.1}
+    a, b = cf.extend(run(False, base, kl), run(False, more, kl), "a"), cf.extend(run(True, base, kl), run(True, more, kl), "b")
+    out = cf.pool(a, b)
+    assert set(out["results"]["finesteer"]) == {"8.0", "16.0"} and out["n"] == 4
+    got = [(e["baseline_strength"], e["strength"], e["kl_lower"]) for e in cf.tradeoff(out, a, b)]
+    assert got == [(8.0, 16.0, True), (16.0, 16.0, True)]
+    assert "| 8 | 0.500 / 0.400 / 0.800 | 16 | 1.000 / 0.700 / 0.100 | yes |" in cf.markdown(dict(out, tradeoff=cf.tradeoff(out, a, b)))
+    # an extension that is not the same fold, or repeats a configuration, is refused
+    other = run(False, more, kl)
+    other["truthfulqa"]["per_question"]["unsteered"]["0.0"]["mc2"] = [0.3, 0.2]
+    with pytest.raises(ValueError, match="unsteered per-question scores differ"):
+        cf.extend(run(False, base, kl), other, "a")
+    with pytest.raises(ValueError, match="repeats configurations"):
+        cf.extend(run(False, base, kl), run(False, base, kl), "a")
+    with pytest.raises(ValueError, match="splits the TruthfulQA file differently"):
+        cf.extend(run(False, base, kl), run(True, more, kl), "a")
+
+
 def test_null_rows_routing_reads_the_safety_config_and_the_kept_push():
     """null_rows_routing.py: the safety task's fit settings as bench_quality passes them, and the
     push kept on opened prompts, hand-computed."""

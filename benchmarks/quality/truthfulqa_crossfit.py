@@ -17,6 +17,15 @@ also compared with SCS + mean vector, the ablation that differs only in MoSE.
 
 Writes the JSON and, beside it, a Markdown table (same name, ``.md``). Pooling two folds pools two
 fitted steerers per method: what is measured is the fitting procedure, not one steerer.
+
+``--extend A B`` adds, to each fold, a run of the same fold at further strengths (same split, same
+questions, the same unsteered scores — so the same model and fit); the pooled table then covers
+every λ of both. With benign KL recorded (every run's ``rows``), the output also has the trade-off:
+for each CAA λ, the weakest FineSteer λ whose pooled MC1 *and* MC2 are at least CAA's, and whether
+its benign KL (mean of the two folds) is lower there.
+
+    python benchmarks/quality/truthfulqa_crossfit.py <fold a>/eval.json <fold b>/eval.json \
+        --extend <fold a, λ 12, 16>/eval.json <fold b, λ 12, 16>/eval.json -o truthfulqa_crossfit_16.json
 """
 from __future__ import annotations
 
@@ -72,6 +81,59 @@ def check_folds(a: dict, b: dict) -> None:
                          f"only in the second {sorted(configs_b - configs_a)}")
 
 
+def extend(doc: dict, more: dict, where: str) -> dict:
+    """``doc`` with the TruthfulQA configurations and benign rows of ``more`` (a run of the same fold
+    at other strengths) added. Raises ValueError unless both split the same file the same way and
+    score the same questions with the same unsteered MC1/MC2 (the same model and inputs), or when
+    they share a steered configuration."""
+    s1, s2 = _fold_split(doc, where), _fold_split(more, f"{where} (extension)")
+    if s1 != s2:
+        raise ValueError(f"{where}: the extension run splits the TruthfulQA file differently ({s1} vs {s2})")
+    q1, q2 = doc["truthfulqa"]["per_question"], more["truthfulqa"]["per_question"]
+    if q1["unsteered"] != q2["unsteered"]:
+        raise ValueError(f"{where}: the extension run's unsteered per-question scores differ: not the same "
+                         "questions, model or prompt format")
+    shared = sorted((m, lam) for m, per in q2.items() if m != "unsteered" for lam in per if lam in q1.get(m, {}))
+    if shared:
+        raise ValueError(f"{where}: the extension run repeats configurations {shared}; give it only new strengths")
+    out = json.loads(json.dumps(doc))
+    for key in ("per_question", "results"):
+        for m, per in more["truthfulqa"][key].items():
+            if m != "unsteered":
+                out["truthfulqa"][key].setdefault(m, {}).update(per)
+    out["rows"] = list(doc.get("rows", [])) + [r for r in more.get("rows", []) if r["method"] != "unsteered"]
+    return out
+
+
+def tradeoff(out: dict, a: dict, b: dict, method: str = "finesteer", baseline: str = "caa") -> list:
+    """For each λ of ``baseline`` in the pooled results ``out``: the weakest λ of ``method`` with pooled
+    MC1 ≥ and MC2 ≥ the baseline's, and whether its benign KL (the mean of the two folds' ``rows``,
+    ``a`` and ``b``) is lower there; ``None`` entries when no strength of ``method`` gets there."""
+    def kl(m, lam):
+        vals = [r["benign_kl"] for d in (a, b) for r in d.get("rows", [])
+                if r["method"] == m and float(r["strength"]) == float(lam)]
+        if len(vals) != 2:
+            raise ValueError(f"tradeoff: benign KL of {m} at λ = {lam} is not recorded in both folds")
+        return sum(vals) / 2
+
+    res = out["results"]
+    mine = sorted(res[method], key=float)
+    entries = []
+    for lam in sorted(res[baseline], key=float):
+        base = res[baseline][lam]
+        match = next((x for x in mine if res[method][x]["mc1"] >= base["mc1"] and res[method][x]["mc2"] >= base["mc2"]),
+                     None)
+        e = {"baseline_strength": float(lam), "baseline_mc1": base["mc1"], "baseline_mc2": base["mc2"],
+             "baseline_benign_kl": kl(baseline, lam), "strength": None, "mc1": None, "mc2": None,
+             "benign_kl": None, "kl_lower": None}
+        if match is not None:
+            e.update(strength=float(match), mc1=res[method][match]["mc1"], mc2=res[method][match]["mc2"],
+                     benign_kl=kl(method, match))
+            e["kl_lower"] = e["benign_kl"] < e["baseline_benign_kl"]
+        entries.append(e)
+    return entries
+
+
 def pool(a: dict, b: dict) -> dict:
     """Pooled MC1/MC2 of every configuration over both folds' questions, and the paired comparisons
     against the unsteered model and :data:`ALSO_AGAINST` / :data:`DEFAULT_AGAINST` at the same λ
@@ -102,6 +164,16 @@ def markdown(out: dict) -> str:
         for lam, r in per.items():
             lines.append(f"| {m} | {float(lam):g} | {r['mc1']:.3f} | {r['mc2']:.3f} | "
                          f"{r['fold_mc1'][0]:.3f} / {r['fold_mc1'][1]:.3f} | {r['fold_mc2'][0]:.3f} / {r['fold_mc2'][1]:.3f} |")
+    if out.get("tradeoff"):
+        lines += ["", "Trade-off: for each CAA λ, the weakest FineSteer λ with pooled MC1 and MC2 at least CAA's, "
+                  "and its benign KL (mean of the folds):", "",
+                  "| CAA λ | CAA MC1 / MC2 / KL | FineSteer λ | FineSteer MC1 / MC2 / KL | KL lower |", "|---|---|---|---|---|"]
+        for e in out["tradeoff"]:
+            mine = ("— | never" if e["strength"] is None else
+                    f"{e['strength']:g} | {e['mc1']:.3f} / {e['mc2']:.3f} / {e['benign_kl']:.3f}")
+            lower = "" if e["kl_lower"] is None else ("yes" if e["kl_lower"] else "no")
+            lines.append(f"| {e['baseline_strength']:g} | {e['baseline_mc1']:.3f} / {e['baseline_mc2']:.3f} / "
+                         f"{e['baseline_benign_kl']:.3f} | {mine} | {lower} |")
     return "\n".join(lines + truthfulqa_paired_markdown(out)) + "\n"
 
 
@@ -109,15 +181,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("fold_a", help="eval.json of one fold (e.g. the truthfulness task)")
     p.add_argument("fold_b", help="eval.json of the other fold (e.g. truthfulness_swapped)")
+    p.add_argument("--extend", nargs=2, metavar=("MORE_A", "MORE_B"), default=None,
+                   help="eval.json of each fold run again at further strengths, added to that fold")
     p.add_argument("-o", "--out", required=True, help="output JSON (a .md table is written beside it)")
     a = p.parse_args(argv)
     docs = [json.loads(Path(f).read_text()) for f in (a.fold_a, a.fold_b)]
     try:
+        if a.extend:
+            docs = [extend(d, json.loads(Path(f).read_text()), name)
+                    for d, f, name in zip(docs, a.extend, ("first file", "second file"))]
         out = pool(*docs)
+        if all(m in out["results"] for m in ("finesteer", "caa")) and all(d.get("rows") for d in docs):
+            out["tradeoff"] = tradeoff(out, *docs)
     except ValueError as e:
         print(f"truthfulqa_crossfit: {e}", file=sys.stderr)
         return 2
-    out["inputs"] = [a.fold_a, a.fold_b]
+    out["inputs"] = [a.fold_a, a.fold_b] + (list(a.extend) if a.extend else [])
     path = Path(a.out)
     path.write_text(json.dumps(out, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(out))
