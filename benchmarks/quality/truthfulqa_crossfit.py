@@ -43,6 +43,9 @@ from finesteer.eval.report import truthfulqa_paired_markdown
 #: the same gate with the mean vector instead of MoSE, so that pair isolates what MoSE's
 #: query-specific vectors add.
 DEFAULT_AGAINST = ("caa",)
+#: How far two runs' unsteered MC2 of one question may differ and still count as the same scores
+#: (:func:`extend`): float rounding of other batch compositions, not a different model or input.
+MC2_TOLERANCE = 1e-4
 ALSO_AGAINST = {"finesteer": ("caa", "scs_mean")}
 
 
@@ -90,7 +93,10 @@ def extend(doc: dict, more: dict, where: str) -> dict:
     if s1 != s2:
         raise ValueError(f"{where}: the extension run splits the TruthfulQA file differently ({s1} vs {s2})")
     q1, q2 = doc["truthfulqa"]["per_question"], more["truthfulqa"]["per_question"]
-    if q1["unsteered"] != q2["unsteered"]:
+    u1, u2 = next(iter(q1["unsteered"].values())), next(iter(q2["unsteered"].values()))
+    # MC1 hits must agree exactly; MC2 up to float rounding (other batches: a few 1e-6 seen)
+    if u1["mc1"] != u2["mc1"] or len(u1["mc2"]) != len(u2["mc2"]) or \
+            any(abs(x - y) > MC2_TOLERANCE for x, y in zip(u1["mc2"], u2["mc2"])):
         raise ValueError(f"{where}: the extension run's unsteered per-question scores differ: not the same "
                          "questions, model or prompt format")
     shared = sorted((m, lam) for m, per in q2.items() if m != "unsteered" for lam in per if lam in q1.get(m, {}))
