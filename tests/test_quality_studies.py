@@ -437,6 +437,10 @@ def test_truthfulqa_crossfit_extends_each_fold_and_reads_the_kl_tradeoff():
     got = [(e["baseline_strength"], e["strength"], e["kl_lower"]) for e in cf.tradeoff(out, a, b)]
     assert got == [(8.0, 16.0, True), (16.0, 16.0, True)]
     assert "| 8 | 0.500 / 0.400 / 0.800 | 16 | 1.000 / 0.700 / 0.100 | yes |" in cf.markdown(dict(out, tradeoff=cf.tradeoff(out, a, b)))
+    # float rounding of another batch composition in the unsteered MC2 is the same scores
+    rounded = run(False, more, kl)
+    rounded["truthfulqa"]["per_question"]["unsteered"]["0.0"]["mc2"] = [0.200004, 0.2]
+    assert set(cf.extend(run(False, base, kl), rounded, "a")["truthfulqa"]["results"]["caa"]) == {"8.0", "16.0"}
     # an extension that is not the same fold, or repeats a configuration, is refused
     other = run(False, more, kl)
     other["truthfulqa"]["per_question"]["unsteered"]["0.0"]["mc2"] = [0.3, 0.2]
