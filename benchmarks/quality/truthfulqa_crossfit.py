@@ -30,6 +30,7 @@ its benign KL (mean of the two folds) is lower there.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -43,10 +44,10 @@ from finesteer.eval.report import truthfulqa_paired_markdown
 #: the same gate with the mean vector instead of MoSE, so that pair isolates what MoSE's
 #: query-specific vectors add.
 DEFAULT_AGAINST = ("caa",)
+ALSO_AGAINST = {"finesteer": ("caa", "scs_mean")}
 #: How far two runs' unsteered MC2 of one question may differ and still count as the same scores
 #: (:func:`extend`): float rounding of other batch compositions, not a different model or input.
 MC2_TOLERANCE = 1e-4
-ALSO_AGAINST = {"finesteer": ("caa", "scs_mean")}
 
 
 def _fold_split(doc: dict, where: str) -> dict:
@@ -102,7 +103,7 @@ def extend(doc: dict, more: dict, where: str) -> dict:
     shared = sorted((m, lam) for m, per in q2.items() if m != "unsteered" for lam in per if lam in q1.get(m, {}))
     if shared:
         raise ValueError(f"{where}: the extension run repeats configurations {shared}; give it only new strengths")
-    out = json.loads(json.dumps(doc))
+    out = copy.deepcopy(doc)
     for key in ("per_question", "results"):
         for m, per in more["truthfulqa"][key].items():
             if m != "unsteered":
