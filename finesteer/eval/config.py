@@ -33,6 +33,11 @@ class EvalSetSpec:
             raise ValueError(f"eval set {self.name!r}: toward must be one of {TOWARD} or None, got {self.toward!r}")
 
 
+def _is_count(value, low: int) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``) of at least ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 @dataclass
 class EvalConfig:
     """Options of :func:`finesteer.eval.run_eval` (the CLI ``finesteer eval`` fills one from its flags).
@@ -200,12 +205,12 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("limit_train", "limit_pairs", "limit_eval", "limit_truthfulqa"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not _is_count(value, 1):
                 raise ValueError(f"EvalConfig.{name} must be None (no limit) or an integer >= 1, got {value!r}")
         for name in ("fit_fraction", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"EvalConfig.{name} must be in (0, 1), got {getattr(self, name)}")
-        if isinstance(self.null_rows, bool) or not isinstance(self.null_rows, int) or self.null_rows < 0:
+        if not _is_count(self.null_rows, 0):
             raise ValueError(f"EvalConfig.null_rows must be an integer >= 0, got {self.null_rows!r}")
         if not 0.0 <= self.eval_start < 1.0:
             raise ValueError(f"EvalConfig.eval_start must be in [0, 1), got {self.eval_start}")
