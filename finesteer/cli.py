@@ -154,7 +154,7 @@ def check_output_path(path, flag: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .fit.mose import INITS
+    from .fit.mose import INITS, SHRINKS
 
     parser = argparse.ArgumentParser(
         prog="finesteer",
@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where training starts: mean (the mean δ), ridge (the mean δ plus a ridge read-out of "
                         "the residual from the query, penalty picked on the validation rows; needs --hidden >= "
                         "2·--residual-dim), random (default: mean)")
+    m.add_argument("--mose-shrink", default="off", choices=SHRINKS,
+                   help="cv: after training, pull MoSE's vectors toward the mean δ by the weight that 5-fold "
+                        "cross-validation over the training pairs picks (1 keeps the fit, 0 is the mean "
+                        "vector); for data whose response shift the query barely predicts (default: off)")
     m.add_argument("--null-rows", type=int, default=0, metavar="N",
                    help="also fit MoSE on N of the --benign prompts (a seeded choice) with a zero response "
                         "shift, so its vector shrinks on queries that resemble them more than the targets: it "
@@ -391,7 +395,8 @@ def cmd_fit(args) -> int:
     null = h_b[choose_null_rows(h_b.shape[0], args.null_rows, args.seed)]
     queries, deltas = append_null_rows(q[layer], d[layer], null)
     mose = fit_mose(queries, deltas, k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim,
-                    hidden=args.hidden, epochs=args.epochs, init=args.mose_init, seed=args.seed,
+                    hidden=args.hidden, epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink,
+                    seed=args.seed,
                     progress=_progress(args))
     _print_mose(mose)
     meta = {"delta_positions": args.delta_positions, "prompt_format": fmt, "n_pairs": len(pairs[0]),
@@ -418,6 +423,10 @@ def _print_mose(mose) -> None:
     if shown:
         print("MoSE fit: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in shown.items()))
+    if "shrink" in st:
+        sh = st["shrink"]
+        print(f"MoSE shrinkage toward the mean δ ({sh['folds']}-fold cross-validation): weight {sh['weight']:.3g} "
+              f"(out-of-fold MSE {sh['cv_mse']:.4g}; as trained {sh['cv_mse_trained']:.4g}; mean δ {sh['cv_mse_mean']:.4g})")
     if "ch_scores" in st:
         print("MoSE Calinski-Harabasz by K: " + "  ".join(f"{k}:{v:.4g}" for k, v in st["ch_scores"].items()))
 

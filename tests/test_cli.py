@@ -89,6 +89,18 @@ def test_fit_mose_init_ridge_is_recorded_in_the_artifact(work, tmp_path):
     assert Steerer.load(artifact, hidden_size=64).mose.fit_stats["hyperparameters"]["init"] == "mean"
 
 
+def test_fit_mose_shrink_cv_is_reported_and_recorded(work, tmp_path, capsys):
+    root, files, _ = work
+    out = tmp_path / "shrink.safetensors"
+    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
+               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
+               *FIT_SMALL, "--mose-shrink", "cv"])
+    assert rc == 0
+    assert "MoSE shrinkage toward the mean δ (5-fold cross-validation): weight " in capsys.readouterr().out
+    stats = Steerer.load(out, hidden_size=64).mose.fit_stats
+    assert stats["hyperparameters"]["shrink"] == "cv" and 0.0 <= stats["shrink"]["weight"] <= 1.0
+
+
 def test_fit_null_rows_shrink_mose_on_benign_prompts(work, tmp_path, capsys):
     """--null-rows N: MoSE is also fitted on N of the --benign prompts at δ = 0 (recorded in the
     artifact); the gate is the same fit; more null rows than benign prompts is refused before the

@@ -515,6 +515,18 @@ def test_extra_strengths_score_one_method_beyond_the_grid(llama, files, tmp_path
     assert "| finesteer | 8 |" in md
 
 
+def test_mose_shrinkage_is_reported(llama, files, tmp_path):
+    """A MoSE option that the fit reports as a dict (``shrink="cv"``: the cross-validated weight)
+    reaches eval.json's fit statistics and a line of eval.md."""
+    mose = dict(k_range=(2, 2), residual_dim=2, hidden=8, epochs=5, query_dim=None, shrink="cv", shrink_folds=2)
+    result = run_eval(llama, tiny_tokenizer(), _config(files, tmp_path, truthfulqa=None, methods=("unsteered", "finesteer"),
+                                                       strengths=(2.0,), mose_options=mose))
+    shrink = result.fit["mose"]["shrink"]
+    assert shrink["folds"] == 2 and 0.0 <= shrink["weight"] <= 1.0
+    md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
+    assert f"MoSE shrunk toward the mean δ by weight {shrink['weight']:.3g} (2-fold cross-validation" in md
+
+
 def test_null_rows_teach_mose_to_leave_benign_prompts_alone(llama, files, tmp_path, monkeypatch):
     """``null_rows``: that many of the gate's benign training prompts join MoSE's fit data with
     δ = 0 (a seeded choice; a held-out share reported by MSE); the mean-vector methods keep the

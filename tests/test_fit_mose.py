@@ -384,6 +384,11 @@ def test_bad_data(mutate, match):
     (dict(pca_dim=0), "pca_dim must be >= 1"),
     (dict(query_dim=0), "query_dim must be >= 1"),
     (dict(seed=True), "seed must be an integer"),
+    (dict(shrink="yes"), "unknown shrink 'yes'"),
+    (dict(shrink="cv", shrink_folds=1), "shrink_folds must be >= 2"),
+    (dict(shrink="cv", shrink_folds=60), "shrink_folds=60 exceeds the 54 training rows"),
+    (dict(shrink="cv", k_range=(4, 40)), "shrink='cv' refits MoSE on 4 of 5 folds .* fold 0 failed: .*need more than "
+                                         "k_max=40"),
 ])
 def test_bad_arguments(kwargs, match):
     q, dl = _good()
@@ -448,3 +453,52 @@ def test_null_rows_make_the_vector_shrink_on_benign_like_queries():
     on_targets = mose.vector(q_new).norm(dim=1).mean() / delta_new.norm(dim=1).mean()
     on_benign = mose.vector(benign_new).norm(dim=1).mean() / delta_new.norm(dim=1).mean()
     assert on_targets > 0.7 and on_benign < 0.2, (float(on_targets), float(on_benign))
+
+
+def test_shrink_toward_is_exact_in_the_module_and_the_export():
+    q, delta, _ = mixture(120)
+    mose, net = fit_mose_network(q, delta, **{**FAST, "epochs": 10})
+    probes = mixture(30, seed=5)[0]
+    with torch.no_grad():
+        trained = net(probes)
+    anchor = torch.randn(D, generator=torch.Generator().manual_seed(2))
+    net.shrink_toward(0.3, anchor)
+    with torch.no_grad():
+        shrunk = net(probes)
+    torch.testing.assert_close(shrunk, anchor + 0.3 * (trained - anchor), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(net.export().vector(probes), shrunk, atol=1e-4, rtol=1e-5)
+    # the unshrunk export is what fit_mose returned
+    torch.testing.assert_close(mose.vector(probes), trained, atol=1e-5, rtol=1e-5)
+    for bad, match in ((1.5, r"weight must be in \[0, 1\]"), (-0.1, r"weight must be in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            net.shrink_toward(bad, anchor)
+    with pytest.raises(ValueError, match=r"anchor must have shape \[32\]"):
+        net.shrink_toward(0.5, anchor[:3])
+
+
+def test_cv_shrinkage_keeps_a_predictable_fit_and_drops_noise():
+    """Where the query predicts δ (the mixture) the cross-validated weight keeps the fit (≈ 1); where
+    it does not (a constant plus noise), the weight is small and the vector field sits near the mean
+    δ (a randomly started fit, which fits its training rows' noise, so that there is something to
+    drop); either way the chosen weight's out-of-fold MSE is the lowest of w, 1 and 0."""
+    opts = {**FAST, "epochs": 30, "k_range": (3, 6), "shrink": "cv"}
+    q, delta, _ = mixture(200)
+    kept = fit_mose(q, delta, **opts).fit_stats["shrink"]
+    g = torch.Generator().manual_seed(3)
+    qn = torch.randn(200, D, generator=g)
+    noise = 2.0 + torch.randn(200, D, generator=g)
+    noisy = {**opts, "lr": 1e-2, "batch_size": 16, "init": "random"}
+    mose = fit_mose(qn, noise, **noisy)
+    dropped = mose.fit_stats["shrink"]
+    assert kept["weight"] > 0.9 and dropped["weight"] < 0.5, (kept, dropped)
+    for st in (kept, dropped):
+        assert st["folds"] == 5 and st["cv_mse"] <= min(st["cv_mse_trained"], st["cv_mse_mean"]) + 1e-9
+    assert dropped["cv_mse_trained"] > dropped["cv_mse_mean"]
+    spread = (mose.vector(qn) - mose.vector(qn).mean(0)).norm(dim=1).mean()
+    unshrunk = fit_mose(qn, noise, **{**noisy, "shrink": "off"})
+    assert spread < 0.5 * (unshrunk.vector(qn) - unshrunk.vector(qn).mean(0)).norm(dim=1).mean()
+    # shrink="off" is the fit as before: the same tensors as a fit that never heard of it
+    base = fit_mose(q, delta, **{**opts, "shrink": "off"})
+    again = fit_mose(q, delta, **{k: v for k, v in opts.items() if k != "shrink"})
+    for name in MoSE.TENSORS:
+        assert torch.equal(getattr(base, name), getattr(again, name)), name

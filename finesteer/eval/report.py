@@ -79,6 +79,11 @@ def _markdown(doc: dict) -> str:
                 f"{fit.get('n_pairs_heldout')} pairs; target: each prompt's δ averaged over its pairs):",
                 "", "| vector field | cosine | MSE |", "|---|---|---|"]
         out += [f"| {k} | {v['cosine']:.3f} | {v['mse']:.4g} |" for k, v in pred.items()]
+    shrink = (fit.get("mose") or {}).get("shrink")
+    if shrink:
+        out += ["", f"MoSE shrunk toward the mean δ by weight {shrink['weight']:.3g} ({shrink['folds']}-fold "
+                f"cross-validation over its training rows; out-of-fold MSE {shrink['cv_mse']:.4g}, as trained "
+                f"{shrink['cv_mse_trained']:.4g}, mean δ {shrink['cv_mse_mean']:.4g})."]
     by_source = fit.get("delta_prediction_heldout_by_source") or {}
     if by_source:
         out += ["", "The same, per pair file:", "", "| pair file | held-out prompts | vector field | cosine | MSE |",

@@ -27,12 +27,14 @@ from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
 from .train import TrainResult, train_early_stopping
 
-__all__ = ["INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "build_network", "fit_experts", "fit_mose",
-           "fit_mose_network", "merge_duplicate_queries", "residual_basis", "ridge_residual", "train_network"]
+__all__ = ["INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "build_network", "cv_shrinkage",
+           "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "residual_basis", "ridge_residual",
+           "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
 LOSSES = ("mse", "mse_cosine")
 INITS = ("mean", "ridge", "random")
+SHRINKS = ("off", "cv")
 #: Ridge penalties ``init="ridge"`` tries, as multiples of the training features' mean squared
 #: singular value (so the grid means the same on any scale); the validation rows pick one.
 RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -66,6 +68,10 @@ class MoSEOptions:
     rows, zero when no penalty beats it), written exactly into the MLP (needs ``hidden`` ≥
     2·``residual_dim``), so the fit never ends worse on its validation rows than that linear
     read-out either; ``"random"`` is PyTorch's default initialisation of every layer.
+    ``shrink``: ``"off"`` (default) or ``"cv"``: after training, pull the vector field toward the
+    mean training δ, s ← m + w·(s − m), with w ∈ [0, 1] chosen by ``shrink_folds``-fold
+    cross-validation over the training rows (:func:`cv_shrinkage`) — how far the query-specific part
+    is worth trusting, judged on more rows than the validation split early stopping watches.
     """
 
     k_range: tuple = (4, 10)
@@ -88,6 +94,8 @@ class MoSEOptions:
     cosine_weight: float = 1.0
     merge_duplicates: bool = True
     init: str = "mean"
+    shrink: str = "off"
+    shrink_folds: int = 5
     progress: bool = True
 
     def replace(self, **changes) -> "MoSEOptions":
@@ -104,6 +112,7 @@ class MoSEOptions:
         check_choice(self.residual, "residual", _WHERE, RESIDUALS)
         check_choice(self.loss, "loss", _WHERE, LOSSES)
         check_choice(self.init, "init", _WHERE, INITS)
+        check_choice(self.shrink, "shrink", _WHERE, SHRINKS)
         if self.init == "ridge" and self.hidden < 2 * self.residual_dim:
             raise ValueError(f"{_WHERE}: init='ridge' writes the linear residual into the MLP with two hidden units "
                              f"per residual coefficient; hidden={self.hidden} < 2·residual_dim={2 * self.residual_dim}")
@@ -115,6 +124,7 @@ class MoSEOptions:
             seed=check_int(self.seed, "seed", _WHERE, 0),
             batch_size=check_int(self.batch_size, "batch_size", _WHERE, 1),
             patience=check_int(self.patience, "patience", _WHERE, 1),
+            shrink_folds=check_int(self.shrink_folds, "shrink_folds", _WHERE, 2),
             lr=check_real(self.lr, "lr", _WHERE, 0.0, math.inf, low_open=True, high_open=True),
             weight_decay=check_real(self.weight_decay, "weight_decay", _WHERE, 0.0, math.inf, high_open=True),
             val_fraction=check_real(self.val_fraction, "val_fraction", _WHERE, 0.0, 1.0, low_open=True,
@@ -162,6 +172,10 @@ def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides
                    the ``loss`` (MSE(s(q), δ), or MSE plus a cosine term) with early stopping; the
                    best-validation weights are kept (with ``init="mean"``/``"ridge"`` the starting weights
                    compete too: best_epoch 0)
+        shrink     (``shrink="cv"``) s ← m + w·(s − m), m the mean training δ, w ∈ [0, 1] the out-of-fold
+                   least-squares weight of :func:`cv_shrinkage` (the whole fit above repeated on
+                   ``shrink_folds`` folds of the training rows); exact in the operator's form
+                   (:meth:`MoSENetwork.shrink_toward`)
         export     normalisation and Π folded into W_q, b_q, W_1, b_1 (fp64, then fp32);
                    R = W_qᵀ K_Cᵀ/√d_a, c = K_C b_q/√d_a → MoSE(R, c, V, U, W1, b1, W2, b2)
 
@@ -208,6 +222,9 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
                         cluster_sizes=None if opts.init == "random" else experts.sizes)
     ridge = ridge_start(net, q_tr, d_tr, q_va, d_va) if opts.init == "ridge" else None
     result = train_network(net, q_tr, d_tr, q_va, d_va, opts)
+    shrink = cv_shrinkage(q_tr, d_tr, opts) if opts.shrink == "cv" else None
+    if shrink is not None:
+        net.shrink_toward(shrink["weight"], d_tr.mean(0))
 
     with torch.no_grad():
         pred = net(q_va.float()).double()
@@ -237,6 +254,8 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
         "seed": opts.seed,
         "hyperparameters": opts.to_dict(),
     }
+    if shrink is not None:
+        stats["shrink"] = shrink
     if ridge is not None:
         # None: no penalty beat the zero read-out on the validation rows (the start is the mean δ)
         stats["ridge_penalty"] = None if math.isinf(ridge["penalty"]) else ridge["penalty"]
@@ -438,6 +457,51 @@ def train_network(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor
         batch_size=opts.batch_size, patience=opts.patience, generator=child_generator(opts.seed, 3),
         keep_initial=opts.init != "random",
         loss_scale=s_d, progress=opts.progress, desc=f"MoSE fit (K={net.C.shape[0]})")
+
+
+def cv_shrinkage(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) -> dict:
+    """Step 5 (``shrink="cv"``): how far to trust the query-specific part of the fit.
+
+    The training rows (``queries``, ``deltas`` [n, d], already merged) are cut into
+    ``opts.shrink_folds`` seeded folds; for each fold the whole fit (same options, no shrinkage) is
+    repeated on the other rows and predicts the fold's rows: p_i, with a_i the mean δ of the rows it
+    was fitted on. The weight is the least-squares w of δ_i − a_i ≈ w (p_i − a_i) over all rows,
+    clipped to [0, 1]: 1 keeps the fit as trained, 0 is the plain mean vector. (Early stopping's own
+    validation rows are a tenth of the data by default — with a few hundred prompts, a few dozen δ
+    whose noise can pass for signal.)
+
+    Returns ``{"weight": w, "folds": F, "cv_mse": …, "cv_mse_trained": …, "cv_mse_mean": …}``: the
+    out-of-fold MSE per element at w, at 1 and at 0.
+    """
+    from tqdm.auto import tqdm
+
+    n, F = queries.shape[0], opts.shrink_folds
+    if F > n:
+        raise ValueError(f"{_WHERE}: shrink_folds={F} exceeds the {n} training rows")
+    folds = torch.randperm(n, generator=child_generator(opts.seed, 4)).chunk(F)
+    inner = opts.replace(shrink="off", merge_duplicates=False, progress=False)
+    pred = torch.empty(deltas.shape, dtype=torch.float64)
+    anchor = torch.empty(deltas.shape, dtype=torch.float64)
+    for j, rows in enumerate(tqdm(folds, desc="MoSE shrinkage (cross-validation)", disable=not opts.progress)):
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[rows] = False
+        try:
+            _, net = fit_mose_network(queries[keep], deltas[keep], inner)
+        except ValueError as err:
+            raise ValueError(f"{_WHERE}: shrink='cv' refits MoSE on {F - 1} of {F} folds of the {n} training rows; "
+                             f"the fit without fold {j} failed: {err}") from None
+        with torch.no_grad():
+            pred[rows] = net(queries[rows].float()).double()
+        anchor[rows] = deltas[keep].double().mean(0)
+    target = deltas.double() - anchor
+    spread = pred - anchor
+    den = float(spread.square().sum())
+    weight = 1.0 if den <= 0.0 else min(1.0, max(0.0, float((spread * target).sum()) / den))
+
+    def mse(w: float) -> float:
+        return float((w * spread - target).square().mean())
+
+    return {"weight": weight, "folds": F, "cv_mse": mse(weight), "cv_mse_trained": mse(1.0), "cv_mse_mean": mse(0.0)}
 
 
 # ---------------------------------------------------------------------------------------------

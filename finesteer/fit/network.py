@@ -78,6 +78,9 @@ class MoSENetwork(nn.Module):
         self.register_buffer("proto_coords", ((prototypes.double() / out_scale) @ Q_C).float())
         self.register_buffer("in_scale", torch.tensor(float(in_scale)))
         self.register_buffer("out_scale", torch.tensor(float(out_scale)))
+        # Shrinkage toward a fixed vector (:meth:`shrink_toward`); weight 1 and anchor 0 leave s(h) as is.
+        self.register_buffer("shrink_weight", torch.tensor(1.0))
+        self.register_buffer("shrink_anchor", torch.zeros(d))
         p = d if in_proj is None else in_proj.shape[1]
         r_c = Q_C.shape[1]
         self.query = _linear(p, attn_dim, generator)
@@ -109,6 +112,21 @@ class MoSENetwork(nn.Module):
         self.expert_bias.copy_(torch.log(cluster_sizes.double() / cluster_sizes.double().sum()).float())
         self.fc2.weight.zero_()
         self.fc2.bias.zero_()
+
+    @torch.no_grad()
+    def shrink_toward(self, weight: float, anchor: torch.Tensor) -> None:
+        """From now on s(h) = anchor + w·(s_trained(h) − anchor), w = ``weight`` ∈ [0, 1], ``anchor`` [d]
+        (the fit uses its mean training δ) — exactly, in the operator's own form: the expert weights
+        sum to one, so w·α(h)V + (1 − w)·anchor = α(h)·(w·V + (1 − w)·anchor), and the residual's
+        coefficients scale by w. Applies to the trained weights and is folded in by :meth:`export`.
+        Not meant for training afterwards (the values' buffer form is fixed)."""
+        if not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(f"shrink_toward: weight must be in [0, 1], got {weight}")
+        if tuple(anchor.shape) != tuple(self.shrink_anchor.shape):
+            raise ValueError(f"shrink_toward: anchor must have shape {list(self.shrink_anchor.shape)}, got "
+                             f"{list(anchor.shape)}")
+        self.shrink_weight.fill_(float(weight))
+        self.shrink_anchor.copy_(anchor.to(self.shrink_anchor.dtype))
 
     @torch.no_grad()
     def set_linear_residual(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -145,10 +163,9 @@ class MoSENetwork(nn.Module):
         return self.key(self.proto_coords)
 
     def values(self) -> torch.Tensor:
-        """V [K, d] in raw δ units."""
-        if self.value is None:
-            return self.C
-        return self.out_scale * self.value(self.proto_coords)
+        """V [K, d] in raw δ units (with the shrinkage of :meth:`shrink_toward` applied)."""
+        V = self.C if self.value is None else self.out_scale * self.value(self.proto_coords)
+        return self.shrink_weight * V + (1.0 - self.shrink_weight) * self.shrink_anchor
 
     def output_basis(self) -> torch.Tensor:
         """B = [V ; Uᵀ] [K + m, d]: s(h) = [α(h) ; β(h)] B."""
@@ -157,7 +174,7 @@ class MoSENetwork(nn.Module):
     def coefficients_features(self, x: torch.Tensor) -> torch.Tensor:
         """[α ; β] [B, K + m] from features x (β in raw δ units)."""
         alpha = torch.softmax(self.query(x) @ self.keys().T / math.sqrt(self.attn_dim) + self.expert_bias, dim=-1)
-        beta = self.out_scale * self.fc2(torch.relu(self.fc1(x)))
+        beta = (self.shrink_weight * self.out_scale) * self.fc2(torch.relu(self.fc1(x)))
         return torch.cat([alpha, beta], dim=-1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +201,8 @@ class MoSENetwork(nn.Module):
         With the normalisation folded in (``W_q' = W_q Πᵀ / σ_q`` [d_a, d], ``b_q' = b_q − W_q' m_q``)::
 
             R = W_q'ᵀ K_Cᵀ / √d_a  [d, K]        c = K_C b_q' / √d_a + e  [K]
-            W1 = W_1 Πᵀ / σ_q,  b1 = b_1 − W1 m_q,   W2 = σ_δ W_2,  b2 = σ_δ b_2,   V, U as trained
+            W1 = W_1 Πᵀ / σ_q,  b1 = b_1 − W1 m_q,   W2 = w σ_δ W_2,  b2 = w σ_δ b_2,
+            V = w V_trained + (1 − w) a,  U as trained       (w, a: :meth:`shrink_toward`; 1, 0 unless set)
 
         Everything is computed in fp64 and rounded once to fp32. ``extra`` is passed to
         :class:`MoSE` (``prototypes``, ``cluster_sizes``, ``fit_stats``, ``history``).
@@ -203,6 +221,8 @@ class MoSENetwork(nn.Module):
             V = self.C.to(f64)
         else:
             V = s_d * (coords @ self.value.weight.to(f64).T + self.value.bias.to(f64))
+        w = self.shrink_weight.to(f64)
+        V = w * V + (1.0 - w) * self.shrink_anchor.to(f64)
         out = dict(R=Wq.T @ Kc.T / root, c=Kc @ bq / root + self.expert_bias.to(f64), V=V, U=self.U.to(f64), W1=W1, b1=b1,
-                   W2=s_d * self.fc2.weight.to(f64), b2=s_d * self.fc2.bias.to(f64))
+                   W2=w * s_d * self.fc2.weight.to(f64), b2=w * s_d * self.fc2.bias.to(f64))
         return MoSE(**{k: v.float().contiguous() for k, v in out.items()}, **extra)
