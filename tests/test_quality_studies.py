@@ -452,6 +452,52 @@ def test_truthfulqa_crossfit_extends_each_fold_and_reads_the_kl_tradeoff():
         cf.extend(run(False, base, kl), run(True, more, kl), "a")
 
 
+def test_truthfulqa_crossfit_adds_a_finesteer_variant_as_a_method_of_its_own(tmp_path):
+    """--variant NAME A B: each fold's run of FineSteer fitted another way joins the fold as method
+    NAME (its other steered methods dropped), compared with CAA, SCS + mean and FineSteer at each
+    λ, with a trade-off table of its own; the CLI writes both."""
+    cf = _load("truthfulqa_crossfit")
+    unst = ({("unsteered", "0.0"): [False, False]}, {("unsteered", "0.0"): [0.2, 0.2]})
+
+    def run(swapped, cfgs, kl):
+        doc = _fold(swapped, {**unst[0], **{k: v[0] for k, v in cfgs.items()}},
+                    {**unst[1], **{k: v[1] for k, v in cfgs.items()}}, 4)
+        doc["rows"] = [{"method": "unsteered", "strength": 0.0, "benign_kl": 0.0}] + [
+            {"method": m, "strength": float(lam), "benign_kl": kl} for m, lam in cfgs]
+        return doc
+
+    base = {("caa", "8.0"): ([True, False], [0.6, 0.2]), ("scs_mean", "8.0"): ([True, False], [0.6, 0.2]),
+            ("finesteer", "8.0"): ([False, False], [0.3, 0.2])}
+    shrunk = {("caa", "8.0"): ([False, False], [0.0, 0.0]), ("finesteer", "8.0"): ([True, True], [0.7, 0.6])}
+    folds = [run(False, base, 0.5), run(True, base, 0.5)]
+    variants = [run(False, shrunk, 0.1), run(True, shrunk, 0.1)]
+    v = cf.as_variant(variants[0], "fs_shrink")
+    assert set(v["truthfulqa"]["results"]) == {"unsteered", "fs_shrink"}
+    assert [r["method"] for r in v["rows"]] == ["unsteered", "fs_shrink"]
+    a, b = (cf.extend(f, cf.as_variant(x, "fs_shrink"), "fold") for f, x in zip(folds, variants))
+    out = cf.pool(a, b, variants=["fs_shrink"])
+    assert out["results"]["caa"]["8.0"]["mc1"] == 0.5  # the variant run's CAA did not replace the fold's
+    assert out["results"]["fs_shrink"]["8.0"]["mc1"] == 1.0
+    assert set(out["paired"]["fs_shrink"]["8.0"]) == {"unsteered", "caa", "scs_mean", "finesteer"}
+    assert out["paired"]["fs_shrink"]["8.0"]["finesteer"]["mc1_a_only"] == 4
+    for bad, match in (("finesteer", "needs a name of its own"), ("unsteered", "needs a name of its own")):
+        with pytest.raises(ValueError, match=match):
+            cf.as_variant(variants[0], bad)
+    paths = []
+    for i, doc in enumerate(folds + variants):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    out_path = tmp_path / "cf.json"
+    assert cf.main([str(paths[0]), str(paths[1]), "--variant", "fs_shrink", str(paths[2]), str(paths[3]),
+                    "-o", str(out_path)]) == 0
+    doc = json.loads(out_path.read_text())
+    entry = doc["tradeoff_variants"]["fs_shrink"][0]
+    assert (entry["strength"], entry["kl_lower"]) == (8.0, True) and doc["tradeoff"][0]["strength"] is None
+    md = out_path.with_suffix(".md").read_text()
+    assert "the weakest fs_shrink λ with pooled MC1 and MC2 at least CAA's" in md
+    assert "| 8 | 0.500 / 0.400 / 0.500 | 8 | 1.000 / 0.650 / 0.100 | yes |" in md
+
+
 def test_null_rows_routing_reads_the_safety_config_and_the_kept_push():
     """null_rows_routing.py: the safety task's fit settings as bench_quality passes them, and the
     push kept on opened prompts, hand-computed."""

@@ -26,6 +26,12 @@ its benign KL (mean of the two folds) is lower there.
 
     python benchmarks/quality/truthfulqa_crossfit.py <fold a>/eval.json <fold b>/eval.json \
         --extend <fold a, λ 12, 16>/eval.json <fold b, λ 12, 16>/eval.json -o truthfulqa_crossfit_16.json
+
+``--extend`` may be given more than once. ``--variant NAME A B`` adds each fold's run of FineSteer
+fitted another way (e.g. ``--mose-option shrink=cv``; same split, questions and unsteered scores) as
+a method of its own, NAME: its ``finesteer`` configurations are renamed NAME (the run's other
+steered methods are left out), compared at each λ with CAA, SCS + mean vector and FineSteer, and
+given a trade-off table of its own.
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ from finesteer.eval.report import truthfulqa_paired_markdown
 #: query-specific vectors add.
 DEFAULT_AGAINST = ("caa",)
 ALSO_AGAINST = {"finesteer": ("caa", "scs_mean")}
+#: What a variant of FineSteer (``--variant``) is compared with: also FineSteer as committed.
+VARIANT_AGAINST = ("caa", "scs_mean", "finesteer")
 #: How far two runs' unsteered MC2 of one question may differ and still count as the same scores
 #: (:func:`extend`): float rounding of other batch compositions, not a different model or input.
 MC2_TOLERANCE = 1e-4
@@ -83,6 +91,23 @@ def check_folds(a: dict, b: dict) -> None:
     if configs_a != configs_b:
         raise ValueError(f"the runs scored different configurations: only in the first {sorted(configs_a - configs_b)}, "
                          f"only in the second {sorted(configs_b - configs_a)}")
+
+
+def as_variant(doc: dict, name: str) -> dict:
+    """``doc`` (one fold's run) with only its unsteered and ``finesteer`` results, the latter renamed
+    ``name`` — in the TruthfulQA results and the benign ``rows`` — so :func:`extend` adds them to the
+    fold as a method of their own."""
+    if name in ("unsteered", "finesteer"):
+        raise ValueError(f"a variant needs a name of its own, not {name!r}")
+    if "finesteer" not in doc["truthfulqa"]["per_question"]:
+        raise ValueError(f"variant {name}: the run has no finesteer results to rename")
+    out = copy.deepcopy(doc)
+    for key in ("per_question", "results"):
+        per = out["truthfulqa"][key]
+        out["truthfulqa"][key] = {"unsteered": per["unsteered"], name: per["finesteer"]}
+    out["rows"] = [{**r, "method": name} if r["method"] == "finesteer" else r
+                   for r in doc.get("rows", []) if r["method"] in ("unsteered", "finesteer")]
+    return out
 
 
 def extend(doc: dict, more: dict, where: str) -> dict:
@@ -141,10 +166,11 @@ def tradeoff(out: dict, a: dict, b: dict, method: str = "finesteer", baseline: s
     return entries
 
 
-def pool(a: dict, b: dict) -> dict:
+def pool(a: dict, b: dict, variants=()) -> dict:
     """Pooled MC1/MC2 of every configuration over both folds' questions, and the paired comparisons
     against the unsteered model and :data:`ALSO_AGAINST` / :data:`DEFAULT_AGAINST` at the same λ
-    (:func:`finesteer.eval.metrics.paired_against`)."""
+    (:func:`finesteer.eval.metrics.paired_against`); each method named in ``variants`` (FineSteer
+    fitted another way, :func:`as_variant`) against CAA, SCS + mean and FineSteer."""
     check_folds(a, b)
     qa, qb = a["truthfulqa"]["per_question"], b["truthfulqa"]["per_question"]
     pooled = {m: {lam: {"mc1": list(qa[m][lam]["mc1"]) + list(qb[m][lam]["mc1"]),
@@ -159,7 +185,9 @@ def pool(a: dict, b: dict) -> dict:
                                                                   b["truthfulqa"]["results"][m][lam]["mc1"]],
                                                      "fold_mc2": [a["truthfulqa"]["results"][m][lam]["mc2"],
                                                                   b["truthfulqa"]["results"][m][lam]["mc2"]]}
-    out["paired"] = metrics.paired_against(pooled, {m: ALSO_AGAINST.get(m, DEFAULT_AGAINST) for m in pooled})
+    against = {m: ALSO_AGAINST.get(m, DEFAULT_AGAINST) for m in pooled}
+    against.update({v: VARIANT_AGAINST for v in variants})
+    out["paired"] = metrics.paired_against(pooled, against)
     return out
 
 
@@ -171,11 +199,12 @@ def markdown(out: dict) -> str:
         for lam, r in per.items():
             lines.append(f"| {m} | {float(lam):g} | {r['mc1']:.3f} | {r['mc2']:.3f} | "
                          f"{r['fold_mc1'][0]:.3f} / {r['fold_mc1'][1]:.3f} | {r['fold_mc2'][0]:.3f} / {r['fold_mc2'][1]:.3f} |")
-    if out.get("tradeoff"):
-        lines += ["", "Trade-off: for each CAA λ, the weakest FineSteer λ with pooled MC1 and MC2 at least CAA's, "
+    for method, entries in _tradeoffs(out):
+        lines += ["", f"Trade-off: for each CAA λ, the weakest {method} λ with pooled MC1 and MC2 at least CAA's, "
                   "and its benign KL (mean of the folds):", "",
-                  "| CAA λ | CAA MC1 / MC2 / KL | FineSteer λ | FineSteer MC1 / MC2 / KL | KL lower |", "|---|---|---|---|---|"]
-        for e in out["tradeoff"]:
+                  f"| CAA λ | CAA MC1 / MC2 / KL | {method} λ | {method} MC1 / MC2 / KL | KL lower |",
+                  "|---|---|---|---|---|"]
+        for e in entries:
             mine = ("— | never" if e["strength"] is None else
                     f"{e['strength']:g} | {e['mc1']:.3f} / {e['mc2']:.3f} / {e['benign_kl']:.3f}")
             lower = "" if e["kl_lower"] is None else ("yes" if e["kl_lower"] else "no")
@@ -184,26 +213,43 @@ def markdown(out: dict) -> str:
     return "\n".join(lines + truthfulqa_paired_markdown(out)) + "\n"
 
 
+def _tradeoffs(out: dict) -> list:
+    """[(method, trade-off entries)]: FineSteer's (``tradeoff``), then each variant's (``tradeoff_variants``)."""
+    found = [("FineSteer", out["tradeoff"])] if out.get("tradeoff") else []
+    return found + list((out.get("tradeoff_variants") or {}).items())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("fold_a", help="eval.json of one fold (e.g. the truthfulness task)")
     p.add_argument("fold_b", help="eval.json of the other fold (e.g. truthfulness_swapped)")
-    p.add_argument("--extend", nargs=2, metavar=("MORE_A", "MORE_B"), default=None,
-                   help="eval.json of each fold run again at further strengths, added to that fold")
+    p.add_argument("--extend", nargs=2, metavar=("MORE_A", "MORE_B"), action="append", default=[],
+                   help="eval.json of each fold run again at further strengths, added to that fold (repeatable)")
+    p.add_argument("--variant", nargs=3, metavar=("NAME", "RUN_A", "RUN_B"), action="append", default=[],
+                   help="eval.json of each fold with FineSteer fitted another way, added as method NAME (repeatable)")
     p.add_argument("-o", "--out", required=True, help="output JSON (a .md table is written beside it)")
     a = p.parse_args(argv)
     docs = [json.loads(Path(f).read_text()) for f in (a.fold_a, a.fold_b)]
     try:
-        if a.extend:
+        for more in a.extend:
             docs = [extend(d, json.loads(Path(f).read_text()), name)
-                    for d, f, name in zip(docs, a.extend, ("first file", "second file"))]
-        out = pool(*docs)
-        if all(m in out["results"] for m in ("finesteer", "caa")) and all(d.get("rows") for d in docs):
-            out["tradeoff"] = tradeoff(out, *docs)
+                    for d, f, name in zip(docs, more, ("first file", "second file"))]
+        for variant, *runs in a.variant:
+            docs = [extend(d, as_variant(json.loads(Path(f).read_text()), variant), f"{name} (variant {variant})")
+                    for d, f, name in zip(docs, runs, ("first file", "second file"))]
+        variants = [v for v, *_ in a.variant]
+        out = pool(*docs, variants=variants)
+        if all(d.get("rows") for d in docs) and "caa" in out["results"]:
+            if "finesteer" in out["results"]:
+                out["tradeoff"] = tradeoff(out, *docs)
+            if variants:
+                out["tradeoff_variants"] = {v: tradeoff(out, *docs, method=v) for v in variants}
     except ValueError as e:
         print(f"truthfulqa_crossfit: {e}", file=sys.stderr)
         return 2
-    out["inputs"] = [a.fold_a, a.fold_b] + (list(a.extend) if a.extend else [])
+    out["inputs"] = [a.fold_a, a.fold_b] + [f for more in a.extend for f in more]
+    if a.variant:
+        out["variants"] = {v: runs for v, *runs in a.variant}
     path = Path(a.out)
     path.write_text(json.dumps(out, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(out))
