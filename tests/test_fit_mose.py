@@ -455,9 +455,10 @@ def test_null_rows_make_the_vector_shrink_on_benign_like_queries():
     assert on_targets > 0.7 and on_benign < 0.2, (float(on_targets), float(on_benign))
 
 
-def test_shrink_toward_is_exact_in_the_module_and_the_export():
+@pytest.mark.parametrize("kwargs", [dict(), dict(learned_values=True)])
+def test_shrink_toward_is_exact_in_the_module_and_the_export(kwargs):
     q, delta, _ = mixture(120)
-    mose, net = fit_mose_network(q, delta, **{**FAST, "epochs": 10})
+    mose, net = fit_mose_network(q, delta, **{**FAST, "epochs": 10, **kwargs})
     probes = mixture(30, seed=5)[0]
     with torch.no_grad():
         trained = net(probes)
