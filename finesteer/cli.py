@@ -152,6 +152,16 @@ def check_output_path(path, flag: str) -> None:
         raise CLIError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
+def _mose_option(text: str) -> tuple:
+    """argparse type of ``--mose-option NAME=VALUE`` (:func:`finesteer.fit.mose.option_from_text`)."""
+    from .fit.mose import option_from_text
+
+    try:
+        return option_from_text(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .fit.mose import INITS, SHRINKS
@@ -220,9 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the residual from the query, penalty picked on the validation rows; needs --hidden >= "
                         "2·--residual-dim), random (default: mean)")
     m.add_argument("--mose-shrink", default="off", choices=SHRINKS,
-                   help="cv: after training, pull MoSE's vectors toward the mean δ by the weight that 5-fold "
-                        "cross-validation over the training pairs picks (1 keeps the fit, 0 is the mean "
-                        "vector); for data whose response shift the query barely predicts (default: off)")
+                   help="cv: after training, pull MoSE's vectors toward the mean δ by the weight that "
+                        "cross-validation over the training pairs picks (5 folds; --mose-option shrink_folds=N; "
+                        "1 keeps the fit, 0 is the mean vector); for data whose response shift the query barely "
+                        "predicts (default: off)")
+    m.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
+                   help="any MoSEOptions field, applied over the flags above, e.g. loss=mse_cosine, "
+                        "weight_decay=0.1, query_dim=none, shrink_folds=10; repeatable")
     m.add_argument("--null-rows", type=int, default=0, metavar="N",
                    help="also fit MoSE on N of the --benign prompts (a seeded choice) with a zero response "
                         "shift, so its vector shrinks on queries that resemble them more than the targets: it "
@@ -394,10 +408,11 @@ def cmd_fit(args) -> int:
     print(f"SCS gate ({args.scs_method}, rank {gate.rank}): {gate.report}")
     null = h_b[choose_null_rows(h_b.shape[0], args.null_rows, args.seed)]
     queries, deltas = append_null_rows(q[layer], d[layer], null)
-    mose = fit_mose(queries, deltas, k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim,
-                    hidden=args.hidden, epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink,
-                    seed=args.seed,
-                    progress=_progress(args))
+    options = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
+                   epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink, seed=args.seed,
+                   progress=_progress(args))
+    options.update(dict(args.mose_option))
+    mose = fit_mose(queries, deltas, **options)
     _print_mose(mose)
     meta = {"delta_positions": args.delta_positions, "prompt_format": fmt, "n_pairs": len(pairs[0]),
             "n_target": len(target), "n_benign": len(benign), "null_rows": args.null_rows}

@@ -89,16 +89,21 @@ def test_fit_mose_init_ridge_is_recorded_in_the_artifact(work, tmp_path):
     assert Steerer.load(artifact, hidden_size=64).mose.fit_stats["hyperparameters"]["init"] == "mean"
 
 
-def test_fit_mose_shrink_cv_is_reported_and_recorded(work, tmp_path, capsys):
+def test_fit_mose_shrink_cv_and_mose_options_are_reported_and_recorded(work, tmp_path, capsys):
     root, files, _ = work
     out = tmp_path / "shrink.safetensors"
     rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
                files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
-               *FIT_SMALL, "--mose-shrink", "cv"])
+               *FIT_SMALL, "--mose-shrink", "cv", "--mose-option", "shrink_folds=3", "--mose-option", "loss=mse_cosine"])
     assert rc == 0
-    assert "MoSE shrinkage toward the mean δ (5-fold cross-validation): weight " in capsys.readouterr().out
+    assert "MoSE shrinkage toward the mean δ (3-fold cross-validation): weight " in capsys.readouterr().out
     stats = Steerer.load(out, hidden_size=64).mose.fit_stats
     assert stats["hyperparameters"]["shrink"] == "cv" and 0.0 <= stats["shrink"]["weight"] <= 1.0
+    assert stats["hyperparameters"]["loss"] == "mse_cosine" and stats["shrink"]["folds"] == 3
+    # --mose-option applies over the dedicated flags; a bad one is refused before anything runs
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", str(root / "model"), "--mose-option", "shrink_folds=many"])
+    assert "argument --mose-option: shrink_folds: cannot parse 'many'" in capsys.readouterr().err
 
 
 def test_fit_null_rows_shrink_mose_on_benign_prompts(work, tmp_path, capsys):

@@ -503,3 +503,19 @@ def test_cv_shrinkage_keeps_a_predictable_fit_and_drops_noise():
     again = fit_mose(q, delta, **{k: v for k, v in opts.items() if k != "shrink"})
     for name in MoSE.TENSORS:
         assert torch.equal(getattr(base, name), getattr(again, name)), name
+
+
+def test_option_from_text_parses_each_field_by_its_type():
+    from finesteer.fit.mose import option_from_text
+
+    assert option_from_text("k_range=3,7") == ("k_range", (3, 7))
+    assert option_from_text("learned_values=true") == ("learned_values", True)
+    assert option_from_text("weight_decay=0.5") == ("weight_decay", 0.5)
+    assert option_from_text("hidden=64") == ("hidden", 64)
+    assert option_from_text("query_dim=none") == ("query_dim", None)
+    assert option_from_text("attn_dim=16") == ("attn_dim", 16)
+    assert option_from_text("shrink=cv") == ("shrink", "cv")
+    for bad, match in (("nonsense=1", "NAME one of .*shrink"), ("hidden", "expected NAME=VALUE"),
+                       ("hidden=x", "hidden: cannot parse 'x'"), ("normalize=maybe", "normalize: cannot parse")):
+        with pytest.raises(ValueError, match=match):
+            option_from_text(bad)

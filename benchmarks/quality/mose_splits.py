@@ -65,12 +65,15 @@ def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_promp
 def parse_variant(text: str) -> tuple:
     """``NAME:OPTION=VALUE[,OPTION=VALUE...]`` → (NAME, {option: value}); values parsed as
     ``finesteer eval --mose-option`` parses them."""
-    from finesteer.eval.cli import _mose_option
+    from finesteer.fit.mose import option_from_text
 
     name, sep, spec = text.partition(":")
     if not sep or not name or name in ("mean_vector", "mose"):
         raise argparse.ArgumentTypeError(f"expected NAME:OPTION=VALUE[,...] with a new NAME, got {text!r}")
-    return name, dict(_mose_option(item) for item in spec.split(","))
+    try:
+        return name, dict(option_from_text(item) for item in spec.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--variant {name}: {exc}") from None
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..cli import _mose_option
 from ..fit.scs import METHODS as SCS_METHODS
 from .baselines import METHODS
 from .config import TOWARD
@@ -75,36 +76,6 @@ def _method_pairs(text: str):
     if not pairs:
         raise argparse.ArgumentTypeError(f"expected METHOD:BASELINE[,...], got {text!r}")
     return tuple(pairs)
-
-
-def _mose_option(text: str):
-    """``NAME=VALUE`` for a :class:`~finesteer.fit.mose.MoSEOptions` field, VALUE parsed as the field's type."""
-    import dataclasses
-
-    from ..fit.mose import MoSEOptions
-
-    name, sep, value = text.partition("=")
-    known = {f.name: f for f in dataclasses.fields(MoSEOptions)}
-    if not sep or name not in known:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(sorted(known))}, "
-                                         f"got {text!r}")
-    default = getattr(MoSEOptions(), name)
-    if value.lower() == "none":
-        return name, None
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return name, value.lower() in ("true", "1")
-        if isinstance(default, tuple):
-            return name, tuple(int(x) for x in value.split(","))
-        if isinstance(default, (int, float)):
-            return name, type(default)(value)
-        if default is None:  # Optional[int] fields
-            return name, int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--mose-option {name}: cannot parse {value!r}") from None
-    return name, value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -28,8 +28,8 @@ from .network import MoSENetwork, row_basis
 from .train import TrainResult, train_early_stopping
 
 __all__ = ["INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "build_network", "cv_shrinkage",
-           "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "residual_basis", "ridge_residual",
-           "train_network"]
+           "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "option_from_text", "residual_basis",
+           "ridge_residual", "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
 LOSSES = ("mse", "mse_cosine")
@@ -142,6 +142,35 @@ class MoSEOptions:
         out["k_range"] = list(self.k_range)
         out["kmeans_restarts"] = KMEANS_RESTARTS
         return out
+
+
+def option_from_text(text: str) -> tuple:
+    """``"NAME=VALUE"`` → ``(name, value)`` for a :class:`MoSEOptions` field, VALUE parsed as the field's
+    type: ``true/false/1/0`` for flags, ``a,b`` for ``k_range``, numbers for numbers, ``none`` for
+    None (where a field may be None), text otherwise (e.g. ``loss=mse_cosine``, ``shrink=cv``).
+    ``ValueError`` names an unknown field or a value that does not parse; the value itself is
+    checked by the fit (:meth:`MoSEOptions.validated`)."""
+    name, sep, value = text.partition("=")
+    known = {f.name for f in dataclasses.fields(MoSEOptions)}
+    if not sep or name not in known:
+        raise ValueError(f"expected NAME=VALUE with NAME one of {', '.join(sorted(known))}, got {text!r}")
+    default = getattr(MoSEOptions(), name)
+    if value.lower() == "none":
+        return name, None
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return name, value.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            return name, tuple(int(x) for x in value.split(","))
+        if isinstance(default, (int, float)):
+            return name, type(default)(value)
+        if default is None:  # Optional[int] fields
+            return name, int(value)
+    except ValueError:
+        raise ValueError(f"{name}: cannot parse {value!r}") from None
+    return name, value
 
 
 def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides) -> MoSE:
