@@ -125,8 +125,6 @@ def check_options(args) -> None:
         value = getattr(args, dest, None)
         if value is not None and not ok(value):
             raise CLIError(f"{flag} must be {what}, got {value}")
-    if getattr(args, "k_min", None) is not None and args.k_min > args.k_max:
-        raise CLIError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
 
 
 def check_output_path(path, flag: str) -> None:
@@ -162,9 +160,51 @@ def _mose_option(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_mose_arguments(group, null_rows_help: str) -> None:
+    """The MoSE fit options ``finesteer fit`` and ``finesteer eval`` share (read by :func:`mose_options`)."""
+    from .fit.mose import INITS, SHRINKS
+
+    group.add_argument("--k-min", type=int, default=4, help="fewest MoSE experts K tried (default: 4)")
+    group.add_argument("--k-max", type=int, default=10, help="most MoSE experts K tried (default: 10)")
+    group.add_argument("--residual-dim", type=int, default=10, help="MoSE residual basis size m (default: 10)")
+    group.add_argument("--hidden", type=int, default=256, help="MoSE residual MLP hidden size H (default: 256)")
+    group.add_argument("--epochs", type=int, default=200,
+                       help="most MoSE training epochs (early stopping) (default: 200)")
+    group.add_argument("--mose-init", default="mean", choices=INITS,
+                       help="where training starts: mean (the mean δ), ridge (the mean δ plus a ridge read-out of "
+                            "the residual from the query, penalty picked on the validation rows; needs --hidden >= "
+                            "2·--residual-dim), random (default: mean)")
+    group.add_argument("--mose-shrink", default="off", choices=SHRINKS,
+                       help="cv: after training, pull MoSE's vectors toward the mean δ by the weight that "
+                            "cross-validation over the training pairs picks (5 folds; --mose-option "
+                            "shrink_folds=N; 1 keeps the fit, 0 is the mean vector); for data whose response "
+                            "shift the query barely predicts (default: off)")
+    group.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
+                       help="any MoSEOptions field, applied over the flags above, e.g. loss=mse_cosine, "
+                            "weight_decay=0.1, query_dim=none, shrink_folds=10; repeatable")
+    group.add_argument("--null-rows", type=int, default=0, metavar="N", help=null_rows_help)
+
+
+def mose_options(args) -> dict:
+    """``fit_mose`` keyword arguments from the options of :func:`add_mose_arguments` (``--mose-option``
+    applied over the dedicated flags), every value checked now by the fit's own rules, so that a bad
+    one fails before the model loads (:class:`CLIError`)."""
+    from .fit.mose import MoSEOptions
+
+    if args.k_min > args.k_max:
+        raise CLIError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
+    options = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
+                   epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink)
+    options.update(dict(args.mose_option))
+    try:
+        MoSEOptions().replace(**options).validated(1)  # the hidden size only resolves attn_dim's default
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"MoSE options: {exc}") from None
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .fit.mose import INITS, SHRINKS
 
     parser = argparse.ArgumentParser(
         prog="finesteer",
@@ -220,27 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: hard)")
     s.add_argument("--temperature", type=float, default=0.05, help="soft-gate temperature (default: 0.05)")
     m = fit.add_argument_group("MoSE")
-    m.add_argument("--k-min", type=int, default=4, help="fewest experts K tried (default: 4)")
-    m.add_argument("--k-max", type=int, default=10, help="most experts K tried (default: 10)")
-    m.add_argument("--residual-dim", type=int, default=10, help="residual basis size m (default: 10)")
-    m.add_argument("--hidden", type=int, default=256, help="hidden size H of the residual MLP (default: 256)")
-    m.add_argument("--epochs", type=int, default=200, help="most training epochs (early stopping) (default: 200)")
-    m.add_argument("--mose-init", default="mean", choices=INITS,
-                   help="where training starts: mean (the mean δ), ridge (the mean δ plus a ridge read-out of "
-                        "the residual from the query, penalty picked on the validation rows; needs --hidden >= "
-                        "2·--residual-dim), random (default: mean)")
-    m.add_argument("--mose-shrink", default="off", choices=SHRINKS,
-                   help="cv: after training, pull MoSE's vectors toward the mean δ by the weight that "
-                        "cross-validation over the training pairs picks (5 folds; --mose-option shrink_folds=N; "
-                        "1 keeps the fit, 0 is the mean vector); for data whose response shift the query barely "
-                        "predicts (default: off)")
-    m.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
-                   help="any MoSEOptions field, applied over the flags above, e.g. loss=mse_cosine, "
-                        "weight_decay=0.1, query_dim=none, shrink_folds=10; repeatable")
-    m.add_argument("--null-rows", type=int, default=0, metavar="N",
-                   help="also fit MoSE on N of the --benign prompts (a seeded choice) with a zero response "
-                        "shift, so its vector shrinks on queries that resemble them more than the targets: it "
-                        "learns how much to steer as well as which way (default: 0)")
+    add_mose_arguments(m, null_rows_help="also fit MoSE on N of the --benign prompts (a seeded choice) with a "
+                       "zero response shift, so its vector shrinks on queries that resemble them more than the "
+                       "targets: it learns how much to steer as well as which way (default: 0)")
     m.add_argument("--seed", type=int, default=0, help="seed of the splits and the MoSE fit (default: 0)")
     m.add_argument("--strength", type=float, default=1.0, help="steering strength λ stored in the artifact "
                                                                    "(default: 1.0)")
@@ -382,6 +404,7 @@ def cmd_fit(args) -> int:
     # Everything that can be checked without the model is checked first: a typo in a field
     # name, a bad number or an unwritable output should fail in a second, not after the fit.
     check_options(args)
+    options = mose_options(args)
     check_output_path(args.output, "-o/--output")
     pairs, target, benign = _load_inputs(args)
     print(f"data: {len(pairs[0])} pairs, {len(target)} target prompts, {len(benign)} benign prompts")
@@ -408,11 +431,7 @@ def cmd_fit(args) -> int:
     print(f"SCS gate ({args.scs_method}, rank {gate.rank}): {gate.report}")
     null = h_b[choose_null_rows(h_b.shape[0], args.null_rows, args.seed)]
     queries, deltas = append_null_rows(q[layer], d[layer], null)
-    options = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
-                   epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink, seed=args.seed,
-                   progress=_progress(args))
-    options.update(dict(args.mose_option))
-    mose = fit_mose(queries, deltas, **options)
+    mose = fit_mose(queries, deltas, **{"seed": args.seed, "progress": _progress(args), **options})
     _print_mose(mose)
     meta = {"delta_positions": args.delta_positions, "prompt_format": fmt, "n_pairs": len(pairs[0]),
             "n_target": len(target), "n_benign": len(benign), "null_rows": args.null_rows}

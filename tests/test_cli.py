@@ -175,6 +175,12 @@ def test_bad_inputs(work, tmp_path, capsys):
     assert "--k-min 3 is larger than --k-max 2" in _err(capsys, fit + ["--layer", "0", "--k-min", "3", "--k-max",
                                                                       "2"])
     assert "missing field 'question'" in _err(capsys, fit + ["--layer", "0", "--prompt-field", "question"])
+    # a MoSE option the fit would refuse fails before the model loads (the model path does not exist)
+    nowhere = [a if a != model else str(tmp_path / "no-model") for a in fit]
+    assert "MoSE options: fit_mose: unknown shrink 'bogus'" in _err(capsys, nowhere + ["--layer", "0", "--mose-option",
+                                                                                   "shrink=bogus"])
+    assert "init='ridge' writes the linear residual" in _err(capsys, nowhere + ["--layer", "0", "--mose-init", "ridge",
+                                                                               "--residual-dim", "9"])
 
     gen = ["generate", "--model", model, "--prompts", files["prompts"], "--max-new-tokens", "2", "--quiet"]
     small = tmp_path / "d32.safetensors"

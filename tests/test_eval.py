@@ -657,6 +657,11 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
                "--target", files["target"], "--benign", files["benign"],
                "--eval-benign", f"benign={files['benign_val']}", "--quiet", "-o", str(out)])
     assert rc == 2 and "--layer 9 is out of range" in capsys.readouterr().err
+    # MoSE options are checked with every other option, before the model loads
+    rc = main(["eval", "--model", str(tmp_path / "no-model"), "--layer", "1", "--opening-pairs", files["target"],
+               "--target", files["target"], "--benign", files["benign"], "--eval-benign", f"benign={files['benign_val']}",
+               "--mose-option", "shrink=maybe", "--quiet", "-o", str(out)])
+    assert rc == 2 and "MoSE options: fit_mose: unknown shrink 'maybe'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--mose-option", "nonsense=1"])
     with pytest.raises(SystemExit):

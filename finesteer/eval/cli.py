@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import _mose_option
+from ..cli import add_mose_arguments, mose_options
 from ..fit.scs import METHODS as SCS_METHODS
 from .baselines import METHODS
 from .config import TOWARD
@@ -209,19 +209,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--gate-temperature", type=float, default=0.5,
                    help="soft gate T in units of the std of the gate's scores on the benign training prompts "
                         "(default: 0.5)")
-    f.add_argument("--k-min", type=int, default=4, help="fewest MoSE experts K tried (default: 4)")
-    f.add_argument("--k-max", type=int, default=10, help="most MoSE experts K tried (default: 10)")
-    f.add_argument("--residual-dim", type=int, default=10, help="MoSE residual basis size m (default: 10)")
-    f.add_argument("--hidden", type=int, default=256, help="MoSE residual MLP hidden size H (default: 256)")
-    f.add_argument("--epochs", type=int, default=200, help="most MoSE training epochs (default: 200)")
-    f.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
-                   help="any other MoSEOptions field, e.g. loss=mse_cosine, weight_decay=0.1, query_dim=none; "
-                        "repeatable")
-    f.add_argument("--null-rows", type=int, default=0, metavar="N",
-                   help="add N of the gate's benign training prompts to MoSE's training data with a zero "
-                        "response shift, so the experts also learn how much to steer: the vector shrinks on "
-                        "queries that resemble benign prompts more than targets (the mean vector of caa, cast "
-                        "and scs_mean is unchanged; default: 0)")
+    add_mose_arguments(f, null_rows_help="add N of the gate's benign training prompts to MoSE's training data "
+                       "with a zero response shift, so the experts also learn how much to steer: the vector "
+                       "shrinks on queries that resemble benign prompts more than targets (the mean vector of "
+                       "caa, cast and scs_mean is unchanged; default: 0)")
     f.add_argument("--seed", type=int, default=0, help="seed of every split and fit (default: 0)")
     f.add_argument("--mode", default="prompt", choices=["prompt", "token"],
                    help="prompt: one vector per prompt from its last token (default); token: every token")
@@ -255,11 +246,7 @@ def config_from_args(args):
                          f"(--eval-target / --eval-benign names: {', '.join(names) or 'none'})")
     sets = [EvalSetSpec(n, pth, "target", toward.get(n)) for n, pth in args.eval_target]
     sets += [EvalSetSpec(n, pth, "benign", toward.get(n)) for n, pth in args.eval_benign]
-    if args.k_min > args.k_max:
-        raise ValueError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
-    mose = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
-                epochs=args.epochs)
-    mose.update(dict(args.mose_option))
+    mose = mose_options(args)
     return EvalConfig(
         layer=args.layer, target=args.target, benign=args.benign, pairs=args.pairs, opening_pairs=args.opening_pairs,
         compliance_opening_pairs=args.compliance_opening_pairs,
