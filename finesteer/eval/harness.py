@@ -357,8 +357,7 @@ class _Run:
                "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": pred["mose"]["n"],
                "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode, "benign_score_std": spread,
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
-               "mose": {k: v for k, v in (mose.fit_stats or {}).items()
-                        if isinstance(v, (int, float, str, list)) or k == "shrink"},
+               "mose": dict(mose.fit_stats or {}),  # JSON-serialisable by contract (fit_mose)
                "delta_prediction_heldout": pred,
                **({"delta_prediction_heldout_by_source": pred_by_source} if pred_by_source else {}),
                **({"null_rows": {"n_fit": int(null_fit.shape[0]), "n_heldout": int(null_held.shape[0]),
