@@ -222,6 +222,20 @@ def task_args(task: str, a) -> list:
     raise ValueError(task)
 
 
+def task_config(task: str, cache_dir: str):
+    """The task's :class:`~finesteer.eval.EvalConfig` with the default settings, as ``finesteer eval``
+    parses this script's arguments (extraction cache in ``cache_dir``): for the studies under
+    ``benchmarks/quality/`` that refit a task's steerers from its cache."""
+    from finesteer.eval.cli import add_arguments, config_from_args
+
+    a = argparse.Namespace(**DEFAULTS, strengths=None, limit_eval=None, limit_pairs=None, prompt_format="plain",
+                           threads=1)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return config_from_args(p.parse_args(["--model", "unused", *task_args(task, a), "-o", "unused",
+                                          "--cache-dir", cache_dir, "--quiet"]))
+
+
 def _methods_of(extra: list, task: str):
     """The methods the run scores: those named by ``--methods`` among the further eval options
     ``extra``, else the task's own (:data:`TASK_METHODS`); None when neither names any (every method)."""

@@ -498,6 +498,29 @@ def test_truthfulqa_crossfit_adds_a_finesteer_variant_as_a_method_of_its_own(tmp
     assert "| 8 | 0.500 / 0.400 / 0.500 | 8 | 1.000 / 0.650 / 0.100 | yes |" in md
 
 
+def test_truthfulqa_push_measures_along_the_mean_in_units_of_caa():
+    push_mod = _load("truthfulqa_push")
+    mean = torch.tensor([2.0, 0.0, 0.0])
+    vectors = torch.tensor([[4.0, 0.0, 0.0], [1.0, 2.0, 0.0], [-2.0, 0.0, 2.0]])
+    push, off = push_mod.push_along_mean(vectors, mean)
+    assert push.tolist() == [2.0, 0.5, -1.0] and off.tolist() == [0.0, 1.0, 1.0]
+    split = push_mod.split_at_median(torch.tensor([0.2, 0.5, 1.5, 2.0]), torch.tensor([-0.1, 0.0, 0.2, 0.3]))
+    assert split["all"] == pytest.approx(0.1) and split["push_above_median"] == pytest.approx(0.25)
+    assert split["push_at_or_below_median"] == pytest.approx(-0.05) and split["corr"] > 0.9
+
+
+def test_truthfulqa_push_reads_one_method_over_a_folds_runs(tmp_path):
+    push_mod = _load("truthfulqa_push")
+    paths = []
+    for i, lams in enumerate((("2.0", "4.0"), ("12.0",))):
+        doc = {"truthfulqa": {"per_question": {"finesteer": {lam: {"mc1": [True], "mc2": [float(lam)]} for lam in lams},
+                                               "caa": {lam: {"mc1": [False], "mc2": [0.0]} for lam in lams}}}}
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert push_mod.per_question(paths, "finesteer") == {2.0: [2.0], 4.0: [4.0], 12.0: [12.0]}
+    assert push_mod.per_question(paths, "scs_mean") == {}
+
+
 def test_null_rows_routing_reads_the_safety_config_and_the_kept_push():
     """null_rows_routing.py: the safety task's fit settings as bench_quality passes them, and the
     push kept on opened prompts, hand-computed."""

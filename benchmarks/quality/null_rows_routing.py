@@ -45,14 +45,7 @@ def safety_config(cache_dir: str):
     """The safety task's :class:`EvalConfig` (bench_quality's arguments, parsed by ``finesteer eval``)."""
     import bench_quality as bq
 
-    from finesteer.eval.cli import add_arguments, config_from_args
-
-    a = argparse.Namespace(**bq.DEFAULTS, strengths=None, limit_eval=None, limit_pairs=None, prompt_format="plain",
-                           threads=1)
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return config_from_args(p.parse_args(["--model", "unused", *bq.task_args("safety", a), "-o", "unused",
-                                          "--cache-dir", cache_dir, "--quiet"]))
+    return bq.task_config("safety", cache_dir)
 
 
 def push_report(gate, u: torch.Tensor, dev: dict, vector, base) -> dict:
