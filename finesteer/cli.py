@@ -589,6 +589,9 @@ def cmd_inspect(args) -> int:
     shown = [f"{k}={fit[k]:.4g}" if isinstance(fit[k], float) else f"{k}={fit[k]}" for k in keys if k in fit]
     if shown:
         print("  fit:          " + "  ".join(shown))
+    if "shrink" in fit:
+        print(f"  shrinkage:    weight {fit['shrink']['weight']:.3g} toward the mean δ "
+              f"({fit['shrink']['folds']}-fold cross-validation)")
     if info["extra"]:
         print("  extra:        " + json.dumps(info["extra"], sort_keys=True))
     return 0

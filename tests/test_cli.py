@@ -100,6 +100,8 @@ def test_fit_mose_shrink_cv_and_mose_options_are_reported_and_recorded(work, tmp
     stats = Steerer.load(out, hidden_size=64).mose.fit_stats
     assert stats["hyperparameters"]["shrink"] == "cv" and 0.0 <= stats["shrink"]["weight"] <= 1.0
     assert stats["hyperparameters"]["loss"] == "mse_cosine" and stats["shrink"]["folds"] == 3
+    assert main(["inspect", str(out)]) == 0
+    assert f"shrinkage:    weight {stats['shrink']['weight']:.3g} toward the mean δ (3-fold" in capsys.readouterr().out
     # --mose-option applies over the dedicated flags; a bad one is refused before anything runs
     with pytest.raises(SystemExit):
         main(["fit", "--model", str(root / "model"), "--mose-option", "shrink_folds=many"])
