@@ -385,6 +385,23 @@ def test_swap_split_fits_on_the_scored_part_and_scores_the_fitted_part(files, tm
     assert swapped.splits[files["target"]]["swapped"] is True
 
 
+def test_pairs_per_prompt_sets_the_pairs_per_truthfulqa_question(files, tmp_path):
+    """A TruthfulQA --pairs file gives --pairs-per-prompt pairs per fitted question (at most one per
+    answer of its longer list: here 2 correct, 1 incorrect), cycling through the answers."""
+    from finesteer.eval.harness import _Inputs
+
+    def pairs(n):
+        return _Inputs(_config(files, tmp_path, truthfulqa=files["tqa"], pairs=files["tqa"], opening_pairs=None,
+                               pairs_per_prompt=n)).pairs
+
+    one, two, many = pairs(1), pairs(2), pairs(5)
+    questions = sorted(set(two[0]))
+    assert len(questions) == 3  # the fitted half of 6
+    assert sorted(one[0]) == questions and sorted(two[0]) == sorted(questions * 2) and many == two
+    assert set(zip(two[1], two[2])) == {("No, it is blue", "Yes, it is green"), ("No", "Yes, it is green")}
+    assert set(one[1]) == {"No, it is blue"}
+
+
 def test_a_set_scored_toward_compliance_has_the_opposite_margins(llama, files, tmp_path):
     """--set-toward: the same prompts scored toward compliance give exactly the negated margin shifts
     (and toward-rates measured the other way); the report names the set's direction."""

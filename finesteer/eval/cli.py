@@ -122,7 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "opening, refusal opening: δ toward compliance), pooled after --opening-pairs, e.g. "
                         "benign-but-sensitive prompts a model should answer")
     t.add_argument("--pairs-per-prompt", type=int, default=2,
-                   help="pairs per prompt for --opening-pairs and --compliance-opening-pairs (default: 2)")
+                   help="pairs per prompt for --opening-pairs and --compliance-opening-pairs, and per question of a "
+                        "TruthfulQA --pairs file (at most one per answer of its longer list; default: 2)")
     t.add_argument("--target", required=True, help="prompts the gate should open on (field prompt or question)")
     t.add_argument("--benign", required=True, nargs="+", metavar="FILE",
                    help="prompts the gate should stay closed on; several files are pooled (e.g. ordinary "

@@ -59,7 +59,8 @@ class EvalConfig:
             (compliance opening, refusal opening; :func:`finesteer.eval.openings.compliance_pairs`),
             pooled after ``opening_pairs``: e.g. refusal on harmful prompts and compliance on
             benign-but-sensitive ones, both from written openings.
-        pairs_per_prompt: pairs per prompt for ``opening_pairs`` and ``compliance_opening_pairs``.
+        pairs_per_prompt: pairs per prompt for ``opening_pairs`` and ``compliance_opening_pairs``, and
+            per question of a TruthfulQA ``pairs`` file (at most one per answer of its longer list).
     Evaluation inputs (scored, never fitted on — a file that is also a training file is split by
     record, seeded, ``fit_fraction`` of it for fitting and the rest for scoring; ``swap_split``
     fits on that rest and scores the first part instead, the second fold of a two-fold

@@ -157,11 +157,12 @@ def truthfulqa_pairs(questions: Sequence[MCQuestion], per_question: int = 2) -> 
 
 
 def load_train_pairs(path, limit: Optional[int] = None, prompt_field: str = "prompt", chosen_field: str = "chosen",
-                     rejected_field: str = "rejected") -> tuple:
-    """Preference triples from a pairs file, or from a TruthfulQA file (see :func:`truthfulqa_pairs`)."""
+                     rejected_field: str = "rejected", per_question: int = 2) -> tuple:
+    """Preference triples from a pairs file, or from a TruthfulQA file (see :func:`truthfulqa_pairs`;
+    ``per_question`` pairs per question, ignored for other files)."""
     rows = read_records(path)
     if _is_truthfulqa(rows[0][1]):
-        return truthfulqa_pairs(load_truthfulqa(path, limit))
+        return truthfulqa_pairs(load_truthfulqa(path, limit), per_question)
     from ..data import load_pairs
     return load_pairs(path, prompt_field, chosen_field, rejected_field, limit)
 

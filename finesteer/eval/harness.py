@@ -205,7 +205,7 @@ class _Inputs:
         from ..data import read_records
         n = len(read_records(cfg.pairs))
         keep = set(self._indices(cfg.pairs, n, 0))
-        p, c, r = load_train_pairs(cfg.pairs)
+        p, c, r = load_train_pairs(cfg.pairs, per_question=cfg.pairs_per_prompt)
         if len(p) != n:  # a TruthfulQA file: several pairs per record, split by question text
             from .data import load_truthfulqa as _tqa
             questions = [q.question for i, q in enumerate(_tqa(cfg.pairs)) if i in keep]
