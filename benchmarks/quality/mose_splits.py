@@ -16,6 +16,11 @@ Input: the pair cache a ``bench_quality.py`` run leaves, e.g.
 ``--variant NAME:OPTION=VALUE[,OPTION=VALUE...]`` (repeatable; options as ``finesteer eval
 --mose-option``) also fits and scores MoSE with those options on every split, e.g.
 ``--variant ridge:init=ridge``.
+
+``--fit-pairs-per-prompt K`` fits every field on at most the first K pairs of each training prompt
+(held-out prompts keep all theirs): with a cache extracted with many pairs per prompt (e.g.
+``--pairs-per-prompt 16`` on TruthfulQA), two runs, with K and without, tell how much the fits gain
+from more responses per prompt, judged on the same, less noisy held-out δ.
 """
 from __future__ import annotations
 
@@ -39,8 +44,18 @@ def load_pairs(path: str) -> tuple:
     return t[f"queries_{layer}"], t[f"deltas_{layer}"]
 
 
+def rank_within_prompt(prompt_of: torch.Tensor) -> torch.Tensor:
+    """[N] long: for each row, how many earlier rows share its prompt (0 for a prompt's first pair)."""
+    seen: dict = {}
+    out = torch.empty_like(prompt_of)
+    for i, p in enumerate(prompt_of.tolist()):
+        out[i] = seen.get(p, 0)
+        seen[p] = out[i].item() + 1
+    return out
+
+
 def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_prompts: int, seed: int,
-              holdout: float, variants: dict = None) -> dict:
+              holdout: float, variants: dict = None, fit_pairs_per_prompt: int = None) -> dict:
     from finesteer.eval import metrics
     from finesteer.eval.baselines import mean_vector_mose
     from finesteer.fit import fit_mose
@@ -51,11 +66,14 @@ def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_promp
     held_prompt[perm[:max(1, int(round(holdout * n_prompts)))]] = True
     held = held_prompt[prompt_of]
     q_held, d_held = merge_duplicate_queries(q[held].double(), d[held].double())
-    fields = {"mean_vector": mean_vector_mose(d[~held].double().mean(0).float()),
-              "mose": fit_mose(q[~held], d[~held], seed=0, progress=False)}
+    fit = ~held
+    if fit_pairs_per_prompt is not None:
+        fit &= rank_within_prompt(prompt_of) < fit_pairs_per_prompt
+    fields = {"mean_vector": mean_vector_mose(d[fit].double().mean(0).float()),
+              "mose": fit_mose(q[fit], d[fit], seed=0, progress=False)}
     for name, options in (variants or {}).items():
-        fields[name] = fit_mose(q[~held], d[~held], seed=0, progress=False, **options)
-    out = {"seed": seed, "n_prompts_heldout": int(q_held.shape[0])}
+        fields[name] = fit_mose(q[fit], d[fit], seed=0, progress=False, **options)
+    out = {"seed": seed, "n_prompts_heldout": int(q_held.shape[0]), "n_fit_pairs": int(fit.sum())}
     for name, f in fields.items():
         scores = metrics.delta_prediction(f.vector(q_held.float()), d_held)
         out[name] = {k: round(float(v), 4) for k, v in scores.items()}
@@ -84,14 +102,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variant", type=parse_variant, action="append", default=[],
                     help="NAME:OPTION=VALUE[,...]: also score MoSE fitted with these options (repeatable)")
+    ap.add_argument("--fit-pairs-per-prompt", type=int, default=None,
+                    help="fit on at most the first K pairs of each training prompt (default: all)")
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args(argv)
+    if a.fit_pairs_per_prompt is not None and a.fit_pairs_per_prompt < 1:
+        ap.error(f"--fit-pairs-per-prompt must be >= 1, got {a.fit_pairs_per_prompt}")
     torch.set_num_threads(a.threads)
     q, d = load_pairs(a.pairs_cache)
     uniq, prompt_of = torch.unique(q, dim=0, return_inverse=True)
     variants = dict(a.variant)
     names = ("mean_vector", "mose", *variants)
-    rows = [one_split(q, d, prompt_of, len(uniq), 1000 + s, a.holdout, variants) for s in range(a.splits)]
+    rows = [one_split(q, d, prompt_of, len(uniq), 1000 + s, a.holdout, variants, a.fit_pairs_per_prompt)
+            for s in range(a.splits)]
     summary = {}
     for name in names:
         for metric in ("cosine", "mse"):
@@ -107,6 +130,7 @@ def main(argv=None) -> int:
     print(f"over {len(rows)} splits: {json.dumps(summary)}")
     if a.output:
         Path(a.output).write_text(json.dumps(dict(pairs_cache=Path(a.pairs_cache).name, holdout=a.holdout,
+                                                  fit_pairs_per_prompt=a.fit_pairs_per_prompt,
                                                   variants={k: {o: str(v) for o, v in opts.items()}
                                                             for k, opts in variants.items()},
                                                   summary=summary, splits=rows), indent=1) + "\n")
