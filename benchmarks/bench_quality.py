@@ -11,6 +11,9 @@ VALIDATION sets (never tuned on what is reported):
 - ``safety_budget`` — the safety run's FineSteer with its gate calibrated at a 30 % benign budget
   instead of 5 % (the same probe and MoSE; only τ moves), beside CAA: the second operating point
   for the CAA strengths the 5 % gate cannot reach (``benchmarks/quality/budget_ladder.py``);
+- ``safety_tight`` — the same with τ at a 2 % budget, beside CAST-style: the operating point at which
+  the gate opens on as many development harmful prompts as CAST-style's does, to compare the two
+  gates' cost on borderline prompts at equal recall (``budget_ladder.py match-open`` and ``versus``);
 - ``safety_mixed`` — the safety run with CoCoNot's (chosen, rejected) pairs on benign-but-sensitive
   prompts pooled into the experts' training data, so the response shift to learn depends on the
   query (refusal on harmful prompts, CoCoNot's preferred answers on sensitive benign ones): where
@@ -73,6 +76,7 @@ DEFAULTS = dict(layer=11, scs_method="probe", max_benign_fpr=0.05, eval_start=0.
 #: expensive step: fewer strengths (and AlphaSteer, a safety baseline, left out: TRUTHFULNESS_METHODS).
 TASK_STRENGTHS = {"safety": "1,1.5,2,3,4,6,8,12,16", "truthfulness": "2,4,8", "overrefusal": "1,2,4,8,16"}
 TASK_STRENGTHS["safety_budget"] = TASK_STRENGTHS["safety"]
+TASK_STRENGTHS["safety_tight"] = TASK_STRENGTHS["safety"]
 TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it from the safety run's arguments
 TASK_STRENGTHS["refuse_or_comply"] = TASK_STRENGTHS["safety"]
 TASK_STRENGTHS["refuse_or_comply_openings"] = TASK_STRENGTHS["safety"]
@@ -85,25 +89,30 @@ TASK_STRENGTHS["truthfulness_swapped"] = TASK_STRENGTHS["truthfulness"]
 #: (docs/quality.md). Over-refusal keeps 300: with all 927 CoCoNot records MoSE predicted held-out
 #: δ better but FineSteer moved the development borderline prompts less (+17.93 vs +28.64 at
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
-TASK_LIMIT_PAIRS = {"safety": 300, "safety_budget": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
+TASK_LIMIT_PAIRS = {"safety": 300, "safety_budget": 300, "safety_tight": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
                     "refuse_or_comply_openings": 1000, "truthfulness": 300, "truthfulness_swapped": 300,
                     "overrefusal": 300}
 #: Prompts scored per evaluation set (``--limit-eval``), unless --limit-eval is given. Safety scores
 #: 100 per set (it scored 40 before): its comparison with CAA's strongest points turns on the gate's
 #: open rate on the harmful set, and with 40 prompts that rate's standard error is ≈ 8 points (57.5 %
 #: on the development rows, 47.5 % on the reported ones). Set before the 100-prompt run was seen.
-TASK_LIMIT_EVAL = {"safety": 100, "safety_budget": 100}
+TASK_LIMIT_EVAL = {"safety": 100, "safety_budget": 100, "safety_tight": 100}
 #: Each task's gate budget (``--max-benign-fpr``), unless --max-benign-fpr is given (else
 #: DEFAULTS["max_benign_fpr"]). safety_budget's 30 % is the smallest of 10, 15, 20 and 30 % at which
 #: FineSteer reached every CAA grid point on the development rows and dominated CAA (pooled benign
 #: view) at the two the 5 % gate could not reach (λ = 12, 16), a rule fixed before the runs
 #: (benchmarks/quality/budget_ladder.py select; docs/quality.md, "A second gate budget").
-TASK_MAX_BENIGN_FPR = {"safety_budget": 0.3}
+#: safety_tight's 2 % is the candidate (1, 1.5, 2, 3, 4 %) at which the gate opens on the share of the
+#: development harmful prompts closest to CAST-style's gate's (0.274 and 0.274 of 500), a rule fixed
+#: before any reported row was read at that budget (budget_ladder.py match-open; docs/quality.md,
+#: "A third gate budget").
+TASK_MAX_BENIGN_FPR = {"safety_budget": 0.3, "safety_tight": 0.02}
 #: Each task's ``--methods``, where it runs a subset (else the eval's default: every method).
-TASK_METHODS = {"safety_budget": "unsteered,caa,finesteer"}
-#: Tasks that read and fill another task's cache folder under --cache-dir: safety_budget extracts
-#: exactly what safety does (the cache is keyed by its inputs), so after the safety run it extracts nothing.
-TASK_CACHE = {"safety_budget": "safety"}
+TASK_METHODS = {"safety_budget": "unsteered,caa,finesteer", "safety_tight": "unsteered,cast,finesteer"}
+#: Tasks that read and fill another task's cache folder under --cache-dir: safety_budget and
+#: safety_tight extract exactly what safety does (the cache is keyed by its inputs), so after the
+#: safety run they extract nothing.
+TASK_CACHE = {"safety_budget": "safety", "safety_tight": "safety"}
 DEFAULT_LIMIT_EVAL = 40
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
@@ -114,7 +123,7 @@ MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: direction only), which bounds the set mean by open rate × the saturated per-prompt shift. CAA
 #: itself is not scored there: at λ = 16 its benign KL is already 18 with every greedy continuation
 #: changed. The extra rows cost little: prompts whose gates are closed are not re-scored.
-GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64", "safety_budget": "24,32,48,64"}
+GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64", "safety_budget": "24,32,48,64", "safety_tight": "24,32,48,64"}
 GATED_METHODS = ("cast", "scs_mean", "finesteer")
 #: FineSteer's curve below the task grid's smallest λ. The trade-off check asks, for each baseline
 #: point, for the weakest FineSteer strength that moves the targets at least as far; for the weakest
@@ -122,7 +131,7 @@ GATED_METHODS = ("cast", "scs_mean", "finesteer")
 #: check could only offer FineSteer λ = 1 (+3.35, twice as far, at benign KL 0.014 vs 0.007).
 #: More points of the same curve; no fit or setting changes. (λ = 0.6 was added after the 40-prompt
 #: run showed the crossing between 0.5 and 0.75.)
-FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75", "safety_budget": "0.5,0.6,0.75"}
+FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75", "safety_budget": "0.5,0.6,0.75", "safety_tight": "0.5,0.6,0.75"}
 #: ``--match-targets`` of each task: FineSteer is also scored where it moves the target prompts as far
 #: as each point of CAA, CAST-style and SCS + mean (within 2 %), so the trade-off check compares equal
 #: target shifts rather than the next point of FineSteer's grid (which overshot by up to 30 % in the
@@ -131,6 +140,7 @@ FINESTEER_BELOW_GRID = {"safety": "0.5,0.6,0.75", "safety_budget": "0.5,0.6,0.75
 #: is not matched against CAA (always on: every strength is a full scoring pass).
 TASK_MATCH_TARGETS = {"safety": ("finesteer:caa", "finesteer:cast", "finesteer:scs_mean")}
 TASK_MATCH_TARGETS["safety_budget"] = TASK_MATCH_TARGETS["safety"]  # those of its methods: finesteer:caa
+TASK_MATCH_TARGETS["safety_tight"] = TASK_MATCH_TARGETS["safety"]  # finesteer:cast
 
 
 def _gemma_gguf() -> str:
@@ -179,7 +189,7 @@ def task_args(task: str, a) -> list:
               "--threads", str(a.threads), "--prompt-format", a.prompt_format]
     if task == "safety":
         return common + _safety_args(a)
-    if task == "safety_budget":
+    if task in ("safety_budget", "safety_tight"):
         return common + _safety_args(a) + ["--methods", TASK_METHODS[task]]
     if task == "safety_mixed":
         # The safety run with CoCoNot's (prompt, chosen, rejected) pairs pooled into the experts'
@@ -280,7 +290,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="results root (one folder per task)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "finesteer" / "bench_quality"),
                    help="extraction and continuation cache, outside the repository (default: "
-                        "~/.cache/finesteer/bench_quality/<task>; safety_budget shares safety's)")
+                        "~/.cache/finesteer/bench_quality/<task>; safety_budget and safety_tight share safety's)")
     for k, v in DEFAULTS.items():
         if k != "max_benign_fpr":
             p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)

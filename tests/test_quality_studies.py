@@ -2,8 +2,8 @@
 per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt),
 gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
 sequences), truthfulqa_crossfit.py (pooling two cross-fit folds), null_rows_routing.py (the kept
-push), budget_ladder.py (re-gating at a tighter τ, the choice rule, the report) and bench_quality.py's
-task options."""
+push), budget_ladder.py (re-gating at a tighter τ, the choice rules, the report, a run against
+another run's baselines) and bench_quality.py's task options."""
 import argparse
 import importlib.util
 import json
@@ -93,6 +93,12 @@ def test_mose_splits_holds_out_whole_prompts(splits, tmp_path):
     assert row["n_prompts_heldout"] == 8  # 20 % of 40 prompts, each prompt's 3 pairs merged
     for name in ("mean_vector", "mose"):
         assert set(row[name]) == {"cosine", "mse", "n"} and row[name]["n"] == 8
+    assert row["n_fit_pairs"] == 96
+    # fitted on the first pair of each training prompt only; the held-out prompts keep all three
+    one = splits.one_split(q, d, prompt_of, len(uniq), seed=1, holdout=0.2, fit_pairs_per_prompt=1)
+    assert one["n_fit_pairs"] == 32 and one["n_prompts_heldout"] == 8
+    assert one["mean_vector"]["n"] == 8 and one["mean_vector"] != row["mean_vector"]
+    assert splits.rank_within_prompt(torch.tensor([2, 0, 2, 2, 0])).tolist() == [0, 0, 1, 2, 1]
 
 
 def test_mose_splits_scores_named_variants_on_every_split(splits, tmp_path):
@@ -235,6 +241,12 @@ def test_bench_quality_limits_are_the_tasks_own_unless_given():
     assert budget[budget.index("--methods") + 1] == "unsteered,caa,finesteer"
     same = [x for x in budget if x not in ("0.3", "--methods", "unsteered,caa,finesteer")]
     assert same == [x for x in task_args("safety") if x != str(bench.DEFAULTS["max_benign_fpr"])]
+    # safety_tight: the same at a 2 % budget, FineSteer beside CAST-style
+    tight = task_args("safety_tight")
+    assert option("safety_tight", "--max-benign-fpr") == "0.02"
+    assert tight[tight.index("--methods") + 1] == "unsteered,cast,finesteer"
+    same = [x for x in tight if x not in ("0.02", "--methods", "unsteered,cast,finesteer")]
+    assert same == [x for x in task_args("safety") if x != str(bench.DEFAULTS["max_benign_fpr"])]
 
 
 def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
@@ -265,8 +277,10 @@ def test_bench_quality_matches_finesteer_to_the_baselines_it_runs():
     assert bench.match_args("safety", ["--match-targets", "finesteer:cast"]) == []  # the caller's own wins
     assert bench.match_args("truthfulness", []) == []
     assert bench.match_args("safety_budget", []) == ["--match-targets", "finesteer:caa"]
-    # it extracts exactly what the safety run does, so it shares that run's cache folder
+    assert bench.match_args("safety_tight", []) == ["--match-targets", "finesteer:cast"]
+    # they extract exactly what the safety run does, so they share that run's cache folder
     assert bench.cache_folder("safety_budget", "/c") == bench.cache_folder("safety", "/c") == str(Path("/c") / "safety")
+    assert bench.cache_folder("safety_tight", "/c") == str(Path("/c") / "safety")
     assert bench.cache_folder("safety_mixed", "/c") == str(Path("/c") / "safety_mixed")
     from finesteer.eval.cli import _method_pairs
     assert _method_pairs(bench.match_args("safety", [])[1]) == (("finesteer", "caa"), ("finesteer", "cast"),
@@ -624,3 +638,74 @@ def test_budget_ladder_report_falls_back_to_the_loose_budget_only_beyond_reach(l
     loose["sets"]["harmful"]["results"]["caa"]["2.0"]["margin_shift"] = 6.6
     with pytest.raises(ValueError, match="CAA λ = 2 differs"):
         ladder.report(committed, loose)
+
+
+def test_budget_ladder_match_open_takes_the_closest_share_ties_to_the_looser(ladder):
+    class Gate:  # scores a row by its first feature
+        def score(self, h):
+            return h[:, 0]
+
+    states = {"harmful": torch.tensor([[0.1], [0.5], [0.9], [0.95]]), "borderline": torch.tensor([[0.2], [0.6]])}
+    assert ladder.open_shares(Gate(), states, 0.5) == {"harmful": 0.5, "borderline": 0.5}
+    shares = {0.01: {"harmful": 0.25}, 0.02: {"harmful": 0.75}, 0.03: {"harmful": 0.9}}
+    res = ladder.match_open(shares, {"harmful": 0.5})
+    assert res["chosen"] == 0.02 and res["gap"] == {"0.01": 0.25, "0.02": 0.25, "0.03": 0.4}
+    assert ladder.match_open(shares, {"harmful": 0.3})["chosen"] == 0.01
+
+
+def test_budget_ladder_dev_states_name_the_command_that_caches_them(ladder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="gate_study.py --layers 11 --n-dev 500"):
+        ladder.load_dev_states(str(tmp_path))
+    from safetensors.torch import save_file
+    for stem in ladder.DEV_STATE_FILES.values():
+        save_file({"11": torch.zeros(2, 3), "13": torch.zeros(2, 3)}, str(tmp_path / f"{stem}.safetensors"))
+    with pytest.raises(ValueError, match="holds 2 layers"):
+        ladder.load_dev_states(str(tmp_path))
+
+
+def test_budget_ladder_versus_compares_with_both_runs_baselines(ladder):
+    committed = _ladder_run({1.0: [4.0, 2.0], 2.0: [8.0, 6.0]}, {1.0: ([1.0, 0.0], [0.1, 0.0]), 2.0: ([2.0, 0.0], [0.4, 0.0])},
+                            _CAA, budget=0.05)
+    # the tighter run (τ 0.5) opens harmful prompt 0 only: exactly the committed run re-gated there
+    tight = _ladder_run({1.0: [4.0, 0.0], 2.0: [8.0, 0.0]}, {1.0: ([1.0, 0.0], [0.1, 0.0]), 2.0: ([2.0, 0.0], [0.4, 0.0])},
+                        {1.0: (1.0, 0.05, 1.0), 2.0: (5.0, 0.1, 0.5)}, tau=0.5, budget=0.02)
+    res = ladder.versus(tight, committed, ["caa"])
+    assert res["regate_check"] == {"common_strengths": 2, "max_relative_difference": 0.0}
+    assert res["budget"] == 0.02 and res["committed_budget"] == 0.05
+    e = res["views"]["pooled benign"]["versus"]
+    # committed CAA: λ = 1 (+3.0, KL 0.5, shift 3.0) is met by λ = 2 (+4.0, 0.2, 1.0); λ = 2's +6.5 out of reach
+    assert (e["caa"]["dominates"], e["caa"]["reached"], e["caa"]["points"]) == (1, 1, 2)
+    # the run's own "caa" rows are another baseline: λ = 1 is met by λ = 1 (+2.0) but costs more there
+    own = e["caa (run's budget)"]["comparison"]
+    assert [(c["strength"], c["dominates"]) for c in own] == [(1.0, False), (None, False)]
+    assert res["gate_open"] == {"finesteer": {"harmful": 0.5, "borderline": 0.5}}
+    tight["sets"]["harmful"]["results"]["finesteer"]["1.0"]["margin_shift"] = 2.2  # not the committed fit re-gated
+    with pytest.raises(ValueError, match=r"differ by 0\.1 .* not the same prompts and fit"):
+        ladder.versus(tight, committed, ["caa"])
+    other = _ladder_run({1.0: [4.0, 0.0]}, {1.0: ([1.0, 0.0], [0.1, 0.0])}, _CAA, tau=0.5)
+    other["sets"]["harmful"]["n"] = 3
+    with pytest.raises(ValueError, match="same sets and prompts"):
+        ladder.versus(other, committed, ["caa"])
+
+
+def test_budget_ladder_report_takes_the_tightest_budget_that_reaches(ladder):
+    committed = _ladder_run({1.0: [4.0, 2.0], 4.0: [5.0, 0.0]}, {1.0: ([0.2, 0.0], [0.02, 0.0]), 4.0: ([0.4, 0.0], [0.04, 0.0])},
+                            _CAA, budget=0.05)
+    loose = _ladder_run({1.0: [4.0, 4.0], 2.0: [8.0, 7.0]}, {1.0: ([1.0, 1.0], [0.1, 0.1]), 2.0: ([2.0, 2.0], [0.4, 0.4])}, _CAA)
+    # the tight run (τ 0.5) is the committed one re-gated: harmful prompt 0 only, +2.0 at λ = 1 (short of
+    # CAA λ = 1's +3.0) and +2.5 at λ = 4; it reaches nothing, so the ladder is the two-budget one
+    tight = _ladder_run({1.0: [4.0, 0.0], 4.0: [5.0, 0.0]}, {1.0: ([0.2, 0.0], [0.02, 0.0]), 4.0: ([0.4, 0.0], [0.04, 0.0])},
+                        _CAA, tau=0.5, budget=0.02)
+    two = ladder.report(committed, loose)
+    three = ladder.report(committed, loose, tight)
+    assert three["tight_budget"] == 0.02 and three["tight_regate_check"]["max_relative_difference"] == 0.0
+    assert three["views"]["pooled benign"]["ladder"] == two["views"]["pooled benign"]["ladder"]
+    assert "tight_budget" not in two and not any(e["reached"] for e in three["views"]["pooled benign"]["tight_alone"])
+    # where it reaches, it is taken before the task budget
+    for s in tight["sets"].values():
+        s["gate"]["finesteer"]["scores"] = [0.9, 0.3]
+    tight["sets"]["harmful"]["results"]["finesteer"]["4.0"]["margin_shift"] = 3.5
+    committed["sets"]["harmful"]["results"]["finesteer"]["4.0"]["per_prompt"]["margin_shift"] = [7.0, 0.0]
+    got = [(e["baseline_strength"], e["operating_point"], e["strength"])
+           for e in ladder.report(committed, loose, tight)["views"]["pooled benign"]["ladder"]]
+    assert got == [(1.0, "tight budget", 4.0), (2.0, "loose budget", 2.0)]

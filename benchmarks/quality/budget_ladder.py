@@ -1,4 +1,5 @@
-"""A second gate budget for the CAA points the safety task's FineSteer cannot reach.
+"""Gate budgets other than the safety task's 5 %: a looser one for the CAA points its FineSteer
+cannot reach, a tighter one to meet CAST-style at equal recall.
 
 FineSteer's gate is calibrated at a 5 % benign budget and opens on about half of the harmful
 prompts, so its harmful shift saturates (≈ +27 on the reported rows, +31 on the development rows)
@@ -21,12 +22,31 @@ chosen B (methods unsteered, caa, finesteer; ``--match-targets finesteer:caa``).
 two runs' CAA rows agree, and for every CAA point takes the task-budget FineSteer where it reaches
 and FineSteer at B where it does not; pooled and per benign set.
 
+``match-open`` (development rows only): the tighter budget at which FineSteer's gate opens on the
+share of the development harmful prompts closest to CAST-style's gate's share (ties: the looser
+budget), so that the two gates can be compared at equal recall: which costs less on the
+benign-but-sensitive (borderline) prompts. τ per candidate budget and CAST-style's gate are refitted
+from the task's training states; the development rows are all 500 / 500 / 145 first-half rows of
+``harmful_val`` / ``benign_val`` / ``borderline_val``, whose last-token states gate_study.py caches.
+
+``versus`` (reported rows): a run at another budget (e.g. ``safety_tight``) against the baselines
+as the committed safety run scored them (task budget) and as the run itself did (a gated baseline's
+τ moves with the budget too), per benign view. It first checks that the two runs score the same
+prompts with the same fit, which also tests the re-gating rule on the reported rows: the committed
+FineSteer, re-gated at the run's τ, against the run's own FineSteer at their common strengths.
+
 Run::
 
     nice python benchmarks/quality/budget_ladder.py select --eval <dev run at B=0.3>/safety/eval.json \\
         --cache-dir <its cache>/safety --budgets 0.1,0.15,0.2,0.3 -o benchmarks/results/quality/budget_ladder_dev.json
     python benchmarks/quality/budget_ladder.py report --committed benchmarks/results/quality/safety/eval.json \\
         --loose benchmarks/results/quality/safety_budget/eval.json -o benchmarks/results/quality/budget_ladder.json
+    nice python benchmarks/quality/gate_study.py --layers 11 --n-dev 500 --cache-dir <states>   # caches the states
+    nice python benchmarks/quality/budget_ladder.py match-open --cache-dir <safety cache>/safety \
+        --dev-states <states> -o benchmarks/results/quality/budget_tight_dev.json
+    python benchmarks/quality/budget_ladder.py versus --run benchmarks/results/quality/safety_tight/eval.json \
+        --committed benchmarks/results/quality/safety/eval.json --baselines cast,caa \
+        -o benchmarks/results/quality/budget_tight.json
 """
 from __future__ import annotations
 
@@ -49,6 +69,11 @@ from gate_shape import pooled_rows  # noqa: E402
 TASK_BUDGET = 0.05
 #: CAA's strengths compared against: the safety task's grid.
 CAA_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+#: ``match-open``'s candidate budgets, all tighter than the task's.
+TIGHT_BUDGETS = (0.01, 0.015, 0.02, 0.03, 0.04)
+#: The development rows' last-token states as gate_study.py caches them (``--n-dev 500``; its file
+#: names are ``<file>-<rows>``: ``borderline_val`` has 291 rows, so its first half is 145).
+DEV_STATE_FILES = {"harmful": "harmful_val-500", "benign": "benign_val-500", "borderline": "borderline_val-145"}
 
 
 def benign_views(sets: dict) -> dict:
@@ -95,18 +120,25 @@ def _open_rate(sets: dict, open_of: dict, role: str, names=None) -> float:
 
 
 def compare(rows: list, caa: list, method: str = "finesteer") -> list:
-    """:func:`tradeoff_comparison` of ``method`` (its rows) against CAA's rows at :data:`CAA_GRID`,
-    with ``dominates`` (lower KL and lower |margin shift|) and ``reached`` added to each entry."""
-    out = tradeoff_comparison(rows + [r for r in caa if r["strength"] in CAA_GRID], method, "caa")
+    """:func:`versus_baseline` of ``method`` against CAA's rows at :data:`CAA_GRID`."""
+    return versus_baseline(rows, [r for r in caa if r["strength"] in CAA_GRID], method)
+
+
+def versus_baseline(rows: list, baseline_rows: list, method: str = "finesteer") -> list:
+    """:func:`tradeoff_comparison` of ``method`` (its rows) against every row of one baseline, with
+    ``dominates`` (lower KL and lower |margin shift|) and ``reached`` added to each entry."""
+    out = tradeoff_comparison(rows + baseline_rows, method, baseline_rows[0]["method"])
     for e in out:
         e["reached"] = e["strength"] is not None
         e["dominates"] = bool(e["kl_lower"] and e["shift_lower"])
     return out
 
 
-def gate_thresholds(cache_dir: str, budgets, model=None) -> dict:
-    """{budget: τ} of the safety task's gate refitted from its training states (read from the
-    extraction cache ``cache_dir``), the task's calibration split, at each benign budget."""
+def task_gates(cache_dir: str, budgets, model=None) -> tuple:
+    """({budget: SCSGate}, CAST-style's SCSGate): the safety task's gate refitted from its training
+    states (read from the extraction cache ``cache_dir``) with the task's calibration split at each
+    benign budget, and the task's CAST-style gate (at the task's own budget)."""
+    from finesteer.eval.baselines import cast_gate
     from finesteer.eval.harness import _Inputs, _Run
     from finesteer.fit import fit_scs
     from finesteer.models import load_model
@@ -118,8 +150,45 @@ def gate_thresholds(cache_dir: str, budgets, model=None) -> dict:
     lm, tok = load_model(model or bq._gemma_gguf(), device="cpu", dtype="float32")
     run, inputs = _Run(lm, tok, cfg), _Inputs(cfg)
     h_t, h_b = run._states(inputs.target, "train-target"), run._states(inputs.benign, "train-benign")
-    return {b: fit_scs(h_t, h_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=b,
-                       calib_fraction=cfg.calib_fraction, seed=cfg.seed).threshold for b in budgets}
+    gates = {b: fit_scs(h_t, h_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=b,
+                        calib_fraction=cfg.calib_fraction, seed=cfg.seed) for b in budgets}
+    return gates, cast_gate(h_t, h_b, cfg.max_benign_fpr, cfg.calib_fraction, cfg.seed)
+
+
+def gate_thresholds(cache_dir: str, budgets, model=None) -> dict:
+    """{budget: τ} of :func:`task_gates`."""
+    return {b: g.threshold for b, g in task_gates(cache_dir, budgets, model)[0].items()}
+
+
+def open_shares(gate, states: dict, tau: float) -> dict:
+    """{set: share of its rows ``states[set]`` [N, d] on which ``gate`` (scores) opens at ``tau``}."""
+    return {n: float((gate.score(h.float()) > tau).double().mean()) for n, h in states.items()}
+
+
+def match_open(shares: dict, baseline: dict, target: str = "harmful") -> dict:
+    """The budget of ``shares`` ({budget: {set: open share}}) whose ``target`` share is closest to
+    ``baseline[target]``, ties to the looser budget; with every budget's distance."""
+    gap = {b: abs(s[target] - baseline[target]) for b, s in shares.items()}
+    chosen = min(sorted(gap, reverse=True), key=lambda b: gap[b])
+    return {"chosen": chosen, "gap": {str(b): g for b, g in gap.items()}}
+
+
+def load_dev_states(folder: str) -> dict:
+    """{set: [N, d]} of :data:`DEV_STATE_FILES` in gate_study.py's cache ``folder`` (one layer)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name, stem in DEV_STATE_FILES.items():
+        path = Path(folder) / f"{stem}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"match-open: {path} is missing; cache the development states with "
+                                    f"`gate_study.py --layers 11 --n-dev 500 --cache-dir {folder}`")
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise ValueError(f"match-open: {path} holds {len(tensors)} layers ({sorted(tensors)}); cache one "
+                             "(gate_study.py --layers 11)")
+        out[name] = next(iter(tensors.values()))
+    return out
 
 
 def select(doc: dict, taus: dict, run_budget: float) -> dict:
@@ -155,15 +224,19 @@ def select(doc: dict, taus: dict, run_budget: float) -> dict:
     return out
 
 
-def report(committed: dict, loose: dict, atol: float = 1e-4) -> dict:
+def report(committed: dict, loose: dict, tight: dict = None, atol: float = 1e-4) -> dict:
     """The ladder on the reported rows: per view, per CAA point, the task-budget FineSteer
-    (``committed``) where it reaches, else FineSteer at the loose budget (``loose``)."""
+    (``committed``) where it reaches, else FineSteer at the loose budget (``loose``). With ``tight``
+    (a run at a tighter budget, checked by :func:`regate_check`), the tightest budget that reaches:
+    ``tight``, then ``committed``, then ``loose``."""
     c_sets, l_sets = committed["sets"], loose["sets"]
     if set(c_sets) != set(l_sets) or any(c_sets[n]["n"] != l_sets[n]["n"] for n in c_sets):
         raise ValueError("report: the two runs do not score the same sets and prompts")
     views = benign_views(c_sets)
     out = {"loose_budget": loose["fit"]["gate"]["max_benign_fpr"],
            "committed_budget": committed["fit"]["gate"]["max_benign_fpr"], "views": {}}
+    if tight is not None:
+        out.update(tight_budget=tight["fit"]["gate"]["max_benign_fpr"], tight_regate_check=regate_check(tight, committed))
     for v, names in views.items():
         caa_c, caa_l = pooled_rows(c_sets, "caa", names), pooled_rows(l_sets, "caa", names)
         for a, b in zip(caa_c, caa_l):
@@ -171,14 +244,87 @@ def report(committed: dict, loose: dict, atol: float = 1e-4) -> dict:
                 if abs(a[k] - b[k]) > atol * max(1.0, abs(a[k])):
                     raise ValueError(f"report: CAA λ = {a['strength']:g} differs between the runs ({k}: "
                                      f"{a[k]:.6g} vs {b[k]:.6g}, view {v}): not the same rows or settings")
-        tight = compare(pooled_rows(c_sets, "finesteer", names), caa_c)
+        task = compare(pooled_rows(c_sets, "finesteer", names), caa_c)
         wide = compare(pooled_rows(l_sets, "finesteer", names), caa_c)
         ladder = [dict(t, operating_point="task budget") if t["reached"] else dict(w, operating_point="loose budget")
-                  for t, w in zip(tight, wide)]
-        out["views"][v] = {"ladder": ladder, "loose_alone": wide,
-                           "dominates": sum(e["dominates"] for e in ladder),
-                           "reached": sum(e["reached"] for e in ladder)}
+                  for t, w in zip(task, wide)]
+        out["views"][v] = {"ladder": ladder, "loose_alone": wide}
+        if tight is not None:
+            tighter = compare(pooled_rows(tight["sets"], "finesteer", names), caa_c)
+            ladder = [dict(t, operating_point="tight budget") if t["reached"] else e for t, e in zip(tighter, ladder)]
+            out["views"][v].update(ladder=ladder, tight_alone=tighter)
+        out["views"][v].update(dominates=sum(e["dominates"] for e in ladder), reached=sum(e["reached"] for e in ladder))
     return out
+
+
+def versus(run: dict, committed: dict, baselines, method: str = "finesteer", rtol: float = 1e-3) -> dict:
+    """``method`` of ``run`` (a safety run at another gate budget) against baselines, per benign view
+    (:func:`benign_views`): each of ``baselines`` as ``committed`` (the safety run at the task's
+    budget) scored it, keyed by its name, and each baseline ``run`` scored itself, keyed
+    ``"<name> (run's budget)"`` (a gated baseline's τ moves with the budget too, so the two differ).
+
+    The two runs must score the same prompts with the same fit: ``regate_check`` re-gates
+    ``committed``'s ``method`` at ``run``'s τ (:func:`regated_rows`; the run's must be the tighter)
+    and compares it with ``run``'s own rows at their common strengths, pooled view. Exact for a hard
+    gate up to float rounding of batch composition; a relative difference above ``rtol`` is an error."""
+    r_sets, c_sets = run["sets"], committed["sets"]
+    check = regate_check(run, committed, method, rtol)
+    views = benign_views(r_sets)
+    scored = [m for m in next(iter(r_sets.values()))["results"] if m not in ("unsteered", method)]
+    sources = [(b, c_sets, b) for b in baselines] + [(b, r_sets, f"{b} (run's budget)") for b in scored]
+    out = {"budget": run["fit"]["gate"]["max_benign_fpr"], "committed_budget": committed["fit"]["gate"]["max_benign_fpr"],
+           "regate_check": check, "views": {}}
+    for v, names in views.items():
+        mine = pooled_rows(r_sets, method, names)
+        entry = {}
+        for base, sets, label in sources:
+            cmp_ = versus_baseline(mine, pooled_rows(sets, base, names), method)
+            entry[label] = {"comparison": cmp_, "dominates": sum(e["dominates"] for e in cmp_),
+                            "reached": sum(e["reached"] for e in cmp_), "points": len(cmp_)}
+        out["views"][v] = {"versus": entry, "max_target_shift": max(r["target_margin_shift"] for r in mine)}
+    gated = [(method, r_sets, method)] + [x for x in sources if x[0] in next(iter(x[1].values()))["gate"]]
+    out["gate_open"] = {label: _open_shares_of(sets, m) for m, sets, label in gated}
+    return out
+
+
+def regate_check(run: dict, committed: dict, method: str = "finesteer", rtol: float = 1e-3) -> dict:
+    """Do ``run`` (a safety run at a tighter budget) and ``committed`` score the same prompts with the
+    same fit? ``committed``'s ``method`` re-gated at ``run``'s τ (:func:`regated_rows`) against
+    ``run``'s own rows at their common strengths, pooled benign view: exact for a hard gate up to float
+    rounding of batch composition, so a relative difference above ``rtol`` raises. Returns
+    ``{"common_strengths", "max_relative_difference"}``."""
+    r_sets, c_sets = run["sets"], committed["sets"]
+    if set(r_sets) != set(c_sets) or any(r_sets[n]["n"] != c_sets[n]["n"] for n in r_sets):
+        raise ValueError("the two runs do not score the same sets and prompts")
+    benign = benign_views(r_sets)["pooled benign"]
+    tau = float(next(iter(r_sets.values()))["gate"][method]["threshold"])
+    regated = {r["strength"]: r for r in regated_rows(c_sets, method, tau, benign)}
+    own = [r for r in pooled_rows(r_sets, method, benign) if r["strength"] in regated]
+    worst = max((abs(r[k] - regated[r["strength"]][k]) / max(1.0, abs(regated[r["strength"]][k]))
+                 for r in own for k in ("target_margin_shift", "benign_kl", "benign_margin_shift")), default=None)
+    if not own or worst > rtol:
+        raise ValueError(f"{method} of the run and of the committed run re-gated at the run's τ "
+                         + (f"differ by {worst:.3g} (relative) at their {len(own)} common strengths"
+                            if own else "have no strength in common")
+                         + ": not the same prompts and fit")
+    return {"common_strengths": len(own), "max_relative_difference": worst}
+
+
+def _open_shares_of(sets: dict, method: str) -> dict:
+    """{set: share of its prompts on which ``method``'s recorded gate opened (score > τ)}."""
+    return {n: float((torch.tensor(s["gate"][method]["scores"], dtype=torch.float64)
+                      > float(s["gate"][method]["threshold"])).double().mean()) for n, s in sets.items()}
+
+
+def _print_versus(res: dict) -> None:
+    print(f"FineSteer at a {res['budget']:g} budget (committed run: {res['committed_budget']:g}); re-gating check: "
+          f"{res['regate_check']}")
+    for who, rates in res["gate_open"].items():
+        print(f"  gate open, {who}: " + ", ".join(f"{n} {x:.0%}" for n, x in rates.items()))
+    for v, e in res["views"].items():
+        print(f"{v} (max target shift {e['max_target_shift']:+.2f})")
+        for label, b in e["versus"].items():
+            print(f"  vs {label}: dominates {b['dominates']} of {b['reached']} reached ({b['points']} points)")
 
 
 def _print_select(res: dict) -> None:
@@ -216,7 +362,22 @@ def main(argv=None) -> int:
     r = sub.add_parser("report", help="the ladder on the reported rows")
     r.add_argument("--committed", required=True, help="eval.json of the safety run at the task's budget")
     r.add_argument("--loose", required=True, help="eval.json of the same rows at the chosen budget")
+    r.add_argument("--tight", default=None, help="eval.json of the same rows at a tighter budget (safety_tight): "
+                                                 "the ladder then takes the tightest budget that reaches")
     r.add_argument("-o", "--output", required=True)
+    m = sub.add_parser("match-open", help="the tighter budget at which the gate opens on CAST-style's share of the "
+                                          "development harmful prompts")
+    m.add_argument("--cache-dir", required=True, help="the safety task's extraction cache (its safety/ folder)")
+    m.add_argument("--dev-states", required=True, help="gate_study.py's cache folder with the development rows' "
+                                                       "layer-11 states (--n-dev 500)")
+    m.add_argument("--budgets", default=",".join(f"{b:g}" for b in TIGHT_BUDGETS), help="candidate budgets")
+    m.add_argument("--model", default=None, help="model dir / .gguf (default: the gemma-3-270m GGUF)")
+    m.add_argument("-o", "--output", required=True)
+    v = sub.add_parser("versus", help="a run at another budget against the baselines, per benign view")
+    v.add_argument("--run", required=True, help="eval.json of the safety run at the other budget")
+    v.add_argument("--committed", required=True, help="eval.json of the safety run at the task's budget")
+    v.add_argument("--baselines", default="cast,caa", help="comma-separated baselines (default: cast,caa)")
+    v.add_argument("-o", "--output", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.step == "select":
@@ -228,9 +389,26 @@ def main(argv=None) -> int:
                     "a run can only be re-gated tighter")
         res = dict(select(doc, gate_thresholds(a.cache_dir, budgets, a.model), run_budget), eval=a.eval)
         _print_select(res)
+    elif a.step == "match-open":
+        budgets = sorted(float(x) for x in a.budgets.split(","))
+        dev = load_dev_states(a.dev_states)
+        gates, cast = task_gates(a.cache_dir, budgets, a.model)
+        shares = {b: open_shares(g, dev, g.threshold) for b, g in gates.items()}
+        baseline = open_shares(cast, dev, cast.threshold)
+        res = dict(match_open(shares, baseline), cast=baseline, budgets={str(b): x for b, x in shares.items()},
+                   taus={str(b): g.threshold for b, g in gates.items()}, dev_rows={n: int(h.shape[0]) for n, h in dev.items()})
+        print(f"CAST-style opens on {', '.join(f'{n} {x:.3f}' for n, x in baseline.items())}")
+        for b, x in shares.items():
+            print(f"B = {b:g}: {', '.join(f'{n} {y:.3f}' for n, y in x.items())}")
+        print(f"chosen: {res['chosen']:g}")
+    elif a.step == "versus":
+        res = dict(versus(json.loads(Path(a.run).read_text()), json.loads(Path(a.committed).read_text()),
+                          [b for b in a.baselines.split(",") if b]), run=a.run, committed=a.committed)
+        _print_versus(res)
     else:
-        res = dict(report(json.loads(Path(a.committed).read_text()), json.loads(Path(a.loose).read_text())),
-                   committed=a.committed, loose=a.loose)
+        res = dict(report(json.loads(Path(a.committed).read_text()), json.loads(Path(a.loose).read_text()),
+                          json.loads(Path(a.tight).read_text()) if a.tight else None),
+                   committed=a.committed, loose=a.loose, **({"tight": a.tight} if a.tight else {}))
         _print_report(res)
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(res, indent=1) + "\n")
