@@ -20,7 +20,8 @@ every CAA point that FineSteer at the task's own budget does not reach.
 ``report`` (reported rows): the committed safety run (task budget) and a run of the same rows at the
 chosen B (methods unsteered, caa, finesteer; ``--match-targets finesteer:caa``). It checks that the
 two runs' CAA rows agree, and for every CAA point takes the task-budget FineSteer where it reaches
-and FineSteer at B where it does not; pooled and per benign set.
+and FineSteer at B where it does not; pooled and per benign set. With ``--tight`` (a run at a
+tighter budget, checked as ``versus`` checks it) it takes the tightest of the three that reaches.
 
 ``match-open`` (development rows only): the tighter budget at which FineSteer's gate opens on the
 share of the development harmful prompts closest to CAST-style's gate's share (ties: the looser
@@ -42,11 +43,14 @@ Run::
     python benchmarks/quality/budget_ladder.py report --committed benchmarks/results/quality/safety/eval.json \\
         --loose benchmarks/results/quality/safety_budget/eval.json -o benchmarks/results/quality/budget_ladder.json
     nice python benchmarks/quality/gate_study.py --layers 11 --n-dev 500 --cache-dir <states>   # caches the states
-    nice python benchmarks/quality/budget_ladder.py match-open --cache-dir <safety cache>/safety \
+    nice python benchmarks/quality/budget_ladder.py match-open --cache-dir <safety cache>/safety \\
         --dev-states <states> -o benchmarks/results/quality/budget_tight_dev.json
-    python benchmarks/quality/budget_ladder.py versus --run benchmarks/results/quality/safety_tight/eval.json \
-        --committed benchmarks/results/quality/safety/eval.json --baselines cast,caa \
+    python benchmarks/quality/budget_ladder.py versus --run benchmarks/results/quality/safety_tight/eval.json \\
+        --committed benchmarks/results/quality/safety/eval.json --baselines cast,caa \\
         -o benchmarks/results/quality/budget_tight.json
+    python benchmarks/quality/budget_ladder.py report --committed benchmarks/results/quality/safety/eval.json \\
+        --loose benchmarks/results/quality/safety_budget/eval.json --tight benchmarks/results/quality/safety_tight/eval.json \\
+        -o benchmarks/results/quality/budget_ladder_tight.json
 """
 from __future__ import annotations
 
