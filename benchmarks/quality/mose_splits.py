@@ -129,8 +129,8 @@ def main(argv=None) -> int:
               + "; MSE " + ", ".join(f"{name} {r[name]['mse']:.4g}" for name in names))
     print(f"over {len(rows)} splits: {json.dumps(summary)}")
     if a.output:
-        Path(a.output).write_text(json.dumps(dict(pairs_cache=Path(a.pairs_cache).name, holdout=a.holdout,
-                                                  fit_pairs_per_prompt=a.fit_pairs_per_prompt,
+        given = {} if a.fit_pairs_per_prompt is None else {"fit_pairs_per_prompt": a.fit_pairs_per_prompt}
+        Path(a.output).write_text(json.dumps(dict(pairs_cache=Path(a.pairs_cache).name, holdout=a.holdout, **given,
                                                   variants={k: {o: str(v) for o, v in opts.items()}
                                                             for k, opts in variants.items()},
                                                   summary=summary, splits=rows), indent=1) + "\n")
