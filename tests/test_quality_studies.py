@@ -3,7 +3,8 @@ per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting 
 gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
 sequences), truthfulqa_crossfit.py (pooling two cross-fit folds), null_rows_routing.py (the kept
 push), budget_ladder.py (re-gating at a tighter τ, the choice rules, the report, a run against
-another run's baselines) and bench_quality.py's task options."""
+another run's baselines), truthfulqa_nested.py (each fold's training half, pooling, the layer rule) and
+bench_quality.py's task options."""
 import argparse
 import importlib.util
 import json
@@ -709,3 +710,47 @@ def test_budget_ladder_report_takes_the_tightest_budget_that_reaches(ladder):
     got = [(e["baseline_strength"], e["operating_point"], e["strength"])
            for e in ladder.report(committed, loose, tight)["views"]["pooled benign"]["ladder"]]
     assert got == [(1.0, "tight budget", 4.0), (2.0, "loose budget", 2.0)]
+
+
+def test_truthfulqa_nested_pools_the_folds_and_applies_the_rule():
+    nested = _load("truthfulqa_nested")
+
+    def doc(caa, fs):
+        """caa / fs: (mc1 hits, mc2 values) per λ of nested.STRENGTHS, two questions each."""
+        per = {"unsteered": {"0": {"mc1": [0, 1], "mc2": [0.2, 0.6]}}}
+        for name, vals in (("caa", caa), ("finesteer", fs)):
+            per[name] = {str(lam): {"mc1": v[0], "mc2": v[1]} for lam, v in zip(nested.STRENGTHS, vals)}
+        return {"truthfulqa": {"per_question": per}}
+
+    even = [([1, 0], [0.5, 0.5])] * 4
+    ahead = [([1, 1], [0.6, 0.6])] * 4
+    behind = [([0, 0], [0.4, 0.4])] + [([1, 1], [0.9, 0.9])] * 3
+    s = nested.layer_summary(nested.pool([doc(even, ahead), doc(even, even)]))
+    assert s["questions"] == 4 and s["unsteered_mc1"] == 0.5 and s["unsteered_mc2"] == pytest.approx(0.4)
+    assert s["rows"][0] == {"strength": 2.0, "caa_mc1": 0.5, "caa_mc2": 0.5, "finesteer_mc1": 0.75,
+                            "finesteer_mc2": pytest.approx(0.55)}
+    assert s["candidate"] and s["mean_mc2_gain"] == pytest.approx(0.05)
+    # one λ below CAA on MC1 is enough to drop a layer, however large its gain elsewhere
+    assert not nested.layer_summary(nested.pool([doc(even, behind), doc(even, behind)]))["candidate"]
+    lay = {7: {"candidate": True, "mean_mc2_gain": 0.03}, 9: {"candidate": True, "mean_mc2_gain": 0.05},
+           11: {"candidate": False, "mean_mc2_gain": 0.0}}
+    assert nested.choose(lay) == 9
+    assert nested.choose({**lay, 11: {"candidate": True, "mean_mc2_gain": 0.01}}) is None  # the task's layer holds
+    assert nested.choose({11: {"candidate": False, "mean_mc2_gain": 0.0}}) is None
+
+
+def test_truthfulqa_nested_takes_each_folds_training_half():
+    nested = _load("truthfulqa_nested")
+    from finesteer.eval.data import disjoint_split
+
+    rows = [f"q{i}" for i in range(10)]
+    fit, scored = disjoint_split(10, 0.5, 0)
+    one, two = nested.training_half(rows, 1), nested.training_half(rows, 2)
+    assert one == [rows[i] for i in fit] and two == [rows[i] for i in scored] and sorted(one + two) == sorted(rows)
+    with pytest.raises(ValueError, match="fold must be 1 or 2"):
+        nested.training_half(rows, 3)
+    argv = nested.inner_argv(Path("/x/fold1_train.jsonl"), 9, Path("/o"), Path("/c"), "m.gguf")
+    assert argv[argv.index("--layer") + 1] == "9" and argv[argv.index("--methods") + 1] == "unsteered,caa,finesteer"
+    for flag in ("--pairs", "--target", "--truthfulqa"):
+        assert argv[argv.index(flag) + 1] == "/x/fold1_train.jsonl"
+    assert argv[argv.index("--strengths") + 1] == "2,4,8,16"

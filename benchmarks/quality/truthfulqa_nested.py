@@ -1,0 +1,155 @@
+"""Which layer for TruthfulQA, chosen inside the training halves only (nested).
+
+The truthfulness runs split the TruthfulQA file in two by question (seeded, ``--fit-fraction``
+0.5): ``truthfulness`` fits on the first half and scores the second, ``truthfulness_swapped`` the
+other way round. A setting chosen on those scored questions would be tuned on what is reported, so
+this study works inside one fold's *training* half only: it writes that half (203 questions) to a
+file of its own, and ``finesteer eval`` splits it again (fit on about half, score the other half)
+with the truthfulness task's settings at each layer. Methods CAA and FineSteer, λ = 2, 4, 8, 16.
+
+The rule (fixed before any inner result was seen; docs/quality.md): pool the two folds' inner
+questions; a layer is a *candidate* when FineSteer's MC1 and MC2 are at or above CAA's at every λ.
+If the task's layer (11) is a candidate, or no layer is, nothing changes; otherwise the candidate
+with the largest mean MC2 gain over CAA is the one to run on the reported questions.
+
+Run (one process per fold runs them side by side on two cores)::
+
+    nice python benchmarks/quality/truthfulqa_nested.py run --fold 1 --layers 11 7 9 13 --out <dir> --cache-dir <cache>
+    nice python benchmarks/quality/truthfulqa_nested.py run --fold 2 --layers 11 7 9 13 --out <dir> --cache-dir <cache>
+    python benchmarks/quality/truthfulqa_nested.py summarize --out <dir> --layers 7 9 11 13 \\
+        -o benchmarks/results/quality/truthfulqa_nested_layers.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import bench_quality as bq  # noqa: E402
+
+#: The task's own layer (bench_quality.DEFAULTS["layer"]).
+TASK_LAYER = bq.DEFAULTS["layer"]
+STRENGTHS = (2.0, 4.0, 8.0, 16.0)
+METHODS = "unsteered,caa,finesteer"
+
+
+def training_half(rows: list, fold: int, seed: int = 0) -> list:
+    """The rows of TruthfulQA that fold ``fold`` (1: ``truthfulness``, 2: ``truthfulness_swapped``)
+    fits on: the harness's seeded split at fit fraction 0.5, its fit part for fold 1 and its scored
+    part for fold 2."""
+    from finesteer.eval.data import disjoint_split
+
+    if fold not in (1, 2):
+        raise ValueError(f"fold must be 1 or 2, got {fold}")
+    fit, scored = disjoint_split(len(rows), 0.5, seed)
+    return [rows[i] for i in (fit if fold == 1 else scored)]
+
+
+def inner_argv(path: Path, layer: int, out: Path, cache: Path, model: str) -> list:
+    """``finesteer eval`` arguments: the truthfulness task's, at ``layer``, with the TruthfulQA file
+    replaced by ``path`` (one fold's training half), CAA and FineSteer at :data:`STRENGTHS`."""
+    src = str(bq.DATA / "truthfulqa" / "train.jsonl")
+    a = argparse.Namespace(**{**bq.DEFAULTS, "strengths": ",".join(f"{x:g}" for x in STRENGTHS), "limit_pairs": None,
+                              "limit_eval": None, "max_benign_fpr": None, "threads": 1, "prompt_format": "auto",
+                              "layer": layer, "limit_truthfulqa": 1000})
+    args = [str(path) if x == src else x for x in bq.task_args("truthfulness", a)]
+    args[args.index("--methods") + 1] = METHODS
+    return ["--model", model, *args, "-o", str(out), "--cache-dir", str(cache), "--quiet"]
+
+
+def pool(docs: list) -> dict:
+    """{(method, λ): {"mc1": [...], "mc2": [...]}} over the per-question TruthfulQA results of the
+    eval.json documents ``docs`` (the two folds' inner runs); the unsteered rows under λ = 0."""
+    out: dict = {}
+    for doc in docs:
+        pq = doc["truthfulqa"]["per_question"]
+        for method, per in pq.items():
+            for lam, v in per.items():
+                d = out.setdefault((method, 0.0 if method == "unsteered" else float(lam)), {"mc1": [], "mc2": []})
+                d["mc1"] += v["mc1"]
+                d["mc2"] += v["mc2"]
+    return out
+
+
+def layer_summary(pooled: dict) -> dict:
+    """MC1/MC2 of CAA and FineSteer at each λ, whether FineSteer is at or above CAA on both at every
+    λ (``candidate``), and FineSteer's mean MC2 gain over CAA."""
+    def mean(x):
+        return sum(x) / len(x)
+
+    rows = []
+    for lam in STRENGTHS:
+        c, f = pooled[("caa", lam)], pooled[("finesteer", lam)]
+        rows.append({"strength": lam, "caa_mc1": mean(c["mc1"]), "caa_mc2": mean(c["mc2"]),
+                     "finesteer_mc1": mean(f["mc1"]), "finesteer_mc2": mean(f["mc2"])})
+    u = pooled[("unsteered", 0.0)]
+    return {"questions": len(u["mc1"]), "unsteered_mc1": mean(u["mc1"]), "unsteered_mc2": mean(u["mc2"]), "rows": rows,
+            "candidate": all(r["finesteer_mc1"] >= r["caa_mc1"] and r["finesteer_mc2"] >= r["caa_mc2"] for r in rows),
+            "mean_mc2_gain": mean([r["finesteer_mc2"] - r["caa_mc2"] for r in rows])}
+
+
+def choose(layers: dict) -> int | None:
+    """The rule: None when the task's layer is a candidate or no layer is; else the candidate layer
+    with the largest mean MC2 gain."""
+    candidates = [lay for lay, s in layers.items() if s["candidate"]]
+    if not candidates or TASK_LAYER in candidates:
+        return None
+    return max(candidates, key=lambda lay: layers[lay]["mean_mc2_gain"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="step", required=True)
+    r = sub.add_parser("run", help="one fold's inner runs, one per layer")
+    r.add_argument("--fold", type=int, choices=(1, 2), required=True)
+    r.add_argument("--layers", type=int, nargs="+", required=True)
+    r.add_argument("--out", required=True, help="folder for the runs (f<fold>_L<layer>/) and the training half")
+    r.add_argument("--cache-dir", required=True)
+    r.add_argument("--model", default=None, help="model dir / .gguf (default: the gemma-3-270m GGUF)")
+    s = sub.add_parser("summarize", help="pool the two folds per layer and apply the rule")
+    s.add_argument("--out", required=True, help="the runs' folder")
+    s.add_argument("--layers", type=int, nargs="+", required=True)
+    s.add_argument("-o", "--output", required=True)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if a.step == "run":
+        if not bq.DATA.is_dir():
+            print(f"truthfulqa_nested: skipped: the shared data folder {bq.DATA} is absent")
+            return 0
+        from finesteer.eval.cli import main as eval_main
+
+        rows = [x for x in (bq.DATA / "truthfulqa" / "train.jsonl").read_text().splitlines() if x.strip()]
+        out.mkdir(parents=True, exist_ok=True)
+        half = out / f"fold{a.fold}_train.jsonl"
+        half.write_text("\n".join(training_half(rows, a.fold)) + "\n")
+        model = a.model or bq._gemma_gguf()
+        for layer in a.layers:
+            rc = eval_main(inner_argv(half, layer, out / f"f{a.fold}_L{layer}", Path(a.cache_dir) / f"f{a.fold}_L{layer}",
+                                      model))
+            if rc:
+                return rc
+        return 0
+    layers = {}
+    for layer in a.layers:
+        docs = [json.loads((out / f"f{fold}_L{layer}" / "eval.json").read_text()) for fold in (1, 2)]
+        layers[layer] = layer_summary(pool(docs))
+        e = layers[layer]
+        print(f"layer {layer}: {e['questions']} questions, unsteered {e['unsteered_mc1']:.3f} / {e['unsteered_mc2']:.3f}; "
+              + "; ".join(f"λ {x['strength']:g} CAA {x['caa_mc1']:.3f} / {x['caa_mc2']:.3f}, FineSteer "
+                          f"{x['finesteer_mc1']:.3f} / {x['finesteer_mc2']:.3f}" for x in e["rows"])
+              + f"; candidate {e['candidate']}, mean MC2 gain {e['mean_mc2_gain']:+.4f}")
+    res = {"task_layer": TASK_LAYER, "strengths": list(STRENGTHS), "layers": {str(k): v for k, v in layers.items()},
+           "chosen": choose(layers)}
+    print(f"chosen: {res['chosen']} (None: nothing changes)")
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.output).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
