@@ -1,5 +1,5 @@
-"""Build script: the Python package, the Triton kernels folder mapped to ``finesteer._triton``, and
-the compiled operators (csrc/). Sources and flags come from ``finesteer/_build.py``, the one build
+"""Build script: the Python package, the Triton kernels (``kernels/``, copied into wheels as
+``finesteer._triton``), and the compiled operators (csrc/). Sources and flags come from ``finesteer/_build.py``, the one build
 configuration that the first-use build in ``finesteer/_ext.py`` reads too.
 
 Two install-time builds, depending on whether torch is importable *here* (in the build environment):
@@ -51,7 +51,25 @@ def _note(msg: str) -> None:
     print(f"finesteer setup: {msg}")
 
 
-class PrebuildCacheBuildPy(build_py):
+class TritonKernelsBuildPy(build_py):
+    """``build_py`` that copies the Triton sources ``kernels/*.py`` into ``finesteer/_triton/`` of
+    the build, so a wheel carries them. An editable install copies nothing: its
+    ``finesteer._triton`` finds the checkout's ``kernels/`` by itself (see that package). The
+    folder is not a package of its own: as a regular package named ``kernels`` in a checkout's
+    root it would shadow the ``kernels`` distribution that transformers imports."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "finesteer", "_triton")
+        self.mkpath(target)
+        for name in sorted(os.listdir(os.path.join(HERE, "kernels"))):
+            if name.endswith(".py"):
+                self.copy_file(os.path.join(HERE, "kernels", name), os.path.join(target, name))
+
+
+class PrebuildCacheBuildPy(TritonKernelsBuildPy):
     """``build_py`` that also builds the CPU kernel into the first-use build cache, with the target
     interpreter, when this (isolated) build environment has no torch but the target has.
 
@@ -93,7 +111,7 @@ def _extensions():
     """(ext_modules, cmdclass) for finesteer._C, or ([], {}) when it cannot or should not be built."""
     if os.environ.get("FINESTEER_SKIP_EXT") == "1":
         _note("FINESTEER_SKIP_EXT=1: not building finesteer._C")
-        return [], {}
+        return [], {"build_py": TritonKernelsBuildPy}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -102,7 +120,7 @@ def _extensions():
         return [], {"build_py": PrebuildCacheBuildPy}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _note("no C++ compiler found; not building finesteer._C")
-        return [], {}
+        return [], {"build_py": TritonKernelsBuildPy}
     cxx = BUILD.cxx_flags() + ["-DFINESTEER_PY_MODULE"]
     ldflags = BUILD.ld_flags()
     include = [os.path.join(HERE, "csrc")]
@@ -133,14 +151,13 @@ def _extensions():
                       f"it (kernels build at first use from a source checkout, else the reference is used)")
                 self.extensions = []  # nothing to copy or package
 
-    return [ext], {"build_ext": OptionalBuildExtension}
+    return [ext], {"build_ext": OptionalBuildExtension, "build_py": TritonKernelsBuildPy}
 
 
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["finesteer", "finesteer.*"]) + ["finesteer._triton"],
-    package_dir={"finesteer._triton": "kernels"},
+    packages=find_packages(include=["finesteer", "finesteer.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

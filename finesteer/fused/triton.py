@@ -20,9 +20,7 @@ their row unsteered.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 from typing import Optional
 
 import torch
@@ -37,25 +35,9 @@ NAMESPACE = "finesteer_triton"
 # (torch.compile) only reads a plain module global afterwards.
 _K = None
 
-#: ``kernels/`` of a source checkout, which installs as ``finesteer._triton`` (setup.py's package_dir).
-_SOURCE_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
-
 
 def _import_kernels():
-    """``finesteer._triton.steer``. Installed packages have ``finesteer._triton``; a source tree
-    that is merely on ``sys.path`` (no install) has the folder ``kernels/`` instead, which is then
-    registered under that name, so nothing needs a symlink."""
-    try:
-        return importlib.import_module("finesteer._triton.steer")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("finesteer._triton", "finesteer._triton.steer") or not (
-                _SOURCE_KERNELS / "steer.py").is_file():
-            raise
-    spec = importlib.util.spec_from_file_location("finesteer._triton", _SOURCE_KERNELS / "__init__.py",
-                                                  submodule_search_locations=[str(_SOURCE_KERNELS)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["finesteer._triton"] = package
-    spec.loader.exec_module(package)
+    """``finesteer._triton.steer`` (the checkout's ``kernels/steer.py``; see :mod:`finesteer._triton`)."""
     return importlib.import_module("finesteer._triton.steer")
 
 
