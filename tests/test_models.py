@@ -15,7 +15,7 @@ needs_demo = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(),
 
 
 @pytest.mark.parametrize("version,keyword", [("4.44.2", "torch_dtype"), ("4.55.4", "torch_dtype"),
-                                             ("4.56.0", "dtype"), ("5.24.0", "dtype"), ("5.0.0.dev0", "dtype"),
+                                             ("4.56.0", "dtype"), ("5.24.0", "dtype"), ("5.25.0", "dtype"), ("5.0.0.dev0", "dtype"),
                                              ("unknown", "dtype")])
 def test_dtype_keyword_follows_the_transformers_version(version, keyword):
     assert _dtype_keyword(version) == keyword
