@@ -332,12 +332,8 @@ FS_INLINE void phase3_task(const Problem<TH, TW>& p, const Block& b, int64_t c0,
     int64_t j = 0;
     for (; j < KM; j += 4) {
       const int nq = static_cast<int>(std::min<int64_t>(4, KM - j));
-      const float* bq[4];
-      for (int q = 0; q < 4; ++q) {
-        if (q >= nq) {
-          bq[q] = bq[0];  // weight 0 below: keeps one fused loop for the tail
-          continue;
-        }
+      const float* bq[4] = {};
+      for (int q = 0; q < nq; ++q) {
         if constexpr (std::is_same<TW, float>::value) {
           bq[q] = Bn + (j + q) * d + c0;
         } else {
@@ -345,6 +341,7 @@ FS_INLINE void phase3_task(const Problem<TH, TW>& p, const Block& b, int64_t c0,
           bq[q] = bbuf + q * kColChunk;
         }
       }
+      for (int q = nq; q < 4; ++q) bq[q] = bq[0];  // weight 0 below: keeps one fused loop for the tail
       for (int64_t i = 0; i < b.rows; ++i) {
         if (scale[i] == 0.f) continue;
         const float* ci = coef + i * KM + j;
