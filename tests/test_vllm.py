@@ -45,6 +45,20 @@ BENIGN = [7, 8, 30, 61, 3, 12]          # no trigger: every row's gate stays clo
 PREFIX = [3 + (7 * i) % 90 for i in range(32)]  # one 32-token KV block shared by several prompts
 
 
+def test_this_vllm_has_every_function_the_plugin_hooks():
+    """The installed vLLM (the tested release) has every private function the plugin wraps, so
+    register() hooks them all and configured steering is not refused."""
+    import importlib
+
+    from finesteer.integrations import vllm as fv
+
+    fv.register()
+    assert fv.missing_hooks() == []
+    fv.check_vllm_hooks()
+    vllm = importlib.import_module("vllm")
+    assert vllm.__version__.startswith(fv.TESTED_VLLM + "."), vllm.__version__
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     check_plugin_installed()

@@ -415,3 +415,68 @@ def test_runner_wrappers_fill_free_and_reset(tmp_path):
     assert (tables.slot == -1).all() and (tables.sel_slot >= 2).all() and (tables.sel_index == -1).all()
     runner._update_states(NS(finished_req_ids={"x"}))
     assert tables.slots_in_use == 0
+
+
+# --------------------------------------------------------------------------------------------
+# a vLLM without the private functions the plugin hooks: refused with one clear line
+# --------------------------------------------------------------------------------------------
+
+def test_patch_reports_whether_the_class_defines_the_hook():
+    class Base:
+        def f(self):
+            return 1
+
+    class Sub(Base):
+        pass
+
+    wrapped = []
+
+    def wrapper(fn):
+        def g(self):
+            return fn(self) + 1
+        g._finesteer_wrapped = True
+        wrapped.append(fn)
+        return g
+
+    assert fv._patch(Base, "f", wrapper) and Base().f() == 2
+    assert fv._patch(Base, "f", wrapper) and len(wrapped) == 1  # wrapped once
+    assert not fv._patch(Sub, "f", wrapper)  # inherited, not defined: nothing to wrap there
+    assert not fv._patch(Base, "absent", wrapper)
+
+
+def test_a_model_runner_without_the_hooked_methods_is_refused(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType(fv.RUNNER_MODULE)
+
+    class GPUModelRunner:
+        def _update_states(self, scheduler_output):
+            return None
+
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+            return None
+
+    fake.GPUModelRunner = GPUModelRunner
+    monkeypatch.setitem(sys.modules, fv.RUNNER_MODULE, fake)
+    with pytest.raises(fv.FineSteerConfigError, match=r"GPUModelRunner\._dummy_run") as info:
+        fv._patch_model_runner()
+    assert "tested with vLLM 0.32" in str(info.value) and "\n" not in str(info.value)
+    assert "_finesteer_wrapped" not in vars(GPUModelRunner._update_states)  # nothing half-patched
+    # vLLM 0.34 removed the V1 runner module altogether
+    monkeypatch.setitem(sys.modules, fv.RUNNER_MODULE, None)
+    with pytest.raises(fv.FineSteerConfigError, match="the V1 model runner"):
+        fv._patch_model_runner()
+
+
+def test_check_vllm_hooks_names_every_missing_function(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == fv.RUNNER_MODULE else real_find_spec(name, *a))
+    monkeypatch.setattr(fv, "_missing_hooks", ["vllm.v1.core.kv_cache_utils.generate_block_hash_extra_keys"])
+    assert fv.missing_hooks() == ["vllm.v1.core.kv_cache_utils.generate_block_hash_extra_keys",
+                                  f"{fv.RUNNER_MODULE} (the V1 model runner)"]
+    with pytest.raises(fv.FineSteerConfigError, match="generate_block_hash_extra_keys.*V1 model runner"):
+        fv.check_vllm_hooks()

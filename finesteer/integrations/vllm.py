@@ -293,19 +293,33 @@ def _wrap_dummy_run(orig):
     return _dummy_run
 
 
-def _patch(cls, name, wrapper) -> None:
+def _patch(cls, name, wrapper) -> bool:
+    """Wrap ``cls.name`` (defined by ``cls`` itself) once; whether ``cls`` defines it."""
     fn = cls.__dict__.get(name)
-    if fn is not None and not getattr(fn, "_finesteer_wrapped", False):
+    if fn is None:
+        return False
+    if not getattr(fn, "_finesteer_wrapped", False):
         setattr(cls, name, wrapper(fn))
+    return True
+
+
+#: The V1 model runner's methods the plugin wraps (subclasses such as the CPU runner inherit them).
+RUNNER_HOOKS = (("_update_states", _wrap_update_states), ("_prepare_inputs", _wrap_prepare_inputs),
+                ("_dummy_run", _wrap_dummy_run))
 
 
 def _patch_model_runner() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        raise FineSteerConfigError(unsupported_vllm_message([f"{RUNNER_MODULE} (the V1 model runner)"])) from None
+    missing = [f"{RUNNER_MODULE}.GPUModelRunner.{name}" for name, _ in RUNNER_HOOKS
+               if name not in GPUModelRunner.__dict__]
+    if missing:
+        raise FineSteerConfigError(unsupported_vllm_message(missing))
     for cls in (GPUModelRunner, *_all_subclasses(GPUModelRunner)):
-        _patch(cls, "_update_states", _wrap_update_states)
-        _patch(cls, "_prepare_inputs", _wrap_prepare_inputs)
-        _patch(cls, "_dummy_run", _wrap_dummy_run)
+        for name, wrapper in RUNNER_HOOKS:
+            _patch(cls, name, wrapper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,11 +409,58 @@ def _wrap_validate_params(orig):
 
 _registered = False
 
+#: The vLLM release the plugin is tested with (the ``vllm`` extra admits this minor version only):
+#: every point it hooks is a private vLLM function, checked by :func:`missing_hooks`.
+TESTED_VLLM = "0.32"
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+
+#: What :func:`register` could not hook in this process ("module.name"); filled when it runs.
+_missing_hooks: list = []
+
+
+def missing_hooks() -> list:
+    """The vLLM functions the plugin wraps that this vLLM lacks (empty when it can serve).
+
+    :func:`register`'s hooks are recorded when it runs; the V1 model runner, which workers hook
+    when they load the model, is only looked up here (importing it in the front end is avoided).
+    """
+    import importlib.util
+
+    missing = list(_missing_hooks)
+    try:
+        runner = importlib.util.find_spec(RUNNER_MODULE)
+    except ImportError:  # a parent package is missing
+        runner = None
+    if runner is None:
+        missing.append(f"{RUNNER_MODULE} (the V1 model runner)")
+    return missing
+
+
+def unsupported_vllm_message(missing) -> str:
+    """One line: which vLLM functions are missing, this vLLM's version and the tested one."""
+    try:
+        import vllm
+        version = getattr(vllm, "__version__", "unknown")
+    except ImportError:
+        version = "not importable"
+    return (f"the FineSteer vLLM plugin cannot serve with vLLM {version}: it hooks private vLLM functions "
+            f"that this version lacks ({', '.join(missing)}); it is tested with vLLM {TESTED_VLLM}.x "
+            f"(pip install 'finesteer[vllm]' installs it)")
+
+
+def check_vllm_hooks() -> None:
+    """Raise :class:`FineSteerConfigError` when this vLLM lacks a function the plugin hooks."""
+    missing = missing_hooks()
+    if missing:
+        raise FineSteerConfigError(unsupported_vllm_message(missing))
+
 
 def _wrap_create_engine_config(orig):
     @functools.wraps(orig)
     def create_engine_config(self, *args, **kwargs):
         config = orig(self, *args, **kwargs)
+        if parse_config(getattr(config, "additional_config", None)) is not None:
+            check_vllm_hooks()
         checked = check_vllm_config(config, verify_fingerprint=False)
         if checked is not None:
             cfg, steerers = checked
@@ -431,6 +492,8 @@ def _wrap_load_model(orig):
     def load_model(self, vllm_config, model_config, *args, **kwargs):
         model = orig(self, vllm_config, model_config, *args, **kwargs)
         if is_served_model(vllm_config, model_config) and getattr(model, _STATE_ATTR, None) is None:
+            if parse_config(getattr(vllm_config, "additional_config", None)) is not None:
+                check_vllm_hooks()
             checked = check_vllm_config(vllm_config)
             if checked is not None:
                 cfg, steerers = checked
@@ -455,20 +518,40 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader import BaseModelLoader
-    from vllm.v1.core import kv_cache_utils
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.engine.input_processor import InputProcessor
+    import importlib
 
-    _patch(EngineArgs, "create_engine_config", _wrap_create_engine_config)
-    _patch(InputProcessor, "_validate_params", _wrap_validate_params)
-    _patch(Scheduler, "__init__", _wrap_scheduler_init)
-    fn = kv_cache_utils.generate_block_hash_extra_keys
-    if not getattr(fn, "_finesteer_wrapped", False):
-        kv_cache_utils.generate_block_hash_extra_keys = _wrap_block_hash_extra_keys(fn)
+    def patch(module: str, owner: Optional[str], name: str, wrapper, subclasses: bool = False) -> None:
+        where = f"{module}.{owner + '.' if owner else ''}{name}"
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            _missing_hooks.append(where)
+            return
+        if owner is None:  # a module-level function
+            fn = getattr(mod, name, None)
+            if fn is None:
+                _missing_hooks.append(where)
+            elif not getattr(fn, "_finesteer_wrapped", False):
+                setattr(mod, name, wrapper(fn))
+            return
+        cls = getattr(mod, owner, None)
+        if cls is None or not _patch(cls, name, wrapper):
+            _missing_hooks.append(where)
+            return
+        for sub in _all_subclasses(cls) if subclasses else ():
+            _patch(sub, name, wrapper)
+
+    # Never raises: vLLM runs this in every process, also where nobody configured steering. What
+    # is missing is refused when steering is configured (check_vllm_hooks) and logged here.
+    patch("vllm.engine.arg_utils", "EngineArgs", "create_engine_config", _wrap_create_engine_config)
+    patch("vllm.v1.engine.input_processor", "InputProcessor", "_validate_params", _wrap_validate_params)
+    patch("vllm.v1.core.sched.scheduler", "Scheduler", "__init__", _wrap_scheduler_init)
+    patch("vllm.v1.core.kv_cache_utils", None, "generate_block_hash_extra_keys", _wrap_block_hash_extra_keys)
     # Loaders that override load_model are wrapped too; the state guard in the wrapper keeps a
     # loader that calls super().load_model from attaching twice.
-    for cls in (BaseModelLoader, *_all_subclasses(BaseModelLoader)):
-        _patch(cls, "load_model", _wrap_load_model)
+    patch("vllm.model_executor.model_loader", "BaseModelLoader", "load_model", _wrap_load_model, subclasses=True)
+    missing = missing_hooks()
+    if missing:
+        logger.warning("finesteer: %s; steering configured in additional_config['%s'] will be refused",
+                       unsupported_vllm_message(missing), CONFIG_KEY)
     _registered = True
