@@ -1,6 +1,7 @@
 """Build script: the Python package, the Triton kernels (``kernels/``, copied into wheels as
-``finesteer._triton``), and the compiled operators (csrc/). Sources and flags come from ``finesteer/_build.py``, the one build
-configuration that the first-use build in ``finesteer/_ext.py`` reads too.
+``finesteer._triton``), and the compiled operators (csrc/). Sources and flags come from
+``finesteer/_build.py``, the one build configuration that the first-use build in
+``finesteer/_ext.py`` reads too.
 
 Two install-time builds, depending on whether torch is importable *here* (in the build environment):
 
@@ -108,7 +109,8 @@ class PrebuildCacheBuildPy(TritonKernelsBuildPy):
 
 
 def _extensions():
-    """(ext_modules, cmdclass) for finesteer._C, or ([], {}) when it cannot or should not be built."""
+    """(ext_modules, cmdclass): finesteer._C, or no extension when it cannot or should not be built;
+    cmdclass always has a ``build_py`` that puts the Triton kernels into wheels."""
     if os.environ.get("FINESTEER_SKIP_EXT") == "1":
         _note("FINESTEER_SKIP_EXT=1: not building finesteer._C")
         return [], {"build_py": TritonKernelsBuildPy}

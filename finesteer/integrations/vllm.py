@@ -34,6 +34,8 @@ the configuration), and every model loader's ``load_model`` (attach the hooks in
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import logging
 from typing import Optional
 
@@ -63,6 +65,12 @@ from .vllm_state import ScheduledRequest, StepTables
 logger = logging.getLogger("vllm.finesteer")
 
 _STATE_ATTR = "_finesteer_state"
+
+#: The vLLM release the plugin is tested with (the ``vllm`` extra admits this minor version only):
+#: every point it hooks is a private vLLM function, checked by :func:`missing_hooks`.
+TESTED_VLLM = "0.32"
+#: The module of the V1 model runner, whose methods the workers wrap (:data:`RUNNER_HOOKS`).
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,11 +417,6 @@ def _wrap_validate_params(orig):
 
 _registered = False
 
-#: The vLLM release the plugin is tested with (the ``vllm`` extra admits this minor version only):
-#: every point it hooks is a private vLLM function, checked by :func:`missing_hooks`.
-TESTED_VLLM = "0.32"
-RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
-
 #: What :func:`register` could not hook in this process ("module.name"); filled when it runs.
 _missing_hooks: list = []
 
@@ -424,8 +427,6 @@ def missing_hooks() -> list:
     :func:`register`'s hooks are recorded when it runs; the V1 model runner, which workers hook
     when they load the model, is only looked up here (importing it in the front end is avoided).
     """
-    import importlib.util
-
     missing = list(_missing_hooks)
     try:
         runner = importlib.util.find_spec(RUNNER_MODULE)
@@ -518,7 +519,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    import importlib
 
     def patch(module: str, owner: Optional[str], name: str, wrapper, subclasses: bool = False) -> None:
         where = f"{module}.{owner + '.' if owner else ''}{name}"
