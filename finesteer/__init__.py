@@ -30,6 +30,7 @@ __all__ = [
     "fit_scs",
     "load_steerer",
     "read_metadata",
+    "recalibrate_scs",
     "steer",
 ]
 
@@ -38,6 +39,7 @@ __all__ = [
 _LAZY = {
     "fit_scs": "finesteer.fit",
     "fit_mose": "finesteer.fit",
+    "recalibrate_scs": "finesteer.fit",
     "FusedSteerer": "finesteer.integrations.hf",
 }
 

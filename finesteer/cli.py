@@ -70,8 +70,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="feed prompts as raw text even when the tokenizer has a chat template")
     g.add_argument("--prompt-format", default=None, choices=["auto", "chat", "plain", "raw"],
                    help="how prompts are formatted: auto (the chat template where there is one, else "
-                        "'User: {prompt}\\nAssistant:'), chat, plain or raw; fit records it in the steerer and "
-                        "generate reuses the recorded one (default: auto, or raw with --no-chat-template)")
+                        "'User: {prompt}\\nAssistant:'), chat, plain or raw; fit records it in the steerer, "
+                        "generate and calibrate reuse the recorded one (default: auto, or raw with "
+                        "--no-chat-template)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -294,6 +295,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0,
                      help="sampling seed; base and steered runs of a batch start from the same seed (default: 0)")
 
+    # calibrate -------------------------------------------------------------------------------
+    cal = sub.add_parser(
+        "calibrate", help="choose a steerer's gate threshold again, on new prompts, at a new benign budget",
+        description="Score --target and --benign prompts with the gate of --steerer (at its layer, in its recorded "
+                    "prompt format), set the threshold τ to the smallest value whose false-positive rate on "
+                    "--benign is at most --max-benign-fpr, and save the steerer with that τ to -o. Everything "
+                    "else in the artifact (subspace, experts, strength, gate mode) is kept; the summary gives τ's "
+                    "TPR on --target, FPR on --benign and their AUROC, beside the artifact's previous τ. Use "
+                    "prompts the gate was not fitted on: a held-out benign set in your traffic's style. "
+                    "Prompts longer than the model's context are refused, not truncated.")
+    _model_options(cal)
+    cal.add_argument("--steerer", required=True, help="steerer artifact (.safetensors) with a gate")
+    cal.add_argument("--target", required=True,
+                     help="prompts the gate should open on: .jsonl/.json/.csv/.tsv or a datasets folder")
+    cal.add_argument("--benign", required=True, help="prompts the gate should stay closed on (same formats)")
+    cal.add_argument("--max-benign-fpr", type=float, required=True,
+                     help="the largest allowed false-positive rate on --benign, in [0, 1)")
+    cal.add_argument("-o", "--output", required=True,
+                     help="where to write the recalibrated steerer (may be --steerer itself: it is replaced "
+                          "only once the new file is complete)")
+    cal.add_argument("--prompt-field", default="prompt", help="field holding the prompt (default: prompt)")
+    cal.add_argument("--limit", type=int, default=None, help="use at most this many records of each file")
+
     # inspect ---------------------------------------------------------------------------------
     ins = sub.add_parser("inspect", help="show what is in a steerer artifact",
                          description="Print a steerer artifact's layer, sizes, experts K and cluster sizes, gate "
@@ -350,6 +374,9 @@ def _load_inputs(args):
     flags = {args.prompt_field: "--prompt-field", getattr(args, "chosen_field", None): "--chosen-field",
              getattr(args, "rejected_field", None): "--rejected-field"}
     try:
+        if args.command == "calibrate":
+            return load_prompts(args.target, args.prompt_field, args.limit), \
+                load_prompts(args.benign, args.prompt_field, args.limit)
         if args.command == "fit":
             pairs = load_pairs(args.pairs, args.prompt_field, args.chosen_field, args.rejected_field, args.limit)
             return pairs, load_prompts(args.target, args.prompt_field, args.limit), \
@@ -440,6 +467,64 @@ def cmd_fit(args) -> int:
     steerer = Steerer(gate=gate, mose=mose, strength=args.strength, layer=layer, gate_mode=args.gate_mode,
                       temperature=args.temperature, metadata=meta)
     steerer.save(args.output, model_name_or_path=args.model)
+    print(f"saved {args.output}: {steerer}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .extract import ChatTemplateError, last_token_states, long_rows
+    from .fit import recalibrate_scs
+    from .models import model_context_length, model_hidden_size
+    from .steerer import Steerer
+
+    check_options(args)
+    check_output_path(args.output, "-o/--output")
+    target, benign = _load_inputs(args)
+    steerer = Steerer.load(args.steerer)  # validates the file before the (slow) model load
+    if steerer.gate is None:
+        raise CLIError(f"--steerer {args.steerer}: the artifact has no gate (fitted with the gate off), so it has "
+                       f"no threshold to calibrate")
+    model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))
+    d = model_hidden_size(model)
+    if d is not None and d != steerer.hidden_size:
+        raise CLIError(f"{args.steerer}: artifact is for hidden size {steerer.hidden_size}, {args.model} has hidden "
+                       f"size {d} (was it fitted on another model?)")
+    layer = steerer.layer
+    _check_layer(model, layer, args.layers_path)
+    # The gate was fitted, and is applied, on prompts in the steerer's recorded format: τ must be
+    # chosen on the same (an artifact without a record takes the command line's, or auto).
+    recorded = steerer.metadata.get("prompt_format")
+    fmt = _prompt_format(tok, recorded or args.prompt_format, not args.no_chat_template)
+    asked = None if not (args.prompt_format or args.no_chat_template) else \
+        _prompt_format(tok, args.prompt_format, not args.no_chat_template)
+    if recorded and asked is not None and asked != recorded:
+        raise CLIError(f"--prompt-format {asked}: {args.steerer} was fitted on prompts in the '{recorded}' format, "
+                       f"and generation uses that one; calibrating on another would set τ for inputs it never sees")
+    context = model_context_length(model)
+    for flag, prompts in (("--target", target), ("--benign", benign)):
+        rows = long_rows(tok, prompts, context=context, prompt_format=fmt)
+        if rows:
+            raise CLIError(f"{flag}: {len(rows)} prompt(s) (first: record {rows[0] + 1}) are longer than the model's "
+                           f"context of {context} tokens; shorten or remove them (they are never truncated)")
+    common = dict(batch_size=args.batch_size, prompt_format=fmt, progress=_progress(args),
+                  module_path=args.layers_path)
+    try:
+        h_t = last_token_states(model, tok, target, [layer], **common)[layer]
+        h_b = last_token_states(model, tok, benign, [layer], **common)[layer]
+    except ChatTemplateError as exc:
+        raise CLIError(f"{exc} (on the command line: --prompt-format plain)") from None
+    previous = steerer.gate
+    steerer.gate = recalibrate_scs(previous, h_t, h_b, args.max_benign_fpr)
+    steerer.metadata["calibrated_on"] = {"target": str(args.target), "benign": str(args.benign),
+                                         "n_target": len(target), "n_benign": len(benign), "prompt_format": fmt,
+                                         "previous_threshold": previous.threshold}
+    print(f"data: {len(target)} target prompts, {len(benign)} benign prompts (layer {layer}, prompt format {fmt})")
+    rates = {name: float((previous.score(h.float()) > previous.threshold).double().mean())
+             for name, h in (("TPR", h_t), ("FPR", h_b))}
+    print(f"previous gate: tau={previous.threshold:.6g}, on these prompts TPR={rates['TPR']:.3f} "
+          f"FPR={rates['FPR']:.3f}" + (f" (at its fit: {previous.report})" if previous.report is not None else ""))
+    print(f"recalibrated:  {steerer.gate.report}")
+    steerer.save(args.output)
     print(f"saved {args.output}: {steerer}")
     return 0
 
@@ -607,7 +692,7 @@ def cmd_demo(argv: list) -> int:
     return int(demo_cli.run(parser.parse_args(argv)) or 0)
 
 
-COMMANDS = {"fit": cmd_fit, "generate": cmd_generate, "inspect": cmd_inspect}
+COMMANDS = {"fit": cmd_fit, "calibrate": cmd_calibrate, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -146,6 +147,65 @@ def test_generate_writes_base_and_steered_side_by_side(work, tmp_path):
     assert opened and any(r["steered"] != r["base"] for r in opened)
 
 
+def test_calibrate_moves_only_the_threshold(work, tmp_path, capsys):
+    """`finesteer calibrate` sets τ on the given prompts' gate scores (at the artifact's layer, in
+    its recorded prompt format) and keeps everything else of the artifact."""
+    from finesteer.extract import last_token_states
+    from finesteer.fit.metrics import threshold_at_fpr
+    from finesteer.models import load_model
+
+    root, files, artifact = work
+    out = tmp_path / "calibrated.safetensors"
+    rc = main(["calibrate", "--model", str(root / "model"), "--steerer", str(artifact), "--target", files["target"],
+               "--benign", files["benign"], "--max-benign-fpr", "0.1", "-o", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    before, after = Steerer.load(artifact), Steerer.load(out)
+    model, tok = load_model(str(root / "model"), device="cpu", progress=False)
+    fmt = before.metadata["prompt_format"]
+    prompts = [json.loads(line)["prompt"] for line in open(files["benign"])]
+    h_b = last_token_states(model, tok, prompts, [1], prompt_format=fmt, progress=False)[1]
+    assert after.gate.threshold == threshold_at_fpr(before.gate.score(h_b.float()), 0.1)
+    rep = after.gate.report
+    assert (rep.n_target, rep.n_benign, rep.max_benign_fpr) == (20, 20, 0.1) and rep.fpr <= 0.1
+    assert torch.equal(after.gate.P, before.gate.P) and torch.equal(after.gate.mu, before.gate.mu)
+    for name in ("R", "c", "V", "U", "W1", "b1", "W2", "b2"):
+        assert torch.equal(getattr(after.mose, name), getattr(before.mose, name)), name
+    assert (after.layer, after.strength, after.gate_mode) == (before.layer, before.strength, before.gate_mode)
+    assert after.metadata["model_name_or_path"] == before.metadata["model_name_or_path"]
+    cal = after.metadata["calibrated_on"]
+    assert cal["n_benign"] == 20 and cal["prompt_format"] == fmt
+    assert cal["previous_threshold"] == before.gate.threshold
+    targets = [json.loads(line)["prompt"] for line in open(files["target"])]
+    s_t = before.gate.score(last_token_states(model, tok, targets, [1], prompt_format=fmt, progress=False)[1].float())
+    tpr = float((s_t > before.gate.threshold).double().mean())
+    assert f"previous gate: tau={before.gate.threshold:.6g}, on these prompts TPR={tpr:.3f}" in text
+    assert "recalibrated:  tau=" in text
+    # in place: the file is replaced by the recalibrated one
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(artifact, copy)
+    assert main(["calibrate", "--model", str(root / "model"), "--steerer", str(copy), "--target", files["target"],
+                 "--benign", files["benign"], "--max-benign-fpr", "0.1", "-o", str(copy), "--quiet"]) == 0
+    assert Steerer.load(copy).gate.threshold == after.gate.threshold
+
+
+def test_calibrate_refuses_what_it_cannot_do(work, tmp_path, capsys):
+    root, files, artifact = work
+    base = ["calibrate", "--model", str(root / "model"), "--target", files["target"], "--benign", files["benign"],
+            "-o", str(tmp_path / "c.safetensors"), "--quiet"]
+    gateless = tmp_path / "gateless.safetensors"
+    random_steerer(64, layer=1, with_gate=False).save(gateless)
+    err = _err(capsys, base + ["--steerer", str(gateless), "--max-benign-fpr", "0.1"])
+    assert "has no gate" in err
+    err = _err(capsys, base + ["--steerer", str(artifact), "--max-benign-fpr", "1.5"])
+    assert "--max-benign-fpr must be a rate in [0, 1)" in err
+    recorded = Steerer.load(artifact).metadata["prompt_format"]
+    other = "raw" if recorded != "raw" else "plain"
+    err = _err(capsys, base + ["--steerer", str(artifact), "--max-benign-fpr", "0.1", "--prompt-format", other])
+    assert f"fitted on prompts in the '{recorded}' format" in err
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_inspect_human_and_json(work, capsys):
     _, _, artifact = work
     assert main(["inspect", str(artifact)]) == 0
@@ -227,8 +287,8 @@ def test_help_lists_the_commands_including_demo(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("fit", "generate", "inspect", "demo"):
-        assert f"    {cmd} " in text
+    for cmd in ("fit", "calibrate", "generate", "inspect", "demo"):
+        assert re.search(rf"^    {cmd}\b", text, re.M), cmd
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     text = capsys.readouterr().out

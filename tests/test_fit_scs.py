@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finesteer import SCSGate
-from finesteer.fit import calibration_split, fit_scs
+from finesteer.fit import calibration_split, fit_scs, recalibrate_scs
 from finesteer.fit.linalg import principal_directions
 from finesteer.fit.metrics import auroc, threshold_at_fpr
 
@@ -381,3 +381,39 @@ def test_calibration_report_prints_a_tiny_threshold_readably():
     text = str(CalibrationReport(threshold=2.835e-7, tpr=0.8, fpr=0.05, auroc=0.9, n_target=10, n_benign=10,
                                  max_benign_fpr=0.05))
     assert "tau=2.835e-07" in text
+
+
+@pytest.mark.parametrize("method", ["energy", "probe"])
+@pytest.mark.parametrize("max_fpr", [0.0, 0.02, 0.3])
+def test_recalibrate_moves_only_the_threshold(method, max_fpr):
+    """recalibrate_scs keeps P and μ and picks τ on the new rows by fit_scs's rule; its report is
+    exactly what the gate does on them."""
+    target, benign = scs_data(signal=0.8)
+    gate = fit_scs(target, benign, rank=1 if method == "probe" else 3, method=method, max_benign_fpr=0.05)
+    new_t, new_b = scs_data(signal=0.8, n_target=60, n_benign=90, seed=7)
+    again = recalibrate_scs(gate, new_t.double(), new_b.half(), max_benign_fpr=max_fpr)
+    assert again is not gate and again.P is gate.P and again.mu is gate.mu and again.method == method
+    assert gate.report.max_benign_fpr == 0.05  # the fitted gate is left as it was
+    s_t, s_b = gate.score(new_t.double().float()), gate.score(new_b.half().float())
+    assert again.threshold == threshold_at_fpr(s_b, max_fpr) == again.report.threshold
+    rep = again.report
+    assert (rep.n_target, rep.n_benign, rep.max_benign_fpr) == (60, 90, max_fpr)
+    assert rep.fpr == float((s_b > again.threshold).double().mean()) <= max_fpr
+    assert rep.tpr == float((s_t > again.threshold).double().mean())
+    assert rep.auroc == pytest.approx(_pairwise_auroc(s_t, s_b), abs=1e-12)
+    # a looser budget never raises τ
+    looser = recalibrate_scs(gate, new_t, new_b, max_benign_fpr=min(0.99, max_fpr + 0.2))
+    assert looser.threshold <= again.threshold
+
+
+def test_recalibrate_refuses_bad_inputs():
+    target, benign = scs_data()
+    gate = fit_scs(target, benign, rank=2)
+    with pytest.raises(ValueError, match="benign has 47 features, the gate's hidden size is 48"):
+        recalibrate_scs(gate, target, benign[:, :47])
+    with pytest.raises(ValueError, match="max_benign_fpr"):
+        recalibrate_scs(gate, target, benign, max_benign_fpr=1.0)
+    with pytest.raises(ValueError, match="target is empty"):
+        recalibrate_scs(gate, target[:0], benign)
+    with pytest.raises(TypeError, match="must be an SCSGate"):
+        recalibrate_scs(None, target, benign)

@@ -152,6 +152,43 @@ def fit_scs(target, benign, rank: Optional[int] = None, method: str = "energy", 
     return SCSGate(P=P32, mu=mu32, threshold=tau, method=method, report=report)
 
 
+def recalibrate_scs(gate: SCSGate, target, benign, max_benign_fpr: float = 0.05) -> SCSGate:
+    """The same gate with its threshold chosen again, on new prompts, at a new benign budget.
+
+    Semantics: ``P``, ``μ`` and the method are kept; τ = the smallest threshold with benign FPR
+    ``mean(s_b > τ) ≤ max_benign_fpr`` over the scores of ``benign`` [Nb, d] (:func:`fit_scs`'s
+    rule), and the returned gate's :class:`CalibrationReport` gives τ's TPR on ``target`` [Nt, d],
+    its FPR on ``benign`` and the AUROC of the two. Use prompts the gate was not fitted on (its own
+    fit rows would understate the false-positive rate on new ones): e.g. a held-out benign set in the
+    traffic's style, to move an existing artifact to another operating point without refitting.
+
+    Args:
+        gate: the fitted gate (not modified).
+        target, benign: float tensors or arrays [N, d] with the gate's hidden size (any dtype/device).
+        max_benign_fpr: bound on the benign false-positive rate, in [0, 1).
+
+    Returns: a new :class:`SCSGate` sharing ``gate``'s ``P`` and ``mu`` tensors.
+    """
+    if not isinstance(gate, SCSGate):
+        raise TypeError(f"recalibrate_scs: gate must be an SCSGate, got {type(gate).__name__}")
+    where = "recalibrate_scs"
+    Ht = as_matrix(target, "target", where)
+    Hb = as_matrix(benign, "benign", where)
+    for name, H in (("target", Ht), ("benign", Hb)):
+        if H.shape[1] != gate.hidden_size:
+            raise ValueError(f"{where}: {name} has {H.shape[1]} features, the gate's hidden size is "
+                             f"{gate.hidden_size}")
+    max_benign_fpr = check_real(max_benign_fpr, "max_benign_fpr", where, 0.0, 1.0, high_open=True)
+    s_t = gate.score(Ht.float().to(gate.P.device))
+    s_b = gate.score(Hb.float().to(gate.P.device))
+    tau = threshold_at_fpr(s_b, max_benign_fpr)
+    report = CalibrationReport(threshold=tau, tpr=float((s_t > tau).double().mean()),
+                               fpr=float((s_b > tau).double().mean()), auroc=auroc(s_t, s_b),
+                               n_target=int(s_t.numel()), n_benign=int(s_b.numel()),
+                               max_benign_fpr=max_benign_fpr)
+    return SCSGate(P=gate.P, mu=gate.mu, threshold=tau, method=gate.method, report=report)
+
+
 def _contrastive_subspace(Xt: torch.Tensor, Xb: torch.Tensor, rank: int, r_b: int) -> torch.Tensor:
     """Top-``rank`` directions of centred target rows ``Xt`` outside the top-``r_b`` principal
     subspace of centred benign rows ``Xb``: the energy that benign activations do not also carry."""
