@@ -1,5 +1,5 @@
 """Build script: the Python package, the Triton kernels (``kernels/``, copied into wheels as
-``finesteer._triton``), and the compiled operators (csrc/). Sources and flags come from
+``finesteer._triton``), and the compiled operators (csrc/, whose sources wheels carry too). Sources and flags come from
 ``finesteer/_build.py``, the one build configuration that the first-use build in
 ``finesteer/_ext.py`` reads too.
 
@@ -53,21 +53,29 @@ def _note(msg: str) -> None:
 
 
 class TritonKernelsBuildPy(build_py):
-    """``build_py`` that copies the Triton sources ``kernels/*.py`` into ``finesteer/_triton/`` of
-    the build, so a wheel carries them. An editable install copies nothing: its
-    ``finesteer._triton`` finds the checkout's ``kernels/`` by itself (see that package). The
-    folder is not a package of its own: as a regular package named ``kernels`` in a checkout's
-    root it would shadow the ``kernels`` distribution that transformers imports."""
+    """``build_py`` that puts what lives outside ``finesteer/`` into a (non-editable) build, so a
+    wheel carries it: the Triton sources ``kernels/*.py`` as ``finesteer/_triton/``, and the
+    C++/CUDA sources and headers of ``csrc/`` as ``finesteer/_csrc/``, from which the first use
+    builds the kernels when the wheel has no ``finesteer._C`` (``finesteer/_build.py``). An
+    editable install copies nothing: it reads the checkout's folders. ``kernels/`` is not a
+    package of its own: as a regular package named ``kernels`` in a checkout's root it would
+    shadow the ``kernels`` distribution that transformers imports."""
 
     def run(self):
         super().run()
         if getattr(self, "editable_mode", False):
             return
-        target = os.path.join(self.build_lib, "finesteer", "_triton")
-        self.mkpath(target)
-        for name in sorted(os.listdir(os.path.join(HERE, "kernels"))):
-            if name.endswith(".py"):
-                self.copy_file(os.path.join(HERE, "kernels", name), os.path.join(target, name))
+        self._copy_tree("kernels", os.path.join("finesteer", "_triton"), (".py",))
+        self._copy_tree("csrc", os.path.join("finesteer", BUILD.PACKAGED_CSRC),
+                        (".cpp", ".cu") + BUILD.HEADER_SUFFIXES)
+
+    def _copy_tree(self, source: str, target: str, suffixes: tuple) -> None:
+        for folder, _, names in sorted(os.walk(os.path.join(HERE, source))):
+            rel = os.path.relpath(folder, os.path.join(HERE, source))
+            for name in sorted(n for n in names if n.endswith(suffixes)):
+                out = os.path.normpath(os.path.join(self.build_lib, target, rel))
+                self.mkpath(out)
+                self.copy_file(os.path.join(folder, name), os.path.join(out, name))
 
 
 class PrebuildCacheBuildPy(TritonKernelsBuildPy):
@@ -83,9 +91,9 @@ class PrebuildCacheBuildPy(TritonKernelsBuildPy):
             return
         self.distribution._finesteer_prebuilt = True
         if not getattr(self, "editable_mode", False):
-            # A wheel carries no csrc/, so the installed package could not find this cache entry.
+            # A wheel may be installed on another machine than the one building it: no prebuild.
             _note("not an editable install: the wheel has no finesteer._C (install with --no-build-isolation "
-                  "to build it); the cpu backend is unavailable unless the kernels can be built at first use")
+                  "to build it now); the first use builds the kernels from the sources the wheel carries")
             return
         # pip's isolated build hides the target environment's site-packages through PYTHONPATH
         # (plus PYTHONNOUSERSITE); without them the same interpreter sees the target's torch. PATH

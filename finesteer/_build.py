@@ -51,9 +51,21 @@ BUILD_NOTICE = {
 }
 
 
-def csrc_dir() -> Path:
-    """csrc/ of the source tree this file belongs to (absent in a wheel install)."""
+#: Where a wheel carries its copy of csrc/ (setup.py's build_py), inside the package.
+PACKAGED_CSRC = "_csrc"
+
+
+def checkout_csrc_dir() -> Path:
+    """csrc/ of the source checkout this file belongs to (absent in a wheel install)."""
     return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def csrc_dir() -> Path:
+    """The C++/CUDA sources to build from: the checkout's csrc/, or in a wheel install the copy
+    the wheel carries (``finesteer/_csrc``), so a first-use build works there too. Build keys
+    hash the sources' bytes, so both give the same cache entry for the same sources."""
+    checkout = checkout_csrc_dir()
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / PACKAGED_CSRC
 
 
 def sources_for(kind: str) -> tuple[str, ...]:

@@ -7,8 +7,8 @@ order, in
 
 1. ``finesteer._C``: built at install time by ``setup.py`` (when torch and a compiler were
    present in the build environment; with CUDA torch and nvcc it also holds the CUDA kernels);
-2. a build at first use from the ``csrc/`` sources of a source checkout (editable install), in
-   the keyed build cache of :mod:`finesteer._build`: one directory per (source bytes, flags, torch,
+2. a build at first use from the ``csrc/`` sources of a source checkout (editable install) or
+   the copy of them that a wheel carries (``finesteer/_csrc``), in the keyed build cache of :mod:`finesteer._build`: one directory per (source bytes, flags, torch,
    Python) combination, so later processes, other checkouts and other virtual environments with
    the same sources and torch only load the cached library. The build (~2 min on 2 cores) says so
    with one line on stderr when it starts; cache hits are silent. It needs a C++ compiler and
@@ -39,8 +39,10 @@ from . import _build
 NAMESPACE = "finesteer_ext"
 OPS = ("steering_vectors", "steer_tokens", "add_vectors")
 
-#: Source checkout's csrc/ (absent in a wheel install; then only finesteer._C can provide the ops).
+#: The sources a first-use build compiles: the checkout's csrc/, else the wheel's copy.
 CSRC = _build.csrc_dir()
+#: Whether they are a checkout's, which can be edited after finesteer._C was built from them.
+CSRC_IS_CHECKOUT = CSRC == _build.checkout_csrc_dir()
 
 _lock = threading.Lock()
 _state: dict[str, tuple[bool, str]] = {}
@@ -73,7 +75,7 @@ def _try_prebuilt() -> str:
         spec = importlib.util.find_spec("finesteer._C")
         if spec is None:
             return "no prebuilt finesteer._C"
-        if spec.origin and CSRC.is_dir() and _prebuilt_is_stale(spec.origin):
+        if spec.origin and CSRC_IS_CHECKOUT and CSRC.is_dir() and _prebuilt_is_stale(spec.origin):
             # Importing would register the old kernels for good; build the current sources instead.
             return f"prebuilt finesteer._C at {spec.origin} is older than csrc/ (skipped)"
         importlib.import_module("finesteer._C")

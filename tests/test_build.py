@@ -267,3 +267,41 @@ def test_second_checkout_reuses_the_first_ones_build(tmp_path):
     assert str(entry.dir) in second_run.stdout
     assert "building the CPU kernel" not in second_run.stderr
     assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp  # nothing recompiled or relinked
+
+
+# ---- what a wheel carries ----------------------------------------------------------------------
+
+@needs_csrc
+def test_wheel_build_carries_the_triton_kernels_and_the_csrc_sources(tmp_path):
+    """setup.py's build_py (a non-editable build, i.e. a wheel) puts kernels/*.py into
+    finesteer/_triton/ and csrc/'s sources and headers into finesteer/_csrc/; the installed
+    package then imports the kernels from itself and keys a first-use build of the C++ kernels
+    exactly as a checkout does (same sources, same cache entry)."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip(f"setuptools {setuptools.__version__} is older than the build requirement (>= 68)")
+    env = {**os.environ, "FINESTEER_SKIP_EXT": "1"}
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    package = tmp_path / "lib" / "finesteer"
+    kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
+    assert "steer.py" in kernels and (package / "_triton" / "__init__.py").is_file()
+    for name in kernels:
+        assert (package / "_triton" / name).read_bytes() == (ROOT / "kernels" / name).read_bytes(), name
+    wanted = set(_build.input_files(CSRC, "cpu")) | set(_build.input_files(CSRC, "cuda"))
+    carried = {p.relative_to(package / "_csrc").as_posix() for p in (package / "_csrc").rglob("*") if p.is_file()}
+    assert carried == wanted
+    # The installed layout, without the editable install's finder: kernels and sources from the package.
+    script = ("import sys, json, torch; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in "
+              "type(f).__name__ and 'Editable' not in getattr(f, '__name__', '')]; sys.path.insert(0, sys.argv[1]); "
+              "import finesteer._triton as t; from finesteer import _build, _ext; "
+              "print(json.dumps({'triton': list(t.__path__), 'csrc': str(_ext.CSRC), "
+              "'checkout': _ext.CSRC_IS_CHECKOUT, 'key': _build.cache_entry('cpu', torch.__version__).key}))")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lib")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout)
+    assert info["triton"] == [str(package / "_triton")]
+    assert info["csrc"] == str(package / "_csrc") and info["checkout"] is False
+    assert info["key"] == _build.cache_entry("cpu", torch.__version__, csrc=CSRC).key

@@ -133,33 +133,6 @@ def test_checkout_kernels_folder_does_not_shadow_a_kernels_distribution(tmp_path
     assert not os.path.exists(os.path.join(root, "kernels", "__init__.py"))
 
 
-def test_build_copies_the_kernels_into_the_wheel_package(tmp_path):
-    """setup.py's build_py puts kernels/*.py into finesteer/_triton/ of a (non-editable) build, so
-    an installed wheel imports them from the package itself."""
-    setuptools = pytest.importorskip("setuptools")
-    if int(setuptools.__version__.split(".")[0]) < 68:
-        pytest.skip(f"setuptools {setuptools.__version__} is older than the build requirement (>= 68)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "FINESTEER_SKIP_EXT": "1"}
-    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    built = tmp_path / "lib" / "finesteer" / "_triton"
-    sources = sorted(n for n in os.listdir(os.path.join(root, "kernels")) if n.endswith(".py"))
-    assert "steer.py" in sources
-    for name in sources:
-        assert (built / name).read_bytes() == open(os.path.join(root, "kernels", name), "rb").read(), name
-    assert (built / "__init__.py").is_file()
-    # the installed package finds its own copies, not a checkout's folder
-    script = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in type(f).__name__ "
-              "and 'Editable' not in getattr(f, '__name__', '')]; sys.path.insert(0, sys.argv[1]); "
-              "import finesteer._triton as t; print(*t.__path__)")
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lib")], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == [str(built)]
-
-
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """PTX + cubin for sm_90 with Triton's bundled toolchain: catches what the interpreter lets
