@@ -8,9 +8,10 @@ order, in
 1. ``finesteer._C``: built at install time by ``setup.py`` (when torch and a compiler were
    present in the build environment; with CUDA torch and nvcc it also holds the CUDA kernels);
 2. a build at first use from the ``csrc/`` sources of a source checkout (editable install) or
-   the copy of them that a wheel carries (``finesteer/_csrc``), in the keyed build cache of :mod:`finesteer._build`: one directory per (source bytes, flags, torch,
-   Python) combination, so later processes, other checkouts and other virtual environments with
-   the same sources and torch only load the cached library. The build (~2 min on 2 cores) says so
+   the copy of them that a wheel carries (``finesteer/_csrc``), in the keyed build cache of
+   :mod:`finesteer._build`: one directory per (source bytes, flags, torch, Python) combination,
+   so later processes, other checkouts and other virtual environments with the same sources and
+   torch only load the cached library. The build (~2 min on 2 cores) says so
    with one line on stderr when it starts; cache hits are silent. It needs a C++ compiler and
    ``ninja`` (a dependency of the package).
 
