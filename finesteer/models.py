@@ -329,17 +329,24 @@ def _explain_load_error(model: str, exc: Exception) -> str:
 def _load_tokenizer(transformers, path: str, trust_remote_code: bool):
     """``AutoTokenizer.from_pretrained(path)``, also for a folder saved by a newer transformers.
 
-    transformers 5 saves ``"tokenizer_class": "TokenizersBackend"`` and the chat template in a
-    separate ``chat_template.jinja``; transformers 4.x has no such class (its
-    ``PreTrainedTokenizerFast`` reads the same ``tokenizer.json``), and older 4.x releases do not
-    read that file. Both are bridged here so one model folder works on every supported version.
+    transformers 5 saves ``"tokenizer_class": "TokenizersBackend"``, its added special tokens as a
+    list ``"extra_special_tokens"``, and the chat template in a separate ``chat_template.jinja``.
+    transformers 4.x has no such class (its ``PreTrainedTokenizerFast`` reads the same
+    ``tokenizer.json``), 4.4x–4.57 take ``extra_special_tokens`` for a ``{name: token}`` dict
+    (a list fails there), and older 4.x releases do not read the template file. All three are
+    bridged here so one model folder works on every supported version.
     """
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "TokenizersBackend" not in str(exc):
             raise
-        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+        kwargs = {}
+        config = Path(path) / "tokenizer_config.json"
+        extra = json.loads(config.read_text(encoding="utf-8")).get("extra_special_tokens") if config.is_file() else None
+        if isinstance(extra, list):  # the 4.x meaning of a list of added special tokens
+            kwargs = {"extra_special_tokens": {}, "additional_special_tokens": extra}
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
     template = Path(path) / "chat_template.jinja"
     if getattr(tokenizer, "chat_template", None) is None and template.is_file():
         tokenizer.chat_template = template.read_text(encoding="utf-8")

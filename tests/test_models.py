@@ -36,3 +36,9 @@ def test_demo_folder_loads_with_its_chat_template():
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert "<user>" in text and "<assistant>" in text
     assert tok.pad_token is not None
+    # The folder was saved by transformers 5 (its added special tokens as a list): on every
+    # version they stay single special tokens that decoding can skip.
+    ids = tok("<user>hi<assistant>", add_special_tokens=False)["input_ids"]
+    assert {tok.convert_tokens_to_ids("<user>"), tok.convert_tokens_to_ids("<assistant>")} <= set(ids)
+    assert {"<user>", "<assistant>"} <= set(tok.all_special_tokens)
+    assert "<user>" not in tok.decode(ids, skip_special_tokens=True)
