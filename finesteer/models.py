@@ -332,8 +332,9 @@ def _load_tokenizer(transformers, path: str, trust_remote_code: bool):
     transformers 5 saves ``"tokenizer_class": "TokenizersBackend"``, its added special tokens as a
     list ``"extra_special_tokens"``, and the chat template in a separate ``chat_template.jinja``.
     transformers 4.x has no such class (its ``PreTrainedTokenizerFast`` reads the same
-    ``tokenizer.json``), 4.4x–4.57 take ``extra_special_tokens`` for a ``{name: token}`` dict
-    (a list fails there), and older 4.x releases do not read the template file. All three are
+    ``tokenizer.json``), later 4.x releases (4.57 among them; 4.44 ignores the key) take
+    ``extra_special_tokens`` for a ``{name: token}`` dict, where a list fails, and older 4.x
+    releases do not read the template file. All three are
     bridged here so one model folder works on every supported version.
     """
     try:
