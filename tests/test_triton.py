@@ -137,9 +137,13 @@ def test_checkout_kernels_folder_does_not_shadow_a_kernels_distribution(tmp_path
 def test_kernels_compile_for_sm90():
     """PTX + cubin for sm_90 with Triton's bundled toolchain: catches what the interpreter lets
     through (tl.dot shape minimums, layout and type errors) on a machine without a GPU."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     import triton.backends
 
+    from finesteer.fused import triton as backend
+
+    if backend._release(triton.__version__) < backend.MIN_TRITON:
+        pytest.skip(f"triton {triton.__version__} is older than the kernels' tested minimum {backend.MIN_TRITON}")
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton install has no NVIDIA backend")
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -148,3 +152,14 @@ def test_kernels_compile_for_sm90():
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, f"compile_check failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     assert res.stdout.count(": ok") == 5, res.stdout
+
+
+def test_a_triton_older_than_the_tested_minimum_is_reported_unavailable(monkeypatch):
+    """Triton 3.2 (torch 2.6's) fails the kernels' tests, so the backend says so and steps aside."""
+    from finesteer.fused import triton as backend
+
+    assert backend._release("3.2.0") < backend.MIN_TRITON <= backend._release("3.4.0")
+    assert backend._release("3.9.0+git1a2b") == (3, 9) and backend._release("4.0") >= backend.MIN_TRITON
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.2.0"))
+    ok, reason = backend.available()
+    assert not ok and "triton 3.2.0 is older than 3.4" in reason

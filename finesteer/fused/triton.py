@@ -48,11 +48,27 @@ def _kernels():
     return _K
 
 
+#: The oldest Triton the kernels are tested with (checked: 3.4.0, 3.8.0, 3.9.0). Triton 3.2, which
+#: torch 2.6 pins, fails the tests: its interpreter breaks on NumPy 2 and its compile API differs.
+MIN_TRITON = (3, 4)
+
+
+def _release(version: str) -> tuple:
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def available() -> tuple:
     try:
         import triton
     except Exception as exc:  # ImportError, or a broken install
         return False, f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'finesteer[triton]'"
+    if _release(triton.__version__) < MIN_TRITON:
+        return False, (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest "
+                       f"the kernels are tested with (it comes with torch >= 2.8); the other backends serve")
     try:
         k = _kernels()
     except Exception as exc:
