@@ -137,7 +137,7 @@ def test_checkout_kernels_folder_does_not_shadow_a_kernels_distribution(tmp_path
 def test_kernels_compile_for_sm90():
     """PTX + cubin for sm_90 with Triton's bundled toolchain: catches what the interpreter lets
     through (tl.dot shape minimums, layout and type errors) on a machine without a GPU."""
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     import triton.backends
 
     from finesteer.fused import triton as backend
