@@ -354,6 +354,17 @@ def _check_layer(model, layer: int, layers_path: Optional[str]) -> None:
                        f"(valid: 0..{n - 1})")
 
 
+def _check_steerer_fits(args, steerer, model) -> None:
+    """The artifact ``--steerer`` was fitted for this model's hidden size, and its layer exists."""
+    from .models import model_hidden_size
+
+    d = model_hidden_size(model)
+    if d is not None and d != steerer.hidden_size:
+        raise CLIError(f"{args.steerer}: artifact is for hidden size {steerer.hidden_size}, {args.model} has hidden "
+                       f"size {d} (was it fitted on another model?)")
+    _check_layer(model, steerer.layer, args.layers_path)
+
+
 def _prompt_format(tok, name, chat_template: bool) -> str:
     from .extract import resolve_prompt_format
 
@@ -474,7 +485,7 @@ def cmd_fit(args) -> int:
 def cmd_calibrate(args) -> int:
     from .extract import ChatTemplateError, last_token_states, long_rows
     from .fit import recalibrate_scs
-    from .models import model_context_length, model_hidden_size
+    from .models import model_context_length
     from .steerer import Steerer
 
     check_options(args)
@@ -485,12 +496,8 @@ def cmd_calibrate(args) -> int:
         raise CLIError(f"--steerer {args.steerer}: the artifact has no gate (fitted with the gate off), so it has "
                        f"no threshold to calibrate")
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))
-    d = model_hidden_size(model)
-    if d is not None and d != steerer.hidden_size:
-        raise CLIError(f"{args.steerer}: artifact is for hidden size {steerer.hidden_size}, {args.model} has hidden "
-                       f"size {d} (was it fitted on another model?)")
+    _check_steerer_fits(args, steerer, model)
     layer = steerer.layer
-    _check_layer(model, layer, args.layers_path)
     # The gate was fitted, and is applied, on prompts in the steerer's recorded format: τ must be
     # chosen on the same (an artifact without a record takes the command line's, or auto).
     recorded = steerer.metadata.get("prompt_format")
@@ -554,7 +561,7 @@ def cmd_generate(args) -> int:
     from .extract import encode_prompts
     from .generation import batches, generate_ids
     from .integrations.hf import FusedSteerer
-    from .models import model_context_length, model_hidden_size
+    from .models import model_context_length
     from .steerer import Steerer
 
     check_options(args)
@@ -565,11 +572,7 @@ def cmd_generate(args) -> int:
     if args.layer is not None and steerer.layer != args.layer:
         raise CLIError(f"{args.steerer} was fitted for layer {steerer.layer}, not the requested --layer {args.layer}")
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))
-    d = model_hidden_size(model)
-    if d is not None and d != steerer.hidden_size:
-        raise CLIError(f"{args.steerer}: artifact is for hidden size {steerer.hidden_size}, {args.model} has hidden "
-                       f"size {d} (was it fitted on another model?)")
-    _check_layer(model, steerer.layer, args.layers_path)
+    _check_steerer_fits(args, steerer, model)
     if args.strength is not None:
         steerer.strength = args.strength
     # The steerer's recorded format unless the command line names one: fitting and generation must agree.

@@ -480,3 +480,8 @@ def test_check_vllm_hooks_names_every_missing_function(monkeypatch):
                                   f"{fv.RUNNER_MODULE} (the V1 model runner)"]
     with pytest.raises(fv.FineSteerConfigError, match="generate_block_hash_extra_keys.*V1 model runner"):
         fv.check_vllm_hooks()
+    # The configuration check (front end and workers) refuses before anything else, only when
+    # steering is configured.
+    with pytest.raises(fv.FineSteerConfigError, match="V1 model runner"):
+        fv.check_vllm_config(NS(additional_config={"finesteer": {"steerers": ["missing.safetensors"]}}))
+    assert fv.check_vllm_config(NS(additional_config={})) is None

@@ -92,11 +92,13 @@ def check_vllm_config(vllm_config, verify_fingerprint: bool = True):
     """Validate the FineSteer section of a ``VllmConfig`` against the model and vLLM's settings.
 
     Returns ``(config, steerers)`` (``None`` when the section is absent). With
-    ``verify_fingerprint``, a fingerprint written by the front end must match the files now.
+    ``verify_fingerprint``, a fingerprint written by the front end must match the files now. A
+    vLLM that lacks a function the plugin hooks is refused first (:func:`check_vllm_hooks`).
     """
     cfg = parse_config(getattr(vllm_config, "additional_config", None))
     if cfg is None:
         return None
+    check_vllm_hooks()
     mc = vllm_config.model_config
     text = mc.hf_text_config
     steerers = load_and_check(cfg, mc.architectures, int(text.hidden_size), int(text.num_hidden_layers),
@@ -302,7 +304,8 @@ def _wrap_dummy_run(orig):
 
 
 def _patch(cls, name, wrapper) -> bool:
-    """Wrap ``cls.name`` (defined by ``cls`` itself) once; whether ``cls`` defines it."""
+    """Wrap ``cls.name`` (defined by ``cls`` itself; ``cls`` may be a module) once; whether
+    ``cls`` defines it."""
     fn = cls.__dict__.get(name)
     if fn is None:
         return False
@@ -460,8 +463,6 @@ def _wrap_create_engine_config(orig):
     @functools.wraps(orig)
     def create_engine_config(self, *args, **kwargs):
         config = orig(self, *args, **kwargs)
-        if parse_config(getattr(config, "additional_config", None)) is not None:
-            check_vllm_hooks()
         checked = check_vllm_config(config, verify_fingerprint=False)
         if checked is not None:
             cfg, steerers = checked
@@ -493,8 +494,6 @@ def _wrap_load_model(orig):
     def load_model(self, vllm_config, model_config, *args, **kwargs):
         model = orig(self, vllm_config, model_config, *args, **kwargs)
         if is_served_model(vllm_config, model_config) and getattr(model, _STATE_ATTR, None) is None:
-            if parse_config(getattr(vllm_config, "additional_config", None)) is not None:
-                check_vllm_hooks()
             checked = check_vllm_config(vllm_config)
             if checked is not None:
                 cfg, steerers = checked
@@ -527,18 +526,11 @@ def register() -> None:
         except ImportError:
             _missing_hooks.append(where)
             return
-        if owner is None:  # a module-level function
-            fn = getattr(mod, name, None)
-            if fn is None:
-                _missing_hooks.append(where)
-            elif not getattr(fn, "_finesteer_wrapped", False):
-                setattr(mod, name, wrapper(fn))
-            return
-        cls = getattr(mod, owner, None)
-        if cls is None or not _patch(cls, name, wrapper):
+        target = mod if owner is None else getattr(mod, owner, None)  # a module-level function, or a method
+        if target is None or not _patch(target, name, wrapper):
             _missing_hooks.append(where)
             return
-        for sub in _all_subclasses(cls) if subclasses else ():
+        for sub in _all_subclasses(target) if subclasses else ():
             _patch(sub, name, wrapper)
 
     # Never raises: vLLM runs this in every process, also where nobody configured steering. What
