@@ -20,6 +20,8 @@ import torch
 
 from finesteer import _build, _ext
 
+from .utils import FROM_FOLDER_PRELUDE
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 needs_csrc = pytest.mark.skipif(not (CSRC / "cpu" / "steer_cpu.cpp").is_file(), reason="no csrc/ checkout")
@@ -294,9 +296,8 @@ def test_wheel_build_carries_the_triton_kernels_and_the_csrc_sources(tmp_path):
     carried = {p.relative_to(package / "_csrc").as_posix() for p in (package / "_csrc").rglob("*") if p.is_file()}
     assert carried == wanted
     # The installed layout, without the editable install's finder: kernels and sources from the package.
-    script = ("import sys, json, torch; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in "
-              "type(f).__name__ and 'Editable' not in getattr(f, '__name__', '')]; sys.path.insert(0, sys.argv[1]); "
-              "import finesteer._triton as t; from finesteer import _build, _ext; "
+    script = (FROM_FOLDER_PRELUDE + "import json, torch; import finesteer._triton as t; "
+              "from finesteer import _build, _ext; "
               "print(json.dumps({'triton': list(t.__path__), 'csrc': str(_ext.CSRC), "
               "'checkout': _ext.CSRC_IS_CHECKOUT, 'key': _build.cache_entry('cpu', torch.__version__).key}))")
     res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lib")], cwd=tmp_path, capture_output=True,

@@ -20,7 +20,7 @@ import torch
 
 import finesteer as fs
 
-from .utils import bank_index, check_against_reference, make_bank, random_h
+from .utils import FROM_FOLDER_PRELUDE, bank_index, check_against_reference, make_bank, random_h
 
 #: The launchers' GPU block configuration (16-row blocks, narrow d tiles, 16-unit epilogue
 #: steps), forced on small shapes so the interpreter also walks the GPU's loop structure.
@@ -104,9 +104,8 @@ def test_wrong_device_is_named(k, dev):
 def test_kernels_found_without_an_install(tmp_path):
     """A source tree on sys.path (no pip install, no symlink) finds kernels/ as finesteer._triton."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in type(f).__name__ "
-              "and 'Editable' not in getattr(f, '__name__', '')]; sys.path.insert(0, sys.argv[1]); "
-              "import finesteer; assert finesteer.__file__.startswith(sys.argv[1]), finesteer.__file__; "
+    script = (FROM_FOLDER_PRELUDE + "import finesteer; "
+              "assert finesteer.__file__.startswith(sys.argv[1]), finesteer.__file__; "
               "from finesteer.fused import triton as t; k = t._kernels(); print(k.__file__)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", script, root], cwd=tmp_path, env=env, capture_output=True, text=True,

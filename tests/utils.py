@@ -9,6 +9,12 @@ import torch
 from finesteer import MoSE, SCSGate, Steerer, SteeringBank, reference
 from finesteer._constants import GATE_EPS, GATE_HARD
 
+#: Start of a ``python -c`` script that imports finesteer from the folder given as ``sys.argv[1]``
+#: (a source tree, or a build's lib folder) and not through this environment's editable install.
+FROM_FOLDER_PRELUDE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in "
+                       "type(f).__name__ and 'Editable' not in getattr(f, '__name__', '')]; "
+                       "sys.path.insert(0, sys.argv[1]); ")
+
 #: Tolerances (atol, rtol) of a kernel's output against the fp32 reference, per I/O dtype.
 #: fp32 differs only by summation order; bf16/fp16 by one rounding of the output element
 #: (the reference also rounds once), plus summation-order noise that can flip a rounding.
