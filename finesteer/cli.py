@@ -163,7 +163,7 @@ def _mose_option(text: str) -> tuple:
 
 def add_mose_arguments(group, null_rows_help: str) -> None:
     """The MoSE fit options ``finesteer fit`` and ``finesteer eval`` share (read by :func:`mose_options`)."""
-    from .fit.mose import INITS, SHRINKS
+    from .fit.mose import CLUSTER_ON, INITS, SHRINKS
 
     group.add_argument("--k-min", type=int, default=4, help="fewest MoSE experts K tried (default: 4)")
     group.add_argument("--k-max", type=int, default=10, help="most MoSE experts K tried (default: 10)")
@@ -175,6 +175,11 @@ def add_mose_arguments(group, null_rows_help: str) -> None:
                        help="where training starts: mean (the mean δ), ridge (the mean δ plus a ridge read-out of "
                             "the residual from the query, penalty picked on the validation rows; needs --hidden >= "
                             "2·--residual-dim), random (default: mean)")
+    group.add_argument("--mose-cluster-on", default="delta", choices=CLUSTER_ON,
+                       help="what K-means groups into experts: delta (the response shifts; each expert a kind of "
+                            "shift) or query (the prompts' states; each expert the mean shift of a group of similar "
+                            "prompts, which averages out per-response noise: for data whose single shifts are mostly "
+                            "answer wording, e.g. TruthfulQA) (default: delta)")
     group.add_argument("--mose-shrink", default="off", choices=SHRINKS,
                        help="cv: after training, pull MoSE's vectors toward the mean δ by the weight that "
                             "cross-validation over the training pairs picks (5 folds; --mose-option "
@@ -195,7 +200,8 @@ def mose_options(args) -> dict:
     if args.k_min > args.k_max:
         raise CLIError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     options = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
-                   epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink)
+                   epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink,
+                   cluster_on=args.mose_cluster_on)
     options.update(dict(args.mose_option))
     try:
         MoSEOptions().replace(**options).validated(1)  # the hidden size only resolves attn_dim's default
@@ -670,9 +676,12 @@ def cmd_inspect(args) -> int:
               f"(held-out {cal['n_target']} target / {cal['n_benign']} benign, max benign FPR "
               f"{cal['max_benign_fpr']})")
     mo = info["mose"]
-    print(f"  MoSE:         K={mo['num_experts']} experts, cluster sizes {mo['cluster_sizes']}, "
-          f"residual m={mo['residual_dim']}, MLP H={mo['mlp_hidden']}")
     fit = info["fit"]
+    # artifacts written before cluster_on existed clustered δ
+    clustered = {"delta": "", "query": " (clustered on queries)"}.get(
+        fit.get("hyperparameters", {}).get("cluster_on", "delta"), "")
+    print(f"  MoSE:         K={mo['num_experts']} experts{clustered}, cluster sizes {mo['cluster_sizes']}, "
+          f"residual m={mo['residual_dim']}, MLP H={mo['mlp_hidden']}")
     keys = ("n_samples", "best_epoch", "epochs_run", "train_loss", "val_loss", "val_loss_mean_delta", "seed")
     shown = [f"{k}={fit[k]:.4g}" if isinstance(fit[k], float) else f"{k}={fit[k]}" for k in keys if k in fit]
     if shown:

@@ -95,14 +95,18 @@ def test_fit_mose_shrink_cv_and_mose_options_are_reported_and_recorded(work, tmp
     out = tmp_path / "shrink.safetensors"
     rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
                files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
-               *FIT_SMALL, "--mose-shrink", "cv", "--mose-option", "shrink_folds=3", "--mose-option", "loss=mse_cosine"])
+               *FIT_SMALL, "--mose-shrink", "cv", "--mose-option", "shrink_folds=3", "--mose-option", "loss=mse_cosine",
+               "--mose-cluster-on", "query"])
     assert rc == 0
     assert "MoSE shrinkage toward the mean δ (3-fold cross-validation): weight " in capsys.readouterr().out
     stats = Steerer.load(out, hidden_size=64).mose.fit_stats
     assert stats["hyperparameters"]["shrink"] == "cv" and 0.0 <= stats["shrink"]["weight"] <= 1.0
     assert stats["hyperparameters"]["loss"] == "mse_cosine" and stats["shrink"]["folds"] == 3
+    assert stats["hyperparameters"]["cluster_on"] == "query"
     assert main(["inspect", str(out)]) == 0
-    assert f"shrinkage:    weight {stats['shrink']['weight']:.3g} toward the mean δ (3-fold" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "experts (clustered on queries), cluster sizes" in shown
+    assert f"shrinkage:    weight {stats['shrink']['weight']:.3g} toward the mean δ (3-fold" in shown
     # --mose-option applies over the dedicated flags; a bad one is refused before anything runs
     with pytest.raises(SystemExit):
         main(["fit", "--model", str(root / "model"), "--mose-option", "shrink_folds=many"])

@@ -385,6 +385,7 @@ def test_bad_data(mutate, match):
     (dict(query_dim=0), "query_dim must be >= 1"),
     (dict(seed=True), "seed must be an integer"),
     (dict(shrink="yes"), "unknown shrink 'yes'"),
+    (dict(cluster_on="answers"), "unknown cluster_on 'answers'"),
     (dict(shrink="cv", shrink_folds=1), "shrink_folds must be >= 2"),
     (dict(shrink="cv", shrink_folds=60), "shrink_folds=60 exceeds the 54 training rows"),
     (dict(shrink="cv", k_range=(4, 40)), "shrink='cv' refits MoSE on 4 of 5 folds .* fold 0 failed: .*need more than "
@@ -505,6 +506,36 @@ def test_cv_shrinkage_keeps_a_predictable_fit_and_drops_noise():
         assert torch.equal(getattr(base, name), getattr(again, name)), name
 
 
+def test_query_clustered_experts_are_mean_deltas_of_query_groups():
+    """cluster_on="query": K-means runs on the centred queries, so with queries in three groups and
+    δ = a group-specific shift plus per-row noise, the experts
+    are exactly the three groups' mean δ over the training rows."""
+    g = torch.Generator().manual_seed(5)
+    groups, n = 3, 300
+    keys = 6.0 * torch.randn(groups, D, generator=g)
+    shifts = 4.0 * torch.randn(groups, D, generator=g)
+    z = torch.arange(n) % groups
+    q = 10.0 + keys[z] + torch.randn(n, D, generator=g)
+    delta = shifts[z] + 8.0 * torch.randn(n, D, generator=g)
+    opts = {**FAST, "k_range": (3, 3), "val_fraction": 0.2}
+    mose = fit_mose(q, delta, **opts, cluster_on="query")
+    train_idx, _ = holdout_split(n, 0.2, child_generator(0, 0), "", "")
+    zt, dt = z[train_idx], delta[train_idx].double()
+    expected = torch.stack([dt[zt == k].mean(0) for k in range(groups)]).float()
+    got = mose.prototypes
+    order = torch.cdist(expected, got).argmin(1)
+    assert sorted(order.tolist()) == [0, 1, 2]
+    torch.testing.assert_close(got[order], expected, rtol=1e-5, atol=1e-4)
+    assert sorted(mose.cluster_sizes.tolist()) == sorted(torch.bincount(zt).float().tolist())
+    assert mose.fit_stats["hyperparameters"]["cluster_on"] == "query"
+    # one prompt state for every row leaves nothing to cluster; fit_experts needs the queries
+    with pytest.raises(ValueError, match="all queries rows are identical after L2 normalisation"):
+        fit_mose(torch.ones(n, D), delta, **opts, cluster_on="query", merge_duplicates=False)
+    from finesteer.fit.mose import MoSEOptions, fit_experts
+    with pytest.raises(ValueError, match="cluster_on='query' needs the training queries"):
+        fit_experts(delta.double(), MoSEOptions(cluster_on="query").validated(D))
+
+
 def test_option_from_text_parses_each_field_by_its_type():
     from finesteer.fit.mose import option_from_text
 
@@ -515,6 +546,7 @@ def test_option_from_text_parses_each_field_by_its_type():
     assert option_from_text("query_dim=none") == ("query_dim", None)
     assert option_from_text("attn_dim=16") == ("attn_dim", 16)
     assert option_from_text("shrink=cv") == ("shrink", "cv")
+    assert option_from_text("cluster_on=query") == ("cluster_on", "query")
     for bad, match in (("nonsense=1", "NAME one of .*shrink"), ("hidden", "expected NAME=VALUE"),
                        ("hidden=x", "hidden: cannot parse 'x'"), ("normalize=maybe", "normalize: cannot parse")):
         with pytest.raises(ValueError, match=match):

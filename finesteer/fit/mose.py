@@ -27,7 +27,7 @@ from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
 from .train import TrainResult, train_early_stopping
 
-__all__ = ["INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "build_network", "cv_shrinkage",
+__all__ = ["CLUSTER_ON", "INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "build_network", "cv_shrinkage",
            "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "option_from_text", "residual_basis",
            "ridge_residual", "train_network"]
 
@@ -35,6 +35,7 @@ RESIDUALS = ("all", "prototype_residual")
 LOSSES = ("mse", "mse_cosine")
 INITS = ("mean", "ridge", "random")
 SHRINKS = ("off", "cv")
+CLUSTER_ON = ("delta", "query")
 #: Ridge penalties ``init="ridge"`` tries, as multiples of the training features' mean squared
 #: singular value (so the grid means the same on any scale); the validation rows pick one.
 RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -47,10 +48,14 @@ KMEANS_RESTARTS = 4
 class MoSEOptions:
     """Every setting of the MoSE fit, in one place (see :func:`fit_mose` for the semantics).
 
-    Experts: ``k_range`` (k_min, k_max), 2 ≤ k_min ≤ k_max < training rows; ``normalize`` (L2-
-    normalise δ before clustering); ``pca_dim`` (dimensions of the clustering space; None: the
-    original space). Residual: ``residual_dim`` m (1 ≤ m ≤ min(training rows, d)); ``residual``
-    ``"all"`` or ``"prototype_residual"``. Network: ``hidden`` H; ``attn_dim`` d_a (None:
+    Experts: ``k_range`` (k_min, k_max), 2 ≤ k_min ≤ k_max < training rows; ``cluster_on``
+    ``"delta"`` (default: K-means on the training δ, so each expert is a kind of response shift) or
+    ``"query"`` (K-means on the centred training queries, each expert the mean δ of one group of
+    similar queries: experts the router can tell apart from the query by construction, each an
+    average over its group, so answer-wording noise in single δ rows averages out); ``normalize``
+    (L2-normalise the clustered rows, after centring for queries); ``pca_dim`` (dimensions of the
+    clustering space; None: the original space). Residual: ``residual_dim`` m (1 ≤ m ≤
+    min(training rows, d)); ``residual`` ``"all"`` or ``"prototype_residual"``. Network: ``hidden`` H; ``attn_dim`` d_a (None:
     min(d, 128)); ``learned_values``; ``query_dim`` (input dimensions: the network reads the top
     principal components of the training queries; None: all d features). Training: ``epochs``,
     ``lr``, ``weight_decay``, ``batch_size``, ``val_fraction``, ``patience``, ``seed``,
@@ -75,6 +80,7 @@ class MoSEOptions:
     """
 
     k_range: tuple = (4, 10)
+    cluster_on: str = "delta"
     residual_dim: int = 10
     hidden: int = 256
     epochs: int = 200
@@ -113,6 +119,7 @@ class MoSEOptions:
         check_choice(self.loss, "loss", _WHERE, LOSSES)
         check_choice(self.init, "init", _WHERE, INITS)
         check_choice(self.shrink, "shrink", _WHERE, SHRINKS)
+        check_choice(self.cluster_on, "cluster_on", _WHERE, CLUSTER_ON)
         if self.init == "ridge" and self.hidden < 2 * self.residual_dim:
             raise ValueError(f"{_WHERE}: init='ridge' writes the linear residual into the MLP with two hidden units "
                              f"per residual coefficient; hidden={self.hidden} < 2·residual_dim={2 * self.residual_dim}")
@@ -187,9 +194,10 @@ def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides
                    written response opening), which the router cannot see in the query
         split      rows into train / validation (val_fraction, seeded); everything below but the
                    early-stopping check uses the training rows only
-        experts    K-means (k-means++, KMEANS_RESTARTS restarts) on δ (L2-normalised if ``normalize``)
-                   projected on its top-min(pca_dim, N, d) principal components; K ∈ k_range maximises
-                   the Calinski–Harabasz index; prototypes C [K, d] = cluster means of the raw δ
+        experts    K-means (k-means++, KMEANS_RESTARTS restarts) on δ (``cluster_on="delta"``) or on the
+                   centred queries (``"query"``), L2-normalised if ``normalize``, projected on the top
+                   min(pca_dim, N, d) principal components; K ∈ k_range maximises the Calinski–Harabasz
+                   index; prototypes C [K, d] = cluster means of the raw δ
         residual   U [d, m] = top-m principal components of centred δ ("all") or of δ with span(C)
                    projected out ("prototype_residual")
         network    on x = Πᵀ(q − mean q)/σ, Π = top-min(query_dim, N − 1, d) principal components of
@@ -245,7 +253,7 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
     q_tr, d_tr = Q[train_idx], D[train_idx]
     q_va, d_va = Q[val_idx], D[val_idx]
 
-    experts = fit_experts(d_tr, opts)
+    experts = fit_experts(d_tr, opts, queries=q_tr)
     U = residual_basis(d_tr, experts.prototypes, opts)
     net = build_network(q_tr, d_tr, experts.prototypes, U, opts,
                         cluster_sizes=None if opts.init == "random" else experts.sizes)
@@ -375,11 +383,23 @@ class Experts:
     clustering_dim: int
 
 
-def fit_experts(deltas: torch.Tensor, opts: MoSEOptions) -> Experts:
-    """Step 1: K-means experts on training δ [N, d] (fp64), K ∈ ``opts.k_range`` by Calinski–Harabasz."""
-    Z, p = _clustering_space(deltas, opts.normalize, opts.pca_dim)
+def fit_experts(deltas: torch.Tensor, opts: MoSEOptions, queries: Optional[torch.Tensor] = None) -> Experts:
+    """Step 1: K-means experts on training δ [N, d] (fp64), K ∈ ``opts.k_range`` by Calinski–Harabasz.
+
+    The rows clustered are the δ themselves (``opts.cluster_on="delta"``) or ``queries`` [N, d]
+    centred (``"query"``); either way each prototype is the mean raw δ of its cluster."""
+    if opts.cluster_on == "query":
+        if queries is None or queries.shape != deltas.shape:
+            raise ValueError(f"{_WHERE}: cluster_on='query' needs the training queries, shaped like deltas "
+                             f"{tuple(deltas.shape)}")
+        # Centred first: every query shares a large common component that would dominate the
+        # normalised rows' directions.
+        rows, what = queries - queries.mean(0), "queries"
+    else:
+        rows, what = deltas, "deltas"
+    Z, p = _clustering_space(rows, opts.normalize, opts.pca_dim)
     if float(Z.square().sum()) <= 0.0:
-        raise ValueError(f"{_WHERE}: all deltas rows are identical"
+        raise ValueError(f"{_WHERE}: all {what} rows are identical"
                          f"{' after L2 normalisation' if opts.normalize else ''}; there is nothing to cluster into "
                          "experts")
     k_min, k_max = opts.k_range
@@ -614,10 +634,11 @@ def _check_k_range(k_range) -> tuple[int, int]:
     return k_min, k_max
 
 
-def _clustering_space(deltas: torch.Tensor, normalize: bool, pca_dim: Optional[int]):
-    """The rows K-means runs on: (optionally L2-normalised) δ, centred and projected on its top
-    principal components (distances are kept exactly when pca_dim covers the data's rank)."""
-    X = deltas
+def _clustering_space(rows: torch.Tensor, normalize: bool, pca_dim: Optional[int]):
+    """The rows K-means runs on: (optionally L2-normalised) ``rows`` (δ or centred queries), centred
+    and projected on their top principal components (distances are kept exactly when pca_dim
+    covers the data's rank)."""
+    X = rows
     if normalize:
         # A zero δ (identical preferred and undesired responses) stays at the origin.
         X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
