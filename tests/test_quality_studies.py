@@ -117,6 +117,8 @@ def test_mose_splits_scores_named_variants_on_every_split(splits, tmp_path):
     assert result["variants"] == {"ridge": {"init": "ridge", "hidden": "32"}}
     assert {"ridge_cosine_mean", "ridge_cosine_higher", "ridge_mse_lower"} <= set(result["summary"])
     assert all(set(r) >= {"mean_vector", "mose", "ridge"} for r in result["splits"])
+    assert splits.parse_variant("q:cluster_on=query,k_range=2,4,residual_dim=1") == (
+        "q", {"cluster_on": "query", "k_range": (2, 4), "residual_dim": 1})
     for bad in ("ridge", "mose:init=ridge", "x:no_such_option=1"):
         with pytest.raises(argparse.ArgumentTypeError):
             splits.parse_variant(bad)
@@ -737,6 +739,48 @@ def test_truthfulqa_nested_pools_the_folds_and_applies_the_rule():
     assert nested.choose(lay) == 9
     assert nested.choose({**lay, 11: {"candidate": True, "mean_mc2_gain": 0.01}}) is None  # the task's layer holds
     assert nested.choose({11: {"candidate": False, "mean_mc2_gain": 0.0}}) is None
+
+
+def test_truthfulqa_nested_judges_a_fit_variant_against_the_plain_run(tmp_path, capsys):
+    """A variant's runs hold FineSteer only; summarize takes CAA and the unsteered model from the
+    plain runs, and adopts the variant only when it is a candidate with at least the default's gain."""
+    nested = _load("truthfulqa_nested")
+
+    def doc(fs, caa=None):
+        per = {"unsteered": {"0": {"mc1": [0, 1], "mc2": [0.2, 0.6]}},
+               "finesteer": {str(lam): {"mc1": v[0], "mc2": v[1]} for lam, v in zip(nested.STRENGTHS, fs)}}
+        if caa is not None:
+            per["caa"] = {str(lam): {"mc1": v[0], "mc2": v[1]} for lam, v in zip(nested.STRENGTHS, caa)}
+        return {"truthfulqa": {"per_question": per}}
+
+    even = [([1, 0], [0.5, 0.5])] * 4
+    slightly = [([1, 0], [0.52, 0.52])] * 4
+    ahead = [([1, 1], [0.6, 0.6])] * 4
+    for fold in (1, 2):
+        for variant, d in ((None, doc(slightly, caa=even)), ("qc", doc(ahead))):
+            run = nested.run_dir(tmp_path, fold, 11, variant)
+            run.mkdir(parents=True)
+            (run / "eval.json").write_text(json.dumps(d))
+    assert nested.run_dir(tmp_path, 1, 11, "qc").name == "f1_L11_qc"
+    out = tmp_path / "variant.json"
+    assert nested.main(["summarize", "--out", str(tmp_path), "--layers", "11", "--variant", "qc", "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
+    v, plain = res["variant_layers"]["11"], res["layers"]["11"]
+    assert v["adopt"] and v["mean_mc2_gain"] == pytest.approx(0.1) and plain["mean_mc2_gain"] == pytest.approx(0.02)
+    assert v["rows"][0]["caa_mc2"] == 0.5 and "chosen" not in res
+    assert "adopt qc at layer 11: True" in capsys.readouterr().out
+    # a smaller gain than the default's, or one λ below CAA, is not adopted
+    assert not nested.adopt_variant({"mean_mc2_gain": 0.03}, {"candidate": True, "mean_mc2_gain": 0.02})
+    assert not nested.adopt_variant({"mean_mc2_gain": 0.0}, {"candidate": False, "mean_mc2_gain": 0.5})
+    with pytest.raises(ValueError, match="lack FineSteer at λ = 16"):
+        nested.with_variant({}, {("finesteer", lam): {} for lam in nested.STRENGTHS[:-1]})
+    argv = nested.inner_argv(Path("/x/f.jsonl"), 11, Path("/o"), Path("/c"), "m.gguf", ("cluster_on=query", "k_range=2,4"))
+    assert argv[argv.index("--methods") + 1] == "unsteered,finesteer"
+    assert [argv[i + 1] for i, x in enumerate(argv) if x == "--mose-option"] == ["cluster_on=query", "k_range=2,4"]
+    with pytest.raises(SystemExit):
+        nested.main(["run", "--fold", "1", "--layers", "11", "--out", str(tmp_path), "--cache-dir", str(tmp_path),
+                     "--variant", "qc"])
+    assert "--variant NAME and --mose-option go together" in capsys.readouterr().err
 
 
 def test_truthfulqa_nested_takes_each_folds_training_half():

@@ -82,14 +82,17 @@ def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_promp
 
 def parse_variant(text: str) -> tuple:
     """``NAME:OPTION=VALUE[,OPTION=VALUE...]`` → (NAME, {option: value}); values parsed as
-    ``finesteer eval --mose-option`` parses them."""
+    ``finesteer eval --mose-option`` parses them. A comma starts a new option only where
+    ``OPTION=`` follows, so ``k_range=2,4`` stays one value."""
+    import re
+
     from finesteer.fit.mose import option_from_text
 
     name, sep, spec = text.partition(":")
     if not sep or not name or name in ("mean_vector", "mose"):
         raise argparse.ArgumentTypeError(f"expected NAME:OPTION=VALUE[,...] with a new NAME, got {text!r}")
     try:
-        return name, dict(option_from_text(item) for item in spec.split(","))
+        return name, dict(option_from_text(item) for item in re.split(r",(?=\w+=)", spec))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--variant {name}: {exc}") from None
 

@@ -18,6 +18,17 @@ Run (one process per fold runs them side by side on two cores)::
     nice python benchmarks/quality/truthfulqa_nested.py run --fold 2 --layers 11 7 9 13 --out <dir> --cache-dir <cache>
     python benchmarks/quality/truthfulqa_nested.py summarize --out <dir> --layers 7 9 11 13 \\
         -o benchmarks/results/quality/truthfulqa_nested_layers.json
+
+A *fit variant* (``--variant NAME --mose-option OPTION=VALUE ...``) is judged the same way at one
+layer: ``run`` refits and scores FineSteer only, with those MoSE options (CAA does not depend on
+them, so ``summarize`` takes CAA and the unsteered model from the plain run at that layer, which
+must exist; the variant reuses its extraction cache), into ``f<fold>_L<layer>_<NAME>/``. The rule
+for a variant: it is adopted for the reported runs when it is a candidate (FineSteer at or above CAA
+on MC1 and MC2 at every λ) and its mean MC2 gain over CAA is at least the default fit's::
+
+    nice python benchmarks/quality/truthfulqa_nested.py run --fold 1 --layers 11 --out <dir> --cache-dir <cache> \\
+        --variant query_clusters --mose-option cluster_on=query --mose-option k_range=2,4
+    python benchmarks/quality/truthfulqa_nested.py summarize --out <dir> --layers 11 --variant query_clusters -o …
 """
 from __future__ import annotations
 
@@ -35,6 +46,8 @@ import bench_quality as bq  # noqa: E402
 TASK_LAYER = bq.DEFAULTS["layer"]
 STRENGTHS = (2.0, 4.0, 8.0, 16.0)
 METHODS = "unsteered,caa,finesteer"
+#: A fit variant changes only FineSteer's MoSE; CAA and the unsteered model come from the plain run.
+VARIANT_METHODS = "unsteered,finesteer"
 
 
 def training_half(rows: list, fold: int, seed: int = 0) -> list:
@@ -49,16 +62,38 @@ def training_half(rows: list, fold: int, seed: int = 0) -> list:
     return [rows[i] for i in (fit if fold == 1 else scored)]
 
 
-def inner_argv(path: Path, layer: int, out: Path, cache: Path, model: str) -> list:
+def inner_argv(path: Path, layer: int, out: Path, cache: Path, model: str, mose_options: tuple = ()) -> list:
     """``finesteer eval`` arguments: the truthfulness task's, at ``layer``, with the TruthfulQA file
-    replaced by ``path`` (one fold's training half), CAA and FineSteer at :data:`STRENGTHS`."""
+    replaced by ``path`` (one fold's training half), CAA and FineSteer at :data:`STRENGTHS`; with
+    ``mose_options`` (``"NAME=VALUE"`` texts, a fit variant) FineSteer only, fitted with them."""
     src = str(bq.DATA / "truthfulqa" / "train.jsonl")
     a = argparse.Namespace(**{**bq.DEFAULTS, "strengths": ",".join(f"{x:g}" for x in STRENGTHS), "limit_pairs": None,
                               "limit_eval": None, "max_benign_fpr": None, "threads": 1, "prompt_format": "auto",
                               "layer": layer, "limit_truthfulqa": 1000})
     args = [str(path) if x == src else x for x in bq.task_args("truthfulness", a)]
-    args[args.index("--methods") + 1] = METHODS
-    return ["--model", model, *args, "-o", str(out), "--cache-dir", str(cache), "--quiet"]
+    args[args.index("--methods") + 1] = VARIANT_METHODS if mose_options else METHODS
+    extra = [x for option in mose_options for x in ("--mose-option", option)]
+    return ["--model", model, *args, *extra, "-o", str(out), "--cache-dir", str(cache), "--quiet"]
+
+
+def run_dir(out: Path, fold: int, layer: int, variant: str = None) -> Path:
+    """Where one inner run writes: ``f<fold>_L<layer>`` or, for a fit variant, ``…_<variant>``."""
+    return out / (f"f{fold}_L{layer}" + (f"_{variant}" if variant else ""))
+
+
+def with_variant(pooled: dict, variant: dict) -> dict:
+    """``pooled`` (a plain run's :func:`pool`) with FineSteer's rows replaced by ``variant``'s."""
+    missing = [lam for lam in STRENGTHS if ("finesteer", lam) not in variant]
+    if missing:
+        raise ValueError(f"the variant runs lack FineSteer at λ = {', '.join(f'{x:g}' for x in missing)}")
+    out = {k: v for k, v in pooled.items() if k[0] != "finesteer"}
+    out.update({k: v for k, v in variant.items() if k[0] == "finesteer"})
+    return out
+
+
+def adopt_variant(default: dict, variant: dict) -> bool:
+    """The variant rule: a candidate whose mean MC2 gain over CAA is at least the default fit's."""
+    return bool(variant["candidate"]) and variant["mean_mc2_gain"] >= default["mean_mc2_gain"]
 
 
 def pool(docs: list) -> dict:
@@ -110,12 +145,20 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True, help="folder for the runs (f<fold>_L<layer>/) and the training half")
     r.add_argument("--cache-dir", required=True)
     r.add_argument("--model", default=None, help="model dir / .gguf (default: the gemma-3-270m GGUF)")
+    r.add_argument("--variant", default=None, metavar="NAME",
+                   help="a fit variant: FineSteer only, with the --mose-option settings, into f<fold>_L<layer>_NAME")
+    r.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a MoSE option of the variant (as finesteer eval --mose-option); repeatable")
     s = sub.add_parser("summarize", help="pool the two folds per layer and apply the rule")
     s.add_argument("--out", required=True, help="the runs' folder")
     s.add_argument("--layers", type=int, nargs="+", required=True)
+    s.add_argument("--variant", default=None, metavar="NAME",
+                   help="judge this fit variant's runs against the plain runs at the same layers")
     s.add_argument("-o", "--output", required=True)
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.step == "run" and bool(a.variant) != bool(a.mose_option):
+        p.error("--variant NAME and --mose-option go together (a variant is a name for MoSE options)")
     if a.step == "run":
         if not bq.DATA.is_dir():
             print(f"truthfulqa_nested: skipped: the shared data folder {bq.DATA} is absent")
@@ -128,23 +171,38 @@ def main(argv=None) -> int:
         half.write_text("\n".join(training_half(rows, a.fold)) + "\n")
         model = a.model or bq._gemma_gguf()
         for layer in a.layers:
-            rc = eval_main(inner_argv(half, layer, out / f"f{a.fold}_L{layer}", Path(a.cache_dir) / f"f{a.fold}_L{layer}",
-                                      model))
+            rc = eval_main(inner_argv(half, layer, run_dir(out, a.fold, layer, a.variant),
+                                      Path(a.cache_dir) / f"f{a.fold}_L{layer}", model, tuple(a.mose_option)))
             if rc:
                 return rc
         return 0
-    layers = {}
-    for layer in a.layers:
-        docs = [json.loads((out / f"f{fold}_L{layer}" / "eval.json").read_text()) for fold in (1, 2)]
-        layers[layer] = layer_summary(pool(docs))
-        e = layers[layer]
-        print(f"layer {layer}: {e['questions']} questions, unsteered {e['unsteered_mc1']:.3f} / {e['unsteered_mc2']:.3f}; "
+    def load(layer, variant=None):
+        return pool([json.loads((run_dir(out, fold, layer, variant) / "eval.json").read_text()) for fold in (1, 2)])
+
+    def show(label, e):
+        print(f"{label}: {e['questions']} questions, unsteered {e['unsteered_mc1']:.3f} / {e['unsteered_mc2']:.3f}; "
               + "; ".join(f"λ {x['strength']:g} CAA {x['caa_mc1']:.3f} / {x['caa_mc2']:.3f}, FineSteer "
                           f"{x['finesteer_mc1']:.3f} / {x['finesteer_mc2']:.3f}" for x in e["rows"])
               + f"; candidate {e['candidate']}, mean MC2 gain {e['mean_mc2_gain']:+.4f}")
-    res = {"task_layer": TASK_LAYER, "strengths": list(STRENGTHS), "layers": {str(k): v for k, v in layers.items()},
-           "chosen": choose(layers)}
-    print(f"chosen: {res['chosen']} (None: nothing changes)")
+
+    layers = {}
+    for layer in a.layers:
+        layers[layer] = layer_summary(load(layer))
+        show(f"layer {layer}", layers[layer])
+    res = {"task_layer": TASK_LAYER, "strengths": list(STRENGTHS), "layers": {str(k): v for k, v in layers.items()}}
+    if a.variant:
+        res["variant"] = a.variant
+        res["variant_layers"] = {}
+        for layer in a.layers:
+            e = layer_summary(with_variant(load(layer), load(layer, a.variant)))
+            e["adopt"] = adopt_variant(layers[layer], e)
+            res["variant_layers"][str(layer)] = e
+            show(f"layer {layer}, {a.variant}", e)
+            print(f"  adopt {a.variant} at layer {layer}: {e['adopt']} (a candidate, mean MC2 gain at least the "
+                  f"default fit's {layers[layer]['mean_mc2_gain']:+.4f})")
+    else:
+        res["chosen"] = choose(layers)
+        print(f"chosen: {res['chosen']} (None: nothing changes)")
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {a.output}")
