@@ -508,8 +508,8 @@ def test_cv_shrinkage_keeps_a_predictable_fit_and_drops_noise():
 
 def test_query_clustered_experts_are_mean_deltas_of_query_groups():
     """cluster_on="query": K-means runs on the centred queries, so with queries in three groups and
-    δ = a group-specific shift plus per-row noise, the experts
-    are exactly the three groups' mean δ over the training rows."""
+    δ = a group-specific shift plus per-row noise, the experts are exactly the three groups' mean δ
+    over the training rows."""
     g = torch.Generator().manual_seed(5)
     groups, n = 3, 300
     keys = 6.0 * torch.randn(groups, D, generator=g)

@@ -27,8 +27,8 @@ from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
 from .train import TrainResult, train_early_stopping
 
-__all__ = ["CLUSTER_ON", "INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "build_network", "cv_shrinkage",
-           "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "option_from_text", "residual_basis",
+__all__ = ["CLUSTER_ON", "INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "build_network",
+           "cv_shrinkage", "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "option_from_text", "residual_basis",
            "ridge_residual", "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
@@ -55,10 +55,10 @@ class MoSEOptions:
     average over its group, so answer-wording noise in single δ rows averages out); ``normalize``
     (L2-normalise the clustered rows, after centring for queries); ``pca_dim`` (dimensions of the
     clustering space; None: the original space). Residual: ``residual_dim`` m (1 ≤ m ≤
-    min(training rows, d)); ``residual`` ``"all"`` or ``"prototype_residual"``. Network: ``hidden`` H; ``attn_dim`` d_a (None:
-    min(d, 128)); ``learned_values``; ``query_dim`` (input dimensions: the network reads the top
-    principal components of the training queries; None: all d features). Training: ``epochs``,
-    ``lr``, ``weight_decay``, ``batch_size``, ``val_fraction``, ``patience``, ``seed``,
+    min(training rows, d)); ``residual`` ``"all"`` or ``"prototype_residual"``. Network: ``hidden``
+    H; ``attn_dim`` d_a (None: min(d, 128)); ``learned_values``; ``query_dim`` (input dimensions:
+    the network reads the top principal components of the training queries; None: all d features).
+    Training: ``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``val_fraction``, ``patience``, ``seed``,
     ``progress``; ``loss`` ``"mse"`` (DESIGN §3) or ``"mse_cosine"`` (MSE/mean‖δ‖²·d plus
     ``cosine_weight``·(1 − cos(s(q), δ)), which rewards getting the direction right on rows with
     small δ too); early stopping always watches the validation loss of the same objective.
