@@ -179,7 +179,7 @@ def add_mose_arguments(group, null_rows_help: str) -> None:
                        help="what K-means groups into experts: delta (the response shifts; each expert a kind of "
                             "shift) or query (the prompts' states; each expert the mean shift of a group of similar "
                             "prompts, which averages out per-response noise: for data whose single shifts are mostly "
-                            "answer wording, e.g. TruthfulQA) (default: delta)")
+                            "answer wording; it helped on TruthfulQA, not on CoCoNot) (default: delta)")
     group.add_argument("--mose-shrink", default="off", choices=SHRINKS,
                        help="cv: after training, pull MoSE's vectors toward the mean δ by the weight that "
                             "cross-validation over the training pairs picks (5 folds; --mose-option "
