@@ -677,9 +677,8 @@ def cmd_inspect(args) -> int:
               f"{cal['max_benign_fpr']})")
     mo = info["mose"]
     fit = info["fit"]
-    # artifacts written before cluster_on existed clustered δ
-    clustered = {"delta": "", "query": " (clustered on queries)"}.get(
-        fit.get("hyperparameters", {}).get("cluster_on", "delta"), "")
+    # artifacts written before cluster_on existed record no such option: they clustered δ
+    clustered = " (clustered on queries)" if fit.get("hyperparameters", {}).get("cluster_on") == "query" else ""
     print(f"  MoSE:         K={mo['num_experts']} experts{clustered}, cluster sizes {mo['cluster_sizes']}, "
           f"residual m={mo['residual_dim']}, MLP H={mo['mlp_hidden']}")
     keys = ("n_samples", "best_epoch", "epochs_run", "train_loss", "val_loss", "val_loss_mean_delta", "seed")

@@ -185,16 +185,17 @@ def main(argv=None) -> int:
                           f"{x['finesteer_mc1']:.3f} / {x['finesteer_mc2']:.3f}" for x in e["rows"])
               + f"; candidate {e['candidate']}, mean MC2 gain {e['mean_mc2_gain']:+.4f}")
 
+    plain = {layer: load(layer) for layer in a.layers}  # read once: the variant's judgement reuses them
     layers = {}
     for layer in a.layers:
-        layers[layer] = layer_summary(load(layer))
+        layers[layer] = layer_summary(plain[layer])
         show(f"layer {layer}", layers[layer])
     res = {"task_layer": TASK_LAYER, "strengths": list(STRENGTHS), "layers": {str(k): v for k, v in layers.items()}}
     if a.variant:
         res["variant"] = a.variant
         res["variant_layers"] = {}
         for layer in a.layers:
-            e = layer_summary(with_variant(load(layer), load(layer, a.variant)))
+            e = layer_summary(with_variant(plain[layer], load(layer, a.variant)))
             e["adopt"] = adopt_variant(layers[layer], e)
             res["variant_layers"][str(layer)] = e
             show(f"layer {layer}, {a.variant}", e)
