@@ -163,7 +163,7 @@ def _mose_option(text: str) -> tuple:
 
 def add_mose_arguments(group, null_rows_help: str) -> None:
     """The MoSE fit options ``finesteer fit`` and ``finesteer eval`` share (read by :func:`mose_options`)."""
-    from .fit.mose import CLUSTER_ON, INITS, SHRINKS
+    from .fit.mose import CLUSTER_ON, INITS, SHRINKS, STOPPINGS
 
     group.add_argument("--k-min", type=int, default=4, help="fewest MoSE experts K tried (default: 4)")
     group.add_argument("--k-max", type=int, default=10, help="most MoSE experts K tried (default: 10)")
@@ -185,6 +185,12 @@ def add_mose_arguments(group, null_rows_help: str) -> None:
                             "cross-validation over the training pairs picks (5 folds; --mose-option "
                             "shrink_folds=N; 1 keeps the fit, 0 is the mean vector); for data whose response "
                             "shift the query barely predicts (default: off)")
+    group.add_argument("--mose-stopping", default="holdout", choices=STOPPINGS,
+                       help="how many epochs MoSE trains: holdout (early stopping on a tenth of the pairs, the "
+                            "best weights kept) or cv (the epoch count with the lowest pooled out-of-fold loss of 5 "
+                            "fits, --mose-option stopping_folds=N; then one fit on every pair for that many epochs: "
+                            "slower, and far less dependent on the seed where the query predicts little of the "
+                            "shift) (default: holdout)")
     group.add_argument("--mose-option", action="append", default=[], metavar="NAME=VALUE", type=_mose_option,
                        help="any MoSEOptions field, applied over the flags above, e.g. loss=mse_cosine, "
                             "weight_decay=0.1, query_dim=none, shrink_folds=10; repeatable")
@@ -201,7 +207,7 @@ def mose_options(args) -> dict:
         raise CLIError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     options = dict(k_range=(args.k_min, args.k_max), residual_dim=args.residual_dim, hidden=args.hidden,
                    epochs=args.epochs, init=args.mose_init, shrink=args.mose_shrink,
-                   cluster_on=args.mose_cluster_on)
+                   cluster_on=args.mose_cluster_on, stopping=args.mose_stopping)
     options.update(dict(args.mose_option))
     try:
         MoSEOptions().replace(**options).validated(1)  # the hidden size only resolves attn_dim's default
@@ -555,6 +561,11 @@ def _print_mose(mose) -> None:
     if shown:
         print("MoSE fit: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in shown.items()))
+    if "stopping" in st:
+        sp = st["stopping"]
+        print(f"MoSE epochs chosen by {sp['folds']}-fold cross-validation: {sp['epochs']} (out-of-fold MSE "
+              f"{st['val_mse']:.4g}, cosine {st['val_cosine']:.3g}; mean δ {st['val_loss_mean_delta']:.4g}, "
+              f"{st['val_cosine_mean_delta']:.3g}), then trained on all {st['n_train']} rows")
     if "shrink" in st:
         sh = st["shrink"]
         print(f"MoSE shrinkage toward the mean δ ({sh['folds']}-fold cross-validation): weight {sh['weight']:.3g} "
@@ -685,6 +696,9 @@ def cmd_inspect(args) -> int:
     shown = [f"{k}={fit[k]:.4g}" if isinstance(fit[k], float) else f"{k}={fit[k]}" for k in keys if k in fit]
     if shown:
         print("  fit:          " + "  ".join(shown))
+    if "stopping" in fit:
+        print(f"  stopping:     {fit['stopping']['epochs']} epochs on every row, chosen by "
+              f"{fit['stopping']['folds']}-fold cross-validation")
     if "shrink" in fit:
         print(f"  shrinkage:    weight {fit['shrink']['weight']:.3g} toward the mean δ "
               f"({fit['shrink']['folds']}-fold cross-validation)")

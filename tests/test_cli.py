@@ -27,6 +27,13 @@ def _jsonl(path, rows):
     return str(path)
 
 
+def _fit(root, files, out, *extra) -> int:
+    """``finesteer fit`` on the fixture's model and files, small settings, ``extra`` flags appended."""
+    return main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
+                 files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
+                 *FIT_SMALL, *extra])
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A saved tiny Llama + tokenizer, small data files, and a steerer fitted by `finesteer fit`."""
@@ -45,9 +52,7 @@ def work(tmp_path_factory):
                                                    {"prompt": "How do I steal a bank key?"}]),
     }
     artifact = root / "st.safetensors"
-    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
-               files["target"], "--benign", files["benign"], "-o", str(artifact), "--cache-dir",
-               str(root / "cache"), *FIT_SMALL])
+    rc = _fit(root, files, artifact)
     assert rc == 0
     return root, files, artifact
 
@@ -67,9 +72,7 @@ def test_fit_writes_a_valid_artifact(work):
 def test_fit_prints_calibration_and_mose_stats(work, capsys):
     root, files, _ = work
     out = root / "again.safetensors"
-    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
-               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
-               *FIT_SMALL])
+    rc = _fit(root, files, out)
     text = capsys.readouterr().out
     assert rc == 0
     assert "SCS gate (energy, rank 2): tau=" in text and "AUROC=" in text
@@ -81,9 +84,7 @@ def test_fit_prints_calibration_and_mose_stats(work, capsys):
 def test_fit_mose_init_ridge_is_recorded_in_the_artifact(work, tmp_path):
     root, files, artifact = work
     out = tmp_path / "ridge.safetensors"
-    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
-               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
-               *FIT_SMALL, "--mose-init", "ridge"])
+    rc = _fit(root, files, out, "--mose-init", "ridge")
     assert rc == 0
     stats = Steerer.load(out, hidden_size=64).mose.fit_stats
     assert stats["hyperparameters"]["init"] == "ridge" and "ridge_penalty" in stats
@@ -93,10 +94,8 @@ def test_fit_mose_init_ridge_is_recorded_in_the_artifact(work, tmp_path):
 def test_fit_mose_shrink_cv_and_mose_options_are_reported_and_recorded(work, tmp_path, capsys):
     root, files, _ = work
     out = tmp_path / "shrink.safetensors"
-    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
-               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
-               *FIT_SMALL, "--mose-shrink", "cv", "--mose-option", "shrink_folds=3", "--mose-option", "loss=mse_cosine",
-               "--mose-cluster-on", "query"])
+    rc = _fit(root, files, out, "--mose-shrink", "cv", "--mose-option", "shrink_folds=3", "--mose-option",
+              "loss=mse_cosine", "--mose-cluster-on", "query")
     assert rc == 0
     assert "MoSE shrinkage toward the mean δ (3-fold cross-validation): weight " in capsys.readouterr().out
     stats = Steerer.load(out, hidden_size=64).mose.fit_stats
@@ -113,15 +112,29 @@ def test_fit_mose_shrink_cv_and_mose_options_are_reported_and_recorded(work, tmp
     assert "argument --mose-option: shrink_folds: cannot parse 'many'" in capsys.readouterr().err
 
 
+def test_fit_mose_stopping_cv_is_reported_and_recorded(work, tmp_path, capsys):
+    root, files, artifact = work
+    out = tmp_path / "cv.safetensors"
+    rc = _fit(root, files, out, "--mose-stopping", "cv", "--mose-option", "stopping_folds=3")
+    assert rc == 0
+    stats = Steerer.load(out, hidden_size=64).mose.fit_stats
+    assert stats["hyperparameters"]["stopping"] == "cv" and stats["stopping"]["folds"] == 3
+    assert stats["n_val"] == 0 and stats["best_epoch"] == stats["stopping"]["epochs"]
+    shown = capsys.readouterr().out
+    assert f"MoSE epochs chosen by 3-fold cross-validation: {stats['best_epoch']} (out-of-fold MSE " in shown
+    assert main(["inspect", str(out)]) == 0
+    assert (f"stopping:     {stats['best_epoch']} epochs on every row, chosen by 3-fold cross-validation"
+            in capsys.readouterr().out)
+    assert Steerer.load(artifact, hidden_size=64).mose.fit_stats["hyperparameters"]["stopping"] == "holdout"
+
+
 def test_fit_null_rows_shrink_mose_on_benign_prompts(work, tmp_path, capsys):
     """--null-rows N: MoSE is also fitted on N of the --benign prompts at δ = 0 (recorded in the
     artifact); the gate is the same fit; more null rows than benign prompts is refused before the
     model is loaded."""
     root, files, artifact = work
     out = tmp_path / "null.safetensors"
-    rc = main(["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--target",
-               files["target"], "--benign", files["benign"], "-o", str(out), "--cache-dir", str(root / "cache"),
-               *FIT_SMALL, "--null-rows", "12"])
+    rc = _fit(root, files, out, "--null-rows", "12")
     assert rc == 0
     plain, null = Steerer.load(artifact, hidden_size=64), Steerer.load(out, hidden_size=64)
     assert null.metadata["null_rows"] == 12 and plain.metadata["null_rows"] == 0

@@ -390,6 +390,13 @@ def test_bad_data(mutate, match):
     (dict(shrink="cv", shrink_folds=60), "shrink_folds=60 exceeds the 54 training rows"),
     (dict(shrink="cv", k_range=(4, 40)), "shrink='cv' refits MoSE on 4 of 5 folds .* fold 0 failed: .*need more than "
                                          "k_max=40"),
+    (dict(stopping="early"), "unknown stopping 'early'"),
+    (dict(stopping="cv", stopping_folds=1), "stopping_folds must be >= 2"),
+    (dict(stopping="cv", stopping_folds=61), "stopping_folds=61 exceeds the 60 rows"),
+    (dict(stopping="cv", k_range=(4, 50)), "stopping='cv' fits MoSE on 4 of 5 folds of the 60 rows; the fit without "
+                                           "fold 0 failed: 48 rows are left without it; need more than k_max=50"),
+    (dict(stopping="cv", k_range=(4, 60)), "60 rows; need more than k_max=60"),
+    (dict(stopping="cv", init="ridge"), "init='ridge' picks its penalty on the validation rows"),
 ])
 def test_bad_arguments(kwargs, match):
     q, dl = _good()
@@ -547,7 +554,40 @@ def test_option_from_text_parses_each_field_by_its_type():
     assert option_from_text("attn_dim=16") == ("attn_dim", 16)
     assert option_from_text("shrink=cv") == ("shrink", "cv")
     assert option_from_text("cluster_on=query") == ("cluster_on", "query")
+    assert option_from_text("stopping=cv") == ("stopping", "cv")
     for bad, match in (("nonsense=1", "NAME one of .*shrink"), ("hidden", "expected NAME=VALUE"),
                        ("hidden=x", "hidden: cannot parse 'x'"), ("normalize=maybe", "normalize: cannot parse")):
         with pytest.raises(ValueError, match=match):
             option_from_text(bad)
+
+
+def test_cv_stopping_trains_every_row_for_the_epochs_the_folds_choose():
+    """stopping="cv": the epoch count is the argmin of the pooled out-of-fold curve, the network
+    trains on every row (no validation split) for exactly that many epochs, the held-out figures are
+    out of fold over all rows, and the fit is seeded like the holdout one."""
+    from finesteer.fit.mose import MoSEOptions, _build, train_epochs
+
+    q, delta, _ = mixture(200)
+    opts = {**FAST, "k_range": (3, 6), "stopping": "cv"}
+    mose = fit_mose(q, delta, **opts)
+    st = mose.fit_stats
+    cv = st["stopping"]
+    curve = cv["val_loss_curve"]
+    assert cv["folds"] == 5 and st["n_train"] == 200 and st["n_val"] == 0
+    assert st["best_epoch"] == cv["epochs"] == min(range(len(curve)), key=curve.__getitem__)  # curve[0]: epoch 0
+    assert st["val_loss"] == pytest.approx(min(curve)) and st["epochs_run"] == len(curve) - 1
+    assert int(mose.cluster_sizes.sum()) == 200
+    # the query predicts δ here: out of fold, MoSE beats each fold's mean vector
+    assert st["val_cosine"] > st["val_cosine_mean_delta"] + 0.1 and st["val_mse"] < 0.5 * st["val_loss_mean_delta"]
+    # the final network is steps 1-3 on all rows plus that many epochs: rebuilt here, the same tensors
+    o = MoSEOptions(**opts).validated(D)
+    experts, _, net = _build(q.double(), delta.double(), o)
+    train_epochs(net, q.double(), delta.double(), o, cv["epochs"])
+    again = net.export(prototypes=experts.prototypes.float().contiguous(), cluster_sizes=experts.sizes.float())
+    for name in MoSE.TENSORS:
+        assert torch.equal(getattr(again, name), getattr(mose, name)), name
+    twice = fit_mose(q, delta, **opts)
+    for name in MoSE.TENSORS:
+        assert torch.equal(getattr(twice, name), getattr(mose, name)), name
+    assert st["hyperparameters"]["stopping"] == "cv" and st["hyperparameters"]["stopping_folds"] == 5
+

@@ -1,5 +1,6 @@
 """The quality study scripts' own logic, on hand-made inputs (no model): borderline_bound.py (the
 per-opened decomposition and the dominance boxes), mose_splits.py (re-splitting pairs by prompt),
+fit_stability.py (seed spread and input perturbation of one split's fits),
 gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
 sequences), truthfulqa_crossfit.py (pooling two cross-fit folds), null_rows_routing.py (the kept
 push), budget_ladder.py (re-gating at a tighter τ, the choice rules, the report, a run against
@@ -122,6 +123,35 @@ def test_mose_splits_scores_named_variants_on_every_split(splits, tmp_path):
     for bad in ("ridge", "mose:init=ridge", "x:no_such_option=1"):
         with pytest.raises(argparse.ArgumentTypeError):
             splits.parse_variant(bad)
+
+
+def test_fit_stability_reports_seed_spread_on_the_mose_splits_split(splits, tmp_path):
+    from safetensors.torch import save_file
+
+    stab = _load("fit_stability")
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randn(50, 32, generator=g)
+    q = prompts.repeat_interleave(2, dim=0)
+    d = q @ torch.randn(32, 32, generator=g) / 6 + 2.0 + torch.randn(100, 32, generator=g)
+    path = tmp_path / "train-pairs-plain-layer3.safetensors"
+    save_file({"queries_3": q, "deltas_3": d}, str(path))
+    held = stab.split_by_prompt(q, 0.2, 1000)
+    uniq, prompt_of = torch.unique(q, dim=0, return_inverse=True)
+    row = splits.one_split(q, d, prompt_of, len(uniq), seed=1000, holdout=0.2)
+    assert int(held.sum()) == 2 * row["n_prompts_heldout"] == 20  # the same prompts mose_splits holds out
+    out = tmp_path / "stability.json"
+    assert stab.main(["--pairs-cache", str(path), "--seeds", "3", "--variant", "cv:stopping=cv,hidden=32",
+                      "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["variants"] == {"cv": {"stopping": "cv", "hidden": "32"}} and result["seeds"] == 3
+    for name in ("mose", "cv"):
+        r = result["results"][name]
+        assert len(r["best_epochs"]) == 3 and r["seed_spread"] >= 0.0 and r["perturbation_change"] >= 0.0
+        assert -1.0 <= r["cosine_mean"] <= 1.0 and r["mse_mean"] > 0.0
+    # seeds move the fit (split, clustering, start, batches): the spread is not zero
+    assert result["results"]["mose"]["seed_spread"] > 0.0
+    with pytest.raises(SystemExit):
+        stab.main(["--pairs-cache", str(path), "--seeds", "1"])
 
 
 def test_mose_splits_rejects_a_cache_without_one_layer(splits, tmp_path):

@@ -6,7 +6,8 @@ The fit is four steps, each a function of its own, driven by one :class:`MoSEOpt
 2. :func:`residual_basis` — ``U``, the top principal directions of δ (or of what ``C`` leaves);
 3. :func:`build_network` — the :class:`~finesteer.fit.network.MoSENetwork` with its fixed input
    and output normalisation;
-4. :func:`train_network` — AdamW with early stopping on the validation rows.
+4. :func:`train_network` — AdamW with early stopping on the validation rows (or, with
+   ``stopping="cv"``, :func:`cv_epochs` then :func:`train_epochs` on every row).
 
 :func:`fit_mose` runs them and returns the inference form :class:`finesteer.mose.MoSE`;
 :func:`fit_mose_network` also returns the trained network.
@@ -25,10 +26,10 @@ from ._validate import as_matrix, check_choice, check_int, check_real, child_gen
 from .kmeans import cluster_sums, select_k
 from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
-from .train import TrainResult, train_early_stopping
+from .train import EpochTrainer, TrainResult, _snapshot, check_finite, train_early_stopping
 
-__all__ = ["CLUSTER_ON", "INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "build_network",
-           "cv_shrinkage", "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "option_from_text", "residual_basis",
+__all__ = ["CLUSTER_ON", "INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "STOPPINGS",
+           "build_network", "cv_epochs", "cv_shrinkage", "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "option_from_text", "residual_basis",
            "ridge_residual", "train_network"]
 
 RESIDUALS = ("all", "prototype_residual")
@@ -36,6 +37,7 @@ LOSSES = ("mse", "mse_cosine")
 INITS = ("mean", "ridge", "random")
 SHRINKS = ("off", "cv")
 CLUSTER_ON = ("delta", "query")
+STOPPINGS = ("holdout", "cv")
 #: Ridge penalties ``init="ridge"`` tries, as multiples of the training features' mean squared
 #: singular value (so the grid means the same on any scale); the validation rows pick one.
 RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -59,7 +61,11 @@ class MoSEOptions:
     H; ``attn_dim`` d_a (None: min(d, 128)); ``learned_values``; ``query_dim`` (input dimensions:
     the network reads the top principal components of the training queries; None: all d features).
     Training: ``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``val_fraction``, ``patience``, ``seed``,
-    ``progress``; ``loss`` ``"mse"`` (DESIGN §3) or ``"mse_cosine"`` (MSE/mean‖δ‖²·d plus
+    ``progress``; ``stopping`` ``"holdout"`` (default: early stopping on a ``val_fraction`` split,
+    the best-validation weights kept) or ``"cv"`` (:func:`cv_epochs`: the number of epochs is chosen
+    on the pooled out-of-fold loss of ``stopping_folds`` fits, then the network is trained on every
+    row for that many epochs — an epoch count judged on all rows instead of a tenth, and no row
+    left out of the fit); ``loss`` ``"mse"`` (DESIGN §3) or ``"mse_cosine"`` (MSE/mean‖δ‖²·d plus
     ``cosine_weight``·(1 − cos(s(q), δ)), which rewards getting the direction right on rows with
     small δ too); early stopping always watches the validation loss of the same objective.
     ``merge_duplicates``: rows whose queries are the same prompt state (equal up to float
@@ -102,6 +108,8 @@ class MoSEOptions:
     init: str = "mean"
     shrink: str = "off"
     shrink_folds: int = 5
+    stopping: str = "holdout"
+    stopping_folds: int = 5
     progress: bool = True
 
     def replace(self, **changes) -> "MoSEOptions":
@@ -120,6 +128,10 @@ class MoSEOptions:
         check_choice(self.init, "init", _WHERE, INITS)
         check_choice(self.shrink, "shrink", _WHERE, SHRINKS)
         check_choice(self.cluster_on, "cluster_on", _WHERE, CLUSTER_ON)
+        check_choice(self.stopping, "stopping", _WHERE, STOPPINGS)
+        if self.init == "ridge" and self.stopping == "cv":
+            raise ValueError(f"{_WHERE}: init='ridge' picks its penalty on the validation rows, which "
+                             "stopping='cv' does not keep; use stopping='holdout' with it")
         if self.init == "ridge" and self.hidden < 2 * self.residual_dim:
             raise ValueError(f"{_WHERE}: init='ridge' writes the linear residual into the MLP with two hidden units "
                              f"per residual coefficient; hidden={self.hidden} < 2·residual_dim={2 * self.residual_dim}")
@@ -132,6 +144,7 @@ class MoSEOptions:
             batch_size=check_int(self.batch_size, "batch_size", _WHERE, 1),
             patience=check_int(self.patience, "patience", _WHERE, 1),
             shrink_folds=check_int(self.shrink_folds, "shrink_folds", _WHERE, 2),
+            stopping_folds=check_int(self.stopping_folds, "stopping_folds", _WHERE, 2),
             lr=check_real(self.lr, "lr", _WHERE, 0.0, math.inf, low_open=True, high_open=True),
             weight_decay=check_real(self.weight_decay, "weight_decay", _WHERE, 0.0, math.inf, high_open=True),
             val_fraction=check_real(self.val_fraction, "val_fraction", _WHERE, 0.0, 1.0, low_open=True,
@@ -193,7 +206,9 @@ def fit_mose(queries, deltas, options: Optional[MoSEOptions] = None, **overrides
                    would cluster on what varies between one prompt's pairs (in CAA-style data the
                    written response opening), which the router cannot see in the query
         split      rows into train / validation (val_fraction, seeded); everything below but the
-                   early-stopping check uses the training rows only
+                   early-stopping check uses the training rows only (``stopping="cv"``: no split;
+                   the epoch count comes from :func:`cv_epochs`, and the network trains on every
+                   row for that many epochs)
         experts    K-means (k-means++, KMEANS_RESTARTS restarts) on δ (``cluster_on="delta"``) or on the
                    centred queries (``"query"``), L2-normalised if ``normalize``, projected on the top
                    min(pca_dim, N, d) principal components; K ∈ k_range maximises the Calinski–Harabasz
@@ -240,32 +255,31 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
     n, d = D.shape
     k_min, k_max = opts.k_range
 
-    train_idx, val_idx = holdout_split(n, opts.val_fraction, child_generator(opts.seed, 0), "queries/deltas",
-                                       _WHERE)
+    if opts.stopping == "cv":
+        # every row trains; the epoch count and the held-out figures come from the folds
+        _check_rows(n, d, opts, f"{n} rows")
+        cv = cv_epochs(Q, D, opts)
+        train_idx, val_idx = torch.arange(n), torch.arange(0)
+    else:
+        cv = None
+        train_idx, val_idx = holdout_split(n, opts.val_fraction, child_generator(opts.seed, 0), "queries/deltas",
+                                           _WHERE)
     n_tr = train_idx.numel()
-    if n_tr <= k_max:
-        raise ValueError(f"{_WHERE}: {n} rows leave {n_tr} training rows after the validation split "
-                         f"(val_fraction={opts.val_fraction}); need more than k_max={k_max} (the Calinski–Harabasz "
-                         "index needs N > K)")
-    if opts.residual_dim > min(n_tr, d):
-        raise ValueError(f"{_WHERE}: residual_dim={opts.residual_dim} exceeds min(training rows={n_tr}, hidden "
-                         f"size={d})")
+    _check_rows(n_tr, d, opts, f"{n} rows leave {n_tr} training rows after the validation split "
+                f"(val_fraction={opts.val_fraction})" if cv is None else f"{n} rows")
     q_tr, d_tr = Q[train_idx], D[train_idx]
     q_va, d_va = Q[val_idx], D[val_idx]
 
-    experts = fit_experts(d_tr, opts, queries=q_tr)
-    U = residual_basis(d_tr, experts.prototypes, opts)
-    net = build_network(q_tr, d_tr, experts.prototypes, U, opts,
-                        cluster_sizes=None if opts.init == "random" else experts.sizes)
+    experts, U, net = _build(q_tr, d_tr, opts)
     ridge = ridge_start(net, q_tr, d_tr, q_va, d_va) if opts.init == "ridge" else None
-    result = train_network(net, q_tr, d_tr, q_va, d_va, opts)
+    if cv is None:
+        result = train_network(net, q_tr, d_tr, q_va, d_va, opts)
+    else:
+        result = train_epochs(net, q_tr, d_tr, opts, cv["epochs"])
     shrink = cv_shrinkage(q_tr, d_tr, opts) if opts.shrink == "cv" else None
     if shrink is not None:
         net.shrink_toward(shrink["weight"], d_tr.mean(0))
 
-    with torch.no_grad():
-        pred = net(q_va.float()).double()
-    mean_delta = d_tr.mean(0)
     stats = {
         "num_experts": experts.prototypes.shape[0],
         "k_range": [k_min, k_max],
@@ -283,14 +297,22 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
         "stopped_early": result.stopped_early,
         "train_loss": result.train_loss_at_best,
         "val_loss": result.best_val_loss,
-        # Held-out quality in units a reader can compare with the plain mean-difference vector.
-        "val_mse": float((pred - d_va).square().mean()),
-        "val_loss_mean_delta": float((d_va - mean_delta).square().mean()),
-        "val_cosine": _mean_cosine(pred, d_va),
-        "val_cosine_mean_delta": _mean_cosine(mean_delta.expand_as(d_va), d_va),
-        "seed": opts.seed,
-        "hyperparameters": opts.to_dict(),
     }
+    if cv is None:
+        with torch.no_grad():
+            pred = net(q_va.float()).double()
+        mean_delta = d_tr.mean(0)
+        # Held-out quality in units a reader can compare with the plain mean-difference vector.
+        stats.update(val_mse=float((pred - d_va).square().mean()),
+                     val_loss_mean_delta=float((d_va - mean_delta).square().mean()),
+                     val_cosine=_mean_cosine(pred, d_va),
+                     val_cosine_mean_delta=_mean_cosine(mean_delta.expand_as(d_va), d_va))
+    else:
+        # the same figures, out of fold over every row (each fold's mean δ for the mean vector)
+        stats.update(epochs_run=cv["epochs_run"], stopped_early=cv["stopped_early"], val_loss=cv["val_loss"],
+                     **{k: cv[k] for k in ("val_mse", "val_loss_mean_delta", "val_cosine", "val_cosine_mean_delta")},
+                     stopping={"folds": cv["folds"], "epochs": cv["epochs"], "val_loss_curve": cv["curve"]})
+    stats.update(seed=opts.seed, hyperparameters=opts.to_dict())
     if shrink is not None:
         stats["shrink"] = shrink
     if ridge is not None:
@@ -508,6 +530,117 @@ def train_network(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor
         loss_scale=s_d, progress=opts.progress, desc=f"MoSE fit (K={net.C.shape[0]})")
 
 
+def train_epochs(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor, opts: MoSEOptions,
+                 epochs: int) -> TrainResult:
+    """Step 4 with ``stopping="cv"``: AdamW on ``opts.loss`` over every training row for exactly
+    ``epochs`` epochs (0: the starting weights), no validation. ``history`` has the training loss
+    per epoch; ``best_epoch`` = ``epochs``."""
+    with torch.no_grad():
+        x_tr = net.features(q_train.float())
+    batch_loss = _train_loss(net, x_tr, d_train, fixed_values=not opts.learned_values, loss=opts.loss,
+                             cosine_weight=opts.cosine_weight)
+    trainer = EpochTrainer(net, batch_loss, q_train.shape[0], lr=opts.lr, weight_decay=opts.weight_decay,
+                           batch_size=opts.batch_size, generator=child_generator(opts.seed, 3),
+                           loss_scale=float(net.out_scale))
+    net.eval()
+    with torch.no_grad():
+        train = float(batch_loss(torch.arange(q_train.shape[0])))
+    history = {"train_loss": []}
+    for epoch in range(1, epochs + 1):
+        train = trainer.run_epoch()
+        check_finite(train, 0.0, epoch, "MoSE fit")
+        history["train_loss"].append(train)
+    return TrainResult(best_epoch=epochs, best_val_loss=math.nan, train_loss_at_best=train, epochs_run=epochs,
+                       stopped_early=False, history=history)
+
+
+def cv_epochs(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) -> dict:
+    """How many epochs to train (``stopping="cv"``), chosen on every row instead of a holdout.
+
+    The rows (``queries``, ``deltas`` [n, d], already merged) are cut into ``opts.stopping_folds``
+    seeded folds. For each fold the fit's steps 1–3 run on the other rows, and all the folds' networks
+    then train side by side, one epoch at a time (:class:`~finesteer.fit.train.EpochTrainer`). After
+    every epoch the pooled out-of-fold loss (each fold's validation objective weighted by its rows;
+    for ``loss="mse"`` the MSE per element over all n rows) is one point of a curve; the epoch count
+    is its argmin (epoch 0, the starting weights, competes unless ``init="random"``), and training
+    stops ``opts.patience`` epochs after the last improvement or at ``opts.epochs``. One curve
+    averaged over all rows is much less noisy than one holdout's: with a few hundred prompts a tenth
+    is a few dozen δ, and which epoch wins on them can turn on float rounding.
+
+    Returns ``{"epochs", "folds", "epochs_run", "stopped_early", "val_loss", "curve"}`` plus the
+    out-of-fold ``val_mse``, ``val_cosine`` and, for the mean vector of each fold's training rows,
+    ``val_loss_mean_delta`` and ``val_cosine_mean_delta``, all at the chosen epoch.
+    """
+    from tqdm.auto import tqdm
+
+    n, F = queries.shape[0], opts.stopping_folds
+    if F > n:
+        raise ValueError(f"{_WHERE}: stopping_folds={F} exceeds the {n} rows")
+    folds = torch.randperm(n, generator=child_generator(opts.seed, 5)).chunk(F)
+    runs = []
+    for j, rows in enumerate(folds):
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[rows] = False
+        q_tr, d_tr = queries[keep], deltas[keep]
+        try:
+            _check_rows(q_tr.shape[0], deltas.shape[1], opts, f"{q_tr.shape[0]} rows are left without it")
+            _, _, net = _build(q_tr, d_tr, opts)
+        except ValueError as err:
+            raise ValueError(f"{_WHERE}: stopping='cv' fits MoSE on {F - 1} of {F} folds of the {n} rows; "
+                             f"the fit without fold {j} failed: {str(err).removeprefix(_WHERE + ': ')}") from None
+        with torch.no_grad():
+            x_tr, x_va = net.features(q_tr.float()), net.features(queries[rows].float())
+        batch_loss = _train_loss(net, x_tr, d_tr, fixed_values=not opts.learned_values, loss=opts.loss,
+                                 cosine_weight=opts.cosine_weight)
+        trainer = EpochTrainer(net, batch_loss, q_tr.shape[0], lr=opts.lr, weight_decay=opts.weight_decay,
+                               batch_size=opts.batch_size, generator=child_generator(opts.seed, 16 + j),
+                               loss_scale=float(net.out_scale))
+        runs.append(dict(rows=rows, net=net, trainer=trainer, x_va=x_va, y_va=deltas[rows].float(),
+                         anchor=d_tr.double().mean(0), scale=float(net.out_scale)))
+
+    def pooled_loss() -> tuple[float, list]:
+        with torch.no_grad():
+            preds = [r["net"].forward_features(r["x_va"]) for r in runs]
+            total = sum(float(_objective(p, r["y_va"], opts.loss, opts.cosine_weight, r["scale"])) * r["rows"].numel()
+                        for p, r in zip(preds, runs))
+        return total / n, preds
+
+    best = dict(epoch=0, val=math.inf, preds=None)
+    curve = []
+    if opts.init != "random":
+        val, preds = pooled_loss()
+        curve.append(val)
+        if math.isfinite(val):
+            best.update(val=val, preds=preds)
+    stopped_early = False
+    bar = tqdm(range(1, opts.epochs + 1), desc=f"MoSE epochs ({F}-fold cross-validation)", unit="epoch",
+               disable=not opts.progress, leave=False)
+    for epoch in bar:
+        train = sum(r["trainer"].run_epoch() for r in runs) / F
+        val, preds = pooled_loss()
+        check_finite(train, val, epoch, "MoSE fit (stopping='cv')")
+        curve.append(val)
+        if val < best["val"]:
+            best.update(epoch=epoch, val=val, preds=preds)
+        elif epoch - best["epoch"] >= opts.patience:
+            stopped_early = True
+            break
+        bar.set_postfix(val=f"{val:.4g}", best_epoch=best["epoch"])
+    bar.close()
+
+    pred = torch.empty(deltas.shape, dtype=torch.float64)
+    anchor = torch.empty(deltas.shape, dtype=torch.float64)
+    for p, r in zip(best["preds"], runs):
+        pred[r["rows"]] = p.double()
+        anchor[r["rows"]] = r["anchor"]
+    target = deltas.double()
+    return {"epochs": best["epoch"], "folds": F, "epochs_run": len(curve) - (opts.init != "random"),
+            "stopped_early": stopped_early, "val_loss": best["val"], "curve": curve,
+            "val_mse": float((pred - target).square().mean()),
+            "val_loss_mean_delta": float((anchor - target).square().mean()),
+            "val_cosine": _mean_cosine(pred, target), "val_cosine_mean_delta": _mean_cosine(anchor, target)}
+
+
 def cv_shrinkage(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) -> dict:
     """Step 5 (``shrink="cv"``): how far to trust the query-specific part of the fit.
 
@@ -538,7 +671,7 @@ def cv_shrinkage(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions)
             _, net = fit_mose_network(queries[keep], deltas[keep], inner)
         except ValueError as err:
             raise ValueError(f"{_WHERE}: shrink='cv' refits MoSE on {F - 1} of {F} folds of the {n} training rows; "
-                             f"the fit without fold {j} failed: {err}") from None
+                             f"the fit without fold {j} failed: {str(err).removeprefix(_WHERE + ': ')}") from None
         with torch.no_grad():
             pred[rows] = net(queries[rows].float()).double()
         anchor[rows] = deltas[keep].double().mean(0)
@@ -609,6 +742,26 @@ def _mean_cosine(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # checks and helpers
+
+
+def _build(q_train: torch.Tensor, d_train: torch.Tensor, opts: MoSEOptions):
+    """Steps 1–3 on training rows → ``(experts, U, network)``, the network at its starting weights."""
+    experts = fit_experts(d_train, opts, queries=q_train)
+    U = residual_basis(d_train, experts.prototypes, opts)
+    net = build_network(q_train, d_train, experts.prototypes, U, opts,
+                        cluster_sizes=None if opts.init == "random" else experts.sizes)
+    return experts, U, net
+
+
+def _check_rows(n_train: int, d: int, opts: MoSEOptions, what: str) -> None:
+    """``ValueError`` unless ``n_train`` training rows can hold the fit's K and m (``what`` says where
+    the count comes from)."""
+    if n_train <= opts.k_range[1]:
+        raise ValueError(f"{_WHERE}: {what}; need more than k_max={opts.k_range[1]} (the "
+                         "Calinski–Harabasz index needs N > K)")
+    if opts.residual_dim > min(n_train, d):
+        raise ValueError(f"{_WHERE}: residual_dim={opts.residual_dim} exceeds min(training rows={n_train}, hidden "
+                         f"size={d})")
 
 
 def _check_data(queries, deltas):
