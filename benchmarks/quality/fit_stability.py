@@ -7,8 +7,9 @@ makes. For each fit option set (the defaults, and each ``--variant``) it reports
 
 - the held-out cosine and MSE against each held-out prompt's δ, mean and spread over seeds;
 - the epochs the fits chose (``best_epoch``);
-- **seed spread**: over held-out prompts, the mean of ‖v_s − v̄‖² / ‖v̄‖², v_s a seed's vector
-  and v̄ the mean over seeds — 0 when every seed gives the same vector;
+- **seed spread**: over held-out prompts, the mean of Σ_s ‖v_s − v̄‖² / Σ_s ‖v_s‖², v_s a seed's
+  vector and v̄ the mean over seeds: the share of the vectors' energy that changes with the seed,
+  0 when every seed gives the same vector, near 1 when they cancel out;
 - **perturbation change**: the mean over held-out prompts of ‖v' − v₀‖ / ‖v₀‖, v' the vector of
   the perturbed fit and v₀ seed 0's.
 
@@ -64,7 +65,7 @@ def stability(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: dic
     v_pert = perturbed.vector(q_held.float()).double()
     V = torch.stack(vectors)                                            # [S, P, d]
     centre = V.mean(0)
-    spread = ((V - centre).square().sum(-1) / centre.square().sum(-1).clamp_min(1e-30)).mean()
+    spread = ((V - centre).square().sum((0, 2)) / V.square().sum((0, 2)).clamp_min(1e-30)).mean()
     change = ((v_pert - vectors[0]).norm(dim=-1) / vectors[0].norm(dim=-1).clamp_min(1e-30)).mean()
     cos = [float(s["cosine"]) for s in scores]
     mse = [float(s["mse"]) for s in scores]

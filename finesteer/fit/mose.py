@@ -26,7 +26,7 @@ from ._validate import as_matrix, check_choice, check_int, check_real, child_gen
 from .kmeans import cluster_sums, select_k
 from .linalg import principal_directions
 from .network import MoSENetwork, row_basis
-from .train import EpochTrainer, TrainResult, _snapshot, check_finite, train_early_stopping
+from .train import EpochTrainer, TrainResult, check_finite, train_early_stopping
 
 __all__ = ["CLUSTER_ON", "INITS", "LOSSES", "MoSEOptions", "RESIDUALS", "RIDGE_PENALTIES", "SHRINKS", "STOPPINGS",
            "build_network", "cv_epochs", "cv_shrinkage", "fit_experts", "fit_mose", "fit_mose_network", "merge_duplicate_queries", "option_from_text", "residual_basis",
