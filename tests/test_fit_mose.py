@@ -591,3 +591,10 @@ def test_cv_stopping_trains_every_row_for_the_epochs_the_folds_choose():
         assert torch.equal(getattr(twice, name), getattr(mose, name)), name
     assert st["hyperparameters"]["stopping"] == "cv" and st["hyperparameters"]["stopping_folds"] == 5
 
+
+
+@pytest.mark.parametrize("stopping", ["holdout", "cv"])
+def test_a_diverging_fit_names_the_epoch_and_asks_for_a_lower_lr(stopping):
+    q, delta, _ = mixture(120)
+    with pytest.raises(RuntimeError, match=r"training diverged at epoch 1 \(train loss .*, val loss nan\); lower lr"):
+        fit_mose(q, delta, **{**FAST, "lr": 1e38, "k_range": (3, 5), "init": "random", "stopping": stopping})

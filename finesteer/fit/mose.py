@@ -537,21 +537,27 @@ def train_epochs(net: MoSENetwork, q_train: torch.Tensor, d_train: torch.Tensor,
     per epoch; ``best_epoch`` = ``epochs``."""
     with torch.no_grad():
         x_tr = net.features(q_train.float())
-    batch_loss = _train_loss(net, x_tr, d_train, fixed_values=not opts.learned_values, loss=opts.loss,
-                             cosine_weight=opts.cosine_weight)
-    trainer = EpochTrainer(net, batch_loss, q_train.shape[0], lr=opts.lr, weight_decay=opts.weight_decay,
-                           batch_size=opts.batch_size, generator=child_generator(opts.seed, 3),
-                           loss_scale=float(net.out_scale))
+    trainer = _epoch_trainer(net, x_tr, d_train, opts, child_generator(opts.seed, 3))
     net.eval()
     with torch.no_grad():
-        train = float(batch_loss(torch.arange(q_train.shape[0])))
+        train = float(trainer.batch_loss(torch.arange(q_train.shape[0])))
     history = {"train_loss": []}
     for epoch in range(1, epochs + 1):
         train = trainer.run_epoch()
-        check_finite(train, 0.0, epoch, "MoSE fit")
+        check_finite(epoch, "MoSE fit", train_loss=train)
         history["train_loss"].append(train)
     return TrainResult(best_epoch=epochs, best_val_loss=math.nan, train_loss_at_best=train, epochs_run=epochs,
                        stopped_early=False, history=history)
+
+
+def _epoch_trainer(net: MoSENetwork, x_train: torch.Tensor, d_train: torch.Tensor, opts: MoSEOptions,
+                   generator: torch.Generator) -> EpochTrainer:
+    """An :class:`EpochTrainer` of ``net`` on ``opts.loss`` over features ``x_train`` [n, p] and
+    targets ``d_train`` [n, d], with the options' AdamW settings and batch size."""
+    batch_loss = _train_loss(net, x_train, d_train, fixed_values=not opts.learned_values, loss=opts.loss,
+                             cosine_weight=opts.cosine_weight)
+    return EpochTrainer(net, batch_loss, x_train.shape[0], lr=opts.lr, weight_decay=opts.weight_decay,
+                        batch_size=opts.batch_size, generator=generator, loss_scale=float(net.out_scale))
 
 
 def cv_epochs(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) -> dict:
@@ -590,11 +596,7 @@ def cv_epochs(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) ->
                              f"the fit without fold {j} failed: {str(err).removeprefix(_WHERE + ': ')}") from None
         with torch.no_grad():
             x_tr, x_va = net.features(q_tr.float()), net.features(queries[rows].float())
-        batch_loss = _train_loss(net, x_tr, d_tr, fixed_values=not opts.learned_values, loss=opts.loss,
-                                 cosine_weight=opts.cosine_weight)
-        trainer = EpochTrainer(net, batch_loss, q_tr.shape[0], lr=opts.lr, weight_decay=opts.weight_decay,
-                               batch_size=opts.batch_size, generator=child_generator(opts.seed, 16 + j),
-                               loss_scale=float(net.out_scale))
+        trainer = _epoch_trainer(net, x_tr, d_tr, opts, child_generator(opts.seed, 16 + j))
         runs.append(dict(rows=rows, net=net, trainer=trainer, x_va=x_va, y_va=deltas[rows].float(),
                          anchor=d_tr.double().mean(0), scale=float(net.out_scale)))
 
@@ -618,7 +620,7 @@ def cv_epochs(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) ->
     for epoch in bar:
         train = sum(r["trainer"].run_epoch() for r in runs) / F
         val, preds = pooled_loss()
-        check_finite(train, val, epoch, "MoSE fit (stopping='cv')")
+        check_finite(epoch, "MoSE fit (stopping='cv')", train_loss=train, val_loss=val)
         curve.append(val)
         if val < best["val"]:
             best.update(epoch=epoch, val=val, preds=preds)

@@ -93,7 +93,7 @@ def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], to
         train = trainer.run_epoch()
         with torch.no_grad():
             val = float(val_loss())
-        check_finite(train, val, epoch, desc)
+        check_finite(epoch, desc, train_loss=train, val_loss=val)
         history["train_loss"].append(train)
         history["val_loss"].append(val)
         if val < best["val"]:
@@ -109,11 +109,12 @@ def train_early_stopping(net: nn.Module, batch_loss: Callable[[torch.Tensor], to
                        epochs_run=len(history["val_loss"]), stopped_early=stopped_early, history=history)
 
 
-def check_finite(train: float, val: float, epoch: int, desc: str) -> None:
-    """``RuntimeError`` when an epoch's training or validation loss is NaN/Inf."""
-    if not (math.isfinite(train) and math.isfinite(val)):
-        raise RuntimeError(f"{desc}: training diverged at epoch {epoch} (train loss {train}, val loss {val}); "
-                           "lower lr")
+def check_finite(epoch: int, desc: str, **losses: float) -> None:
+    """``RuntimeError`` naming the epoch and ``losses`` (e.g. ``train_loss=…, val_loss=…``) when any
+    of them is NaN/Inf."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in losses.items())
+        raise RuntimeError(f"{desc}: training diverged at epoch {epoch} ({shown}); lower lr")
 
 
 def _snapshot(net: nn.Module) -> dict:
