@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mose_splits import load_pairs, parse_variant  # noqa: E402
+from mose_splits import held_out_rows, load_pairs, parse_variant  # noqa: E402
 
 #: relative size of the input perturbation (fp32 rounding is ≈ 6e-8; re-batched extraction ≈ 1e-6)
 PERTURBATION = 1e-6
@@ -37,11 +37,7 @@ def split_by_prompt(q: torch.Tensor, holdout: float, seed: int) -> torch.Tensor:
     """[N] bool, True for rows whose prompt (identical query) is held out; the choice of
     ``mose_splits.py`` for the same ``seed``."""
     uniq, prompt_of = torch.unique(q, dim=0, return_inverse=True)
-    n_prompts = len(uniq)
-    perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed))
-    held_prompt = torch.zeros(n_prompts, dtype=torch.bool)
-    held_prompt[perm[:max(1, int(round(holdout * n_prompts)))]] = True
-    return held_prompt[prompt_of]
+    return held_out_rows(prompt_of, len(uniq), seed, holdout)
 
 
 def stability(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: dict, seeds: int) -> dict:

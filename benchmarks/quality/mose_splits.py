@@ -54,6 +54,15 @@ def rank_within_prompt(prompt_of: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def held_out_rows(prompt_of: torch.Tensor, n_prompts: int, seed: int, holdout: float) -> torch.Tensor:
+    """[N] bool: True for the rows whose prompt (``prompt_of`` [N], ids in ``range(n_prompts)``) is
+    among the ``max(1, round(holdout·n_prompts))`` prompts held out by ``seed``."""
+    perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed))
+    held_prompt = torch.zeros(n_prompts, dtype=torch.bool)
+    held_prompt[perm[:max(1, int(round(holdout * n_prompts)))]] = True
+    return held_prompt[prompt_of]
+
+
 def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_prompts: int, seed: int,
               holdout: float, variants: dict = None, fit_pairs_per_prompt: int = None) -> dict:
     from finesteer.eval import metrics
@@ -61,10 +70,7 @@ def one_split(q: torch.Tensor, d: torch.Tensor, prompt_of: torch.Tensor, n_promp
     from finesteer.fit import fit_mose
     from finesteer.fit.mose import merge_duplicate_queries
 
-    perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed))
-    held_prompt = torch.zeros(n_prompts, dtype=torch.bool)
-    held_prompt[perm[:max(1, int(round(holdout * n_prompts)))]] = True
-    held = held_prompt[prompt_of]
+    held = held_out_rows(prompt_of, n_prompts, seed, holdout)
     q_held, d_held = merge_duplicate_queries(q[held].double(), d[held].double())
     fit = ~held
     if fit_pairs_per_prompt is not None:

@@ -275,7 +275,9 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
     if cv is None:
         result = train_network(net, q_tr, d_tr, q_va, d_va, opts)
     else:
-        result = train_epochs(net, q_tr, d_tr, opts, cv["epochs"])
+        # the run that chose the epoch count is the CV curve's, and so is the validation loss
+        result = dataclasses.replace(train_epochs(net, q_tr, d_tr, opts, cv["epochs"]), epochs_run=cv["epochs_run"],
+                                     stopped_early=cv["stopped_early"], best_val_loss=cv["val_loss"])
     shrink = cv_shrinkage(q_tr, d_tr, opts) if opts.shrink == "cv" else None
     if shrink is not None:
         net.shrink_toward(shrink["weight"], d_tr.mean(0))
@@ -309,8 +311,7 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
                      val_cosine_mean_delta=_mean_cosine(mean_delta.expand_as(d_va), d_va))
     else:
         # the same figures, out of fold over every row (each fold's mean δ for the mean vector)
-        stats.update(epochs_run=cv["epochs_run"], stopped_early=cv["stopped_early"], val_loss=cv["val_loss"],
-                     **{k: cv[k] for k in ("val_mse", "val_loss_mean_delta", "val_cosine", "val_cosine_mean_delta")},
+        stats.update(**{k: cv[k] for k in ("val_mse", "val_loss_mean_delta", "val_cosine", "val_cosine_mean_delta")},
                      stopping={"folds": cv["folds"], "epochs": cv["epochs"], "val_loss_curve": cv["curve"]})
     stats.update(seed=opts.seed, hyperparameters=opts.to_dict())
     if shrink is not None:
@@ -580,20 +581,14 @@ def cv_epochs(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) ->
     from tqdm.auto import tqdm
 
     n, F = queries.shape[0], opts.stopping_folds
-    if F > n:
-        raise ValueError(f"{_WHERE}: stopping_folds={F} exceeds the {n} rows")
-    folds = torch.randperm(n, generator=child_generator(opts.seed, 5)).chunk(F)
     runs = []
-    for j, rows in enumerate(folds):
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[rows] = False
+    for j, (rows, keep) in enumerate(_folds(n, F, "stopping_folds", "rows", child_generator(opts.seed, 5))):
         q_tr, d_tr = queries[keep], deltas[keep]
         try:
             _check_rows(q_tr.shape[0], deltas.shape[1], opts, f"{q_tr.shape[0]} rows are left without it")
             _, _, net = _build(q_tr, d_tr, opts)
         except ValueError as err:
-            raise ValueError(f"{_WHERE}: stopping='cv' fits MoSE on {F - 1} of {F} folds of the {n} rows; "
-                             f"the fit without fold {j} failed: {str(err).removeprefix(_WHERE + ': ')}") from None
+            raise _fold_failed(f"stopping='cv' fits MoSE on {F - 1} of {F} folds of the {n} rows", j, err) from None
         with torch.no_grad():
             x_tr, x_va = net.features(q_tr.float()), net.features(queries[rows].float())
         trainer = _epoch_trainer(net, x_tr, d_tr, opts, child_generator(opts.seed, 16 + j))
@@ -660,20 +655,16 @@ def cv_shrinkage(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions)
     from tqdm.auto import tqdm
 
     n, F = queries.shape[0], opts.shrink_folds
-    if F > n:
-        raise ValueError(f"{_WHERE}: shrink_folds={F} exceeds the {n} training rows")
-    folds = torch.randperm(n, generator=child_generator(opts.seed, 4)).chunk(F)
+    folds = _folds(n, F, "shrink_folds", "training rows", child_generator(opts.seed, 4))
     inner = opts.replace(shrink="off", merge_duplicates=False, progress=False)
     pred = torch.empty(deltas.shape, dtype=torch.float64)
     anchor = torch.empty(deltas.shape, dtype=torch.float64)
-    for j, rows in enumerate(tqdm(folds, desc="MoSE shrinkage (cross-validation)", disable=not opts.progress)):
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[rows] = False
+    for j, (rows, keep) in enumerate(tqdm(folds, desc="MoSE shrinkage (cross-validation)", disable=not opts.progress)):
         try:
             _, net = fit_mose_network(queries[keep], deltas[keep], inner)
         except ValueError as err:
-            raise ValueError(f"{_WHERE}: shrink='cv' refits MoSE on {F - 1} of {F} folds of the {n} training rows; "
-                             f"the fit without fold {j} failed: {str(err).removeprefix(_WHERE + ': ')}") from None
+            raise _fold_failed(f"shrink='cv' refits MoSE on {F - 1} of {F} folds of the {n} training rows", j,
+                               err) from None
         with torch.no_grad():
             pred[rows] = net(queries[rows].float()).double()
         anchor[rows] = deltas[keep].double().mean(0)
@@ -753,6 +744,27 @@ def _build(q_train: torch.Tensor, d_train: torch.Tensor, opts: MoSEOptions):
     net = build_network(q_train, d_train, experts.prototypes, U, opts,
                         cluster_sizes=None if opts.init == "random" else experts.sizes)
     return experts, U, net
+
+
+def _folds(n: int, count: int, name: str, what: str, generator: torch.Generator) -> list:
+    """``count`` seeded folds of ``range(n)`` → ``[(rows, keep)]``: each fold's indices and the bool
+    mask [n] of the other rows; ``ValueError`` naming option ``name`` when ``count`` exceeds the ``n``
+    rows (described by ``what``)."""
+    if count > n:
+        raise ValueError(f"{_WHERE}: {name}={count} exceeds the {n} {what}")
+    out = []
+    for rows in torch.randperm(n, generator=generator).chunk(count):
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[rows] = False
+        out.append((rows, keep))
+    return out
+
+
+def _fold_failed(context: str, fold: int, err: ValueError) -> ValueError:
+    """The error of a fit without fold ``fold``: ``context`` (which cross-validation), then the
+    fold's own message without its repeated ``fit_mose:`` prefix."""
+    return ValueError(f"{_WHERE}: {context}; the fit without fold {fold} failed: "
+                      f"{str(err).removeprefix(_WHERE + ': ')}")
 
 
 def _check_rows(n_train: int, d: int, opts: MoSEOptions, what: str) -> None:
