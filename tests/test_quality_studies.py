@@ -152,6 +152,28 @@ def test_fit_stability_reports_seed_spread_on_the_mose_splits_split(splits, tmp_
     assert result["results"]["mose"]["seed_spread"] > 0.0
     with pytest.raises(SystemExit):
         stab.main(["--pairs-cache", str(path), "--seeds", "1"])
+    for bad in ("0,5", "1,x", ""):
+        with pytest.raises(SystemExit):
+            stab.main(["--pairs-cache", str(path), "--trace-epochs", bad])
+
+
+def test_fit_stability_epoch_trace_separates_clustering_from_training(tmp_path):
+    stab = _load("fit_stability")
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randn(40, 16, generator=g)
+    q = prompts.repeat_interleave(2, dim=0)
+    d = q @ torch.randn(16, 16, generator=g) / 4 + 1.0 + torch.randn(80, 16, generator=g)
+    held = stab.split_by_prompt(q, 0.2, 1000)
+    rows = stab.epoch_trace(q, d, held, {"hidden": 16, "k_range": (2, 3)}, [1, 3])
+    assert [r["epochs"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["best_epoch"] <= r["epochs"] and r["best_epoch_perturbed"] <= r["epochs"]
+        assert r["change"] >= 0.0 and sum(r["cluster_sizes"]) == sum(r["cluster_sizes_perturbed"])
+    # here K-means ends in the same clusters on both inputs, and one epoch keeps the change below 1 %
+    assert rows[0]["cluster_sizes"] == rows[0]["cluster_sizes_perturbed"] and rows[0]["change"] < 1e-2
+    v = torch.randn(5, 4, generator=g)
+    assert stab.relative_change(v, v) == 0.0
+    assert abs(stab.relative_change(2 * v, v) - 1.0) < 1e-6
 
 
 def test_mose_splits_rejects_a_cache_without_one_layer(splits, tmp_path):
@@ -799,6 +821,19 @@ def test_truthfulqa_nested_judges_a_fit_variant_against_the_plain_run(tmp_path, 
     assert v["adopt"] and v["mean_mc2_gain"] == pytest.approx(0.1) and plain["mean_mc2_gain"] == pytest.approx(0.02)
     assert v["rows"][0]["caa_mc2"] == 0.5 and "chosen" not in res
     assert "adopt qc at layer 11: True" in capsys.readouterr().out
+    # judged against an earlier adopted variant instead: its gain is the bar
+    for fold in (1, 2):
+        run = nested.run_dir(tmp_path, fold, 11, "qc_more")
+        run.mkdir(parents=True)
+        (run / "eval.json").write_text(json.dumps(doc([([1, 1], [0.58, 0.58])] * 4)))
+    assert nested.main(["summarize", "--out", str(tmp_path), "--layers", "11", "--variant", "qc_more",
+                        "--bar-variant", "qc", "-o", str(out)]) == 0
+    v = json.loads(out.read_text())["variant_layers"]["11"]
+    assert v["candidate"] and not v["adopt"] and v["bar"] == {"fit": "qc", "mean_mc2_gain": pytest.approx(0.1)}
+    assert "at least the qc fit's +0.1000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        nested.main(["summarize", "--out", str(tmp_path), "--layers", "11", "--bar-variant", "qc", "-o", str(out)])
+    assert "--bar-variant needs --variant" in capsys.readouterr().err
     # a smaller gain than the default's, or one λ below CAA, is not adopted
     assert not nested.adopt_variant({"mean_mc2_gain": 0.03}, {"candidate": True, "mean_mc2_gain": 0.02})
     assert not nested.adopt_variant({"mean_mc2_gain": 0.0}, {"candidate": False, "mean_mc2_gain": 0.5})

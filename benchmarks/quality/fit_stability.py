@@ -13,8 +13,16 @@ makes. For each fit option set (the defaults, and each ``--variant``) it reports
 - **perturbation change**: the mean over held-out prompts of ‖v' − v₀‖ / ‖v₀‖, v' the vector of
   the perturbed fit and v₀ seed 0's.
 
+``--trace-epochs E1,E2,…`` says where a perturbation change comes from: for each option set and
+each E it also fits seed 0 on the plain and on the perturbed input with ``epochs=E`` and no early
+stop (the best validation epoch among the E is kept, as always; with ``stopping=cv``, E caps the
+cross-validated choice) and reports the change beside the clusters both fits chose. A change that
+needs no other clusters and grows with E is the training amplifying the perturbation (e.g. too
+large a learning rate); one present from E = 1 with other cluster sizes is K-means ending in
+another local optimum.
+
     python benchmarks/quality/fit_stability.py --pairs-cache <cache>/train-pairs-plain-layer11.safetensors \\
-        --variant cv:stopping=cv -o fit_stability.json
+        --variant cv:stopping=cv [--trace-epochs 1,5,10,20] -o fit_stability.json
 """
 from __future__ import annotations
 
@@ -40,6 +48,42 @@ def split_by_prompt(q: torch.Tensor, holdout: float, seed: int) -> torch.Tensor:
     return held_out_rows(prompt_of, len(uniq), seed, holdout)
 
 
+def perturb(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` with every element multiplied by (1 + PERTURBATION·ε), ε standard normal."""
+    return x * (1 + PERTURBATION * torch.randn(x.shape, generator=generator, dtype=x.dtype))
+
+
+def relative_change(v: torch.Tensor, v0: torch.Tensor) -> float:
+    """Mean over rows of ‖v − v₀‖ / ‖v₀‖ (``v``, ``v0`` [P, d])."""
+    return float(((v - v0).norm(dim=-1) / v0.norm(dim=-1).clamp_min(1e-30)).mean())
+
+
+def epoch_trace(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: dict, epochs: list) -> list:
+    """For each E in ``epochs``: seed 0 fitted with ``epochs=E`` and no early stop on the
+    plain and on the perturbed input → ``{"epochs", "change", "cluster_sizes", "cluster_sizes_perturbed",
+    "best_epoch", "best_epoch_perturbed"}`` (see the module docstring)."""
+    from finesteer.fit import fit_mose
+    from finesteer.fit.mose import merge_duplicate_queries
+
+    q_held, _ = merge_duplicate_queries(q[held].double(), d[held].double())
+    q_fit, d_fit = q[~held], d[~held]
+    g = torch.Generator().manual_seed(7)
+    q_pert, d_pert = perturb(q_fit, g), perturb(d_fit, g)
+    rows = []
+    for e in epochs:
+        fixed = {**options, "epochs": e, "patience": e + 1}
+        plain = fit_mose(q_fit, d_fit, seed=0, progress=False, **fixed)
+        moved = fit_mose(q_pert, d_pert, seed=0, progress=False, **fixed)
+        rows.append({"epochs": e,
+                     "change": round(relative_change(moved.vector(q_held.float()).double(),
+                                                     plain.vector(q_held.float()).double()), 6),
+                     "cluster_sizes": plain.fit_stats["cluster_sizes"],
+                     "cluster_sizes_perturbed": moved.fit_stats["cluster_sizes"],
+                     "best_epoch": int(plain.fit_stats["best_epoch"]),
+                     "best_epoch_perturbed": int(moved.fit_stats["best_epoch"])})
+    return rows
+
+
 def stability(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: dict, seeds: int) -> dict:
     """The report for one option set (see the module docstring)."""
     from finesteer.eval import metrics
@@ -56,19 +100,29 @@ def stability(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: dic
         scores.append(metrics.delta_prediction(v.float(), d_held))
         epochs.append(int(mose.fit_stats["best_epoch"]))
     g = torch.Generator().manual_seed(7)
-    wobble = lambda x: x * (1 + PERTURBATION * torch.randn(x.shape, generator=g, dtype=x.dtype))  # noqa: E731
-    perturbed = fit_mose(wobble(q_fit), wobble(d_fit), seed=0, progress=False, **options)
+    perturbed = fit_mose(perturb(q_fit, g), perturb(d_fit, g), seed=0, progress=False, **options)
     v_pert = perturbed.vector(q_held.float()).double()
     V = torch.stack(vectors)                                            # [S, P, d]
     centre = V.mean(0)
     spread = ((V - centre).square().sum((0, 2)) / V.square().sum((0, 2)).clamp_min(1e-30)).mean()
-    change = ((v_pert - vectors[0]).norm(dim=-1) / vectors[0].norm(dim=-1).clamp_min(1e-30)).mean()
+    change = relative_change(v_pert, vectors[0])
     cos = [float(s["cosine"]) for s in scores]
     mse = [float(s["mse"]) for s in scores]
     return {"cosine_mean": round(statistics.fmean(cos), 4), "cosine_sd": round(statistics.pstdev(cos), 4),
             "mse_mean": round(statistics.fmean(mse), 1), "mse_sd": round(statistics.pstdev(mse), 1),
             "best_epochs": epochs, "best_epoch_perturbed": int(perturbed.fit_stats["best_epoch"]),
             "seed_spread": round(float(spread), 5), "perturbation_change": round(float(change), 5)}
+
+
+def _epoch_list(text: str) -> list:
+    """``"1,5,10"`` → [1, 5, 10]; each a positive integer."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch counts, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"epoch counts must be >= 1, got {text!r}")
+    return values
 
 
 def main(argv=None) -> int:
@@ -80,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variant", type=parse_variant, action="append", default=[],
                     help="NAME:OPTION=VALUE[,...]: also measure MoSE fitted with these options (repeatable)")
+    ap.add_argument("--trace-epochs", type=_epoch_list, default=[],
+                    help="E1,E2,...: also report the perturbation change of fits trained exactly E epochs")
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args(argv)
     if a.seeds < 2:
@@ -94,6 +150,11 @@ def main(argv=None) -> int:
         print(f"{name}: held-out cosine {r['cosine_mean']:.3f} ± {r['cosine_sd']:.3f}, MSE {r['mse_mean']:.4g} ± "
               f"{r['mse_sd']:.3g}; best epochs {r['best_epochs']} (perturbed input: {r['best_epoch_perturbed']}); "
               f"seed spread {r['seed_spread']:.4f}; perturbation change {r['perturbation_change']:.4f}")
+        if a.trace_epochs:
+            r["epoch_trace"] = epoch_trace(q, d, held, options, a.trace_epochs)
+            print("  perturbation change with epochs=E, no early stop: " + ", ".join(
+                f"E={t['epochs']}: {t['change']:.2e}" + ("" if t["cluster_sizes"] == t["cluster_sizes_perturbed"]
+                                                         else " (other clusters)") for t in r["epoch_trace"]))
     if a.output:
         Path(a.output).write_text(json.dumps(dict(
             pairs_cache=Path(a.pairs_cache).name, split_seed=a.split_seed, holdout=a.holdout, seeds=a.seeds,

@@ -29,6 +29,9 @@ on MC1 and MC2 at every λ) and its mean MC2 gain over CAA is at least the defau
     nice python benchmarks/quality/truthfulqa_nested.py run --fold 1 --layers 11 --out <dir> --cache-dir <cache> \\
         --variant query_clusters --mose-option cluster_on=query --mose-option k_range=2,4
     python benchmarks/quality/truthfulqa_nested.py summarize --out <dir> --layers 11 --variant query_clusters -o …
+
+Each adopted variant raised the bar for the next: ``--bar-variant NAME`` judges ``--variant``
+against that earlier variant's mean MC2 gain instead of the default fit's.
 """
 from __future__ import annotations
 
@@ -91,9 +94,10 @@ def with_variant(pooled: dict, variant: dict) -> dict:
     return out
 
 
-def adopt_variant(default: dict, variant: dict) -> bool:
-    """The variant rule: a candidate whose mean MC2 gain over CAA is at least the default fit's."""
-    return bool(variant["candidate"]) and variant["mean_mc2_gain"] >= default["mean_mc2_gain"]
+def adopt_variant(bar: dict, variant: dict) -> bool:
+    """The variant rule: a candidate whose mean MC2 gain over CAA is at least ``bar``'s (the default
+    fit's summary, or with ``--bar-variant`` an earlier adopted variant's)."""
+    return bool(variant["candidate"]) and variant["mean_mc2_gain"] >= bar["mean_mc2_gain"]
 
 
 def pool(docs: list) -> dict:
@@ -154,11 +158,16 @@ def main(argv=None) -> int:
     s.add_argument("--layers", type=int, nargs="+", required=True)
     s.add_argument("--variant", default=None, metavar="NAME",
                    help="judge this fit variant's runs against the plain runs at the same layers")
+    s.add_argument("--bar-variant", default=None, metavar="NAME",
+                   help="judge --variant against this earlier variant's mean MC2 gain instead of the default "
+                        "fit's (its runs must be in --out)")
     s.add_argument("-o", "--output", required=True)
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.step == "run" and bool(a.variant) != bool(a.mose_option):
         p.error("--variant NAME and --mose-option go together (a variant is a name for MoSE options)")
+    if a.step == "summarize" and a.bar_variant and not a.variant:
+        p.error("--bar-variant needs --variant (it sets the bar a variant is judged against)")
     if a.step == "run":
         if not bq.DATA.is_dir():
             print(f"truthfulqa_nested: skipped: the shared data folder {bq.DATA} is absent")
@@ -196,11 +205,17 @@ def main(argv=None) -> int:
         res["variant_layers"] = {}
         for layer in a.layers:
             e = layer_summary(with_variant(plain[layer], load(layer, a.variant)))
-            e["adopt"] = adopt_variant(layers[layer], e)
+            if a.bar_variant:
+                bar = layer_summary(with_variant(plain[layer], load(layer, a.bar_variant)))
+                bar_name = f"{a.bar_variant} fit's"
+            else:
+                bar, bar_name = layers[layer], "default fit's"
+            e["adopt"] = adopt_variant(bar, e)
+            e["bar"] = {"fit": a.bar_variant or "default", "mean_mc2_gain": bar["mean_mc2_gain"]}
             res["variant_layers"][str(layer)] = e
             show(f"layer {layer}, {a.variant}", e)
             print(f"  adopt {a.variant} at layer {layer}: {e['adopt']} (a candidate, mean MC2 gain at least the "
-                  f"default fit's {layers[layer]['mean_mc2_gain']:+.4f})")
+                  f"{bar_name} {bar['mean_mc2_gain']:+.4f})")
     else:
         res["chosen"] = choose(layers)
         print(f"chosen: {res['chosen']} (None: nothing changes)")
