@@ -572,6 +572,11 @@ def _print_mose(mose) -> None:
               f"(out-of-fold MSE {sh['cv_mse']:.4g}; as trained {sh['cv_mse_trained']:.4g}; mean δ {sh['cv_mse_mean']:.4g})")
     if "ch_scores" in st:
         print("MoSE Calinski-Harabasz by K: " + "  ".join(f"{k}:{v:.4g}" for k, v in st["ch_scores"].items()))
+    limit = (st.get("hyperparameters") or {}).get("epochs")
+    if limit and st.get("best_epoch") == limit:
+        # the best weights are the last ones allowed: the loss was still falling when training had to stop
+        print(f"MoSE note: the validation loss was still falling at the last of the {limit} epochs allowed; "
+              "a higher limit (--epochs, or --mose-option epochs=N) may fit better")
 
 
 def cmd_generate(args) -> int:

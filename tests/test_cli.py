@@ -128,6 +128,20 @@ def test_fit_mose_stopping_cv_is_reported_and_recorded(work, tmp_path, capsys):
     assert Steerer.load(artifact, hidden_size=64).mose.fit_stats["hyperparameters"]["stopping"] == "holdout"
 
 
+def test_fit_says_when_mose_was_still_improving_at_its_epoch_limit(capsys):
+    from types import SimpleNamespace
+
+    from finesteer.cli import _print_mose
+
+    def shown(best_epoch, limit=40):
+        stats = {"best_epoch": best_epoch, "epochs_run": best_epoch, "hyperparameters": {"epochs": limit}}
+        _print_mose(SimpleNamespace(fit_stats=stats, cluster_sizes=None, num_experts=2, residual_dim=2, mlp_hidden=8))
+        return capsys.readouterr().out
+
+    assert "still falling at the last of the 40 epochs allowed" in shown(40)
+    assert "still falling" not in shown(39) and "still falling" not in shown(0)
+
+
 def test_fit_null_rows_shrink_mose_on_benign_prompts(work, tmp_path, capsys):
     """--null-rows N: MoSE is also fitted on N of the --benign prompts at δ = 0 (recorded in the
     artifact); the gate is the same fit; more null rows than benign prompts is refused before the
