@@ -48,9 +48,11 @@ def split_by_prompt(q: torch.Tensor, holdout: float, seed: int) -> torch.Tensor:
     return held_out_rows(prompt_of, len(uniq), seed, holdout)
 
 
-def perturb(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x`` with every element multiplied by (1 + PERTURBATION·ε), ε standard normal."""
-    return x * (1 + PERTURBATION * torch.randn(x.shape, generator=generator, dtype=x.dtype))
+def perturbed(q: torch.Tensor, d: torch.Tensor) -> tuple:
+    """(q, d) with every element multiplied by (1 + PERTURBATION·ε), ε standard normal from one fixed
+    seed, so every perturbed fit of a run sees the same input."""
+    g = torch.Generator().manual_seed(7)
+    return tuple(x * (1 + PERTURBATION * torch.randn(x.shape, generator=g, dtype=x.dtype)) for x in (q, d))
 
 
 def relative_change(v: torch.Tensor, v0: torch.Tensor) -> float:
@@ -67,8 +69,7 @@ def epoch_trace(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: d
 
     q_held, _ = merge_duplicate_queries(q[held].double(), d[held].double())
     q_fit, d_fit = q[~held], d[~held]
-    g = torch.Generator().manual_seed(7)
-    q_pert, d_pert = perturb(q_fit, g), perturb(d_fit, g)
+    q_pert, d_pert = perturbed(q_fit, d_fit)
     rows = []
     for e in epochs:
         fixed = {**options, "epochs": e, "patience": e + 1}
@@ -99,9 +100,8 @@ def stability(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: dic
         vectors.append(v)
         scores.append(metrics.delta_prediction(v.float(), d_held))
         epochs.append(int(mose.fit_stats["best_epoch"]))
-    g = torch.Generator().manual_seed(7)
-    perturbed = fit_mose(perturb(q_fit, g), perturb(d_fit, g), seed=0, progress=False, **options)
-    v_pert = perturbed.vector(q_held.float()).double()
+    moved = fit_mose(*perturbed(q_fit, d_fit), seed=0, progress=False, **options)
+    v_pert = moved.vector(q_held.float()).double()
     V = torch.stack(vectors)                                            # [S, P, d]
     centre = V.mean(0)
     spread = ((V - centre).square().sum((0, 2)) / V.square().sum((0, 2)).clamp_min(1e-30)).mean()
@@ -110,7 +110,7 @@ def stability(q: torch.Tensor, d: torch.Tensor, held: torch.Tensor, options: dic
     mse = [float(s["mse"]) for s in scores]
     return {"cosine_mean": round(statistics.fmean(cos), 4), "cosine_sd": round(statistics.pstdev(cos), 4),
             "mse_mean": round(statistics.fmean(mse), 1), "mse_sd": round(statistics.pstdev(mse), 1),
-            "best_epochs": epochs, "best_epoch_perturbed": int(perturbed.fit_stats["best_epoch"]),
+            "best_epochs": epochs, "best_epoch_perturbed": int(moved.fit_stats["best_epoch"]),
             "seed_spread": round(float(spread), 5), "perturbation_change": round(float(change), 5)}
 
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", type=parse_variant, action="append", default=[],
                     help="NAME:OPTION=VALUE[,...]: also measure MoSE fitted with these options (repeatable)")
     ap.add_argument("--trace-epochs", type=_epoch_list, default=[],
-                    help="E1,E2,...: also report the perturbation change of fits trained exactly E epochs")
+                    help="E1,E2,...: also report the perturbation change of fits with epochs=E and no early stop")
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args(argv)
     if a.seeds < 2:

@@ -63,7 +63,8 @@ class MoSEOptions:
     Training: ``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``val_fraction``, ``patience``, ``seed``,
     ``progress`` (at ``lr`` 1e-3 the training can amplify rounding-level input differences about
     e-fold per epoch on some data, so fits from activations extracted in another batch or on another
-    device differ though they validate alike; 3e-4 avoids that at about three times the epochs); ``stopping`` ``"holdout"`` (default: early stopping on a ``val_fraction`` split,
+    device differ though they validate alike; 3e-4 avoids that at about three times the epochs);
+    ``stopping`` ``"holdout"`` (default: early stopping on a ``val_fraction`` split,
     the best-validation weights kept) or ``"cv"`` (:func:`cv_epochs`: the number of epochs is chosen
     on the pooled out-of-fold loss of ``stopping_folds`` fits, then the network is trained on every
     row for that many epochs — an epoch count judged on all rows instead of a tenth, and no row
