@@ -306,15 +306,10 @@ def fit_mose_network(queries, deltas, options: Optional[MoSEOptions] = None,
     if cv is None:
         with torch.no_grad():
             pred = net(q_va.float()).double()
-        mean_delta = d_tr.mean(0)
-        # Held-out quality in units a reader can compare with the plain mean-difference vector.
-        stats.update(val_mse=float((pred - d_va).square().mean()),
-                     val_loss_mean_delta=float((d_va - mean_delta).square().mean()),
-                     val_cosine=_mean_cosine(pred, d_va),
-                     val_cosine_mean_delta=_mean_cosine(mean_delta.expand_as(d_va), d_va))
+        stats.update(_heldout_figures(pred, d_tr.mean(0), d_va))
     else:
         # the same figures, out of fold over every row (each fold's mean δ for the mean vector)
-        stats.update(**{k: cv[k] for k in ("val_mse", "val_loss_mean_delta", "val_cosine", "val_cosine_mean_delta")},
+        stats.update(**cv["heldout"],
                      stopping={"folds": cv["folds"], "epochs": cv["epochs"], "val_loss_curve": cv["curve"]})
     stats.update(seed=opts.seed, hyperparameters=opts.to_dict())
     if shrink is not None:
@@ -577,9 +572,9 @@ def cv_epochs(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) ->
     averaged over all rows is much less noisy than one holdout's: with a few hundred prompts a tenth
     is a few dozen δ, and which epoch wins on them can turn on float rounding.
 
-    Returns ``{"epochs", "folds", "epochs_run", "stopped_early", "val_loss", "curve"}`` plus the
-    out-of-fold ``val_mse``, ``val_cosine`` and, for the mean vector of each fold's training rows,
-    ``val_loss_mean_delta`` and ``val_cosine_mean_delta``, all at the chosen epoch.
+    Returns ``{"epochs", "folds", "epochs_run", "stopped_early", "val_loss", "curve", "heldout"}``,
+    ``heldout`` the out-of-fold figures of :func:`_heldout_figures` at the chosen epoch (the mean
+    vector being each fold's training rows' mean δ).
     """
     from tqdm.auto import tqdm
 
@@ -633,12 +628,9 @@ def cv_epochs(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) ->
     for p, r in zip(best["preds"], runs):
         pred[r["rows"]] = p.double()
         anchor[r["rows"]] = r["anchor"]
-    target = deltas.double()
     return {"epochs": best["epoch"], "folds": F, "epochs_run": len(curve) - (opts.init != "random"),
             "stopped_early": stopped_early, "val_loss": best["val"], "curve": curve,
-            "val_mse": float((pred - target).square().mean()),
-            "val_loss_mean_delta": float((anchor - target).square().mean()),
-            "val_cosine": _mean_cosine(pred, target), "val_cosine_mean_delta": _mean_cosine(anchor, target)}
+            "heldout": _heldout_figures(pred, anchor, deltas.double())}
 
 
 def cv_shrinkage(queries: torch.Tensor, deltas: torch.Tensor, opts: MoSEOptions) -> dict:
@@ -738,6 +730,17 @@ def _mean_cosine(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # checks and helpers
+
+
+def _heldout_figures(pred: torch.Tensor, mean_delta: torch.Tensor, target: torch.Tensor) -> dict:
+    """Held-out quality in units a reader can compare with the plain mean-difference vector: MSE per
+    element and mean cosine of ``pred`` [n, d] against ``target`` [n, d], and of ``mean_delta`` ([d],
+    or [n, d] where each row has its own, as out of fold) against it (fp64 in, floats out)."""
+    mean_delta = mean_delta.expand_as(target)
+    return {"val_mse": float((pred - target).square().mean()),
+            "val_loss_mean_delta": float((target - mean_delta).square().mean()),
+            "val_cosine": _mean_cosine(pred, target),
+            "val_cosine_mean_delta": _mean_cosine(mean_delta, target)}
 
 
 def _build(q_train: torch.Tensor, d_train: torch.Tensor, opts: MoSEOptions):
