@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,7 +331,9 @@ def test_help_lists_the_commands_including_demo(capsys):
 
 
 def test_console_script_runs():
-    exe = shutil.which("finesteer")
+    # the script installed beside this interpreter first: a venv used without activating it (as CI
+    # does) would otherwise find another environment's `finesteer` earlier on PATH
+    exe = shutil.which("finesteer", path=str(Path(sys.executable).parent)) or shutil.which("finesteer")
     cmd = [exe, "--help"] if exe else [sys.executable, "-m", "finesteer.cli", "--help"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "generate" in res.stdout and "demo" in res.stdout
