@@ -567,6 +567,61 @@ def test_truthfulqa_crossfit_adds_a_finesteer_variant_as_a_method_of_its_own(tmp
     assert "| 8 | 0.500 / 0.400 / 0.500 | 8 | 1.000 / 0.650 / 0.100 | yes |" in md
 
 
+def test_truthfulqa_crossfit_extends_a_variant_and_plots_mc_against_benign_kl(tmp_path):
+    """--extend-variant NAME A B: a variant's runs at further strengths join NAME, their CAA at those
+    strengths joins CAA; --plot draws each method's pooled MC1/MC2 against the folds' mean benign KL,
+    and a bad --plot-methods is refused before anything is written."""
+    pytest.importorskip("matplotlib")
+    cf = _load("truthfulqa_crossfit")
+    unst = ({("unsteered", "0.0"): [False, False]}, {("unsteered", "0.0"): [0.2, 0.2]})
+
+    def run(swapped, cfgs, kl):
+        doc = _fold(swapped, {**unst[0], **{k: v[0] for k, v in cfgs.items()}},
+                    {**unst[1], **{k: v[1] for k, v in cfgs.items()}}, 4)
+        doc["rows"] = [{"method": "unsteered", "strength": 0.0, "benign_kl": 0.0}] + [
+            {"method": m, "strength": float(lam), "benign_kl": kl[m] * (2 if swapped else 1)} for m, lam in cfgs]
+        return doc
+
+    base = {("caa", "8.0"): ([True, False], [0.6, 0.2]), ("finesteer", "8.0"): ([False, False], [0.3, 0.2])}
+    variant = {("finesteer", "8.0"): ([True, True], [0.7, 0.6])}
+    further = {("caa", "16.0"): ([True, True], [0.6, 0.6]), ("finesteer", "16.0"): ([True, False], [0.8, 0.2])}
+    kl = {"caa": 1.0, "finesteer": 0.1}
+    docs = [run(False, base, kl), run(True, base, kl), run(False, variant, kl), run(True, variant, kl),
+            run(False, further, kl), run(True, further, kl)]
+    r = cf.renamed(docs[4], "fs_qc")
+    assert set(r["truthfulqa"]["results"]) == {"unsteered", "caa", "fs_qc"}
+    assert sorted(x["method"] for x in r["rows"]) == ["caa", "fs_qc", "unsteered"]
+    paths = []
+    for i, doc in enumerate(docs):
+        paths.append(str(tmp_path / f"{i}.json"))
+        Path(paths[-1]).write_text(json.dumps(doc))
+    out_path, png = tmp_path / "cf.json", tmp_path / "cf.png"
+    argv = [paths[0], paths[1], "--variant", "fs_qc", paths[2], paths[3], "--extend-variant", "fs_qc", paths[4],
+            paths[5], "-o", str(out_path), "--plot", str(png)]
+    assert cf.main(argv) == 0
+    doc = json.loads(out_path.read_text())
+    assert set(doc["results"]["fs_qc"]) == {"8.0", "16.0"} and set(doc["results"]["caa"]) == {"8.0", "16.0"}
+    assert set(doc["results"]["finesteer"]) == {"8.0"}  # the extension's FineSteer is the variant's
+    assert doc["results"]["fs_qc"]["16.0"]["mc1"] == 0.5
+    assert doc["variant_extensions"] == {"fs_qc": [[paths[4], paths[5]]]}
+    assert png.is_file() and png.stat().st_size > 1000
+    a = cf.extend(cf.extend(docs[0], cf.as_variant(docs[2], "fs_qc"), "x"), cf.renamed(docs[4], "fs_qc"), "x")
+    b = cf.extend(cf.extend(docs[1], cf.as_variant(docs[3], "fs_qc"), "x"), cf.renamed(docs[5], "fs_qc"), "x")
+    pooled = cf.pool(a, b, variants=["fs_qc"])
+    assert pooled["results"] == doc["results"]
+    # KL: the mean of the folds (0.1 and 0.2), points ordered by λ
+    assert cf.curve(pooled, a, b, "fs_qc") == [
+        {"strength": 8.0, "benign_kl": pytest.approx(0.15), "mc1": 1.0, "mc2": pytest.approx(0.65)},
+        {"strength": 16.0, "benign_kl": pytest.approx(0.15), "mc1": 0.5, "mc2": pytest.approx(0.5)}]
+    # refused before anything is written: a method the results lack, an extension of no --variant
+    bad = argv[:-4] + ["-o", str(tmp_path / "bad.json"), "--plot", str(tmp_path / "bad.png"), "--plot-methods", "caa,cast"]
+    assert cf.main(bad) == 2
+    assert not (tmp_path / "bad.json").exists() and not (tmp_path / "bad.png").exists()
+    with pytest.raises(SystemExit):
+        cf.main([paths[0], paths[1], "--extend-variant", "fs_qc", paths[4], paths[5], "-o", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_truthfulqa_push_measures_along_the_mean_in_units_of_caa():
     push_mod = _load("truthfulqa_push")
     mean = torch.tensor([2.0, 0.0, 0.0])

@@ -31,7 +31,17 @@ its benign KL (mean of the two folds) is lower there.
 fitted another way (e.g. ``--mose-option shrink=cv``; same split, questions and unsteered scores) as
 a method of its own, NAME: its ``finesteer`` configurations are renamed NAME (the run's other
 steered methods are left out), compared at each λ with CAA, SCS + mean vector and FineSteer, and
-given a trade-off table of its own.
+given a trade-off table of its own. ``--extend-variant NAME A B`` adds runs of that variant at further
+strengths as ``--extend`` does, their ``finesteer`` configurations joining NAME and their other
+methods (e.g. CAA at the same new strengths) added as they are.
+
+``--plot PNG`` draws pooled MC1 and MC2 against benign KL (log scale, labels λ), one line per
+method: CAA, FineSteer and each variant, or the ``--plot-methods`` given.
+
+    python benchmarks/quality/truthfulqa_crossfit.py <fold a>/eval.json <fold b>/eval.json \
+        --variant fs_qc <fold a, variant>/eval.json <fold b, variant>/eval.json \
+        --extend-variant fs_qc <fold a, variant, λ 24, 32>/eval.json <fold b, …>/eval.json \
+        -o curve.json --plot curve.png --plot-methods caa,fs_qc
 """
 from __future__ import annotations
 
@@ -42,7 +52,7 @@ import sys
 from pathlib import Path
 
 from finesteer.eval import metrics
-from finesteer.eval.report import truthfulqa_paired_markdown
+from finesteer.eval.report import plot_truthfulqa_tradeoff, truthfulqa_paired_markdown
 
 
 #: Besides the unsteered model, what each steered configuration is compared with at the same λ:
@@ -93,20 +103,28 @@ def check_folds(a: dict, b: dict) -> None:
                          f"only in the second {sorted(configs_b - configs_a)}")
 
 
-def as_variant(doc: dict, name: str) -> dict:
-    """``doc`` (one fold's run) with only its unsteered and ``finesteer`` results, the latter renamed
-    ``name`` — in the TruthfulQA results and the benign ``rows`` — so :func:`extend` adds them to the
-    fold as a method of their own."""
+def renamed(doc: dict, name: str) -> dict:
+    """``doc`` (one fold's run) with its ``finesteer`` results renamed ``name`` — in the TruthfulQA
+    results and the benign ``rows`` — and everything else as it is."""
     if name in ("unsteered", "finesteer"):
         raise ValueError(f"a variant needs a name of its own, not {name!r}")
     if "finesteer" not in doc["truthfulqa"]["per_question"]:
         raise ValueError(f"variant {name}: the run has no finesteer results to rename")
     out = copy.deepcopy(doc)
     for key in ("per_question", "results"):
-        per = out["truthfulqa"][key]
-        out["truthfulqa"][key] = {"unsteered": per["unsteered"], name: per["finesteer"]}
-    out["rows"] = [{**r, "method": name} if r["method"] == "finesteer" else r
-                   for r in doc.get("rows", []) if r["method"] in ("unsteered", "finesteer")]
+        out["truthfulqa"][key] = {(name if m == "finesteer" else m): v for m, v in out["truthfulqa"][key].items()}
+    out["rows"] = [{**r, "method": name} if r["method"] == "finesteer" else r for r in out.get("rows", [])]
+    return out
+
+
+def as_variant(doc: dict, name: str) -> dict:
+    """``doc`` (one fold's run) with only its unsteered and ``finesteer`` results, the latter renamed
+    ``name`` (:func:`renamed`), so :func:`extend` adds them to the fold as a method of their own."""
+    out = renamed(doc, name)
+    keep = ("unsteered", name)
+    for key in ("per_question", "results"):
+        out["truthfulqa"][key] = {m: v for m, v in out["truthfulqa"][key].items() if m in keep}
+    out["rows"] = [r for r in out["rows"] if r["method"] in keep]
     return out
 
 
@@ -137,16 +155,60 @@ def extend(doc: dict, more: dict, where: str) -> dict:
     return out
 
 
+def benign_kl(a: dict, b: dict, method: str, lam) -> float | None:
+    """The benign KL of ``method`` at λ = ``lam``: the mean of the two folds' ``rows`` (each fold
+    measures it on its own benign prompts); None unless both folds recorded it."""
+    vals = [r["benign_kl"] for d in (a, b) for r in d.get("rows", [])
+            if r["method"] == method and float(r["strength"]) == float(lam)]
+    return sum(vals) / 2 if len(vals) == 2 else None
+
+
+def curve(out: dict, a: dict, b: dict, method: str) -> list:
+    """``method``'s pooled MC1 and MC2 beside its benign KL (:func:`benign_kl`) at every λ where
+    both folds recorded the KL, ordered by λ: the points of :func:`plot`."""
+    pts = []
+    for lam, r in sorted(out["results"].get(method, {}).items(), key=lambda kv: float(kv[0])):
+        kl = benign_kl(a, b, method, lam)
+        if kl is not None:
+            pts.append({"strength": float(lam), "benign_kl": kl, "mc1": r["mc1"], "mc2": r["mc2"]})
+    return pts
+
+
+def plot(out: dict, a: dict, b: dict, methods: list, path: Path) -> bool:
+    """MC1 and MC2 against benign KL for ``methods`` (those with no recorded KL are left out), the
+    unsteered model as a line (:func:`finesteer.eval.report.plot_truthfulqa_tradeoff`)."""
+    unsteered = next(iter(out["results"]["unsteered"].values()))
+    title = (f"TruthfulQA, two-fold cross-fit ({out['n']} questions) vs benign KL (labels: λ); "
+             "up and to the left is better")
+    return plot_truthfulqa_tradeoff({m: curve(out, a, b, m) for m in methods}, unsteered, path, title)
+
+
+def plot_selection(out: dict, docs: list, text: str | None, variants: list) -> list:
+    """The methods ``--plot`` draws: ``text`` (comma-separated) or, by default, CAA, FineSteer and
+    each variant that the pooled results hold. Raises ValueError for a method the results lack, or
+    when none of them has benign KL recorded in both folds (checked before anything is written)."""
+    if text:
+        methods = [m for m in text.split(",") if m]
+        missing = [m for m in methods if m not in out["results"]]
+        if missing or not methods:
+            raise ValueError(f"--plot-methods {text!r}: {', '.join(missing) or 'no method'} not in the pooled results "
+                             f"({', '.join(m for m in out['results'] if m != 'unsteered')})")
+    else:
+        methods = [m for m in ("caa", "finesteer", *variants) if m in out["results"]]
+    if not any(curve(out, *docs, m) for m in methods):
+        raise ValueError(f"--plot: none of {', '.join(methods) or 'the methods'} has benign KL recorded in both folds")
+    return methods
+
+
 def tradeoff(out: dict, a: dict, b: dict, method: str = "finesteer", baseline: str = "caa") -> list:
     """For each λ of ``baseline`` in the pooled results ``out``: the weakest λ of ``method`` with pooled
     MC1 ≥ and MC2 ≥ the baseline's, and whether its benign KL (the mean of the two folds' ``rows``,
     ``a`` and ``b``) is lower there; ``None`` entries when no strength of ``method`` gets there."""
     def kl(m, lam):
-        vals = [r["benign_kl"] for d in (a, b) for r in d.get("rows", [])
-                if r["method"] == m and float(r["strength"]) == float(lam)]
-        if len(vals) != 2:
+        value = benign_kl(a, b, m, lam)
+        if value is None:
             raise ValueError(f"tradeoff: benign KL of {m} at λ = {lam} is not recorded in both folds")
-        return sum(vals) / 2
+        return value
 
     res = out["results"]
     mine = sorted(res[method], key=float)
@@ -227,8 +289,20 @@ def main(argv=None) -> int:
                    help="eval.json of each fold run again at further strengths, added to that fold (repeatable)")
     p.add_argument("--variant", nargs=3, metavar=("NAME", "RUN_A", "RUN_B"), action="append", default=[],
                    help="eval.json of each fold with FineSteer fitted another way, added as method NAME (repeatable)")
+    p.add_argument("--extend-variant", nargs=3, metavar=("NAME", "MORE_A", "MORE_B"), action="append", default=[],
+                   help="eval.json of each fold run again at further strengths with FineSteer fitted as variant NAME "
+                        "(given by --variant): its finesteer configurations join NAME, its other methods are added as "
+                        "by --extend (repeatable)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="also draw pooled MC1 and MC2 against benign KL, one line per method (--plot-methods)")
+    p.add_argument("--plot-methods", default=None, metavar="M1,M2,...",
+                   help="methods for --plot (default: caa, finesteer and each --variant)")
     p.add_argument("-o", "--out", required=True, help="output JSON (a .md table is written beside it)")
     a = p.parse_args(argv)
+    variants = list(dict.fromkeys(v for v, *_ in a.variant))
+    unknown = sorted({v for v, *_ in a.extend_variant} - set(variants))
+    if unknown:
+        p.error(f"--extend-variant {', '.join(unknown)}: not a --variant of this run")
     docs = [json.loads(Path(f).read_text()) for f in (a.fold_a, a.fold_b)]
     try:
         for more in a.extend:
@@ -237,23 +311,32 @@ def main(argv=None) -> int:
         for variant, *runs in a.variant:
             docs = [extend(d, as_variant(json.loads(Path(f).read_text()), variant), f"{name} (variant {variant})")
                     for d, f, name in zip(docs, runs, ("first file", "second file"))]
-        variants = [v for v, *_ in a.variant]
+        for variant, *runs in a.extend_variant:
+            docs = [extend(d, renamed(json.loads(Path(f).read_text()), variant), f"{name} (variant {variant}, extension)")
+                    for d, f, name in zip(docs, runs, ("first file", "second file"))]
         out = pool(*docs, variants=variants)
         if all(d.get("rows") for d in docs) and "caa" in out["results"]:
             if "finesteer" in out["results"]:
                 out["tradeoff"] = tradeoff(out, *docs)
             if variants:
                 out["tradeoff_variants"] = {v: tradeoff(out, *docs, method=v) for v in variants}
+        plot_methods = plot_selection(out, docs, a.plot_methods, variants) if a.plot else None
     except ValueError as e:
         print(f"truthfulqa_crossfit: {e}", file=sys.stderr)
         return 2
     out["inputs"] = [a.fold_a, a.fold_b] + [f for more in a.extend for f in more]
     if a.variant:
         out["variants"] = {v: runs for v, *runs in a.variant}
+    if a.extend_variant:
+        out["variant_extensions"] = {v: [runs for w, *runs in a.extend_variant if w == v]
+                                     for v in dict.fromkeys(w for w, *_ in a.extend_variant)}
     path = Path(a.out)
     path.write_text(json.dumps(out, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(out))
     print(markdown(out))
+    if a.plot:
+        plot(out, *docs, plot_methods, Path(a.plot))
+        print(f"wrote {a.plot}")
     return 0
 
 

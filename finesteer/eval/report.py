@@ -310,6 +310,36 @@ def plot_truthfulqa(tqa: dict, path: Path) -> bool:
     return True
 
 
+def plot_truthfulqa_tradeoff(curves: Dict[str, List[dict]], unsteered: dict, path: Path, title: str = "") -> bool:
+    """TruthfulQA MC1 and MC2 against benign KL, one line per method over λ (labels: λ).
+
+    ``curves``: ``{method: [{"strength", "benign_kl", "mc1", "mc2"}, ...]}``; ``unsteered``:
+    ``{"mc1", "mc2"}`` (a dotted line). Benign KL on a log axis (it spans decades between gated and
+    always-on methods). Returns False (nothing written) when no method has a point."""
+    curves = {m: sorted(pts, key=lambda r: r["strength"]) for m, pts in curves.items() if pts}
+    if not curves:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    for ax, key in zip(axes[0], ("mc1", "mc2")):
+        for name, pts in curves.items():
+            ax.plot([r["benign_kl"] for r in pts], [r[key] for r in pts], marker="o", label=name)
+            for r in pts:
+                ax.annotate(f"{r['strength']:g}", (r["benign_kl"], r[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.axhline(unsteered[key], color="k", linestyle=":", label="unsteered")
+        ax.set_xscale("log")
+        ax.set_xlabel("benign KL (unsteered ‖ steered), log scale")
+        ax.set_ylabel(key.upper())
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "TruthfulQA vs collateral change on benign prompts (labels: λ); up and to the left is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_reports(result, out_dir) -> Dict[str, str]:
     """Write ``eval.json``, ``eval.md`` and the PNG plots of ``result`` into ``out_dir`` (created).
 
