@@ -622,6 +622,21 @@ def test_truthfulqa_crossfit_extends_a_variant_and_plots_mc_against_benign_kl(tm
     assert not (tmp_path / "x.json").exists()
 
 
+def test_truthfulqa_tradeoff_plot_draws_zero_kl_points_and_skips_empty_input(tmp_path):
+    """A gate closed on every benign prompt gives benign KL 0, which a log axis cannot show: the plot
+    then uses a symmetric-log axis; with no points at all nothing is written."""
+    pytest.importorskip("matplotlib")
+    from finesteer.eval.report import plot_truthfulqa_tradeoff
+
+    curves = {"caa": [{"strength": 2.0, "benign_kl": 0.04, "mc1": 0.23, "mc2": 0.43}],
+              "cast": [{"strength": 2.0, "benign_kl": 0.0, "mc1": 0.22, "mc2": 0.41},
+                       {"strength": 4.0, "benign_kl": 0.01, "mc1": 0.24, "mc2": 0.44}]}
+    assert plot_truthfulqa_tradeoff(curves, {"mc1": 0.2, "mc2": 0.4}, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    assert not plot_truthfulqa_tradeoff({"caa": []}, {"mc1": 0.2, "mc2": 0.4}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_truthfulqa_push_measures_along_the_mean_in_units_of_caa():
     push_mod = _load("truthfulqa_push")
     mean = torch.tensor([2.0, 0.0, 0.0])

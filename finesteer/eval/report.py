@@ -315,10 +315,14 @@ def plot_truthfulqa_tradeoff(curves: Dict[str, List[dict]], unsteered: dict, pat
 
     ``curves``: ``{method: [{"strength", "benign_kl", "mc1", "mc2"}, ...]}``; ``unsteered``:
     ``{"mc1", "mc2"}`` (a dotted line). Benign KL on a log axis (it spans decades between gated and
-    always-on methods). Returns False (nothing written) when no method has a point."""
+    always-on methods); where a point's KL is exactly 0 (a gate closed on every benign prompt) the
+    axis is symmetric-log, linear below the smallest positive KL, so that point is still drawn.
+    Returns False (nothing written) when no method has a point."""
     curves = {m: sorted(pts, key=lambda r: r["strength"]) for m, pts in curves.items() if pts}
     if not curves:
         return False
+    positive = [r["benign_kl"] for pts in curves.values() for r in pts if r["benign_kl"] > 0]
+    has_zero = len(positive) < sum(len(pts) for pts in curves.values())
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
     for ax, key in zip(axes[0], ("mc1", "mc2")):
@@ -328,7 +332,11 @@ def plot_truthfulqa_tradeoff(curves: Dict[str, List[dict]], unsteered: dict, pat
                 ax.annotate(f"{r['strength']:g}", (r["benign_kl"], r[key]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
         ax.axhline(unsteered[key], color="k", linestyle=":", label="unsteered")
-        ax.set_xscale("log")
+        if has_zero:
+            ax.set_xscale("symlog", linthresh=min(positive) if positive else 1e-3)
+            ax.set_xlim(left=0)
+        else:
+            ax.set_xscale("log")
         ax.set_xlabel("benign KL (unsteered ‖ steered), log scale")
         ax.set_ylabel(key.upper())
         ax.grid(alpha=0.3, which="both")
