@@ -345,7 +345,7 @@ def test_run_eval_end_to_end_and_reports(llama, files, tmp_path):
     assert "TruthfulQA, paired on the same" in md and "| finesteer | 4 | caa |" in md
     for method, base in (("finesteer", "caa"), ("finesteer", "cast"), ("finesteer", "scs_mean"), ("mose_nogate", "caa")):
         assert f"| all benign sets | {method} | {base} | 1 |" in md and f"| benign | {method} | {base} | 4 |" in md
-    for kind in ("curve", "gate_hist", "truthfulqa"):
+    for kind in ("curve", "gate_hist", "truthfulqa", "truthfulqa_tradeoff"):
         with open(files_out[kind], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -626,7 +626,7 @@ def test_truthfulqa_tradeoff_plot_draws_zero_kl_points_and_skips_empty_input(tmp
     """A gate closed on every benign prompt gives benign KL 0, which a log axis cannot show: the plot
     then uses a symmetric-log axis; with no points at all nothing is written."""
     pytest.importorskip("matplotlib")
-    from finesteer.eval.report import plot_truthfulqa_tradeoff
+    from finesteer.eval.report import plot_truthfulqa_tradeoff, truthfulqa_tradeoff_points
 
     curves = {"caa": [{"strength": 2.0, "benign_kl": 0.04, "mc1": 0.23, "mc2": 0.43}],
               "cast": [{"strength": 2.0, "benign_kl": 0.0, "mc1": 0.22, "mc2": 0.41},
@@ -635,6 +635,14 @@ def test_truthfulqa_tradeoff_plot_draws_zero_kl_points_and_skips_empty_input(tmp
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert not plot_truthfulqa_tradeoff({"caa": []}, {"mc1": 0.2, "mc2": 0.4}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+    # the points: steered methods only, ordered by λ, where a benign KL was measured
+    results = {"unsteered": {"0.0": {"mc1": 0.2, "mc2": 0.4}},
+               "caa": {"8.0": {"mc1": 0.3, "mc2": 0.5}, "2.0": {"mc1": 0.25, "mc2": 0.45}}}
+    kl = {("caa", 2.0): 0.04, ("caa", 8.0): 0.7}
+    assert truthfulqa_tradeoff_points(results, lambda m, lam: kl.get((m, float(lam)))) == {"caa": [
+        {"strength": 2.0, "benign_kl": 0.04, "mc1": 0.25, "mc2": 0.45},
+        {"strength": 8.0, "benign_kl": 0.7, "mc1": 0.3, "mc2": 0.5}]}
+    assert truthfulqa_tradeoff_points(results, lambda m, lam: None) == {}  # no benign set scored
 
 
 def test_truthfulqa_push_measures_along_the_mean_in_units_of_caa():

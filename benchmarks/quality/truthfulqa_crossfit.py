@@ -52,7 +52,7 @@ import sys
 from pathlib import Path
 
 from finesteer.eval import metrics
-from finesteer.eval.report import plot_truthfulqa_tradeoff, truthfulqa_paired_markdown
+from finesteer.eval.report import plot_truthfulqa_tradeoff, truthfulqa_paired_markdown, truthfulqa_tradeoff_points
 
 
 #: Besides the unsteered model, what each steered configuration is compared with at the same λ:
@@ -166,12 +166,8 @@ def benign_kl(a: dict, b: dict, method: str, lam) -> float | None:
 def curve(out: dict, a: dict, b: dict, method: str) -> list:
     """``method``'s pooled MC1 and MC2 beside its benign KL (:func:`benign_kl`) at every λ where
     both folds recorded the KL, ordered by λ: the points of :func:`plot`."""
-    pts = []
-    for lam, r in sorted(out["results"].get(method, {}).items(), key=lambda kv: float(kv[0])):
-        kl = benign_kl(a, b, method, lam)
-        if kl is not None:
-            pts.append({"strength": float(lam), "benign_kl": kl, "mc1": r["mc1"], "mc2": r["mc2"]})
-    return pts
+    results = {method: out["results"].get(method, {})}
+    return truthfulqa_tradeoff_points(results, lambda m, lam: benign_kl(a, b, m, lam)).get(method, [])
 
 
 def plot(out: dict, a: dict, b: dict, methods: list, path: Path) -> bool:

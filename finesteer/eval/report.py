@@ -7,7 +7,10 @@ Files written by :func:`write_reports` into one directory:
 - ``curve.png`` — the refusal-vs-utility curve: target margin shift against benign KL and against
   benign margin shift, one line per method over λ (the plot a reader looks at first);
 - ``gate_hist.png`` — gate score histograms per evaluation set, with τ, for every gated method;
-- ``truthfulqa.png`` — MC1 and MC2 against λ per method (when TruthfulQA was scored).
+- ``truthfulqa.png`` — MC1 and MC2 against λ per method (when TruthfulQA was scored);
+- ``truthfulqa_tradeoff.png`` — MC1 and MC2 against benign KL, one line per method over λ (when
+  TruthfulQA and a benign set were scored): how much truthfulness each method buys per unit of
+  collateral change.
 
 Plots use matplotlib's Agg backend (no display needed); ``pip install finesteer[eval]``.
 """
@@ -310,6 +313,28 @@ def plot_truthfulqa(tqa: dict, path: Path) -> bool:
     return True
 
 
+def truthfulqa_tradeoff_points(results: dict, benign_kl) -> Dict[str, List[dict]]:
+    """The points of :func:`plot_truthfulqa_tradeoff`: for each steered method of the TruthfulQA
+    ``results`` (``{method: {λ: {"mc1", "mc2", ...}}}``), ``{"strength", "benign_kl", "mc1", "mc2"}``
+    at every λ where ``benign_kl(method, λ)`` is not None, ordered by λ."""
+    out: Dict[str, List[dict]] = {}
+    for method, per in results.items():
+        if method == "unsteered":
+            continue
+        for lam, r in sorted(per.items(), key=lambda kv: float(kv[0])):
+            kl = benign_kl(method, lam)
+            if kl is not None:
+                out.setdefault(method, []).append({"strength": float(lam), "benign_kl": kl,
+                                                   "mc1": r["mc1"], "mc2": r["mc2"]})
+    return out
+
+
+def _run_benign_kl(rows: List[dict]):
+    """``(method, λ) -> benign KL`` of one run's summary ``rows`` (None where a row has none)."""
+    kl = {(r["method"], float(r["strength"])): r["benign_kl"] for r in rows if r.get("benign_kl") is not None}
+    return lambda method, lam: kl.get((method, float(lam)))
+
+
 def plot_truthfulqa_tradeoff(curves: Dict[str, List[dict]], unsteered: dict, path: Path, title: str = "") -> bool:
     """TruthfulQA MC1 and MC2 against benign KL, one line per method over λ (labels: λ).
 
@@ -369,4 +394,8 @@ def write_reports(result, out_dir) -> Dict[str, str]:
         files["gate_hist"] = str(out / "gate_hist.png")
     if doc.get("truthfulqa") and plot_truthfulqa(doc["truthfulqa"], out / "truthfulqa.png"):
         files["truthfulqa"] = str(out / "truthfulqa.png")
+    if doc.get("truthfulqa") and plot_truthfulqa_tradeoff(
+            truthfulqa_tradeoff_points(doc["truthfulqa"]["results"], _run_benign_kl(doc["rows"])),
+            doc["truthfulqa"]["unsteered"], out / "truthfulqa_tradeoff.png"):
+        files["truthfulqa_tradeoff"] = str(out / "truthfulqa_tradeoff.png")
     return files
