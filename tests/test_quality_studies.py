@@ -431,6 +431,16 @@ def _fold(swapped, hits, values, n_records=8):
             "truthfulqa": {"n": n, "per_question": per, "results": results}}
 
 
+def _fold_with_kl(swapped, cfgs, kl):
+    """:func:`_fold` of two questions (unsteered: both wrong, MC2 0.2) plus ``cfgs`` ``{(method, λ):
+    (hits, values)}``, with each configuration's benign KL in ``rows``: ``kl(method, λ, swapped)``."""
+    doc = _fold(swapped, {("unsteered", "0.0"): [False, False], **{k: v[0] for k, v in cfgs.items()}},
+                {("unsteered", "0.0"): [0.2, 0.2], **{k: v[1] for k, v in cfgs.items()}}, 4)
+    doc["rows"] = [{"method": "unsteered", "strength": 0.0, "benign_kl": 0.0}] + [
+        {"method": m, "strength": float(lam), "benign_kl": kl(m, lam, swapped)} for m, lam in cfgs]
+    return doc
+
+
 def test_truthfulqa_crossfit_pools_both_folds_and_pairs_them():
     cf = _load("truthfulqa_crossfit")
     a = _fold(False, {("unsteered", "0.0"): [False, False, True, False], ("caa", "2.0"): [True, False, True, False],
@@ -486,14 +496,9 @@ def test_truthfulqa_crossfit_refuses_runs_that_are_not_two_folds():
 
 def test_truthfulqa_crossfit_extends_each_fold_and_reads_the_kl_tradeoff():
     cf = _load("truthfulqa_crossfit")
-    unst = {("unsteered", "0.0"): [False, False]}
-    uval = {("unsteered", "0.0"): [0.2, 0.2]}
 
     def run(swapped, cfgs, kl):
-        doc = _fold(swapped, {**unst, **{k: v[0] for k, v in cfgs.items()}}, {**uval, **{k: v[1] for k, v in cfgs.items()}}, 4)
-        doc["rows"] = [{"method": "unsteered", "strength": 0.0, "benign_kl": 0.0}] + [
-            {"method": m, "strength": float(lam), "benign_kl": kl[(m, lam)]} for m, lam in cfgs]
-        return doc
+        return _fold_with_kl(swapped, cfgs, lambda m, lam, _: kl[(m, lam)])
 
     # λ = 8 in the committed folds; λ = 16 in the extensions. CAA: MC1 1/2 at 8, 1 at 16; FineSteer:
     # MC1 1/2 at 8 (MC2 below CAA's), 1 at 16 (MC2 above) with less benign KL than CAA at 8
@@ -526,14 +531,9 @@ def test_truthfulqa_crossfit_adds_a_finesteer_variant_as_a_method_of_its_own(tmp
     NAME (its other steered methods dropped), compared with CAA, SCS + mean and FineSteer at each
     λ, with a trade-off table of its own; the CLI writes both."""
     cf = _load("truthfulqa_crossfit")
-    unst = ({("unsteered", "0.0"): [False, False]}, {("unsteered", "0.0"): [0.2, 0.2]})
 
     def run(swapped, cfgs, kl):
-        doc = _fold(swapped, {**unst[0], **{k: v[0] for k, v in cfgs.items()}},
-                    {**unst[1], **{k: v[1] for k, v in cfgs.items()}}, 4)
-        doc["rows"] = [{"method": "unsteered", "strength": 0.0, "benign_kl": 0.0}] + [
-            {"method": m, "strength": float(lam), "benign_kl": kl} for m, lam in cfgs]
-        return doc
+        return _fold_with_kl(swapped, cfgs, lambda m, lam, _: kl)
 
     base = {("caa", "8.0"): ([True, False], [0.6, 0.2]), ("scs_mean", "8.0"): ([True, False], [0.6, 0.2]),
             ("finesteer", "8.0"): ([False, False], [0.3, 0.2])}
@@ -573,14 +573,9 @@ def test_truthfulqa_crossfit_extends_a_variant_and_plots_mc_against_benign_kl(tm
     and a bad --plot-methods is refused before anything is written."""
     pytest.importorskip("matplotlib")
     cf = _load("truthfulqa_crossfit")
-    unst = ({("unsteered", "0.0"): [False, False]}, {("unsteered", "0.0"): [0.2, 0.2]})
 
-    def run(swapped, cfgs, kl):
-        doc = _fold(swapped, {**unst[0], **{k: v[0] for k, v in cfgs.items()}},
-                    {**unst[1], **{k: v[1] for k, v in cfgs.items()}}, 4)
-        doc["rows"] = [{"method": "unsteered", "strength": 0.0, "benign_kl": 0.0}] + [
-            {"method": m, "strength": float(lam), "benign_kl": kl[m] * (2 if swapped else 1)} for m, lam in cfgs]
-        return doc
+    def run(swapped, cfgs, kl):  # the swapped fold measures twice the KL
+        return _fold_with_kl(swapped, cfgs, lambda m, lam, sw: kl[m] * (2 if sw else 1))
 
     base = {("caa", "8.0"): ([True, False], [0.6, 0.2]), ("finesteer", "8.0"): ([False, False], [0.3, 0.2])}
     variant = {("finesteer", "8.0"): ([True, True], [0.7, 0.6])}
