@@ -170,19 +170,20 @@ def curve(out: dict, a: dict, b: dict, method: str) -> list:
     return truthfulqa_tradeoff_points(results, lambda m, lam: benign_kl(a, b, m, lam)).get(method, [])
 
 
-def plot(out: dict, a: dict, b: dict, methods: list, path: Path) -> bool:
-    """MC1 and MC2 against benign KL for ``methods`` (those with no recorded KL are left out), the
-    unsteered model as a line (:func:`finesteer.eval.report.plot_truthfulqa_tradeoff`)."""
+def plot(out: dict, curves: dict, path: Path) -> bool:
+    """MC1 and MC2 against benign KL (``curves``: :func:`plot_curves`), the unsteered model as a line
+    (:func:`finesteer.eval.report.plot_truthfulqa_tradeoff`)."""
     unsteered = next(iter(out["results"]["unsteered"].values()))
     title = (f"TruthfulQA, two-fold cross-fit ({out['n']} questions) vs benign KL (labels: λ); "
              "up and to the left is better")
-    return plot_truthfulqa_tradeoff({m: curve(out, a, b, m) for m in methods}, unsteered, path, title)
+    return plot_truthfulqa_tradeoff(curves, unsteered, path, title)
 
 
-def plot_selection(out: dict, docs: list, text: str | None, variants: list) -> list:
-    """The methods ``--plot`` draws: ``text`` (comma-separated) or, by default, CAA, FineSteer and
-    each variant that the pooled results hold. Raises ValueError for a method the results lack, or
-    when none of them has benign KL recorded in both folds (checked before anything is written)."""
+def plot_curves(out: dict, docs: list, text: str | None, variants: list) -> dict:
+    """``{method: curve}`` (:func:`curve`) of the methods ``--plot`` draws: ``text`` (comma-separated)
+    or, by default, CAA, FineSteer and each variant that the pooled results hold. Raises ValueError
+    for a method the results lack, or when none of them has benign KL recorded in both folds
+    (checked before anything is written)."""
     if text:
         methods = [m for m in text.split(",") if m]
         missing = [m for m in methods if m not in out["results"]]
@@ -191,9 +192,10 @@ def plot_selection(out: dict, docs: list, text: str | None, variants: list) -> l
                              f"({', '.join(m for m in out['results'] if m != 'unsteered')})")
     else:
         methods = [m for m in ("caa", "finesteer", *variants) if m in out["results"]]
-    if not any(curve(out, *docs, m) for m in methods):
+    curves = {m: curve(out, *docs, m) for m in methods}
+    if not any(curves.values()):
         raise ValueError(f"--plot: none of {', '.join(methods) or 'the methods'} has benign KL recorded in both folds")
-    return methods
+    return curves
 
 
 def tradeoff(out: dict, a: dict, b: dict, method: str = "finesteer", baseline: str = "caa") -> list:
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
                 out["tradeoff"] = tradeoff(out, *docs)
             if variants:
                 out["tradeoff_variants"] = {v: tradeoff(out, *docs, method=v) for v in variants}
-        plot_methods = plot_selection(out, docs, a.plot_methods, variants) if a.plot else None
+        curves = plot_curves(out, docs, a.plot_methods, variants) if a.plot else None
     except ValueError as e:
         print(f"truthfulqa_crossfit: {e}", file=sys.stderr)
         return 2
@@ -331,7 +333,7 @@ def main(argv=None) -> int:
     path.with_suffix(".md").write_text(markdown(out))
     print(markdown(out))
     if a.plot:
-        plot(out, *docs, plot_methods, Path(a.plot))
+        plot(out, curves, Path(a.plot))
         print(f"wrote {a.plot}")
     return 0
 

@@ -236,6 +236,15 @@ def _by_method(rows: List[dict]) -> Dict[str, List[dict]]:
     return out
 
 
+def _labelled_line(ax, xs: list, ys: list, strengths: list, name: str) -> None:
+    """One method's line over λ on ``ax``, each point labelled with its λ (λ = 0, the unsteered
+    point, unlabelled)."""
+    ax.plot(xs, ys, marker="o", label=name)
+    for x, y, lam in zip(xs, ys, strengths):
+        if lam:
+            ax.annotate(f"{lam:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
+
 def plot_curve(rows: List[dict], path: Path) -> bool:
     """Target margin shift vs benign KL and vs benign margin shift, one line per method over λ."""
     panels = [(x, lab) for x, lab in (("benign_kl", "benign KL (unsteered ‖ steered)"),
@@ -250,10 +259,7 @@ def plot_curve(rows: List[dict], path: Path) -> bool:
             pts = [(r[x], r["target_margin_shift"], r["strength"]) for r in rs if x in r and "target_margin_shift" in r]
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            for px, py, lam in pts:
-                if lam:
-                    ax.annotate(f"{lam:g}", (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            _labelled_line(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], name)
         ax.set_xlabel(label)
         ax.set_ylabel("target margin shift (nats)")
         ax.grid(alpha=0.3)
@@ -352,10 +358,7 @@ def plot_truthfulqa_tradeoff(curves: Dict[str, List[dict]], unsteered: dict, pat
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
     for ax, key in zip(axes[0], ("mc1", "mc2")):
         for name, pts in curves.items():
-            ax.plot([r["benign_kl"] for r in pts], [r[key] for r in pts], marker="o", label=name)
-            for r in pts:
-                ax.annotate(f"{r['strength']:g}", (r["benign_kl"], r[key]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+            _labelled_line(ax, [r["benign_kl"] for r in pts], [r[key] for r in pts], [r["strength"] for r in pts], name)
         ax.axhline(unsteered[key], color="k", linestyle=":", label="unsteered")
         if has_zero:
             ax.set_xscale("symlog", linthresh=min(positive) if positive else 1e-3)
@@ -392,10 +395,10 @@ def write_reports(result, out_dir) -> Dict[str, str]:
         files["curve"] = str(out / "curve.png")
     if plot_gate_histograms(doc["sets"], out / "gate_hist.png"):
         files["gate_hist"] = str(out / "gate_hist.png")
-    if doc.get("truthfulqa") and plot_truthfulqa(doc["truthfulqa"], out / "truthfulqa.png"):
+    tqa = doc.get("truthfulqa")
+    if tqa and plot_truthfulqa(tqa, out / "truthfulqa.png"):
         files["truthfulqa"] = str(out / "truthfulqa.png")
-    if doc.get("truthfulqa") and plot_truthfulqa_tradeoff(
-            truthfulqa_tradeoff_points(doc["truthfulqa"]["results"], _run_benign_kl(doc["rows"])),
-            doc["truthfulqa"]["unsteered"], out / "truthfulqa_tradeoff.png"):
+    if tqa and plot_truthfulqa_tradeoff(truthfulqa_tradeoff_points(tqa["results"], _run_benign_kl(doc["rows"])),
+                                        tqa["unsteered"], out / "truthfulqa_tradeoff.png"):
         files["truthfulqa_tradeoff"] = str(out / "truthfulqa_tradeoff.png")
     return files
