@@ -153,6 +153,14 @@ def _gemma_gguf() -> str:
     return str(pkg.assemble())
 
 
+def load_study_model(model=None):
+    """``(model, tokenizer)`` for the studies under ``benchmarks/quality/``: ``model`` (a directory,
+    hub id or .gguf) or, when None, the gemma-3-270m GGUF the runs use, on the CPU in float32."""
+    from finesteer.models import load_model
+
+    return load_model(model or _gemma_gguf(), device="cpu", dtype="float32")
+
+
 def _refusal_pairs_args(a) -> list:
     """The experts' refusal data of the safety runs: written refusal/compliance openings on
     ``harmful_train`` prompts, δ over the first 6 response tokens, where the refusal decision sits
@@ -232,9 +240,10 @@ def task_args(task: str, a) -> list:
     raise ValueError(task)
 
 
-def task_config(task: str, cache_dir: str):
+def task_config(task: str, cache_dir: str, extra: tuple = ()):
     """The task's :class:`~finesteer.eval.EvalConfig` with the default settings, as ``finesteer eval``
-    parses this script's arguments (extraction cache in ``cache_dir``): for the studies under
+    parses this script's arguments (extraction cache in ``cache_dir``) followed by the further
+    ``finesteer eval`` options ``extra`` (as after ``--`` here): for the studies under
     ``benchmarks/quality/`` that refit a task's steerers from its cache."""
     from finesteer.eval.cli import add_arguments, config_from_args
 
@@ -243,7 +252,7 @@ def task_config(task: str, cache_dir: str):
     p = argparse.ArgumentParser()
     add_arguments(p)
     return config_from_args(p.parse_args(["--model", "unused", *task_args(task, a), "-o", "unused",
-                                          "--cache-dir", cache_dir, "--quiet"]))
+                                          "--cache-dir", cache_dir, "--quiet", *extra]))
 
 
 def _methods_of(extra: list, task: str):

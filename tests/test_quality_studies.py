@@ -4,7 +4,8 @@ fit_stability.py (seed spread and input perturbation of one split's fits),
 gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors, split and scored
 sequences), truthfulqa_crossfit.py (pooling two cross-fit folds), null_rows_routing.py (the kept
 push), budget_ladder.py (re-gating at a tighter τ, the choice rules, the report, a run against
-another run's baselines), truthfulqa_nested.py (each fold's training half, pooling, the layer rule) and
+another run's baselines), truthfulqa_nested.py (each fold's training half, pooling, the layer rule),
+truthfulqa_oracle.py (the oracle map through the operator, graded targets, pooling) and
 bench_quality.py's task options."""
 import argparse
 import importlib.util
@@ -936,3 +937,83 @@ def test_truthfulqa_nested_takes_each_folds_training_half():
     for flag in ("--pairs", "--target", "--truthfulqa"):
         assert argv[argv.index(flag) + 1] == "/x/fold1_train.jsonl"
     assert argv[argv.index("--strengths") + 1] == "2,4,8,16"
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return _load("truthfulqa_oracle")
+
+
+def test_truthfulqa_oracle_map_gives_each_state_its_target_through_the_operator(oracle):
+    """The oracle is the operator's own MoSE: on the states it was fitted on, the fused reference
+    computes each target (n states in general position, n ≤ d + 1), also under a 1e-5 perturbation."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(12, 32, generator=g) + 5.0  # a large common part, as real prompt states have
+    t = torch.randn(12, 32, generator=g)
+    mose = oracle.oracle_mose(h, t)
+    assert mose.fit_stats["rank"] == 11  # the centred targets of 12 rows span 11 directions
+    torch.testing.assert_close(mose.vector(h).double(), t.double(), rtol=1e-4, atol=1e-4)
+    check = oracle._cosines(mose, h, t.double())
+    assert check["min"] > 0.9999 and check["perturbed_min"] > 0.999
+
+
+def test_truthfulqa_oracle_graded_targets_turn_from_the_mean_to_the_own_delta(oracle):
+    mean = torch.tensor([2.0, 0.0, 0.0])
+    own = torch.tensor([[1.0, 1.0, 0.0],     # 45° from the mean
+                        [0.0, 0.0, 3.0],     # orthogonal
+                        [5.0, 0.5, 0.0]])    # already close to the mean (cosine 0.995)
+    for c in (0.9, 0.8):  # both above the first two rows' cosines with the mean (0.707, 0)
+        t = oracle.graded_targets(own, mean, c, norm=7.0)
+        torch.testing.assert_close(t.norm(dim=1), torch.full((3,), 7.0, dtype=torch.float64))
+        cos_own = torch.nn.functional.cosine_similarity(t, own.double(), dim=1)
+        cos_mean = torch.nn.functional.cosine_similarity(t, mean.double()[None], dim=1)
+        # rows the mean agrees with less than c are turned exactly to c; the third stays on the mean
+        torch.testing.assert_close(cos_own[:2], torch.full((2,), c, dtype=torch.float64))
+        torch.testing.assert_close(cos_mean[2], torch.tensor(1.0, dtype=torch.float64))
+        assert float(t[0, 2]) == 0.0 and float(t[1, 1]) == 0.0  # in the plane of the mean and the own row
+    torch.testing.assert_close(oracle.graded_targets(own, mean, 1.0, 1.0), own.double() / own.double().norm(dim=1, keepdim=True))
+    with pytest.raises(ValueError, match="own cosine"):
+        oracle.graded_targets(own, mean, 0.0, 1.0)
+    assert oracle.oracle_name(1.0) == "oracle" and oracle.oracle_name(0.5) == "oracle_cos0.5"
+
+
+def test_truthfulqa_oracle_averages_each_questions_pairs_and_refuses_a_question_without_one(oracle):
+    d = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0]])
+    got = oracle.per_question_deltas(["b", "a", "b"], d, ["a", "b"])
+    assert got.tolist() == [[3.0, 2.0], [0.5, 2.0]]
+    with pytest.raises(ValueError, match="no answer pair for 1 question"):
+        oracle.per_question_deltas(["a"], d[:1], ["a", "c"])
+
+
+def test_truthfulqa_oracle_pools_the_two_folds_and_picks_each_methods_best(oracle):
+    def fold(task, caa, orc):
+        pq = {"unsteered": {"0.0": {"mc1": [False, False], "mc2": [0.2, 0.4]}},
+              "caa": {lam: {"mc1": v[0], "mc2": v[1]} for lam, v in caa.items()},
+              "oracle": {lam: {"mc1": v[0], "mc2": v[1]} for lam, v in orc.items()}}
+        return {"task": task, "n": 2, "per_question": pq, "oracles": {"oracle": {}},
+                "own_delta_cosine_with_caa_mean": 0.2}
+
+    f1 = fold("truthfulness", {"2.0": ([True, False], [0.5, 0.5]), "8.0": ([True, True], [0.6, 0.4])},
+              {"2.0": ([True, True], [0.9, 0.7]), "8.0": ([False, True], [0.8, 0.8])})
+    f2 = fold("truthfulness_swapped", {"2.0": ([False, False], [0.3, 0.3]), "8.0": ([True, False], [0.6, 0.6])},
+              {"2.0": ([True, False], [0.5, 0.5]), "8.0": ([True, True], [0.7, 0.9])})
+    doc = oracle.pool([f1, f2])
+    assert doc["n"] == 4
+    assert doc["pooled"]["caa"]["8.0"] == {"mc1": 0.75, "mc2": pytest.approx(0.55)}
+    assert doc["best"]["caa"] == {"mc1": 0.75, "mc2": pytest.approx(0.55)}
+    assert doc["best"]["oracle"] == {"mc1": 0.75, "mc2": pytest.approx(0.8)}  # MC1 ties at 2 and 8
+    with pytest.raises(ValueError, match="one run of each"):
+        oracle.pool([f1, f1])
+
+
+def test_bench_quality_task_config_takes_further_eval_options_after_the_tasks_own():
+    """The studies refit a task's steerers from task_config; further `finesteer eval` options (the
+    adopted TruthfulQA fit's, for truthfulqa_oracle.py) change only what they name."""
+    bench = _bench_quality()
+    plain = bench.task_config("truthfulness", "/tmp/unused-cache")
+    adopted = bench.task_config("truthfulness", "/tmp/unused-cache",
+                                ("--mose-cluster-on", "query", "--k-min", "2", "--k-max", "4", "--mose-stopping", "cv"))
+    assert plain.mose_options["cluster_on"] == "delta" and plain.mose_options["stopping"] == "holdout"
+    assert adopted.mose_options["cluster_on"] == "query" and adopted.mose_options["stopping"] == "cv"
+    assert tuple(adopted.mose_options["k_range"]) == (2, 4)
+    assert (adopted.layer, adopted.limit_pairs, adopted.truthfulqa) == (plain.layer, plain.limit_pairs, plain.truthfulqa)

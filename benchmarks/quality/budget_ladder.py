@@ -145,13 +145,12 @@ def task_gates(cache_dir: str, budgets, model=None) -> tuple:
     from finesteer.eval.baselines import cast_gate
     from finesteer.eval.harness import _Inputs, _Run
     from finesteer.fit import fit_scs
-    from finesteer.models import load_model
     from null_rows_routing import safety_config
 
     import bench_quality as bq
 
     cfg = safety_config(cache_dir)
-    lm, tok = load_model(model or bq._gemma_gguf(), device="cpu", dtype="float32")
+    lm, tok = bq.load_study_model(model)
     run, inputs = _Run(lm, tok, cfg), _Inputs(cfg)
     h_t, h_b = run._states(inputs.target, "train-target"), run._states(inputs.benign, "train-benign")
     gates = {b: fit_scs(h_t, h_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=b,

@@ -83,11 +83,10 @@ def main(argv=None) -> int:
     from finesteer.eval.data import load_train_prompts
     from finesteer.eval.harness import _Inputs, _Run
     from finesteer.fit import append_null_rows, choose_null_rows, fit_mose, fit_scs
-    from finesteer.models import load_model
 
     t0 = time.perf_counter()
     cfg = safety_config(a.cache_dir)
-    model, tok = load_model(a.model or bq._gemma_gguf(), device="cpu", dtype="float32")
+    model, tok = bq.load_study_model(a.model)
     run, inputs = _Run(model, tok, cfg), _Inputs(cfg)
     h_t, h_b = run._states(inputs.target, "train-target"), run._states(inputs.benign, "train-benign")
     q, d = extract.response_deltas(model, tok, *inputs.pairs, [cfg.layer], positions=cfg.delta_positions,

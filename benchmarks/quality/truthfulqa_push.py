@@ -107,11 +107,9 @@ def main(argv=None) -> int:
     if not bq.DATA.is_dir():
         print(f"truthfulqa_push: skipped: the shared data folder {bq.DATA} is absent")
         return 0
-    from finesteer.models import load_model
-
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model or bq._gemma_gguf(), device="cpu", dtype="float32")
+    model, tok = bq.load_study_model(a.model)
     doc = {"folds": {}}
     for task, *runs in a.fold:
         if not runs:

@@ -1,0 +1,259 @@
+"""An upper bound for TruthfulQA steering: each question steered by its own answers' response shift.
+
+FineSteer and CAA share a ceiling on TruthfulQA from λ ≈ 8 on (docs/quality.md). This study asks
+whether that ceiling belongs to the steering form (one vector added at layer 11 from the last
+prompt token on) or to what the query reveals about the vector. Per fold of the two-fold
+cross-fit it steers every *scored* question, always on, by an **oracle** vector built from that
+question's own answers: the mean response shift δ over its (correct, incorrect) answer pairs (up to
+``--pairs-per-question``, built as training pairs are), rescaled to the norm of the fold's CAA vector
+so that λ means a push as large as CAA's. Leaky on purpose (it uses the answers that are scored):
+no predictor from the query can know more.
+
+With ``--own-cosine c`` a *graded* oracle is scored too: per question, the vector in the plane of
+CAA's direction m and its own δ u, turned from m toward u until its cosine with u is ``c`` (left at
+m where m already agrees that well), same norm. It says how well a δ predictor must agree with each
+question's own shift before it beats CAA; MoSE's held-out cosine on TruthfulQA is about 0.25 and
+the mean vector's about 0.2 (the runs' ``delta_prediction_heldout``).
+
+Each oracle runs through the operator itself, in the MoSE slot: an interpolating linear map
+``s(h) = b + U M h`` over the scored questions' prompt states (:func:`interpolating_map`), with the
+bias as the single expert's value. Its cosine with the targets, on those states and on states
+perturbed by 10⁻⁵ relative, is reported: the scoring pass recomputes the states in other batches.
+
+    nice python benchmarks/quality/truthfulqa_oracle.py --task truthfulness --cache-dir <bench_quality cache> \\
+        --strengths 2,4,8,16,32 -o <dir>/oracle_fold1.json
+    nice python benchmarks/quality/truthfulqa_oracle.py --task truthfulness_swapped --cache-dir <cache> \\
+        --strengths 2,4,8,16,32 -o <dir>/oracle_fold2.json
+    python benchmarks/quality/truthfulqa_oracle.py pool <dir>/oracle_fold1.json <dir>/oracle_fold2.json \\
+        -o benchmarks/results/quality/truthfulqa_oracle.json
+
+Options after ``--`` are ``finesteer eval``'s, for the MoSE whose agreement with each question's own
+δ is reported beside CAA's (the adopted fit: ``-- --mose-cluster-on query --k-min 2 --k-max 4
+--mose-stopping cv``). Graded oracles, without CAA (scored by the run above)::
+
+    nice python benchmarks/quality/truthfulqa_oracle.py --task truthfulness --cache-dir <cache> --no-caa \\
+        --own-cosine 0.3,0.4,0.5 --strengths 4,8,16,32 -o <dir>/graded_fold1.json -- <the adopted fit's options>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+TASKS = ("truthfulness", "truthfulness_swapped")
+#: Relative size of the perturbation the robustness check applies to the prompt states.
+NOISE = 1e-5
+
+
+def interpolating_map(h: torch.Tensor, t: torch.Tensor, ridge: float = 1e-8) -> tuple:
+    """``(b [d], U [d, r], M [r, d])`` with ``b + U M h_i ≈ t_i`` for every row of ``h`` [n, d],
+    ``t`` [n, d] (n ≤ d + 1 distinct states): the minimum-norm affine interpolant, solved in float64
+    with a ridge of ``ridge`` × the centred Gram's mean diagonal. ``U`` spans the centred targets."""
+    h, t = h.double(), t.double()
+    h_mean, t_mean = h.mean(0), t.mean(0)
+    X, Y = h - h_mean, t - t_mean
+    gram = X @ X.T
+    lam = ridge * float(gram.diagonal().mean())
+    A = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), Y)  # Y ≈ X Xᵀ A
+    _, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+    U = Vh[S > S[0] * 1e-10].T
+    M = (U.T @ A.T) @ X
+    return t_mean - U @ (M @ h_mean), U, M
+
+
+def oracle_mose(h: torch.Tensor, targets: torch.Tensor):
+    """The operator's MoSE whose vector is :func:`interpolating_map` of ``targets`` over ``h``:
+    ``linear_map_mose`` for ``U M h`` with the bias as its single expert's value."""
+    from finesteer.eval.baselines import linear_map_mose
+
+    b, U, M = interpolating_map(h, targets)
+    mose = linear_map_mose(U.float(), M.float())
+    mose.V = b.float().reshape(1, -1).contiguous()
+    mose.fit_stats = {"kind": "truthfulqa_oracle", "rank": int(U.shape[1])}
+    return mose
+
+
+def graded_targets(own: torch.Tensor, mean: torch.Tensor, cosine: float, norm: float) -> torch.Tensor:
+    """Per row of ``own`` [n, d] a vector of norm ``norm`` in the plane of ``mean`` [d] and that row,
+    turned from ``mean``'s direction toward the row's until their cosine is ``cosine`` (left along
+    ``mean`` where it already agrees at least that well); ``cosine = 1`` gives the row's own direction."""
+    if not 0.0 < cosine <= 1.0:
+        raise ValueError(f"own cosine must be in (0, 1], got {cosine}")
+    m = mean.double() / mean.double().norm()
+    u = own.double() / own.double().norm(dim=1, keepdim=True)
+    a = (u @ m).clamp(-1.0, 1.0)
+    w = u - a[:, None] * m
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    theta = (torch.arccos(a) - torch.arccos(torch.tensor(cosine, dtype=torch.float64))).clamp_min(0.0)
+    return norm * (torch.cos(theta)[:, None] * m + torch.sin(theta)[:, None] * w)
+
+
+def per_question_deltas(prompts: list, deltas: torch.Tensor, questions: list) -> torch.Tensor:
+    """``[len(questions), d]``: each question's mean δ over the rows of ``deltas`` whose prompt is its text."""
+    index = {q: i for i, q in enumerate(questions)}
+    total = torch.zeros(len(questions), deltas.shape[1], dtype=torch.float64)
+    count = torch.zeros(len(questions), dtype=torch.float64)
+    for k, p in enumerate(prompts):
+        total[index[p]] += deltas[k].double()
+        count[index[p]] += 1
+    if bool((count == 0).any()):
+        missing = [questions[i] for i in (count == 0).nonzero().flatten().tolist()]
+        raise ValueError(f"no answer pair for {len(missing)} question(s), e.g. {missing[0]!r}")
+    return total / count[:, None]
+
+
+def _cosines(mose, h: torch.Tensor, targets: torch.Tensor) -> dict:
+    noisy = h.float() * (1 + NOISE * torch.randn(h.shape, generator=torch.Generator().manual_seed(0)))
+    cos = torch.nn.functional.cosine_similarity
+    exact = cos(mose.vector(h.float()).double(), targets, dim=1)
+    perturbed = cos(mose.vector(noisy).double(), targets, dim=1)
+    return {"min": float(exact.min()), "perturbed_min": float(perturbed.min())}
+
+
+def oracle_name(cosine: float) -> str:
+    return "oracle" if cosine == 1.0 else f"oracle_cos{cosine:g}"
+
+
+def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_per_question: int, model, tok,
+             limit_truthfulqa=None, with_caa: bool = True, fit_options: tuple = ()) -> dict:
+    """Score the unsteered model, CAA (unless not ``with_caa``) and each oracle (``cosines``; 1 = the
+    own δ) on the fold's scored questions at ``strengths``: the harness's TruthfulQA result, the
+    oracles' fit checks, and how well the fold's CAA vector and its MoSE (fitted as the task with
+    the further ``finesteer eval`` options ``fit_options``) agree with each question's own δ."""
+    import dataclasses
+
+    import bench_quality as bq
+
+    from finesteer import extract
+    from finesteer.eval.baselines import with_strength
+    from finesteer.eval.data import truthfulqa_pairs
+    from finesteer.eval.harness import _Inputs, _Run
+    from finesteer.steerer import Steerer
+
+    cfg = bq.task_config(task, str(Path(cache_dir) / bq.TASK_CACHE.get(task, task)), tuple(fit_options))
+    cfg = dataclasses.replace(cfg, methods=("unsteered", "caa", "mose_nogate"), progress=False,
+                              **({"limit_truthfulqa": limit_truthfulqa} if limit_truthfulqa else {}))
+    run, inputs = _Run(model, tok, cfg), _Inputs(cfg)
+    run.fit(inputs)  # the fold's CAA vector (the mean δ of its MoSE training rows) and MoSE, as in the runs
+    questions = inputs.truthfulqa
+    texts = [q.question for q in questions]
+    p, c, r = truthfulqa_pairs(questions, pairs_per_question)
+    _, d = extract.response_deltas(model, tok, p, c, r, [cfg.layer], positions=cfg.delta_positions,
+                                   batch_size=cfg.batch_size, cache_file=run._cache_file("oracle-pairs"),
+                                   progress=False, prompt_format=run.enc.fmt)
+    own = per_question_deltas(p, d[cfg.layer], texts)
+    caa = run.methods["caa"].mose.V[0].double()
+    h = run._states(texts, "eval-truthfulqa")
+    cos = torch.nn.functional.cosine_similarity
+    mose_cos = cos(run.methods["mose_nogate"].mose.vector(h.float()).double(), own, dim=1)
+    checks = {}
+    configs = [("unsteered", 0.0, None)]
+    if with_caa:
+        configs += [("caa", lam, with_strength(run.methods["caa"], lam)) for lam in strengths]
+    for cosine in cosines:
+        targets = graded_targets(own, caa, cosine, float(caa.norm()))
+        mose = oracle_mose(h, targets)
+        name = oracle_name(cosine)
+        agree = cos(targets, own, dim=1)
+        checks[name] = {"own_cosine": cosine, "mean_cosine_with_own_delta": float(agree.mean()),
+                        "map_cosine_with_targets": _cosines(mose, h, targets), "rank": mose.fit_stats["rank"]}
+        st = Steerer(mose=mose, layer=cfg.layer)
+        configs += [(name, lam, with_strength(st, lam)) for lam in strengths]
+    run.configs = configs
+    t0 = time.perf_counter()
+    tqa = run.truthfulqa(questions)
+    return {"task": task, "n": len(questions), "n_pairs": len(p), "caa_norm": float(caa.norm()),
+            "own_delta_cosine_with_caa_mean": float(cos(own, caa[None], dim=1).mean()),
+            "own_delta_cosine_with_mose_mean": float(mose_cos.mean()), "fit_options": list(fit_options),
+            "mose_fit": run.result.fit["mose"], "oracles": checks,
+            "results": tqa["results"], "unsteered": tqa["unsteered"], "per_question": tqa["per_question"],
+            "paired": tqa["paired"], "seconds_truthfulqa": round(time.perf_counter() - t0, 1)}
+
+
+def pool(folds: list) -> dict:
+    """MC1 / MC2 of every (method, λ) over both folds' questions, and each method's best λ."""
+    if sorted(f["task"] for f in folds) != sorted(TASKS):
+        raise ValueError(f"pool needs one run of each of {TASKS}, got {[f['task'] for f in folds]}")
+    pooled, best = {}, {}
+    for method in folds[0]["per_question"]:
+        for lam in folds[0]["per_question"][method]:
+            mc1 = [x for f in folds for x in f["per_question"][method][lam]["mc1"]]
+            mc2 = [x for f in folds for x in f["per_question"][method][lam]["mc2"]]
+            pooled.setdefault(method, {})[lam] = {"mc1": sum(mc1) / len(mc1), "mc2": sum(mc2) / len(mc2)}
+        best[method] = {k: max(pooled[method].values(), key=lambda v: v[k])[k] for k in ("mc1", "mc2")}
+    return {"n": sum(f["n"] for f in folds), "pooled": pooled, "best": best,
+            "oracles": {f["task"]: f["oracles"] for f in folds},
+            **{key: {f["task"]: f.get(key) for f in folds}
+               for key in ("own_delta_cosine_with_caa_mean", "own_delta_cosine_with_mose_mean")}}
+
+
+def main(argv=None) -> int:
+    import bench_quality as bq
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["pool"]:
+        ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py pool", description="pool the two folds' runs")
+        ap.add_argument("runs", nargs=2)
+        ap.add_argument("-o", "--output", required=True)
+        a = ap.parse_args(argv[1:])
+        doc = pool([json.loads(Path(x).read_text()) for x in a.runs])
+        doc["inputs"] = a.runs
+        for method, per in doc["pooled"].items():
+            row = ", ".join(f"λ {float(lam):g}: {v['mc1']:.3f} / {v['mc2']:.3f}" for lam, v in per.items())
+            print(f"{method}: {row}")
+        Path(a.output).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {a.output}")
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", required=True, choices=TASKS)
+    ap.add_argument("--cache-dir", required=True, help="bench_quality's --cache-dir (one folder per task below it)")
+    ap.add_argument("--strengths", default="2,4,8,16,32")
+    ap.add_argument("--own-cosine", default="1", help="comma-separated cosines of the graded oracles (1: own δ)")
+    ap.add_argument("--pairs-per-question", type=int, default=8)
+    ap.add_argument("--limit-truthfulqa", type=int, default=None, help="score only the first N questions")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-caa", action="store_true", help="do not score CAA (e.g. beside a run that did)")
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("fit_options", nargs=argparse.REMAINDER,
+                    help="after --: further `finesteer eval` options of the MoSE whose agreement with each "
+                         "question's own δ is reported (e.g. the adopted fit's --mose-cluster-on query ...)")
+    a = ap.parse_args(argv)
+    fit_options = [x for x in a.fit_options if x != "--"]
+    strengths = [float(x) for x in a.strengths.split(",")]
+    cosines = [float(x) for x in a.own_cosine.split(",")]
+    for c in cosines:
+        graded_targets(torch.ones(1, 2), torch.tensor([1.0, 0.0]), c, 1.0)  # refuses a bad cosine up front
+    if not bq.DATA.is_dir():
+        print(f"truthfulqa_oracle: skipped: the shared data folder {bq.DATA} is absent")
+        return 0
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    model, tok = bq.load_study_model(a.model)
+    doc = run_fold(a.task, a.cache_dir, strengths, cosines, a.pairs_per_question, model, tok, a.limit_truthfulqa,
+                   with_caa=not a.no_caa, fit_options=fit_options)
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    for name, chk in doc["oracles"].items():
+        print(f"{name}: map cosine with its targets ≥ {chk['map_cosine_with_targets']['min']:.6f} "
+              f"(perturbed {chk['map_cosine_with_targets']['perturbed_min']:.6f}), "
+              f"mean cosine with the own δ {chk['mean_cosine_with_own_delta']:.3f}")
+    print(f"mean cosine with each question's own δ: CAA {doc['own_delta_cosine_with_caa_mean']:.3f}, "
+          f"MoSE {doc['own_delta_cosine_with_mose_mean']:.3f}")
+    for method, per in doc["results"].items():
+        print(f"{method}: " + ", ".join(f"λ {float(lam):g}: {v['mc1']:.3f} / {v['mc2']:.3f}" for lam, v in per.items()))
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.output).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {a.output} ({doc['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
