@@ -1017,3 +1017,27 @@ def test_bench_quality_task_config_takes_further_eval_options_after_the_tasks_ow
     assert adopted.mose_options["cluster_on"] == "query" and adopted.mose_options["stopping"] == "cv"
     assert tuple(adopted.mose_options["k_range"]) == (2, 4)
     assert (adopted.layer, adopted.limit_pairs, adopted.truthfulqa) == (plain.layer, plain.limit_pairs, plain.truthfulqa)
+
+
+def test_truthfulqa_oracle_query_predictions_and_their_agreement_with_the_own_delta(oracle):
+    """Ridge recovers a linear state → δ map as its penalty vanishes and tends to the mean as it
+    grows; k-NN averages the nearest training questions; agreement reads mean cosines and the best
+    single training question in hindsight."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    d = 3.0 + q @ W  # δ is the mean plus a linear function of the (centred) state
+    q_new = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    pred = oracle.query_predictions(q, d, q_new, penalties=(1e-9, 1e6), neighbours=(1, 30))
+    truth = d.mean(0) + (q_new - q.mean(0)) @ W
+    torch.testing.assert_close(pred["ridge1e-09"], truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pred["ridge1e+06"], d.mean(0).expand(4, -1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pred["knn30"], d.mean(0).expand(4, -1))
+    assert pred["mean"].shape == (4, 5)
+    centred = q - q.mean(0)
+    nearest = torch.nn.functional.cosine_similarity((q_new - q.mean(0))[:, None], centred[None], dim=2).argmax(1)
+    torch.testing.assert_close(pred["knn1"], d[nearest])
+    agree = oracle.agreement(truth, {"exact": truth, "opposite": -truth}, d)
+    assert agree["exact"] == pytest.approx(1.0) and agree["opposite"] == pytest.approx(-1.0)
+    assert -1.0 <= agree["hindsight_best_training_question"] <= 1.0
+    assert oracle.agreement(d[:3], {}, d)["hindsight_best_training_question"] == pytest.approx(1.0)

@@ -117,8 +117,93 @@ def _cosines(mose, h: torch.Tensor, targets: torch.Tensor) -> dict:
     return {"min": float(exact.min()), "perturbed_min": float(perturbed.min())}
 
 
+def query_predictions(q_train: torch.Tensor, d_train: torch.Tensor, q_new: torch.Tensor,
+                      penalties=(0.1, 1.0, 10.0, 100.0), neighbours=(10, 40)) -> dict:
+    """Simple predictors of a new question's δ from its prompt state, fitted on training questions
+    (``q_train`` [n, d] states, ``d_train`` [n, d] their δ; ``q_new`` [m, d]) → {name: [m, d]}:
+    ``mean`` (CAA's vector), ``ridge<p>`` (linear ridge on centred states, penalty p × the centred
+    Gram's mean diagonal, around the mean) and ``knn<k>`` (mean δ of the k training questions whose
+    centred states are closest in cosine)."""
+    q, dd, qn = q_train.double(), d_train.double(), q_new.double()
+    centre, mean = q.mean(0), dd.mean(0)
+    X, Xn = q - centre, qn - centre
+    gram = X @ X.T
+    scale = float(gram.diagonal().mean())
+    out = {"mean": mean.expand(qn.shape[0], -1)}
+    for p in penalties:
+        A = torch.linalg.solve(gram + p * scale * torch.eye(gram.shape[0], dtype=gram.dtype), dd - mean)
+        out[f"ridge{p:g}"] = mean + (Xn @ X.T) @ A
+    sim = torch.nn.functional.cosine_similarity(Xn[:, None, :], X[None], dim=2)
+    for k in neighbours:
+        out[f"knn{k}"] = dd[sim.topk(min(k, X.shape[0]), dim=1).indices].mean(1)
+    return out
+
+
+def agreement(own: torch.Tensor, predictions: dict, d_train: torch.Tensor) -> dict:
+    """Mean cosine of each prediction [m, d] with the questions' own δ ``own`` [m, d], and, in
+    hindsight, of the single training question's δ (rows of ``d_train``) that agrees best with each:
+    what routing each question to one training question's shift could reach at most."""
+    cos = torch.nn.functional.cosine_similarity
+    out = {name: float(cos(pred.double(), own.double(), dim=1).mean()) for name, pred in predictions.items()}
+    best = cos(own.double()[:, None, :], d_train.double()[None], dim=2).max(1).values
+    out["hindsight_best_training_question"] = float(best.mean())
+    return out
+
+
 def oracle_name(cosine: float) -> str:
     return "oracle" if cosine == 1.0 else f"oracle_cos{cosine:g}"
+
+
+def _fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok, limit_truthfulqa=None) -> tuple:
+    """``(run, inputs, own [n, d], h [n, d], n_pairs)`` of one fold: the harness run of the task (with
+    the further eval options ``fit_options``; not yet fitted), each scored question's own δ (mean
+    over up to ``pairs_per_question`` answer pairs) and its prompt state at the layer."""
+    import dataclasses
+
+    import bench_quality as bq
+
+    from finesteer import extract
+    from finesteer.eval.data import truthfulqa_pairs
+    from finesteer.eval.harness import _Inputs, _Run
+
+    cfg = bq.task_config(task, str(Path(cache_dir) / bq.TASK_CACHE.get(task, task)), tuple(fit_options))
+    cfg = dataclasses.replace(cfg, methods=("unsteered", "caa", "mose_nogate"), progress=False,
+                              **({"limit_truthfulqa": limit_truthfulqa} if limit_truthfulqa else {}))
+    run, inputs = _Run(model, tok, cfg), _Inputs(cfg)
+    texts = [q.question for q in inputs.truthfulqa]
+    p, c, r = truthfulqa_pairs(inputs.truthfulqa, pairs_per_question)
+    _, d = extract.response_deltas(model, tok, p, c, r, [cfg.layer], positions=cfg.delta_positions,
+                                   batch_size=cfg.batch_size, cache_file=run._cache_file("oracle-pairs"),
+                                   progress=False, prompt_format=run.enc.fmt)
+    own = per_question_deltas(p, d[cfg.layer], texts)
+    return run, inputs, own, run._states(texts, "eval-truthfulqa"), len(p)
+
+
+def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok) -> dict:
+    """How well predictors from the query agree with each scored question's own δ, on one fold:
+    :func:`query_predictions` and the fold's MoSE (the task's fit with ``fit_options``), all fitted on
+    the rows MoSE is fitted on in the runs (the training pairs less the held-out prompts)."""
+    from margin_transfer import heldout_prompts
+
+    from finesteer import extract
+    from finesteer.fit import fit_mose
+    from finesteer.fit.mose import merge_duplicate_queries
+
+    run, inputs, own, h, n_pairs = _fold(task, cache_dir, fit_options, pairs_per_question, model, tok)
+    cfg = run.cfg
+    q, d = extract.response_deltas(model, tok, *inputs.pairs, [cfg.layer], positions=cfg.delta_positions,
+                                   batch_size=cfg.batch_size, cache_file=run._cache_file("train-pairs"),
+                                   progress=False, prompt_format=run.enc.fmt)
+    held = heldout_prompts(inputs.pairs[0], cfg.holdout_fraction, cfg.seed)
+    fit = ~torch.tensor([p in held for p in inputs.pairs[0]])
+    q, d = q[cfg.layer][fit], d[cfg.layer][fit]
+    mose = fit_mose(q, d, **{"seed": cfg.seed, **cfg.mose_options, "progress": False})
+    q_train, d_train = merge_duplicate_queries(q.double(), d.double())  # one row per training question
+    predictions = query_predictions(q_train, d_train, h)
+    predictions["mose"] = mose.vector(h.float())
+    return {"task": task, "n": own.shape[0], "n_pairs": n_pairs, "n_training_questions": q_train.shape[0],
+            "fit_options": list(fit_options), "mose_fit": dict(mose.fit_stats or {}),
+            "mean_cosine_with_own_delta": agreement(own, predictions, d_train)}
 
 
 def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_per_question: int, model, tok,
@@ -127,30 +212,13 @@ def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_pe
     own δ) on the fold's scored questions at ``strengths``: the harness's TruthfulQA result, the
     oracles' fit checks, and how well the fold's CAA vector and its MoSE (fitted as the task with
     the further ``finesteer eval`` options ``fit_options``) agree with each question's own δ."""
-    import dataclasses
-
-    import bench_quality as bq
-
-    from finesteer import extract
     from finesteer.eval.baselines import with_strength
-    from finesteer.eval.data import truthfulqa_pairs
-    from finesteer.eval.harness import _Inputs, _Run
     from finesteer.steerer import Steerer
 
-    cfg = bq.task_config(task, str(Path(cache_dir) / bq.TASK_CACHE.get(task, task)), tuple(fit_options))
-    cfg = dataclasses.replace(cfg, methods=("unsteered", "caa", "mose_nogate"), progress=False,
-                              **({"limit_truthfulqa": limit_truthfulqa} if limit_truthfulqa else {}))
-    run, inputs = _Run(model, tok, cfg), _Inputs(cfg)
+    run, inputs, own, h, n_pairs = _fold(task, cache_dir, fit_options, pairs_per_question, model, tok, limit_truthfulqa)
     run.fit(inputs)  # the fold's CAA vector (the mean δ of its MoSE training rows) and MoSE, as in the runs
-    questions = inputs.truthfulqa
-    texts = [q.question for q in questions]
-    p, c, r = truthfulqa_pairs(questions, pairs_per_question)
-    _, d = extract.response_deltas(model, tok, p, c, r, [cfg.layer], positions=cfg.delta_positions,
-                                   batch_size=cfg.batch_size, cache_file=run._cache_file("oracle-pairs"),
-                                   progress=False, prompt_format=run.enc.fmt)
-    own = per_question_deltas(p, d[cfg.layer], texts)
+    cfg, questions = run.cfg, inputs.truthfulqa
     caa = run.methods["caa"].mose.V[0].double()
-    h = run._states(texts, "eval-truthfulqa")
     cos = torch.nn.functional.cosine_similarity
     mose_cos = cos(run.methods["mose_nogate"].mose.vector(h.float()).double(), own, dim=1)
     checks = {}
@@ -169,7 +237,7 @@ def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_pe
     run.configs = configs
     t0 = time.perf_counter()
     tqa = run.truthfulqa(questions)
-    return {"task": task, "n": len(questions), "n_pairs": len(p), "caa_norm": float(caa.norm()),
+    return {"task": task, "n": len(questions), "n_pairs": n_pairs, "caa_norm": float(caa.norm()),
             "own_delta_cosine_with_caa_mean": float(cos(own, caa[None], dim=1).mean()),
             "own_delta_cosine_with_mose_mean": float(mose_cos.mean()), "fit_options": list(fit_options),
             "mose_fit": run.result.fit["mose"], "oracles": checks,
@@ -199,6 +267,31 @@ def main(argv=None) -> int:
 
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["agreement"]:
+        ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py agreement",
+                                     description="how well predictors from the query agree with each question's own δ")
+        ap.add_argument("--task", required=True, choices=TASKS)
+        ap.add_argument("--cache-dir", required=True)
+        ap.add_argument("--pairs-per-question", type=int, default=8)
+        ap.add_argument("--model", default=None)
+        ap.add_argument("--threads", type=int, default=1)
+        ap.add_argument("-o", "--output", required=True)
+        ap.add_argument("fit_options", nargs=argparse.REMAINDER, help="after --: further `finesteer eval` options")
+        a = ap.parse_args(argv[1:])
+        if not bq.DATA.is_dir():
+            print(f"truthfulqa_oracle: skipped: the shared data folder {bq.DATA} is absent")
+            return 0
+        torch.set_num_threads(a.threads)
+        t0 = time.perf_counter()
+        model, tok = bq.load_study_model(a.model)
+        doc = agreement_fold(a.task, a.cache_dir, [x for x in a.fit_options if x != "--"], a.pairs_per_question,
+                             model, tok)
+        doc["seconds"] = round(time.perf_counter() - t0, 1)
+        print(", ".join(f"{k} {v:.3f}" for k, v in doc["mean_cosine_with_own_delta"].items()))
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {a.output}")
+        return 0
     if argv[:1] == ["pool"]:
         ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py pool", description="pool the two folds' runs")
         ap.add_argument("runs", nargs=2)
