@@ -262,90 +262,111 @@ def pool(folds: list) -> dict:
                for key in ("own_delta_cosine_with_caa_mean", "own_delta_cosine_with_mose_mean")}}
 
 
-def main(argv=None) -> int:
-    import bench_quality as bq
-
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["agreement"]:
-        ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py agreement",
-                                     description="how well predictors from the query agree with each question's own δ")
-        ap.add_argument("--task", required=True, choices=TASKS)
-        ap.add_argument("--cache-dir", required=True)
-        ap.add_argument("--pairs-per-question", type=int, default=8)
-        ap.add_argument("--model", default=None)
-        ap.add_argument("--threads", type=int, default=1)
-        ap.add_argument("-o", "--output", required=True)
-        ap.add_argument("fit_options", nargs=argparse.REMAINDER, help="after --: further `finesteer eval` options")
-        a = ap.parse_args(argv[1:])
-        if not bq.DATA.is_dir():
-            print(f"truthfulqa_oracle: skipped: the shared data folder {bq.DATA} is absent")
-            return 0
-        torch.set_num_threads(a.threads)
-        t0 = time.perf_counter()
-        model, tok = bq.load_study_model(a.model)
-        doc = agreement_fold(a.task, a.cache_dir, [x for x in a.fit_options if x != "--"], a.pairs_per_question,
-                             model, tok)
-        doc["seconds"] = round(time.perf_counter() - t0, 1)
-        print(", ".join(f"{k} {v:.3f}" for k, v in doc["mean_cosine_with_own_delta"].items()))
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {a.output}")
-        return 0
-    if argv[:1] == ["pool"]:
-        ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py pool", description="pool the two folds' runs")
-        ap.add_argument("runs", nargs=2)
-        ap.add_argument("-o", "--output", required=True)
-        a = ap.parse_args(argv[1:])
-        doc = pool([json.loads(Path(x).read_text()) for x in a.runs])
-        doc["inputs"] = a.runs
-        for method, per in doc["pooled"].items():
-            row = ", ".join(f"λ {float(lam):g}: {v['mc1']:.3f} / {v['mc2']:.3f}" for lam, v in per.items())
-            print(f"{method}: {row}")
-        Path(a.output).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {a.output}")
-        return 0
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _fold_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every per-fold command takes."""
     ap.add_argument("--task", required=True, choices=TASKS)
     ap.add_argument("--cache-dir", required=True, help="bench_quality's --cache-dir (one folder per task below it)")
-    ap.add_argument("--strengths", default="2,4,8,16,32")
-    ap.add_argument("--own-cosine", default="1", help="comma-separated cosines of the graded oracles (1: own δ)")
     ap.add_argument("--pairs-per-question", type=int, default=8)
-    ap.add_argument("--limit-truthfulqa", type=int, default=None, help="score only the first N questions")
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-caa", action="store_true", help="do not score CAA (e.g. beside a run that did)")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("fit_options", nargs=argparse.REMAINDER,
                     help="after --: further `finesteer eval` options of the MoSE whose agreement with each "
                          "question's own δ is reported (e.g. the adopted fit's --mose-cluster-on query ...)")
-    a = ap.parse_args(argv)
-    fit_options = [x for x in a.fit_options if x != "--"]
-    strengths = [float(x) for x in a.strengths.split(",")]
-    cosines = [float(x) for x in a.own_cosine.split(",")]
-    for c in cosines:
-        graded_targets(torch.ones(1, 2), torch.tensor([1.0, 0.0]), c, 1.0)  # refuses a bad cosine up front
+
+
+def _run_fold_command(a, compute) -> int:
+    """Load the model (or skip without the shared data), ``compute(model, tok, fit_options)`` the
+    fold's document, time it and write it to ``a.output``."""
+    import bench_quality as bq
+
     if not bq.DATA.is_dir():
         print(f"truthfulqa_oracle: skipped: the shared data folder {bq.DATA} is absent")
         return 0
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     model, tok = bq.load_study_model(a.model)
-    doc = run_fold(a.task, a.cache_dir, strengths, cosines, a.pairs_per_question, model, tok, a.limit_truthfulqa,
-                   with_caa=not a.no_caa, fit_options=fit_options)
+    doc = compute(model, tok, [x for x in a.fit_options if x != "--"])
     doc["seconds"] = round(time.perf_counter() - t0, 1)
-    for name, chk in doc["oracles"].items():
-        print(f"{name}: map cosine with its targets ≥ {chk['map_cosine_with_targets']['min']:.6f} "
-              f"(perturbed {chk['map_cosine_with_targets']['perturbed_min']:.6f}), "
-              f"mean cosine with the own δ {chk['mean_cosine_with_own_delta']:.3f}")
-    print(f"mean cosine with each question's own δ: CAA {doc['own_delta_cosine_with_caa_mean']:.3f}, "
-          f"MoSE {doc['own_delta_cosine_with_mose_mean']:.3f}")
-    for method, per in doc["results"].items():
-        print(f"{method}: " + ", ".join(f"λ {float(lam):g}: {v['mc1']:.3f} / {v['mc2']:.3f}" for lam, v in per.items()))
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.output).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {a.output} ({doc['seconds']:.0f} s)")
+    _write(doc, a.output)
     return 0
+
+
+def _write(doc: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def _print_mc(results: dict) -> None:
+    for method, per in results.items():
+        print(f"{method}: " + ", ".join(f"λ {float(lam):g}: {v['mc1']:.3f} / {v['mc2']:.3f}" for lam, v in per.items()))
+
+
+def main_agreement(argv) -> int:
+    ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py agreement",
+                                 description="how well predictors from the query agree with each question's own δ")
+    _fold_arguments(ap)
+    a = ap.parse_args(argv)
+
+    def compute(model, tok, fit_options):
+        doc = agreement_fold(a.task, a.cache_dir, fit_options, a.pairs_per_question, model, tok)
+        print(", ".join(f"{k} {v:.3f}" for k, v in doc["mean_cosine_with_own_delta"].items()))
+        return doc
+
+    return _run_fold_command(a, compute)
+
+
+def main_pool(argv) -> int:
+    ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py pool", description="pool the two folds' runs")
+    ap.add_argument("runs", nargs=2)
+    ap.add_argument("-o", "--output", required=True)
+    a = ap.parse_args(argv)
+    doc = pool([json.loads(Path(x).read_text()) for x in a.runs])
+    doc["inputs"] = a.runs
+    _print_mc(doc["pooled"])
+    _write(doc, a.output)
+    return 0
+
+
+def main_run(argv) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--strengths", default="2,4,8,16,32")
+    ap.add_argument("--own-cosine", default="1", help="comma-separated cosines of the graded oracles (1: own δ)")
+    ap.add_argument("--limit-truthfulqa", type=int, default=None, help="score only the first N questions")
+    ap.add_argument("--no-caa", action="store_true", help="do not score CAA (e.g. beside a run that did)")
+    _fold_arguments(ap)
+    a = ap.parse_args(argv)
+    try:
+        strengths = [float(x) for x in a.strengths.split(",")]
+        cosines = [float(x) for x in a.own_cosine.split(",")]
+        for c in cosines:
+            graded_targets(torch.ones(1, 2), torch.tensor([1.0, 0.0]), c, 1.0)  # refuses a bad cosine up front
+    except ValueError as e:
+        ap.error(f"--strengths / --own-cosine: {e}")
+
+    def compute(model, tok, fit_options):
+        doc = run_fold(a.task, a.cache_dir, strengths, cosines, a.pairs_per_question, model, tok,
+                       a.limit_truthfulqa, with_caa=not a.no_caa, fit_options=fit_options)
+        for name, chk in doc["oracles"].items():
+            print(f"{name}: map cosine with its targets ≥ {chk['map_cosine_with_targets']['min']:.6f} "
+                  f"(perturbed {chk['map_cosine_with_targets']['perturbed_min']:.6f}), "
+                  f"mean cosine with the own δ {chk['mean_cosine_with_own_delta']:.3f}")
+        print(f"mean cosine with each question's own δ: CAA {doc['own_delta_cosine_with_caa_mean']:.3f}, "
+              f"MoSE {doc['own_delta_cosine_with_mose_mean']:.3f}")
+        _print_mc(doc["results"])
+        return doc
+
+    return _run_fold_command(a, compute)
+
+
+def main(argv=None) -> int:
+    """``agreement …`` / ``pool …`` / otherwise a fold's oracle run (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"agreement": main_agreement, "pool": main_pool}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return main_run(argv)
 
 
 if __name__ == "__main__":
