@@ -977,6 +977,17 @@ def test_truthfulqa_oracle_graded_targets_turn_from_the_mean_to_the_own_delta(or
     assert oracle.oracle_name(1.0) == "oracle" and oracle.oracle_name(0.5) == "oracle_cos0.5"
 
 
+def test_truthfulqa_oracle_first_pairs_are_the_pairs_a_smaller_count_builds(oracle):
+    from finesteer.eval.data import MCQuestion, truthfulqa_pairs
+
+    qs = [MCQuestion(question="a", best="c0", correct=["c0", "c1", "c2"], incorrect=["i0", "i1"]),
+          MCQuestion(question="b", best="d0", correct=["d0"], incorrect=["j0", "j1", "j2", "j3"])]
+    p8, c8, r8 = truthfulqa_pairs(qs, 8)
+    mask = oracle.first_pairs(p8, 2).tolist()
+    kept = tuple([x for x, k in zip(v, mask) if k] for v in (p8, c8, r8))
+    assert kept == truthfulqa_pairs(qs, 2)
+
+
 def test_truthfulqa_oracle_averages_each_questions_pairs_and_refuses_a_question_without_one(oracle):
     d = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0]])
     got = oracle.per_question_deltas(["b", "a", "b"], d, ["a", "b"])
@@ -1038,6 +1049,9 @@ def test_truthfulqa_oracle_query_predictions_and_their_agreement_with_the_own_de
     nearest = torch.nn.functional.cosine_similarity((q_new - q.mean(0))[:, None], centred[None], dim=2).argmax(1)
     torch.testing.assert_close(pred["knn1"], d[nearest])
     agree = oracle.agreement(truth, {"exact": truth, "opposite": -truth}, d)
-    assert agree["exact"] == pytest.approx(1.0) and agree["opposite"] == pytest.approx(-1.0)
-    assert -1.0 <= agree["hindsight_best_training_question"] <= 1.0
-    assert oracle.agreement(d[:3], {}, d)["hindsight_best_training_question"] == pytest.approx(1.0)
+    assert agree["exact"]["cosine"] == pytest.approx(1.0) and agree["exact"]["mse"] == 0.0
+    assert agree["opposite"]["cosine"] == pytest.approx(-1.0)
+    assert agree["opposite"]["mse"] == pytest.approx(float((2 * truth).square().mean()))
+    assert -1.0 <= agree["hindsight_best_training_question"]["cosine"] <= 1.0
+    own_rows = oracle.agreement(d[:3], {}, d)["hindsight_best_training_question"]
+    assert own_rows["cosine"] == pytest.approx(1.0) and own_rows["mse"] == 0.0 and own_rows["n"] == 3

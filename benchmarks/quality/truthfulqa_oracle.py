@@ -109,6 +109,17 @@ def per_question_deltas(prompts: list, deltas: torch.Tensor, questions: list) ->
     return total / count[:, None]
 
 
+def first_pairs(prompts: list, k: int) -> torch.Tensor:
+    """Boolean mask [len(prompts)] of each prompt's first ``k`` rows: of ``truthfulqa_pairs(qs, n)``
+    for n ≥ k, exactly the rows of ``truthfulqa_pairs(qs, k)`` (it cycles through the answers in order)."""
+    seen: dict = {}
+    mask = []
+    for p in prompts:
+        seen[p] = seen.get(p, 0) + 1
+        mask.append(seen[p] <= k)
+    return torch.tensor(mask, dtype=torch.bool)
+
+
 def _cosines(mose, h: torch.Tensor, targets: torch.Tensor) -> dict:
     noisy = h.float() * (1 + NOISE * torch.randn(h.shape, generator=torch.Generator().manual_seed(0)))
     cos = torch.nn.functional.cosine_similarity
@@ -140,13 +151,16 @@ def query_predictions(q_train: torch.Tensor, d_train: torch.Tensor, q_new: torch
 
 
 def agreement(own: torch.Tensor, predictions: dict, d_train: torch.Tensor) -> dict:
-    """Mean cosine of each prediction [m, d] with the questions' own δ ``own`` [m, d], and, in
-    hindsight, of the single training question's δ (rows of ``d_train``) that agrees best with each:
-    what routing each question to one training question's shift could reach at most."""
-    cos = torch.nn.functional.cosine_similarity
-    out = {name: float(cos(pred.double(), own.double(), dim=1).mean()) for name, pred in predictions.items()}
-    best = cos(own.double()[:, None, :], d_train.double()[None], dim=2).max(1).values
-    out["hindsight_best_training_question"] = float(best.mean())
+    """How well each prediction [m, d] matches the questions' own δ ``own`` [m, d]: the runs' held-out
+    measure (:func:`finesteer.eval.metrics.delta_prediction`: mean cosine, MSE) → {name: {cosine,
+    mse, n}}; and ``hindsight_best_training_question``: per question, the single training question's
+    δ (rows of ``d_train``) that agrees best in cosine, the most that routing each question to one
+    training question's shift could reach."""
+    from finesteer.eval.metrics import delta_prediction
+
+    out = {name: delta_prediction(pred, own) for name, pred in predictions.items()}
+    cos = torch.nn.functional.cosine_similarity(own.double()[:, None, :], d_train.double()[None], dim=2)
+    out["hindsight_best_training_question"] = delta_prediction(d_train.double()[cos.argmax(1)], own)
     return out
 
 
@@ -155,9 +169,9 @@ def oracle_name(cosine: float) -> str:
 
 
 def _fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok, limit_truthfulqa=None) -> tuple:
-    """``(run, inputs, own [n, d], h [n, d], n_pairs)`` of one fold: the harness run of the task (with
-    the further eval options ``fit_options``; not yet fitted), each scored question's own δ (mean
-    over up to ``pairs_per_question`` answer pairs) and its prompt state at the layer."""
+    """``(run, inputs, (prompts, deltas), h [n, d])`` of one fold: the harness run of the task (with
+    the further eval options ``fit_options``; not yet fitted), the scored questions' answer pairs'
+    prompts and δ [P, d] (up to ``pairs_per_question`` per question) and their prompt states."""
     import dataclasses
 
     import bench_quality as bq
@@ -175,8 +189,7 @@ def _fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model
     _, d = extract.response_deltas(model, tok, p, c, r, [cfg.layer], positions=cfg.delta_positions,
                                    batch_size=cfg.batch_size, cache_file=run._cache_file("oracle-pairs"),
                                    progress=False, prompt_format=run.enc.fmt)
-    own = per_question_deltas(p, d[cfg.layer], texts)
-    return run, inputs, own, run._states(texts, "eval-truthfulqa"), len(p)
+    return run, inputs, (p, d[cfg.layer]), run._states(texts, "eval-truthfulqa")
 
 
 def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok) -> dict:
@@ -189,8 +202,11 @@ def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: i
     from finesteer.fit import fit_mose
     from finesteer.fit.mose import merge_duplicate_queries
 
-    run, inputs, own, h, n_pairs = _fold(task, cache_dir, fit_options, pairs_per_question, model, tok)
-    cfg = run.cfg
+    run, inputs, (p, d_own), h = _fold(task, cache_dir, fit_options, pairs_per_question, model, tok)
+    cfg, texts = run.cfg, [x.question for x in inputs.truthfulqa]
+    own = per_question_deltas(p, d_own, texts)
+    first = first_pairs(p, cfg.pairs_per_prompt)  # the runs' own pairs per question (their held-out target)
+    own_first = per_question_deltas([x for x, keep in zip(p, first.tolist()) if keep], d_own[first], texts)
     q, d = extract.response_deltas(model, tok, *inputs.pairs, [cfg.layer], positions=cfg.delta_positions,
                                    batch_size=cfg.batch_size, cache_file=run._cache_file("train-pairs"),
                                    progress=False, prompt_format=run.enc.fmt)
@@ -201,9 +217,11 @@ def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: i
     q_train, d_train = merge_duplicate_queries(q.double(), d.double())  # one row per training question
     predictions = query_predictions(q_train, d_train, h)
     predictions["mose"] = mose.vector(h.float())
-    return {"task": task, "n": own.shape[0], "n_pairs": n_pairs, "n_training_questions": q_train.shape[0],
+    return {"task": task, "n": own.shape[0], "n_pairs": len(p), "n_training_questions": q_train.shape[0],
             "fit_options": list(fit_options), "mose_fit": dict(mose.fit_stats or {}),
-            "mean_cosine_with_own_delta": agreement(own, predictions, d_train)}
+            "agreement_with_own_delta": agreement(own, predictions, d_train),
+            "runs_pairs_per_question": cfg.pairs_per_prompt,
+            "agreement_with_own_delta_runs_pairs": agreement(own_first, predictions, d_train)}
 
 
 def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_per_question: int, model, tok,
@@ -215,7 +233,8 @@ def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_pe
     from finesteer.eval.baselines import with_strength
     from finesteer.steerer import Steerer
 
-    run, inputs, own, h, n_pairs = _fold(task, cache_dir, fit_options, pairs_per_question, model, tok, limit_truthfulqa)
+    run, inputs, (p, d_own), h = _fold(task, cache_dir, fit_options, pairs_per_question, model, tok, limit_truthfulqa)
+    own = per_question_deltas(p, d_own, [x.question for x in inputs.truthfulqa])
     run.fit(inputs)  # the fold's CAA vector (the mean δ of its MoSE training rows) and MoSE, as in the runs
     cfg, questions = run.cfg, inputs.truthfulqa
     caa = run.methods["caa"].mose.V[0].double()
@@ -237,7 +256,7 @@ def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_pe
     run.configs = configs
     t0 = time.perf_counter()
     tqa = run.truthfulqa(questions)
-    return {"task": task, "n": len(questions), "n_pairs": n_pairs, "caa_norm": float(caa.norm()),
+    return {"task": task, "n": len(questions), "n_pairs": len(p), "caa_norm": float(caa.norm()),
             "own_delta_cosine_with_caa_mean": float(cos(own, caa[None], dim=1).mean()),
             "own_delta_cosine_with_mose_mean": float(mose_cos.mean()), "fit_options": list(fit_options),
             "mose_fit": run.result.fit["mose"], "oracles": checks,
@@ -311,7 +330,9 @@ def main_agreement(argv) -> int:
 
     def compute(model, tok, fit_options):
         doc = agreement_fold(a.task, a.cache_dir, fit_options, a.pairs_per_question, model, tok)
-        print(", ".join(f"{k} {v:.3f}" for k, v in doc["mean_cosine_with_own_delta"].items()))
+        for key in ("agreement_with_own_delta", "agreement_with_own_delta_runs_pairs"):
+            print(f"{key} (cosine / MSE): "
+                  + ", ".join(f"{k} {v['cosine']:.3f} / {v['mse']:,.0f}" for k, v in doc[key].items()))
         return doc
 
     return _run_fold_command(a, compute)
