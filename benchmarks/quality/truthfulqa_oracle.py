@@ -29,7 +29,8 @@ perturbed by 10⁻⁵ relative, is reported: the scoring pass recomputes the sta
 
 Options after ``--`` are ``finesteer eval``'s, for the MoSE whose agreement with each question's own
 δ is reported beside CAA's (the adopted fit: ``-- --mose-cluster-on query --k-min 2 --k-max 4
---mose-stopping cv``). Graded oracles, without CAA (scored by the run above)::
+--mose-stopping cv``); ``agreement --query-layers 3,7,15`` also predicts from other blocks' states.
+Graded oracles, without CAA (scored by the run above)::
 
     nice python benchmarks/quality/truthfulqa_oracle.py --task truthfulness --cache-dir <cache> --no-caa \\
         --own-cosine 0.3,0.4,0.5 --strengths 4,8,16,32 -o <dir>/graded_fold1.json -- <the adopted fit's options>
@@ -192,15 +193,18 @@ def _fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model
     return run, inputs, (p, d[cfg.layer]), run._states(texts, "eval-truthfulqa")
 
 
-def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok) -> dict:
+def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok,
+                   query_layers=()) -> dict:
     """How well predictors from the query agree with each scored question's own δ, on one fold:
     :func:`query_predictions` and the fold's MoSE (the task's fit with ``fit_options``), all fitted on
-    the rows MoSE is fitted on in the runs (the training pairs less the held-out prompts)."""
+    the rows MoSE is fitted on in the runs (the training pairs less the held-out prompts). With
+    ``query_layers``, :func:`query_predictions` also from the last prompt token's state after each of
+    those blocks (predicting the steered layer's δ; the operator itself reads only its own layer)."""
     from margin_transfer import heldout_prompts
 
     from finesteer import extract
+    from finesteer.eval.metrics import delta_prediction
     from finesteer.fit import fit_mose
-    from finesteer.fit.mose import merge_duplicate_queries
 
     run, inputs, (p, d_own), h = _fold(task, cache_dir, fit_options, pairs_per_question, model, tok)
     cfg, texts = run.cfg, [x.question for x in inputs.truthfulqa]
@@ -211,17 +215,31 @@ def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: i
                                    batch_size=cfg.batch_size, cache_file=run._cache_file("train-pairs"),
                                    progress=False, prompt_format=run.enc.fmt)
     held = heldout_prompts(inputs.pairs[0], cfg.holdout_fraction, cfg.seed)
-    fit = ~torch.tensor([p in held for p in inputs.pairs[0]])
-    q, d = q[cfg.layer][fit], d[cfg.layer][fit]
+    fit = [x not in held for x in inputs.pairs[0]]
+    q, d = q[cfg.layer][torch.tensor(fit)], d[cfg.layer][torch.tensor(fit)]
     mose = fit_mose(q, d, **{"seed": cfg.seed, **cfg.mose_options, "progress": False})
-    q_train, d_train = merge_duplicate_queries(q.double(), d.double())  # one row per training question
+    # one row per training question: its state and its mean δ over its pairs
+    train_prompts = [x for x, keep in zip(inputs.pairs[0], fit) if keep]
+    questions = list(dict.fromkeys(train_prompts))
+    first_row = {x: i for i, x in reversed(list(enumerate(train_prompts)))}
+    q_train = q[[first_row[x] for x in questions]].double()
+    d_train = per_question_deltas(train_prompts, d, questions)
     predictions = query_predictions(q_train, d_train, h)
     predictions["mose"] = mose.vector(h.float())
-    return {"task": task, "n": own.shape[0], "n_pairs": len(p), "n_training_questions": q_train.shape[0],
+    other_layers = {}
+    for layer in query_layers:
+        states = extract.last_token_states(model, tok, questions + texts, [layer], batch_size=cfg.batch_size,
+                                           progress=False, prompt_format=run.enc.fmt)[layer]
+        preds = query_predictions(states[:len(questions)], d_train, states[len(questions):])
+        other_layers[str(layer)] = {name: {"own_delta": delta_prediction(v, own),
+                                           "own_delta_runs_pairs": delta_prediction(v, own_first)}
+                                    for name, v in preds.items() if name != "mean"}
+    return {"task": task, "n": own.shape[0], "n_pairs": len(p), "n_training_questions": len(questions),
             "fit_options": list(fit_options), "mose_fit": dict(mose.fit_stats or {}),
             "agreement_with_own_delta": agreement(own, predictions, d_train),
             "runs_pairs_per_question": cfg.pairs_per_prompt,
-            "agreement_with_own_delta_runs_pairs": agreement(own_first, predictions, d_train)}
+            "agreement_with_own_delta_runs_pairs": agreement(own_first, predictions, d_train),
+            **({"query_layers": other_layers} if query_layers else {})}
 
 
 def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_per_question: int, model, tok,
@@ -325,11 +343,20 @@ def _print_mc(results: dict) -> None:
 def main_agreement(argv) -> int:
     ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py agreement",
                                  description="how well predictors from the query agree with each question's own δ")
+    ap.add_argument("--query-layers", default="",
+                    help="comma-separated further layers whose last-prompt-token state predicts the δ too")
     _fold_arguments(ap)
     a = ap.parse_args(argv)
+    try:
+        layers = [int(x) for x in a.query_layers.split(",") if x]
+    except ValueError as e:
+        ap.error(f"--query-layers: {e}")
 
     def compute(model, tok, fit_options):
-        doc = agreement_fold(a.task, a.cache_dir, fit_options, a.pairs_per_question, model, tok)
+        doc = agreement_fold(a.task, a.cache_dir, fit_options, a.pairs_per_question, model, tok, layers)
+        for layer, per in doc.get("query_layers", {}).items():
+            print(f"layer {layer} (cosine with the own δ): "
+                  + ", ".join(f"{k} {v['own_delta']['cosine']:.3f}" for k, v in per.items()))
         for key in ("agreement_with_own_delta", "agreement_with_own_delta_runs_pairs"):
             print(f"{key} (cosine / MSE): "
                   + ", ".join(f"{k} {v['cosine']:.3f} / {v['mse']:,.0f}" for k, v in doc[key].items()))
