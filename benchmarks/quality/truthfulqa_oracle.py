@@ -29,7 +29,8 @@ perturbed by 10⁻⁵ relative, is reported: the scoring pass recomputes the sta
 
 Options after ``--`` are ``finesteer eval``'s, for the MoSE whose agreement with each question's own
 δ is reported beside CAA's (the adopted fit: ``-- --mose-cluster-on query --k-min 2 --k-max 4
---mose-stopping cv``); ``agreement --query-layers 3,7,15`` also predicts from other blocks' states.
+--mose-stopping cv``); ``agreement --query-layers 3,7,15`` also predicts from other blocks' states,
+``--pooled-layers 11,15`` from prompt states averaged over the prompt's tokens.
 Graded oracles, without CAA (scored by the run above)::
 
     nice python benchmarks/quality/truthfulqa_oracle.py --task truthfulness --cache-dir <cache> --no-caa \\
@@ -193,13 +194,50 @@ def _fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model
     return run, inputs, (p, d[cfg.layer]), run._states(texts, "eval-truthfulqa")
 
 
+def pooled_prompt_states(model, tok, prompts: list, layers, prompt_format: str) -> dict:
+    """{layer: [len(prompts), d]}: h after each block in ``layers``, averaged over every token of the
+    formatted prompt (one prompt per forward, so no padding enters the mean). A query the operator
+    does not read (it reads the last prompt token); here only to ask whether it would predict δ."""
+    from finesteer import extract
+
+    out = {layer: [] for layer in layers}
+    for ids in extract.encode_prompts(tok, prompts, prompt_format=prompt_format):
+        for layer, states in prompt_token_states(model, ids, layers).items():
+            out[layer].append(states.mean(0))
+    return {layer: torch.stack(rows) for layer, rows in out.items()}
+
+
+def prompt_token_states(model, ids: list, layers) -> dict:
+    """{layer: [len(ids), d]} (float64): h after each decoder block in ``layers`` (the output the
+    operator's hook sees) at every token of one prompt's ids. Read by forward hooks on the blocks:
+    ``hidden_states`` would do for inner blocks, but its last entry is after the final norm."""
+    from finesteer.models import find_decoder_layers
+
+    blocks, got = find_decoder_layers(model), {}
+
+    def keep(layer):
+        def hook(module, args, output):
+            got[layer] = (output[0] if isinstance(output, tuple) else output)[0].double()
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: got[layer] for layer in layers}
+
+
 def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok,
-                   query_layers=()) -> dict:
+                   query_layers=(), pooled_layers=()) -> dict:
     """How well predictors from the query agree with each scored question's own δ, on one fold:
     :func:`query_predictions` and the fold's MoSE (the task's fit with ``fit_options``), all fitted on
     the rows MoSE is fitted on in the runs (the training pairs less the held-out prompts). With
     ``query_layers``, :func:`query_predictions` also from the last prompt token's state after each of
-    those blocks (predicting the steered layer's δ; the operator itself reads only its own layer)."""
+    those blocks (predicting the steered layer's δ; the operator itself reads only its own layer);
+    with ``pooled_layers``, from :func:`pooled_prompt_states` after those blocks."""
     from margin_transfer import heldout_prompts
 
     from finesteer import extract
@@ -226,20 +264,23 @@ def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: i
     d_train = per_question_deltas(train_prompts, d, questions)
     predictions = query_predictions(q_train, d_train, h)
     predictions["mose"] = mose.vector(h.float())
-    other_layers = {}
-    for layer in query_layers:
-        states = extract.last_token_states(model, tok, questions + texts, [layer], batch_size=cfg.batch_size,
-                                           progress=False, prompt_format=run.enc.fmt)[layer]
+    def from_states(states: torch.Tensor) -> dict:
         preds = query_predictions(states[:len(questions)], d_train, states[len(questions):])
-        other_layers[str(layer)] = {name: {"own_delta": delta_prediction(v, own),
-                                           "own_delta_runs_pairs": delta_prediction(v, own_first)}
-                                    for name, v in preds.items() if name != "mean"}
+        return {name: {"own_delta": delta_prediction(v, own), "own_delta_runs_pairs": delta_prediction(v, own_first)}
+                for name, v in preds.items() if name != "mean"}
+
+    other_layers = {str(layer): from_states(extract.last_token_states(
+        model, tok, questions + texts, [layer], batch_size=cfg.batch_size, progress=False,
+        prompt_format=run.enc.fmt)[layer]) for layer in query_layers}
+    pooled = {str(layer): from_states(st) for layer, st in
+              pooled_prompt_states(model, tok, questions + texts, pooled_layers, run.enc.fmt).items()}
     return {"task": task, "n": own.shape[0], "n_pairs": len(p), "n_training_questions": len(questions),
             "fit_options": list(fit_options), "mose_fit": dict(mose.fit_stats or {}),
             "agreement_with_own_delta": agreement(own, predictions, d_train),
             "runs_pairs_per_question": cfg.pairs_per_prompt,
             "agreement_with_own_delta_runs_pairs": agreement(own_first, predictions, d_train),
-            **({"query_layers": other_layers} if query_layers else {})}
+            **({"query_layers": other_layers} if query_layers else {}),
+            **({"pooled_layers": pooled} if pooled_layers else {})}
 
 
 def run_fold(task: str, cache_dir: str, strengths: list, cosines: list, pairs_per_question: int, model, tok,
@@ -345,18 +386,23 @@ def main_agreement(argv) -> int:
                                  description="how well predictors from the query agree with each question's own δ")
     ap.add_argument("--query-layers", default="",
                     help="comma-separated further layers whose last-prompt-token state predicts the δ too")
+    ap.add_argument("--pooled-layers", default="",
+                    help="comma-separated layers whose prompt states, averaged over the prompt's tokens, predict it too")
     _fold_arguments(ap)
     a = ap.parse_args(argv)
     try:
         layers = [int(x) for x in a.query_layers.split(",") if x]
+        pooled_layers = [int(x) for x in a.pooled_layers.split(",") if x]
     except ValueError as e:
-        ap.error(f"--query-layers: {e}")
+        ap.error(f"--query-layers / --pooled-layers: {e}")
 
     def compute(model, tok, fit_options):
-        doc = agreement_fold(a.task, a.cache_dir, fit_options, a.pairs_per_question, model, tok, layers)
-        for layer, per in doc.get("query_layers", {}).items():
-            print(f"layer {layer} (cosine with the own δ): "
-                  + ", ".join(f"{k} {v['own_delta']['cosine']:.3f}" for k, v in per.items()))
+        doc = agreement_fold(a.task, a.cache_dir, fit_options, a.pairs_per_question, model, tok, layers,
+                             pooled_layers)
+        for key, label in (("query_layers", "last token"), ("pooled_layers", "pooled")):
+            for layer, per in doc.get(key, {}).items():
+                print(f"{label}, layer {layer} (cosine with the own δ): "
+                      + ", ".join(f"{k} {v['own_delta']['cosine']:.3f}" for k, v in per.items()))
         for key in ("agreement_with_own_delta", "agreement_with_own_delta_runs_pairs"):
             print(f"{key} (cosine / MSE): "
                   + ", ".join(f"{k} {v['cosine']:.3f} / {v['mse']:,.0f}" for k, v in doc[key].items()))
