@@ -80,6 +80,22 @@ def heldout_prompts(prompts: list, holdout: float, seed: int) -> set:
     return {uniq[i] for i in held}
 
 
+def mose_fit_rows(model, tok, run, inputs) -> tuple:
+    """``(prompts, q [N, d], δ [N, d])``: the training pairs a ``finesteer eval`` run fits its MoSE on
+    (``run``/``inputs``: the harness's ``_Run`` and ``_Inputs`` of its config; the pairs less the
+    prompts :func:`heldout_prompts` holds out), at the run's layer, from its extraction cache."""
+    from finesteer import extract
+
+    cfg = run.cfg
+    q, d = extract.response_deltas(model, tok, *inputs.pairs, [cfg.layer], positions=cfg.delta_positions,
+                                   batch_size=cfg.batch_size, cache_file=run._cache_file("train-pairs"),
+                                   progress=False, prompt_format=run.enc.fmt)
+    held = heldout_prompts(inputs.pairs[0], cfg.holdout_fraction, cfg.seed)
+    fit = [p not in held for p in inputs.pairs[0]]
+    rows = torch.tensor(fit)
+    return [p for p, keep in zip(inputs.pairs[0], fit) if keep], q[cfg.layer][rows], d[cfg.layer][rows]
+
+
 def steering_vectors(q: torch.Tensor, d: torch.Tensor, pairs: tuple, source: list, held_set: set,
                      chosen_prompts: list, **mose_options) -> tuple:
     """Per chosen held-out prompt, the vector of every kind → ``({kind: [P, d]}, fit_stats)``; MoSE is

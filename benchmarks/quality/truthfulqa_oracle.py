@@ -238,7 +238,7 @@ def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: i
     ``query_layers``, :func:`query_predictions` also from the last prompt token's state after each of
     those blocks (predicting the steered layer's δ; the operator itself reads only its own layer);
     with ``pooled_layers``, from :func:`pooled_prompt_states` after those blocks."""
-    from margin_transfer import heldout_prompts
+    from margin_transfer import mose_fit_rows
 
     from finesteer import extract
     from finesteer.eval.metrics import delta_prediction
@@ -249,21 +249,16 @@ def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: i
     own = per_question_deltas(p, d_own, texts)
     first = first_pairs(p, cfg.pairs_per_prompt)  # the runs' own pairs per question (their held-out target)
     own_first = per_question_deltas([x for x, keep in zip(p, first.tolist()) if keep], d_own[first], texts)
-    q, d = extract.response_deltas(model, tok, *inputs.pairs, [cfg.layer], positions=cfg.delta_positions,
-                                   batch_size=cfg.batch_size, cache_file=run._cache_file("train-pairs"),
-                                   progress=False, prompt_format=run.enc.fmt)
-    held = heldout_prompts(inputs.pairs[0], cfg.holdout_fraction, cfg.seed)
-    fit = [x not in held for x in inputs.pairs[0]]
-    q, d = q[cfg.layer][torch.tensor(fit)], d[cfg.layer][torch.tensor(fit)]
+    train_prompts, q, d = mose_fit_rows(model, tok, run, inputs)
     mose = fit_mose(q, d, **{"seed": cfg.seed, **cfg.mose_options, "progress": False})
     # one row per training question: its state and its mean δ over its pairs
-    train_prompts = [x for x, keep in zip(inputs.pairs[0], fit) if keep]
     questions = list(dict.fromkeys(train_prompts))
     first_row = {x: i for i, x in reversed(list(enumerate(train_prompts)))}
     q_train = q[[first_row[x] for x in questions]].double()
     d_train = per_question_deltas(train_prompts, d, questions)
     predictions = query_predictions(q_train, d_train, h)
     predictions["mose"] = mose.vector(h.float())
+
     def from_states(states: torch.Tensor) -> dict:
         preds = query_predictions(states[:len(questions)], d_train, states[len(questions):])
         return {name: {"own_delta": delta_prediction(v, own), "own_delta_runs_pairs": delta_prediction(v, own_first)}

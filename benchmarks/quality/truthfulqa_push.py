@@ -65,23 +65,17 @@ def per_question(paths: list, method: str) -> dict:
 
 def fold_report(task: str, cache_dir: str, runs: list, model, tok) -> dict:
     import bench_quality as bq
-    from margin_transfer import heldout_prompts
+    from margin_transfer import mose_fit_rows
 
-    from finesteer import extract
     from finesteer.eval.harness import _Inputs, _Run
     from finesteer.fit import fit_mose
 
     cfg = bq.task_config(task, str(Path(cache_dir) / bq.TASK_CACHE.get(task, task)))
     run, inputs = _Run(model, tok, cfg), _Inputs(cfg)
-    q, d = extract.response_deltas(model, tok, *inputs.pairs, [cfg.layer], positions=cfg.delta_positions,
-                                   cache_file=run._cache_file("train-pairs"), progress=False,
-                                   prompt_format=run.enc.fmt)
-    q, d = q[cfg.layer], d[cfg.layer]
-    held_set = heldout_prompts(inputs.pairs[0], cfg.holdout_fraction, cfg.seed)
-    fit = ~torch.tensor([p in held_set for p in inputs.pairs[0]])
-    mose = fit_mose(q[fit], d[fit], **{"seed": cfg.seed, **cfg.mose_options, "progress": False})
+    _, q, d = mose_fit_rows(model, tok, run, inputs)
+    mose = fit_mose(q, d, **{"seed": cfg.seed, **cfg.mose_options, "progress": False})
     states = run._states([x.question for x in inputs.truthfulqa], "eval-truthfulqa")
-    push, off = push_along_mean(mose.vector(states.float()), d[fit].double().mean(0))
+    push, off = push_along_mean(mose.vector(states.float()), d.double().mean(0))
     fs, caa = per_question(runs, "finesteer"), per_question(runs, "caa")
     if any(len(v) != push.numel() for v in fs.values()):
         raise ValueError(f"{task}: the runs scored {sorted({len(v) for v in fs.values()})} questions, the split "
