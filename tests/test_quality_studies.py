@@ -5,8 +5,8 @@ gate_shape.py (re-gating per-prompt CAA curves), margin_transfer.py (its vectors
 sequences), truthfulqa_crossfit.py (pooling two cross-fit folds), null_rows_routing.py (the kept
 push), budget_ladder.py (re-gating at a tighter τ, the choice rules, the report, a run against
 another run's baselines), truthfulqa_nested.py (each fold's training half, pooling, the layer rule),
-truthfulqa_oracle.py (the oracle map through the operator, graded targets, pooling) and
-bench_quality.py's task options."""
+truthfulqa_oracle.py (the oracle map through the operator, graded targets, pooling),
+truthfulqa_token_gate.py (answer-token states, the gate's rows, pooling) and bench_quality.py's task options."""
 import argparse
 import importlib.util
 import json
@@ -1076,3 +1076,105 @@ def test_truthfulqa_oracle_prompt_token_states_are_the_extracted_blocks_outputs(
             torch.testing.assert_close(per_token[layer][-1].float(), last[layer][i], rtol=1e-5, atol=1e-5)
     pooled = oracle.pooled_prompt_states(model, tok, prompts, [2], "plain")
     torch.testing.assert_close(pooled[2][1], oracle.prompt_token_states(model, ids[1], [2])[2].mean(0))
+
+
+@pytest.fixture(scope="module")
+def token_gate():
+    return _load("truthfulqa_token_gate")
+
+
+def test_truthfulqa_token_gate_answer_states_are_the_blocks_outputs_and_are_cached(token_gate, tmp_path):
+    """Each answer's states are the steered block's outputs from the sequence's last prompt token on,
+    one row per answer token after it, as the harness encodes the scored sequence; a second call
+    reads the cache and runs no model."""
+    from types import SimpleNamespace
+
+    from tests.hf_tiny import tiny_model, tiny_tokenizer
+
+    from finesteer.eval.data import MCQuestion
+    from finesteer.eval.harness import _Encoder
+
+    model, tok = tiny_model(layers=3), tiny_tokenizer()
+    run = SimpleNamespace(enc=_Encoder(model, tok, "plain"), cfg=SimpleNamespace(layer=1))
+    q = MCQuestion("is water wet", "yes it is", ["yes it is", "yes"], ["no never", "yes"])
+    cache = tmp_path / "states.pt"
+    states = token_gate.answer_token_states(model, run, [q], cache)
+    assert set(states) == {(q.question, a) for a in ("yes it is", "yes", "no never")}
+    for answer in ("yes it is", "no never"):
+        seq = run.enc.response(q.question, answer, "test")
+        with torch.no_grad():  # block 1 of 3 is not the last, so hidden_states[2] is its output
+            want = model(torch.tensor([seq.ids]), output_hidden_states=True).hidden_states[2][0, seq.last_prompt:]
+        h = states[(q.question, answer)]
+        assert h.dtype == torch.float16 and h.shape == (seq.n_scored + 1, 64)
+        torch.testing.assert_close(h.float(), want.half().float(), rtol=0, atol=0)
+    model.forward = None  # a second call must not run the model
+    again = token_gate.answer_token_states(model, run, [q], cache)
+    assert all(torch.equal(again[k], states[k]) for k in states)
+
+
+def test_truthfulqa_token_gate_rows_put_incorrect_answer_tokens_on_the_target_side(token_gate):
+    from finesteer.eval.data import MCQuestion
+
+    d = 4
+    q = MCQuestion("q", "best", ["best", "right", "both"], ["wrong", "both"])
+    states = {("q", "best"): torch.full((3, d), 1.0), ("q", "right"): torch.full((2, d), 2.0),
+              ("q", "both"): torch.full((4, d), 3.0), ("q", "wrong"): torch.full((3, d), 4.0)}
+    states[("q", "wrong")][0] = 9.0  # row 0: the last prompt token
+    benign_prompts = torch.full((5, d), -1.0)
+    target, benign = token_gate.gate_rows([q], states, benign_prompts)
+    # "both" is listed as correct and incorrect: it counts as incorrect only
+    assert sorted(target[:, 0].tolist()) == [3.0] * 3 + [4.0] * 2
+    assert sorted(benign[:, 0].tolist()) == [-1.0] * 5 + [1.0] * 2 + [2.0] + [9.0]
+
+
+def test_truthfulqa_token_gate_random_direction_is_seeded_with_the_given_norm(token_gate):
+    like = torch.tensor([3.0, 4.0, 0.0])
+    a, b = token_gate.random_direction(like, 0), token_gate.random_direction(like, 0)
+    assert torch.equal(a, b) and a.dtype == like.dtype
+    assert abs(float(a.norm()) - 5.0) < 1e-5
+    assert not torch.equal(a, token_gate.random_direction(like, 1))
+
+
+def test_truthfulqa_token_gate_pools_the_folds_and_pairs_against_caa(token_gate):
+    def fold(task, caa8, caa16, gate8, gate16):
+        per = {"unsteered": {"0.0": {"mc1": [False, False], "mc2": [0.2, 0.3]}},
+               "caa": {"8.0": caa8, "16.0": caa16}, "answer_gate_0.2": {"8.0": gate8, "16.0": gate16}}
+        return {"task": task, "n": 2, "per_question": per, "gates": {"0.2": {}},
+                "benign_kl": {"caa": {"8.0": 1.0, "16.0": 2.0}, "answer_gate_0.2": {"8.0": 0.1, "16.0": 0.2}}}
+
+    hit = lambda *x: {"mc1": list(x[:2]), "mc2": list(x[2:])}
+    f1 = fold("truthfulness", hit(True, False, 0.5, 0.4), hit(False, False, 0.3, 0.3),
+              hit(True, True, 0.6, 0.5), hit(False, True, 0.2, 0.9))
+    f2 = fold("truthfulness_swapped", hit(False, False, 0.4, 0.4), hit(True, False, 0.3, 0.4),
+              hit(True, False, 0.5, 0.5), hit(False, False, 0.1, 0.1))
+    out = token_gate.pool([f2, f1])
+    assert out["n"] == 4 and out["caa_best_mc2_strength"] == "8.0"
+    assert out["pooled"]["caa"]["8.0"]["mc1"] == pytest.approx(0.25)
+    assert out["pooled"]["caa"]["8.0"]["mc2"] == pytest.approx(0.425)
+    assert out["pooled"]["answer_gate_0.2"]["8.0"]["benign_kl"] == [0.1, 0.1]
+    assert out["best"]["answer_gate_0.2"] == {"mc1": pytest.approx(0.75), "mc2": pytest.approx(0.525)}
+    p = out["paired"]["answer_gate_0.2"]["16.0"]
+    assert p["caa_same_strength"]["mc2_diff"] == pytest.approx((0.2 + 0.9 + 0.1 + 0.1 - 1.3) / 4)
+    assert p["caa_best_mc2_8.0"]["mc1_a_only"] == 1 and p["caa_best_mc2_8.0"]["mc1_b_only"] == 1
+    with pytest.raises(ValueError, match="runs of each"):
+        token_gate.pool([f1, f1])
+
+
+def test_truthfulqa_token_gate_merges_a_folds_runs_and_refuses_disagreeing_ones(token_gate):
+    base = {"unsteered": {"0.0": {"mc1": [False], "mc2": [0.2]}}, "caa": {"8.0": {"mc1": [True], "mc2": [0.6]}}}
+    first = {"task": "truthfulness", "n": 1, "per_question": base, "gates": {"0.2": {"a": 1}},
+             "benign_kl": {"caa": {"8.0": 1.5}}}
+    second = {"task": "truthfulness", "n": 1, "gates": {},
+              "per_question": {"unsteered": base["unsteered"],
+                               "answer_gate_0.2_random": {"2.0": {"mc1": [False], "mc2": [0.3]}}},
+              "benign_kl": {"answer_gate_0.2_random": {"2.0": 0.4}}}
+    (fold,) = token_gate.merge_runs([first, second])
+    assert set(fold["per_question"]) == {"unsteered", "caa", "answer_gate_0.2_random"}
+    assert fold["benign_kl"]["answer_gate_0.2_random"]["2.0"] == 0.4 and fold["benign_kl"]["caa"]["8.0"] == 1.5
+    assert fold["gates"] == {"0.2": {"a": 1}}
+    other = json.loads(json.dumps(second))
+    other["per_question"]["unsteered"]["0.0"]["mc2"] = [0.21]
+    with pytest.raises(ValueError, match="disagree on unsteered"):
+        token_gate.merge_runs([first, other])
+    with pytest.raises(ValueError, match="score 1 and 2 questions"):
+        token_gate.merge_runs([first, {**second, "n": 2}])
