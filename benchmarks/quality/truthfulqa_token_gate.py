@@ -25,7 +25,7 @@ TruthfulQA scoring in token mode, and the benign KL on the run's ``benign_val`` 
 
     nice python benchmarks/quality/truthfulqa_token_gate.py --task truthfulness --cache-dir <cache> -o <dir>/fold1.json
     nice python benchmarks/quality/truthfulqa_token_gate.py --task truthfulness_swapped --cache-dir <cache> -o <dir>/fold2.json
-    python benchmarks/quality/truthfulqa_token_gate.py pool <dir>/fold1.json <dir>/fold2.json \\
+    python benchmarks/quality/truthfulqa_token_gate.py pool <dir>/fold1.json <dir>/fold2.json [more runs of either fold] \\
         -o benchmarks/results/quality/truthfulqa_token_gate.json
 
 ``generate`` writes greedy continuations of a fold's first scored questions under the unsteered model,
