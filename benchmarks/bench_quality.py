@@ -51,6 +51,7 @@ Skips with a message (exit status 0) when the shared data or the model package i
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,29 @@ def load_study_model(model=None):
     from finesteer.models import load_model
 
     return load_model(model or _gemma_gguf(), device="cpu", dtype="float32")
+
+
+def study_document(script: str, threads: int, model, compute):
+    """The study scripts' common command body: ``None`` (after saying why) when the shared data folder
+    is absent; else ``(doc, seconds)``: torch set to ``threads``, the study model loaded
+    (:func:`load_study_model`), ``doc = compute(model, tokenizer)`` and the wall time it all took."""
+    import torch
+
+    if not DATA.is_dir():
+        print(f"{script}: skipped: the shared data folder {DATA} is absent")
+        return None
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    loaded, tok = load_study_model(model)
+    doc = compute(loaded, tok)
+    return doc, time.perf_counter() - t0
+
+
+def write_json(doc: dict, path) -> None:
+    """Write a study's document as indented JSON (folders made as needed) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def _refusal_pairs_args(a) -> list:

@@ -1178,3 +1178,16 @@ def test_truthfulqa_token_gate_merges_a_folds_runs_and_refuses_disagreeing_ones(
         token_gate.merge_runs([first, other])
     with pytest.raises(ValueError, match="score 1 and 2 questions"):
         token_gate.merge_runs([first, {**second, "n": 2}])
+
+
+def test_bench_quality_study_document_skips_without_data_and_write_json_makes_folders(tmp_path, monkeypatch, capsys):
+    """The study scripts' command body: without the shared data folder it says so and computes nothing
+    (no model is loaded); write_json writes indented JSON into folders it makes."""
+    bench = _bench_quality()
+    monkeypatch.setattr(bench, "DATA", tmp_path / "absent")
+    called = []
+    assert bench.study_document("some_study", 1, None, lambda model, tok: called.append(1)) is None
+    assert not called and "some_study: skipped" in capsys.readouterr().out
+    out = tmp_path / "a" / "b" / "doc.json"
+    bench.write_json({"x": [1, 2]}, out)
+    assert json.loads(out.read_text()) == {"x": [1, 2]} and out.read_text().endswith("\n")

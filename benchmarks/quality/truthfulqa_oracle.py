@@ -353,22 +353,13 @@ def _run_fold_command(a, compute) -> int:
     fold's document, time it and write it to ``a.output``."""
     import bench_quality as bq
 
-    if not bq.DATA.is_dir():
-        print(f"truthfulqa_oracle: skipped: the shared data folder {bq.DATA} is absent")
-        return 0
-    torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    model, tok = bq.load_study_model(a.model)
-    doc = compute(model, tok, [x for x in a.fit_options if x != "--"])
-    doc["seconds"] = round(time.perf_counter() - t0, 1)
-    _write(doc, a.output)
+    options = [x for x in a.fit_options if x != "--"]
+    got = bq.study_document("truthfulqa_oracle", a.threads, a.model, lambda model, tok: compute(model, tok, options))
+    if got is not None:
+        doc, seconds = got
+        doc["seconds"] = round(seconds, 1)
+        bq.write_json(doc, a.output)
     return 0
-
-
-def _write(doc: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
 
 
 def _print_mc(results: dict) -> None:
@@ -407,6 +398,8 @@ def main_agreement(argv) -> int:
 
 
 def main_pool(argv) -> int:
+    import bench_quality as bq
+
     ap = argparse.ArgumentParser(prog="truthfulqa_oracle.py pool", description="pool the two folds' runs")
     ap.add_argument("runs", nargs=2)
     ap.add_argument("-o", "--output", required=True)
@@ -414,7 +407,7 @@ def main_pool(argv) -> int:
     doc = pool([json.loads(Path(x).read_text()) for x in a.runs])
     doc["inputs"] = a.runs
     _print_mc(doc["pooled"])
-    _write(doc, a.output)
+    bq.write_json(doc, a.output)
     return 0
 
 

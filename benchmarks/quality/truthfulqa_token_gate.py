@@ -303,7 +303,9 @@ def main(argv=None) -> int:
         ap.add_argument("runs", nargs="+", help="each fold's run(s)")
         ap.add_argument("-o", "--output", required=True)
         a = ap.parse_args(argv[1:])
-        _write(pool([json.loads(Path(p).read_text()) for p in a.runs]), a.output)
+        import bench_quality as bq
+
+        bq.write_json(pool([json.loads(Path(p).read_text()) for p in a.runs]), a.output)
         return 0
     if argv[:1] == ["generate"]:
         ap = argparse.ArgumentParser(prog="truthfulqa_token_gate.py generate", description=generate_fold.__doc__)
@@ -354,22 +356,12 @@ def _fold_command(a, compute) -> int:
     time it and write it to ``a.output``."""
     import bench_quality as bq
 
-    if not bq.DATA.is_dir():
-        print(f"truthfulqa_token_gate: skipped: the shared data folder {bq.DATA} is absent")
-        return 0
-    torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    model, tok = bq.load_study_model(a.model)
-    doc = compute(model, tok)
-    doc.setdefault("seconds", {})["total"] = round(time.perf_counter() - t0, 1)
-    _write(doc, a.output)
+    got = bq.study_document("truthfulqa_token_gate", a.threads, a.model, compute)
+    if got is not None:
+        doc, seconds = got
+        doc.setdefault("seconds", {})["total"] = round(seconds, 1)
+        bq.write_json(doc, a.output)
     return 0
-
-
-def _write(doc: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
