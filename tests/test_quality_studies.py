@@ -1191,3 +1191,32 @@ def test_bench_quality_study_document_skips_without_data_and_write_json_makes_fo
     out = tmp_path / "a" / "b" / "doc.json"
     bench.write_json({"x": [1, 2]}, out)
     assert json.loads(out.read_text()) == {"x": [1, 2]} and out.read_text().endswith("\n")
+
+
+def test_truthfulqa_token_gate_benign_token_states_split_prompt_and_continuation(token_gate):
+    """The benign set's rows: the steered block's output at every prompt token, then at every token of
+    the run's continuation of it; the open share counts rows whose score passes τ."""
+    from types import SimpleNamespace
+
+    from tests.hf_tiny import tiny_model, tiny_tokenizer
+
+    from finesteer.eval.harness import _Encoder
+
+    model, tok = tiny_model(layers=3), tiny_tokenizer()
+    conts = {"hello there": [31, 11, 25], "is it cold": [15, 26]}
+    run = SimpleNamespace(enc=_Encoder(model, tok, "plain"), cfg=SimpleNamespace(layer=1),
+                          _continuations=lambda ps, ids: [conts[p] for p in ps.prompts])
+    prompts = SimpleNamespace(prompts=list(conts))
+    prompt_rows, cont_rows = token_gate.benign_token_states(model, run, prompts)
+    ids = run.enc.prompts(prompts.prompts)
+    want_p, want_c = [], []
+    for p, c in zip(ids, conts.values()):
+        with torch.no_grad():
+            h = model(torch.tensor([list(p) + c]), output_hidden_states=True).hidden_states[2][0]
+        want_p.append(h[:len(p)])
+        want_c.append(h[len(p):])
+    torch.testing.assert_close(prompt_rows, torch.cat(want_p), rtol=0, atol=0)
+    torch.testing.assert_close(cont_rows, torch.cat(want_c), rtol=0, atol=0)
+    assert cont_rows.shape[0] == 5
+    gate = SimpleNamespace(score=lambda x: x[:, 0], threshold=0.5)
+    assert token_gate.gate_open_share(gate, torch.tensor([[0.0], [0.6], [1.0], [0.5]])) == 0.5

@@ -28,6 +28,11 @@ TruthfulQA scoring in token mode, and the benign KL on the run's ``benign_val`` 
     python benchmarks/quality/truthfulqa_token_gate.py pool <dir>/fold1.json <dir>/fold2.json [more runs of either fold] \\
         -o benchmarks/results/quality/truthfulqa_token_gate.json
 
+``gate-rates`` fits a fold's gates only and reports where they open: on the scored answers' tokens by
+kind, and on the benign KL set's prompt and continuation tokens (seconds, no scoring)::
+
+    python benchmarks/quality/truthfulqa_token_gate.py gate-rates --task truthfulness --cache-dir <cache> -o …
+
 ``generate`` writes greedy continuations of a fold's first scored questions under the unsteered model,
 CAA, the gate with CAA's vector and with the random direction (token mode), to see what the text
 looks like where MC improves::
@@ -113,14 +118,43 @@ def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
 def open_rates(gate, questions, states: dict) -> dict:
     """Share of answer tokens where ``gate`` opens, by the answer's kind (on scored questions)."""
     def rate(rows):
-        x = torch.cat(rows).float()
-        return float((gate.score(x) > gate.threshold).double().mean())
+        return gate_open_share(gate, torch.cat(rows).float())
 
     inc = [states[(q.question, a)][1:] for q in questions for a in dict.fromkeys(q.incorrect)]
     cor = [states[(q.question, a)][1:] for q in questions for a in dict.fromkeys([q.best, *q.correct])
            if a not in set(q.incorrect)]
     last = [states[(q.question, q.incorrect[0])][:1] for q in questions]
     return {"incorrect_answer_tokens": rate(inc), "correct_answer_tokens": rate(cor), "last_prompt_token": rate(last)}
+
+
+def benign_token_states(model, run, prompt_set) -> tuple:
+    """``(prompt_rows [Np, d], continuation_rows [Nc, d])`` float32: h after the steered block at every
+    token of ``prompt_set``'s prompts and of their unsteered greedy continuations (the sequences the
+    benign KL is measured on; the run's cached continuations), one sequence per forward."""
+    from finesteer.models import find_decoder_layers
+
+    prompt_ids = run.enc.prompts(prompt_set.prompts)
+    conts = run._continuations(prompt_set, prompt_ids)
+    block, got, prompt_rows, cont_rows = find_decoder_layers(model)[run.cfg.layer], {}, [], []
+
+    def keep(module, args, output):
+        got["h"] = (output[0] if isinstance(output, tuple) else output)[0]
+
+    handle = block.register_forward_hook(keep)
+    try:
+        for p, c in zip(prompt_ids, conts):
+            with torch.no_grad():
+                model(torch.tensor([list(p) + list(c)]))
+            prompt_rows.append(got["h"][:len(p)].float())
+            cont_rows.append(got["h"][len(p):].float())
+    finally:
+        handle.remove()
+    return torch.cat(prompt_rows), torch.cat(cont_rows)
+
+
+def gate_open_share(gate, rows: torch.Tensor) -> float:
+    """Share of ``rows`` [n, d] where the hard gate opens (score above τ)."""
+    return float((gate.score(rows) > gate.threshold).double().mean())
 
 
 def fold(task: str, cache_dir: str, model, tok, fit_options: tuple = (), with_mose: bool = False,
@@ -169,9 +203,13 @@ def run_fold(task: str, cache_dir: str, budgets: list, strengths: list, random_s
     delta = caa.mose.V[0]
     configs = [("unsteered", 0.0, None)] + [("caa", lam, with_strength(caa, lam)) for lam in strengths]
     gates = {}
+    benign_set = next(ps for ps in inputs.sets if ps.role == "benign")
+    benign_prompt_rows, benign_cont_rows = benign_token_states(model, run, benign_set)
     for budget in budgets:
         gate = fit_scs(target, benign, method="probe", max_benign_fpr=budget, seed=seed)
-        gates[budget] = {"report": gate.report.to_dict(), "open_on_scored": open_rates(gate, scored, states)}
+        gates[budget] = {"report": gate.report.to_dict(), "open_on_scored": open_rates(gate, scored, states),
+                         "open_on_benign": {"prompt_tokens": gate_open_share(gate, benign_prompt_rows),
+                                            "continuation_tokens": gate_open_share(gate, benign_cont_rows)}}
         st = Steerer(gate=gate, mose=caa.mose, layer=cfg.layer)
         configs += [(f"answer_gate_{budget:g}", lam, with_strength(st, lam)) for lam in strengths]
     variants = {"random": (mean_vector_mose(random_direction(delta, seed)), random_strengths)}
@@ -184,7 +222,6 @@ def run_fold(task: str, cache_dir: str, budgets: list, strengths: list, random_s
     t1 = time.perf_counter()
     tqa = run.truthfulqa(scored)
     t2 = time.perf_counter()
-    benign_set = next(ps for ps in inputs.sets if ps.role == "benign")
     _, util = run.utility(benign_set, configs)
     kl = {}
     for (name, lam, _), sc in zip(configs, util):
@@ -198,6 +235,26 @@ def run_fold(task: str, cache_dir: str, budgets: list, strengths: list, random_s
             "n_benign": len(benign_set),
             "seconds": {"fit_and_states": round(seconds_fit, 1), "truthfulqa": round(t2 - t1, 1),
                         "benign_kl": round(time.perf_counter() - t2, 1)}}
+
+
+def gate_rates_fold(task: str, cache_dir: str, budgets: list, model, tok, seed: int = 0) -> dict:
+    """Where the fold's answer-token gate opens at each budget, without scoring: its calibration
+    report; the share of the scored answers' tokens by kind (:func:`open_rates`); and the share of
+    the benign KL set's prompt tokens and continuation tokens (:func:`benign_token_states`)."""
+    from finesteer.fit import fit_scs
+
+    f = fold(task, cache_dir, model, tok)
+    benign_set = next(ps for ps in f["inputs"].sets if ps.role == "benign")
+    prompt_rows, cont_rows = benign_token_states(model, f["run"], benign_set)
+    gates = {}
+    for budget in budgets:
+        gate = fit_scs(f["target"], f["benign"], method="probe", max_benign_fpr=budget, seed=seed)
+        gates[f"{budget:g}"] = {"report": gate.report.to_dict(), "open_on_scored": open_rates(gate, f["scored"], f["states"]),
+                                "open_on_benign": {"prompt_tokens": gate_open_share(gate, prompt_rows),
+                                                   "continuation_tokens": gate_open_share(gate, cont_rows)}}
+    return {"task": task, "benign_set": benign_set.name, "n_benign": len(benign_set),
+            "benign_tokens": {"prompt": int(prompt_rows.shape[0]), "continuation": int(cont_rows.shape[0])},
+            "gates": gates}
 
 
 def generate_fold(task: str, cache_dir: str, n_questions: int, new_tokens: int, budget: float, strengths: list,
@@ -307,6 +364,16 @@ def main(argv=None) -> int:
 
         bq.write_json(pool([json.loads(Path(p).read_text()) for p in a.runs]), a.output)
         return 0
+    if argv[:1] == ["gate-rates"]:
+        ap = argparse.ArgumentParser(prog="truthfulqa_token_gate.py gate-rates", description=gate_rates_fold.__doc__)
+        ap.add_argument("--task", required=True, choices=TASKS)
+        ap.add_argument("--cache-dir", required=True)
+        ap.add_argument("--budgets", default="0.1,0.2")
+        ap.add_argument("--model", default=None)
+        ap.add_argument("--threads", type=int, default=1)
+        ap.add_argument("-o", "--output", required=True)
+        a = ap.parse_args(argv[1:])
+        return _fold_command(a, lambda model, tok: gate_rates_fold(a.task, a.cache_dir, _floats(a.budgets), model, tok))
     if argv[:1] == ["generate"]:
         ap = argparse.ArgumentParser(prog="truthfulqa_token_gate.py generate", description=generate_fold.__doc__)
         ap.add_argument("--task", required=True, choices=TASKS)
