@@ -51,6 +51,8 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
@@ -127,14 +129,16 @@ def open_rates(gate, questions, states: dict) -> dict:
     return {"incorrect_answer_tokens": rate(inc), "correct_answer_tokens": rate(cor), "last_prompt_token": rate(last)}
 
 
-def benign_token_states(model, run, prompt_set) -> tuple:
+def benign_token_states(model, run, prompt_set, continuations: Optional[dict] = None) -> tuple:
     """``(prompt_rows [Np, d], continuation_rows [Nc, d])`` float32: h after the steered block at every
-    token of ``prompt_set``'s prompts and of their unsteered greedy continuations (the sequences the
-    benign KL is measured on; the run's cached continuations), one sequence per forward."""
+    token of ``prompt_set``'s prompts and of their unsteered greedy continuations (by default the
+    run's cached ones, the sequences the benign KL is measured on; else ``continuations[prompt]``),
+    one sequence per forward."""
     from finesteer.models import find_decoder_layers
 
     prompt_ids = run.enc.prompts(prompt_set.prompts)
-    conts = run._continuations(prompt_set, prompt_ids)
+    conts = (run._continuations(prompt_set, prompt_ids) if continuations is None
+             else [continuations[p] for p in prompt_set.prompts])
     block, got, prompt_rows, cont_rows = find_decoder_layers(model)[run.cfg.layer], {}, [], []
 
     def keep(module, args, output):
@@ -152,17 +156,32 @@ def benign_token_states(model, run, prompt_set) -> tuple:
     return torch.cat(prompt_rows), torch.cat(cont_rows)
 
 
+def continuation_token_states(model, run, prompts: list) -> torch.Tensor:
+    """[N, d] float32: h after the steered block at every token of the unsteered greedy continuations
+    (``run.cfg.continuation_tokens`` new tokens, as for the benign KL) of ``prompts``: ordinary text
+    the model writes itself, for the answer-token gate's benign side."""
+    from finesteer.eval.scoring import greedy_continuations
+
+    prompt_ids = run.enc.prompts(prompts)
+    conts = greedy_continuations(model, prompt_ids, run.cfg.continuation_tokens, run.enc.pad_id,
+                                 run.tok.eos_token_id, run.cfg.batch_size, progress=False)
+    return benign_token_states(model, run, SimpleNamespace(prompts=prompts),
+                               continuations=dict(zip(prompts, conts)))[1]
+
+
 def gate_open_share(gate, rows: torch.Tensor) -> float:
     """Share of ``rows`` [n, d] where the hard gate opens (score above τ)."""
     return float((gate.score(rows) > gate.threshold).double().mean())
 
 
 def fold(task: str, cache_dir: str, model, tok, fit_options: tuple = (), with_mose: bool = False,
-         limit_truthfulqa=None) -> dict:
+         limit_truthfulqa=None, benign_continuations: int = 0) -> dict:
     """One fold's pieces, fitted as the task's run in token mode (with the further ``finesteer eval``
     options ``fit_options``): ``run`` and ``inputs`` (the harness's), the ``train`` and ``scored``
-    questions, their answer-token ``states``, the gate's ``target`` and ``benign`` rows, the fold's
-    ``caa`` steerer and, with ``with_mose``, its ``mose`` steerer; ``seconds`` to get them."""
+    questions, their answer-token ``states``, the gate's ``target`` and ``benign`` rows (with
+    ``benign_continuations`` > 0, also every token of the greedy continuations of that many of the
+    gate's benign prompts, :func:`continuation_token_states`), the fold's ``caa`` steerer and, with
+    ``with_mose``, its ``mose`` steerer; ``seconds`` to get them."""
     import bench_quality as bq
 
     from finesteer.eval.data import load_truthfulqa
@@ -181,23 +200,27 @@ def fold(task: str, cache_dir: str, model, tok, fit_options: tuple = (), with_mo
     states = answer_token_states(model, run, train + scored, Path(cache_dir) / f"answer-tokens-{run.enc.fmt}-layer{cfg.layer}.pt",
                                  progress=True)
     target, benign = gate_rows(train, states, run._states(inputs.benign, "train-benign"))
+    if benign_continuations:
+        benign = torch.cat([benign, continuation_token_states(model, run, inputs.benign[:benign_continuations])])
     return {"run": run, "inputs": inputs, "train": train, "scored": scored, "states": states, "target": target,
             "benign": benign, "caa": run.methods["caa"], "mose": run.methods.get("mose_nogate"),
             "seconds": time.perf_counter() - t0}
 
 
 def run_fold(task: str, cache_dir: str, budgets: list, strengths: list, random_strengths: list, model, tok,
-             limit_truthfulqa=None, seed: int = 0, mose_strengths: tuple = (), fit_options: tuple = ()) -> dict:
+             limit_truthfulqa=None, seed: int = 0, mose_strengths: tuple = (), fit_options: tuple = (),
+             benign_continuations: int = 0) -> dict:
     """Score, in token mode on the fold's scored questions, with each configuration's benign KL: the
     unsteered model; CAA and the answer-token gate with CAA's vector at each budget, at ``strengths``;
     the gate at the last budget with a random direction at ``random_strengths``, and with the fold's
     MoSE (fitted as the task with the further ``finesteer eval`` options ``fit_options``) at
-    ``mose_strengths``. An empty list leaves its configurations out."""
+    ``mose_strengths``. An empty list leaves its configurations out. ``benign_continuations``: see
+    :func:`fold`."""
     from finesteer.eval.baselines import mean_vector_mose, with_strength
     from finesteer.fit import fit_scs
     from finesteer.steerer import Steerer
 
-    f = fold(task, cache_dir, model, tok, fit_options, bool(mose_strengths), limit_truthfulqa)
+    f = fold(task, cache_dir, model, tok, fit_options, bool(mose_strengths), limit_truthfulqa, benign_continuations)
     run, inputs, scored, states, target, benign = (f[k] for k in ("run", "inputs", "scored", "states", "target", "benign"))
     cfg, caa, seconds_fit = run.cfg, f["caa"], f["seconds"]
     delta = caa.mose.V[0]
@@ -226,7 +249,8 @@ def run_fold(task: str, cache_dir: str, budgets: list, strengths: list, random_s
     kl = {}
     for (name, lam, _), sc in zip(configs, util):
         kl.setdefault(name, {})[str(lam)] = float(sc.kl.mean())
-    return {"task": task, "n": len(scored), "n_train_questions": len(f["train"]), "mode": cfg.mode, "layer": cfg.layer,
+    return {"task": task, "n": len(scored), "n_train_questions": len(f["train"]),
+            "benign_continuations": benign_continuations, "mode": cfg.mode, "layer": cfg.layer,
             "gate_rows": {"target": int(target.shape[0]), "benign": int(benign.shape[0])},
             "caa_norm": float(delta.norm()), "gates": {f"{b:g}": v for b, v in gates.items()},
             "fit_options": list(fit_options), **({"mose_fit": run.result.fit["mose"]} if mose_strengths else {}),
@@ -400,6 +424,9 @@ def main(argv=None) -> int:
                     help="strengths of the random-direction ablation (gate at the last budget); '' for none")
     ap.add_argument("--mose-strengths", default="",
                     help="strengths of the gate (at the last budget) with the fold's MoSE; '' for none")
+    ap.add_argument("--benign-continuations", type=int, default=0,
+                    help="add every token of the greedy continuations of this many of the gate's benign "
+                         "prompts to its benign side")
     ap.add_argument("--limit-truthfulqa", type=int, default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -411,7 +438,7 @@ def main(argv=None) -> int:
     return _fold_command(a, lambda model, tok: run_fold(
         a.task, a.cache_dir, _floats(a.budgets), _floats(a.strengths), _floats(a.random_strengths), model, tok,
         a.limit_truthfulqa, mose_strengths=_floats(a.mose_strengths),
-        fit_options=tuple(x for x in a.fit_options if x != "--")))
+        fit_options=tuple(x for x in a.fit_options if x != "--"), benign_continuations=a.benign_continuations))
 
 
 def _floats(text: str) -> list:
