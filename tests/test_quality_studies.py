@@ -1220,3 +1220,25 @@ def test_truthfulqa_token_gate_benign_token_states_split_prompt_and_continuation
     assert cont_rows.shape[0] == 5
     gate = SimpleNamespace(score=lambda x: x[:, 0], threshold=0.5)
     assert token_gate.gate_open_share(gate, torch.tensor([[0.0], [0.6], [1.0], [0.5]])) == 0.5
+
+
+def test_truthfulqa_token_gate_continuation_rows_are_the_greedy_continuations_states(token_gate):
+    """The extra benign rows: every token of each prompt's unsteered greedy continuation, as
+    benign_token_states reads them from those continuations."""
+    from types import SimpleNamespace
+
+    from tests.hf_tiny import tiny_model, tiny_tokenizer
+
+    from finesteer.eval.harness import _Encoder
+    from finesteer.eval.scoring import greedy_continuations
+
+    model, tok = tiny_model(layers=3), tiny_tokenizer()
+    enc = _Encoder(model, tok, "plain")
+    run = SimpleNamespace(enc=enc, tok=tok, cfg=SimpleNamespace(layer=1, continuation_tokens=3, batch_size=2))
+    prompts = ["hello there", "is it cold", "why"]
+    rows = token_gate.continuation_token_states(model, run, prompts)
+    conts = greedy_continuations(model, enc.prompts(prompts), 3, enc.pad_id, tok.eos_token_id, 2, progress=False)
+    assert rows.shape == (sum(len(c) for c in conts), 64)
+    _, want = token_gate.benign_token_states(model, run, SimpleNamespace(prompts=prompts),
+                                             continuations=dict(zip(prompts, conts)))
+    torch.testing.assert_close(rows, want, rtol=0, atol=0)
