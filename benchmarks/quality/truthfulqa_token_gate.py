@@ -28,6 +28,13 @@ TruthfulQA scoring in token mode, and the benign KL on the run's ``benign_val`` 
     python benchmarks/quality/truthfulqa_token_gate.py pool <dir>/fold1.json <dir>/fold2.json [more runs of either fold] \\
         -o benchmarks/results/quality/truthfulqa_token_gate.json
 
+With ``--benign-continuations N`` the gate's benign side also takes every token of the unsteered
+greedy continuations of the first N benign prompts, so that it stays closed on ordinary text the
+model writes (without them it opens on about 40 % of those tokens). Its configurations keep their
+names, so pool such runs on their own::
+
+    python benchmarks/quality/truthfulqa_token_gate.py pool <dir>/fold1_selective.json <dir>/fold2_selective.json -o …
+
 ``gate-rates`` fits a fold's gates only and reports where they open: on the scored answers' tokens by
 kind, and on the benign KL set's prompt and continuation tokens (seconds, no scoring)::
 
@@ -282,11 +289,13 @@ def gate_rates_fold(task: str, cache_dir: str, budgets: list, model, tok, seed: 
 
 
 def generate_fold(task: str, cache_dir: str, n_questions: int, new_tokens: int, budget: float, strengths: list,
-                  gate_strengths: list, random_strengths: list, model, tok, seed: int = 0) -> dict:
+                  gate_strengths: list, random_strengths: list, model, tok, seed: int = 0,
+                  benign_continuations: int = 0) -> dict:
     """Greedy continuations of the fold's first ``n_questions`` scored questions (prompt as scored,
     ``new_tokens`` new tokens) under the unsteered model, CAA at ``strengths``, the answer-token gate
     at ``budget`` with CAA's vector at ``gate_strengths`` and with the random direction at
-    ``random_strengths``, all attached in token mode: what the text looks like where MC improves."""
+    ``random_strengths``, all attached in token mode: what the text looks like where MC improves.
+    ``benign_continuations``: see :func:`fold`."""
     import finesteer as fs
     from finesteer import extract
     from finesteer.eval.baselines import mean_vector_mose, with_strength
@@ -294,7 +303,7 @@ def generate_fold(task: str, cache_dir: str, n_questions: int, new_tokens: int, 
     from finesteer.generation import generate_ids
     from finesteer.steerer import Steerer
 
-    f = fold(task, cache_dir, model, tok)
+    f = fold(task, cache_dir, model, tok, benign_continuations=benign_continuations)
     run, caa = f["run"], f["caa"]
     gate = fit_scs(f["target"], f["benign"], method="probe", max_benign_fpr=budget, seed=seed)
     gated = Steerer(gate=gate, mose=caa.mose, layer=run.cfg.layer)
@@ -315,6 +324,7 @@ def generate_fold(task: str, cache_dir: str, n_questions: int, new_tokens: int, 
                     out += generate_ids(model, tok, [ids], new_tokens)
         texts.setdefault(name, {})[str(lam)] = out
     return {"task": task, "mode": "token", "new_tokens": new_tokens, "budget": budget,
+            "benign_continuations": benign_continuations,
             "questions": [{"question": q.question, "best_answer": q.best} for q in questions], "continuations": texts}
 
 
@@ -408,13 +418,15 @@ def main(argv=None) -> int:
         ap.add_argument("--strengths", default="8,32", help="CAA's")
         ap.add_argument("--gate-strengths", default="16,32")
         ap.add_argument("--random-strengths", default="4")
+        ap.add_argument("--benign-continuations", type=int, default=0)
         ap.add_argument("--model", default=None)
         ap.add_argument("--threads", type=int, default=1)
         ap.add_argument("-o", "--output", required=True)
         a = ap.parse_args(argv[1:])
         return _fold_command(a, lambda model, tok: generate_fold(
             a.task, a.cache_dir, a.questions, a.new_tokens, a.budget, _floats(a.strengths),
-            _floats(a.gate_strengths), _floats(a.random_strengths), model, tok))
+            _floats(a.gate_strengths), _floats(a.random_strengths), model, tok,
+            benign_continuations=a.benign_continuations))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", required=True, choices=TASKS)
     ap.add_argument("--cache-dir", required=True, help="bench_quality's --cache-dir (one folder per task below it)")
