@@ -178,6 +178,32 @@ def study_document(script: str, threads: int, model, compute):
     return doc, time.perf_counter() - t0
 
 
+def block_states(model, ids: list, layers) -> dict:
+    """{layer: [len(ids), d]} (float64): h after each decoder block in ``layers`` (the output the
+    operator's hook sees) at every token of one sequence's ids (one forward, no padding). Read by
+    forward hooks on the blocks: ``hidden_states`` would do for inner blocks, but its last entry is
+    after the final norm."""
+    import torch
+
+    from finesteer.models import find_decoder_layers
+
+    blocks, got = find_decoder_layers(model), {}
+
+    def keep(layer):
+        def hook(module, args, output):
+            got[layer] = (output[0] if isinstance(output, tuple) else output)[0].double()
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: got[layer] for layer in layers}
+
+
 def write_json(doc: dict, path) -> None:
     """Write a study's document as indented JSON (folders made as needed) and say where."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

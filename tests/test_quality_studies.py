@@ -1057,7 +1057,7 @@ def test_truthfulqa_oracle_query_predictions_and_their_agreement_with_the_own_de
     assert own_rows["cosine"] == pytest.approx(1.0) and own_rows["mse"] == 0.0 and own_rows["n"] == 3
 
 
-def test_truthfulqa_oracle_prompt_token_states_are_the_extracted_blocks_outputs(oracle):
+def test_bench_quality_block_states_are_the_extracted_blocks_outputs(oracle):
     """The pooled query's per-token states: at the last token, exactly what extraction records after
     the same block, the last block included (HF's last hidden_states entry is after the final norm);
     the pool is their mean."""
@@ -1070,12 +1070,12 @@ def test_truthfulqa_oracle_prompt_token_states_are_the_extracted_blocks_outputs(
     last = extract.last_token_states(model, tok, prompts, [0, 2], progress=False, prompt_format="plain")
     ids = extract.encode_prompts(tok, prompts, prompt_format="plain")
     for i, seq in enumerate(ids):
-        per_token = oracle.prompt_token_states(model, seq, [0, 2])
+        per_token = _bench_quality().block_states(model, seq, [0, 2])
         for layer in (0, 2):
             assert per_token[layer].shape == (len(seq), 64)
             torch.testing.assert_close(per_token[layer][-1].float(), last[layer][i], rtol=1e-5, atol=1e-5)
     pooled = oracle.pooled_prompt_states(model, tok, prompts, [2], "plain")
-    torch.testing.assert_close(pooled[2][1], oracle.prompt_token_states(model, ids[1], [2])[2].mean(0))
+    torch.testing.assert_close(pooled[2][1], _bench_quality().block_states(model, ids[1], [2])[2].mean(0))
 
 
 @pytest.fixture(scope="module")

@@ -198,36 +198,15 @@ def pooled_prompt_states(model, tok, prompts: list, layers, prompt_format: str) 
     """{layer: [len(prompts), d]}: h after each block in ``layers``, averaged over every token of the
     formatted prompt (one prompt per forward, so no padding enters the mean). A query the operator
     does not read (it reads the last prompt token); here only to ask whether it would predict δ."""
+    import bench_quality as bq
+
     from finesteer import extract
 
     out = {layer: [] for layer in layers}
     for ids in extract.encode_prompts(tok, prompts, prompt_format=prompt_format):
-        for layer, states in prompt_token_states(model, ids, layers).items():
+        for layer, states in bq.block_states(model, ids, layers).items():
             out[layer].append(states.mean(0))
     return {layer: torch.stack(rows) for layer, rows in out.items()}
-
-
-def prompt_token_states(model, ids: list, layers) -> dict:
-    """{layer: [len(ids), d]} (float64): h after each decoder block in ``layers`` (the output the
-    operator's hook sees) at every token of one prompt's ids. Read by forward hooks on the blocks:
-    ``hidden_states`` would do for inner blocks, but its last entry is after the final norm."""
-    from finesteer.models import find_decoder_layers
-
-    blocks, got = find_decoder_layers(model), {}
-
-    def keep(layer):
-        def hook(module, args, output):
-            got[layer] = (output[0] if isinstance(output, tuple) else output)[0].double()
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in layers]
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: got[layer] for layer in layers}
 
 
 def agreement_fold(task: str, cache_dir: str, fit_options, pairs_per_question: int, model, tok,

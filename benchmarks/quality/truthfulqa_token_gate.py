@@ -74,28 +74,18 @@ def answer_token_states(model, run, questions, cache_path=None, progress: bool =
     and at each of the answer's ``n`` tokens, for every best, correct and incorrect answer of
     ``questions``, encoded as the harness scores them (one sequence per forward, so no padding).
     Entries already in ``cache_path`` are reused; new ones are added to it."""
-    from finesteer.models import find_decoder_layers
-
     cache = torch.load(cache_path) if cache_path is not None and Path(cache_path).is_file() else {}
     todo = [(q.question, a) for q in questions for a in dict.fromkeys([q.best, *q.correct, *q.incorrect])
             if (q.question, a) not in cache]
     if todo:
-        block, got = find_decoder_layers(model)[run.cfg.layer], {}
+        import bench_quality as bq
 
-        def keep(module, args, output):
-            got["h"] = (output[0] if isinstance(output, tuple) else output)[0]
-
-        handle = block.register_forward_hook(keep)
-        try:
-            for i, (question, answer) in enumerate(todo):
-                seq = run.enc.response(question, answer, f"truthfulqa answer {i}")
-                with torch.no_grad():
-                    model(torch.tensor([seq.ids]))
-                cache[(question, answer)] = got["h"][seq.last_prompt:].to(torch.float16).clone()
-                if progress and i % 200 == 0:
-                    print(f"answer-token states: {i}/{len(todo)}", flush=True)
-        finally:
-            handle.remove()
+        for i, (question, answer) in enumerate(todo):
+            seq = run.enc.response(question, answer, f"truthfulqa answer {i}")
+            h = bq.block_states(model, list(seq.ids), [run.cfg.layer])[run.cfg.layer]
+            cache[(question, answer)] = h[seq.last_prompt:].to(torch.float16)
+            if progress and i % 200 == 0:
+                print(f"answer-token states: {i}/{len(todo)}", flush=True)
         if cache_path is not None:
             tmp = Path(str(cache_path) + ".tmp")
             torch.save(cache, tmp)
@@ -141,25 +131,16 @@ def benign_token_states(model, run, prompt_set, continuations: Optional[dict] = 
     token of ``prompt_set``'s prompts and of their unsteered greedy continuations (by default the
     run's cached ones, the sequences the benign KL is measured on; else ``continuations[prompt]``),
     one sequence per forward."""
-    from finesteer.models import find_decoder_layers
+    import bench_quality as bq
 
     prompt_ids = run.enc.prompts(prompt_set.prompts)
     conts = (run._continuations(prompt_set, prompt_ids) if continuations is None
              else [continuations[p] for p in prompt_set.prompts])
-    block, got, prompt_rows, cont_rows = find_decoder_layers(model)[run.cfg.layer], {}, [], []
-
-    def keep(module, args, output):
-        got["h"] = (output[0] if isinstance(output, tuple) else output)[0]
-
-    handle = block.register_forward_hook(keep)
-    try:
-        for p, c in zip(prompt_ids, conts):
-            with torch.no_grad():
-                model(torch.tensor([list(p) + list(c)]))
-            prompt_rows.append(got["h"][:len(p)].float())
-            cont_rows.append(got["h"][len(p):].float())
-    finally:
-        handle.remove()
+    prompt_rows, cont_rows = [], []
+    for p, c in zip(prompt_ids, conts):
+        h = bq.block_states(model, list(p) + list(c), [run.cfg.layer])[run.cfg.layer].float()
+        prompt_rows.append(h[:len(p)])
+        cont_rows.append(h[len(p):])
     return torch.cat(prompt_rows), torch.cat(cont_rows)
 
 
