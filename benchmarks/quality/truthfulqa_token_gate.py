@@ -162,6 +162,15 @@ def gate_open_share(gate, rows: torch.Tensor) -> float:
     return float((gate.score(rows) > gate.threshold).double().mean())
 
 
+def gate_summary(gate, scored, states: dict, benign_prompt_rows: torch.Tensor, benign_cont_rows: torch.Tensor) -> dict:
+    """A fitted answer-token gate's calibration report and where it opens: on the scored questions'
+    answer tokens by kind (:func:`open_rates`) and on the benign KL set's prompt and continuation
+    tokens (:func:`benign_token_states`)."""
+    return {"report": gate.report.to_dict(), "open_on_scored": open_rates(gate, scored, states),
+            "open_on_benign": {"prompt_tokens": gate_open_share(gate, benign_prompt_rows),
+                               "continuation_tokens": gate_open_share(gate, benign_cont_rows)}}
+
+
 def fold(task: str, cache_dir: str, model, tok, fit_options: tuple = (), with_mose: bool = False,
          limit_truthfulqa=None, benign_continuations: int = 0) -> dict:
     """One fold's pieces, fitted as the task's run in token mode (with the further ``finesteer eval``
@@ -218,9 +227,7 @@ def run_fold(task: str, cache_dir: str, budgets: list, strengths: list, random_s
     benign_prompt_rows, benign_cont_rows = benign_token_states(model, run, benign_set)
     for budget in budgets:
         gate = fit_scs(target, benign, method="probe", max_benign_fpr=budget, seed=seed)
-        gates[budget] = {"report": gate.report.to_dict(), "open_on_scored": open_rates(gate, scored, states),
-                         "open_on_benign": {"prompt_tokens": gate_open_share(gate, benign_prompt_rows),
-                                            "continuation_tokens": gate_open_share(gate, benign_cont_rows)}}
+        gates[budget] = gate_summary(gate, scored, states, benign_prompt_rows, benign_cont_rows)
         st = Steerer(gate=gate, mose=caa.mose, layer=cfg.layer)
         configs += [(f"answer_gate_{budget:g}", lam, with_strength(st, lam)) for lam in strengths]
     variants = {"random": (mean_vector_mose(random_direction(delta, seed)), random_strengths)}
@@ -261,9 +268,7 @@ def gate_rates_fold(task: str, cache_dir: str, budgets: list, model, tok, seed: 
     gates = {}
     for budget in budgets:
         gate = fit_scs(f["target"], f["benign"], method="probe", max_benign_fpr=budget, seed=seed)
-        gates[f"{budget:g}"] = {"report": gate.report.to_dict(), "open_on_scored": open_rates(gate, f["scored"], f["states"]),
-                                "open_on_benign": {"prompt_tokens": gate_open_share(gate, prompt_rows),
-                                                   "continuation_tokens": gate_open_share(gate, cont_rows)}}
+        gates[f"{budget:g}"] = gate_summary(gate, f["scored"], f["states"], prompt_rows, cont_rows)
     return {"task": task, "benign_set": benign_set.name, "n_benign": len(benign_set),
             "benign_tokens": {"prompt": int(prompt_rows.shape[0]), "continuation": int(cont_rows.shape[0])},
             "gates": gates}
