@@ -33,6 +33,13 @@ VALIDATION sets (never tuned on what is reported):
 - ``truthfulness_swapped`` — the same with the file's halves swapped (``--swap-split``): the other
   fold of a two-fold cross-fit, so that with ``truthfulness`` every question is scored once by
   steerers not fitted on it (``benchmarks/quality/truthfulqa_crossfit.py`` pools the two);
+- ``truthfulness_tokens`` / ``truthfulness_tokens_swapped`` — the two truthfulness folds in token mode
+  with the SCS gate fitted on response tokens (``--gate-tokens response``): it opens where an answer
+  heads toward the training pairs' incorrect answers, and stays closed on their correct answers, on
+  the prompts, and on the model's own greedy continuations of 300 ``benign_train`` prompts
+  (``--gate-continuations``), at a 20 % budget. The configuration of
+  ``benchmarks/quality/truthfulqa_token_gate.py``'s selective gate, in ``finesteer eval`` (whose
+  gate also leaves the held-out pairs out); ``benchmarks/quality/truthfulqa_crossfit.py`` pools the two;
 - ``overrefusal`` — CoCoNot's contrast set (chosen mostly complies: δ points away from refusal),
   gate CoCoNot prompts vs ``benign_train``; scored toward compliance on ``borderline_val`` (target)
   and ``benign_val`` (benign).
@@ -43,7 +50,7 @@ converted once into finesteer's GGUF cache. Results go to ``benchmarks/results/q
 threads were several times slower); every step is cached under ``--cache-dir``, so a rerun that only
 changes methods or strengths skips extraction.
 
-    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 6 h (the sum of the tasks' own times)
+    nice python benchmarks/bench_quality.py --task all       # every task in turn: ≈ 7 h (the sum of the tasks' own times)
     nice python benchmarks/bench_quality.py --task safety --limit-eval 40 --strengths 0.5,1,2,4,8
 
 Skips with a message (exit status 0) when the shared data or the model package is missing.
@@ -82,6 +89,10 @@ TASK_STRENGTHS["safety_mixed"] = TASK_STRENGTHS["safety"]  # task_args builds it
 TASK_STRENGTHS["refuse_or_comply"] = TASK_STRENGTHS["safety"]
 TASK_STRENGTHS["refuse_or_comply_openings"] = TASK_STRENGTHS["safety"]
 TASK_STRENGTHS["truthfulness_swapped"] = TASK_STRENGTHS["truthfulness"]
+#: The response-token gate opens on a minority of answer tokens, so its methods need λ of 16–64 to
+#: move MC (truthfulqa_token_gate.py: λ = 32 at a benign KL of 0.05); CAA's grid reaches down to 2.
+TASK_STRENGTHS["truthfulness_tokens"] = "8,16,32"
+TASK_STRENGTHS["truthfulness_tokens_swapped"] = TASK_STRENGTHS["truthfulness_tokens"]
 #: Each task's ``--limit-pairs`` (records or prompts per pair file), unless --limit-pairs is given.
 #: safety_mixed gives the experts every training prompt of both files (1000 harmful_train prompts,
 #: all 927 CoCoNot records): with 300 of each, MoSE's routing did not carry over to the other
@@ -92,7 +103,7 @@ TASK_STRENGTHS["truthfulness_swapped"] = TASK_STRENGTHS["truthfulness"]
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
 TASK_LIMIT_PAIRS = {"safety": 300, "safety_budget": 300, "safety_tight": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
                     "refuse_or_comply_openings": 1000, "truthfulness": 300, "truthfulness_swapped": 300,
-                    "overrefusal": 300}
+                    "truthfulness_tokens": 300, "truthfulness_tokens_swapped": 300, "overrefusal": 300}
 #: Prompts scored per evaluation set (``--limit-eval``), unless --limit-eval is given. Safety scores
 #: 100 per set (it scored 40 before): its comparison with CAA's strongest points turns on the gate's
 #: open rate on the harmful set, and with 40 prompts that rate's standard error is ≈ 8 points (57.5 %
@@ -107,13 +118,17 @@ TASK_LIMIT_EVAL = {"safety": 100, "safety_budget": 100, "safety_tight": 100}
 #: development harmful prompts closest to CAST-style's gate's (0.274 and 0.274 of 500), a rule fixed
 #: before any reported row was read at that budget (budget_ladder.py match-open; docs/quality.md,
 #: "A third gate budget").
-TASK_MAX_BENIGN_FPR = {"safety_budget": 0.3, "safety_tight": 0.02}
+TASK_MAX_BENIGN_FPR = {"safety_budget": 0.3, "safety_tight": 0.02, "truthfulness_tokens": 0.2,
+                       "truthfulness_tokens_swapped": 0.2}
 #: Each task's ``--methods``, where it runs a subset (else the eval's default: every method).
-TASK_METHODS = {"safety_budget": "unsteered,caa,finesteer", "safety_tight": "unsteered,cast,finesteer"}
+TASK_METHODS = {"safety_budget": "unsteered,caa,finesteer", "safety_tight": "unsteered,cast,finesteer",
+                "truthfulness_tokens": "unsteered,caa,scs_mean,finesteer",
+                "truthfulness_tokens_swapped": "unsteered,caa,scs_mean,finesteer"}
 #: Tasks that read and fill another task's cache folder under --cache-dir: safety_budget and
 #: safety_tight extract exactly what safety does (the cache is keyed by its inputs), so after the
 #: safety run they extract nothing.
-TASK_CACHE = {"safety_budget": "safety", "safety_tight": "safety"}
+TASK_CACHE = {"safety_budget": "safety", "safety_tight": "safety", "truthfulness_tokens": "truthfulness",
+              "truthfulness_tokens_swapped": "truthfulness_swapped"}
 DEFAULT_LIMIT_EVAL = 40
 TRUTHFULNESS_METHODS = "unsteered,caa,cast,scs_mean,mose_nogate,finesteer"
 MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
@@ -126,6 +141,12 @@ MIXED_METHODS = "unsteered,caa,scs_mean,mose_nogate,finesteer"
 #: changed. The extra rows cost little: prompts whose gates are closed are not re-scored.
 GATED_EXTRA_STRENGTHS = {"safety": "24,32,48,64", "safety_budget": "24,32,48,64", "safety_tight": "24,32,48,64"}
 GATED_METHODS = ("cast", "scs_mean", "finesteer")
+#: Further strengths of single methods of a task (``--extra-strengths``), where the run scores them:
+#: the token-mode truthfulness runs score CAA also at the strengths where it does best in prompt mode
+#: (λ = 2–8; a constant vector steers the same in both modes), and the gate with the mean vector one
+#: doubling beyond the grid, where the curve may not yet have flattened.
+TASK_EXTRA_STRENGTHS = {"truthfulness_tokens": ("caa=2,4", "scs_mean=64")}
+TASK_EXTRA_STRENGTHS["truthfulness_tokens_swapped"] = TASK_EXTRA_STRENGTHS["truthfulness_tokens"]
 #: FineSteer's curve below the task grid's smallest λ. The trade-off check asks, for each baseline
 #: point, for the weakest FineSteer strength that moves the targets at least as far; for the weakest
 #: baseline point (CAST-style λ = 1: +1.81) that strength lies below 1, and on the grid alone the
@@ -272,15 +293,23 @@ def task_args(task: str, a) -> list:
             "--eval-target", f"harmful={s / 'harmful_val.jsonl'}",
             "--eval-target", f"borderline={s / 'borderline_val.jsonl'}", "--set-toward", "borderline=compliance",
             "--eval-benign", f"benign={s / 'benign_val.jsonl'}", "--methods", MIXED_METHODS]
-    if task in ("truthfulness", "truthfulness_swapped"):
+    if task.startswith("truthfulness"):
         # truthfulness_swapped is the other fold of a two-fold cross-fit: the same run with the
         # TruthfulQA file's halves swapped (fit on the questions truthfulness scores, score the ones
         # it fits on), so the two runs together score all 406 questions, each by a steerer that
         # never saw it (benchmarks/quality/truthfulqa_crossfit.py pools them).
-        swap = ["--swap-split"] if task == "truthfulness_swapped" else []
-        return common + swap + ["--methods", TRUTHFULNESS_METHODS, "--pairs", str(tqa), "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
-                         "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
-                         "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
+        swap = ["--swap-split"] if task.endswith("_swapped") else []
+        args = common + swap + ["--methods", TASK_METHODS.get(task, TRUTHFULNESS_METHODS), "--pairs", str(tqa),
+                                "--target", str(tqa), "--benign", str(s / "benign_train.jsonl"),
+                                "--truthfulqa", str(tqa), "--limit-truthfulqa", str(a.limit_truthfulqa),
+                                "--eval-benign", f"benign={s / 'benign_val.jsonl'}"]
+        if task.startswith("truthfulness_tokens"):
+            # Token mode, the gate on response tokens: it reads each answer token while the answer is
+            # scored and opens where the answer heads toward the training pairs' incorrect answers;
+            # the model's own continuations of 300 benign prompts keep it closed on ordinary text
+            # (without them it opened on ~40 % of those tokens: truthfulqa_token_gate.py gate-rates).
+            args += ["--mode", "token", "--gate-tokens", "response", "--gate-continuations", "300"]
+        return args
     if task == "overrefusal":
         return common + ["--pairs", str(s / "coconot_pref.jsonl"), "--target", str(s / "coconot_pref.jsonl"),
                          "--benign", str(s / "benign_train.jsonl"), "--toward", "compliance",
@@ -297,8 +326,9 @@ def task_config(task: str, cache_dir: str, extra: tuple = ()):
     ``benchmarks/quality/`` that refit a task's steerers from its cache."""
     from finesteer.eval.cli import add_arguments, config_from_args
 
-    a = argparse.Namespace(**DEFAULTS, strengths=None, limit_eval=None, limit_pairs=None, prompt_format="plain",
-                           threads=1)
+    # max_benign_fpr None: the task's own budget (TASK_MAX_BENIGN_FPR), as the command line's default
+    a = argparse.Namespace(**{**DEFAULTS, "max_benign_fpr": None}, strengths=None, limit_eval=None, limit_pairs=None,
+                           prompt_format="plain", threads=1)
     p = argparse.ArgumentParser()
     add_arguments(p)
     return config_from_args(p.parse_args(["--model", "unused", *task_args(task, a), "-o", "unused",
@@ -322,6 +352,9 @@ def gated_extra_args(task: str, extra: list) -> list:
            for x in ("--extra-strengths", f"{m}={GATED_EXTRA_STRENGTHS[task]}")]
     if "finesteer" in methods and task in FINESTEER_BELOW_GRID:
         out += ["--extra-strengths", f"finesteer={FINESTEER_BELOW_GRID[task]}"]
+    scored = _methods_of(extra, task)
+    out += [x for spec in TASK_EXTRA_STRENGTHS.get(task, ()) if scored is None or spec.split("=")[0] in scored
+            for x in ("--extra-strengths", spec)]
     return out
 
 

@@ -12,6 +12,9 @@ Two quantities:
 - :func:`response_deltas` — ``δ = mean(h over chosen-response tokens) − mean(h over rejected-response
   tokens)``, each response following the same prompt (the paper's definition), plus the queries.
 
+and, for a gate that reads every token (token mode, DESIGN §4), ``h`` at every token of a response
+(:func:`response_token_states`) or of any span of token ids (:func:`span_token_states`).
+
 Prompt formats (:data:`PROMPT_FORMATS`, option ``prompt_format`` of every function here, recorded
 in the steerer artifact so generation and evaluation format prompts exactly as fitting did):
 
@@ -44,7 +47,8 @@ import torch
 from .models import find_decoder_layers, full_forward_kwargs, model_context_length, model_device, model_hidden_size
 
 __all__ = ["PLAIN_TEMPLATE", "PROMPT_FORMATS", "ChatTemplateError", "encode_prompts", "format_prompt",
-           "last_token_states", "long_rows", "pad_batch", "resolve_prompt_format", "response_deltas"]
+           "last_token_states", "long_rows", "pad_batch", "resolve_prompt_format", "response_deltas",
+           "response_token_states", "span_token_states"]
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +304,10 @@ def _forward_capture(model, blocks, layers: list, ids, mask, pos, reduce) -> dic
 
 
 def _run_batches(model, tokenizer, seqs: list, layers: list, batch_size: int, reduce_for, progress: bool,
-                 desc: str, padding_side: Optional[str], module_path: Optional[str]) -> dict:
-    """Run ``seqs`` in length-sorted batches; ``reduce_for(rows, offsets)`` builds each batch's reducer."""
+                 desc: str, padding_side: Optional[str], module_path: Optional[str], stack: bool = True) -> dict:
+    """Run ``seqs`` in length-sorted batches; ``reduce_for(rows, offsets)`` builds each batch's reducer.
+    Returns ``{layer: Tensor[N, ...]}``, or with ``stack=False`` ``{layer: [Tensor per sequence]}``
+    (for reducers whose per-row output is padded to the batch's longest: the caller trims it)."""
     from tqdm.auto import tqdm
 
     blocks = find_decoder_layers(model, module_path)
@@ -328,6 +334,8 @@ def _run_batches(model, tokenizer, seqs: list, layers: list, batch_size: int, re
             vals = captured[layer].float().cpu()
             for j, i in enumerate(rows):
                 results[layer][i] = vals[j]
+    if not stack:
+        return results
     if not seqs:
         d = model_hidden_size(model) or 0
         return {layer: torch.zeros(0, d) for layer in layers}
@@ -505,3 +513,84 @@ def response_deltas(model, tokenizer, prompts: Sequence[str], chosen: Sequence[s
     tensors.update({f"deltas_{layer}": deltas[layer] for layer in layers})
     _cache_save(cache_file, key, tensors)
     return queries, deltas
+
+
+def span_token_states(model, tokenizer, seqs: Sequence[Sequence[int]], spans: Sequence[tuple], layers,
+                      batch_size: int = 8, cache_file=None, progress: bool = True,
+                      padding_side: Optional[str] = None, module_path: Optional[str] = None):
+    """``h`` at every token of a span of each token-id sequence.
+
+    Semantics (``h_ℓ(x)[t]`` the state after block ℓ at token t of ``x``; ``(s_i, e_i) = spans[i]``)::
+
+        states[ℓ][offsets[i] + k] = h_ℓ(seqs[i])[s_i + k]      for 0 <= k < e_i − s_i
+        offsets[i] = sum_{j < i} (e_j − s_j)
+
+    Shapes: N sequences and N half-open spans ``0 <= s_i < e_i <= len(seqs[i])`` →
+    ``(states, lengths)``: ``{ℓ: Tensor[T, d]}`` fp32 on the CPU, the spans' rows in order
+    (``T = sum lengths``), and ``lengths`` Tensor[N] long. Tokens after a span are not run (a causal
+    model's states do not depend on them). ``cache_file`` etc. as in :func:`last_token_states`.
+    """
+    layers = _layer_list(layers)
+    if len(spans) != len(seqs):
+        raise ValueError(f"seqs and spans must have the same length, got {len(seqs)} and {len(spans)}")
+    context = model_context_length(model)
+    seqs = [list(s) for s in seqs]
+    for i, (ids, span) in enumerate(zip(seqs, spans)):
+        s, e = span
+        if not (isinstance(s, int) and isinstance(e, int) and 0 <= s < e <= len(ids)):
+            raise ValueError(f"span {i}: {span!r} is not a non-empty range inside its {len(ids)} tokens")
+        _check_length(e, context, "sequence", i)
+    run = [ids[:e] for ids, (_, e) in zip(seqs, spans)]
+    lengths = torch.tensor([e - s for s, e in spans], dtype=torch.long)
+    key = _cache_key(model, "span_token_states", layers, {"ids": run, "spans": [list(sp) for sp in spans]})
+    hit = _cache_load(cache_file, key)
+    if hit is not None:
+        return {layer: hit[f"states_{layer}"] for layer in layers}, hit["lengths"]
+
+    def reduce_for(rows, offsets, S):
+        longest = max(spans[i][1] - spans[i][0] for i in rows)
+        index = torch.zeros(len(rows), longest, dtype=torch.long)
+        for j, i in enumerate(rows):
+            s, e = spans[i]
+            # rows past a short span repeat its last token; the caller trims them
+            index[j] = offsets[j] + torch.arange(s, s + longest).clamp(max=e - 1)
+
+        def reduce(h):
+            return torch.gather(h, 1, index.to(h.device)[..., None].expand(-1, -1, h.shape[-1])).float()
+        return reduce
+
+    per_seq = _run_batches(model, tokenizer, run, layers, batch_size, reduce_for, progress,
+                           "extract: span tokens", padding_side, module_path, stack=False)
+    d = model_hidden_size(model) or 0
+    states = {layer: torch.cat([rows[:n] for rows, n in zip(per_seq[layer], lengths.tolist())])
+              if run else torch.zeros(0, d) for layer in layers}
+    tensors = {f"states_{layer}": states[layer] for layer in layers}
+    tensors["lengths"] = lengths
+    _cache_save(cache_file, key, tensors)
+    return states, lengths
+
+
+def response_token_states(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], layers,
+                          batch_size: int = 8, chat_template: bool = True, cache_file=None, progress: bool = True,
+                          padding_side: Optional[str] = None, module_path: Optional[str] = None,
+                          prompt_format: Optional[str] = None):
+    """``h`` at every token of each response following its prompt: the rows a gate on response tokens
+    is fitted on (token mode reads each of them while the response is scored or generated).
+
+    Semantics: :func:`span_token_states` over the tokens of ``prompts[i]`` + ``responses[i]`` with
+    the span of the response tokens (as :func:`response_deltas` locates them). Returns
+    ``(states {ℓ: Tensor[T, d]}, lengths Tensor[N])``: response i's rows are
+    ``states[ℓ][sum(lengths[:i]) : sum(lengths[:i + 1])]``. Options as in :func:`response_deltas`.
+    """
+    if len(responses) != len(prompts):
+        raise ValueError(f"prompts and responses must have the same length, got {len(prompts)}, {len(responses)}")
+    fmt = resolve_prompt_format(tokenizer, prompt_format, chat_template)
+    seqs, spans = [], []
+    for i, (prompt, resp) in enumerate(zip(prompts, responses)):
+        _check_text(prompt, "prompt", i)
+        _check_text(resp, "response", i)
+        ids, start, end = _encode_response(tokenizer, prompt, resp, fmt, f"response {i}")
+        seqs.append(ids)
+        spans.append((start, end))
+    return span_token_states(model, tokenizer, seqs, spans, layers, batch_size, cache_file, progress,
+                             padding_side, module_path)

@@ -645,7 +645,8 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
     text = capsys.readouterr().out
     for opt in ("--eval-target", "--eval-benign", "--truthfulqa", "--methods", "--strengths", "--limit-eval",
                 "--threads", "--cache-dir", "--generate", "--prompt-format", "--gguf-file", "--extra-strengths",
-                "--compliance-opening-pairs", "--match-targets", "--match-tolerance"):
+                "--compliance-opening-pairs", "--match-targets", "--match-tolerance", "--gate-tokens",
+                "--gate-continuations"):
         assert opt in text
     model_dir = save_tiny(tmp_path / "model")
     out = tmp_path / "cli-out"
@@ -695,6 +696,20 @@ def test_cli_help_and_end_to_end(files, tmp_path, capsys):
                "--eval-benign", f"benign={files['benign_val']}", "--set-toward", "borderline=compliance",
                "--quiet", "-o", str(out)])
     assert rc == 2 and "--set-toward names borderline, which is not an evaluation set" in capsys.readouterr().err
+    rc = main(["eval", "--model", str(model_dir), "--layer", "1", "--opening-pairs", files["target"],
+               "--target", files["target"], "--benign", files["benign"], "--eval-benign", f"benign={files['benign_val']}",
+               "--gate-tokens", "response", "--quiet", "-o", str(out)])
+    assert rc == 2 and "only token mode reads" in capsys.readouterr().err
+    import argparse
+
+    from finesteer.eval.cli import add_arguments, config_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args([
+        "--model", "m", "--layer", "1", "--pairs", files["tqa"], "--target", files["target"], "--benign", files["benign"],
+        "--truthfulqa", files["tqa"], "--mode", "token", "--gate-tokens", "response", "--gate-continuations", "7",
+        "-o", str(out)]))
+    assert (cfg.gate_tokens, cfg.gate_continuations, cfg.mode) == ("response", 7, "token")
 
 
 def _grouped_seqs(lone_at: int) -> list:
@@ -992,3 +1007,78 @@ def test_match_targets_config_errors(files, tmp_path):
                 match_targets=(("finesteer", "caa"),))
     with pytest.raises(ValueError, match="match_tolerance"):
         _config(files, tmp_path, match_tolerance=0.0)
+
+
+def test_response_token_gate_is_fitted_on_the_pairs_response_tokens(llama, files, tmp_path, monkeypatch):
+    """``gate_tokens="response"`` (token mode): the SCS gate's target rows are every token of the
+    fitted pairs' distinct rejected responses; its benign rows every token of their chosen responses,
+    their prompts' last tokens, the benign prompts' last tokens and, with ``gate_continuations``,
+    every token of the benign prompts' greedy continuations. Held-out pairs stay out, and the run
+    reports where the gate opens on every block of rows and on the scored TruthfulQA answers' tokens.
+    CAST-style keeps its prompt condition."""
+    import finesteer.fit as fit_pkg
+    from finesteer import extract
+    from finesteer.eval.harness import _Inputs
+
+    seen = []
+    real_fit_scs = fit_pkg.fit_scs
+    monkeypatch.setattr(fit_pkg, "fit_scs", lambda t, b, **kw: seen.append((t, b)) or real_fit_scs(t, b, **kw))
+    tok = tiny_tokenizer()
+    tqa = _jsonl(tmp_path / "tqa20.jsonl", [
+        {"question": f"is the sky green {i}?", "best_answer": "No, it is blue", "correct_answers": ["No, it is blue", "No"],
+         "incorrect_answers": ["Yes, it is green", f"Yes, on day {i}"]} for i in range(20)])
+    cfg = _config(files, tmp_path, mode="token", gate_tokens="response", gate_continuations=3, pairs=tqa,
+                  truthfulqa=tqa, opening_pairs=None, pairs_per_prompt=2, scs_method="probe", rank=None,
+                  max_benign_fpr=0.2, holdout_fraction=0.3, methods=("unsteered", "caa", "cast", "scs_mean"),
+                  strengths=(4.0,))
+    result = run_eval(llama, tok, cfg)
+    (target, benign), = seen  # CAST-style builds its own condition; only the SCS gate calls fit_scs
+
+    inputs = _Inputs(cfg)
+    prompts, chosen, rejected = inputs.pairs
+    held = set(sorted(set(prompts))[i] for i in __import__("finesteer.eval.data", fromlist=["x"])
+               .disjoint_split(len(set(prompts)), 1 - cfg.holdout_fraction, cfg.seed + 1)[1])
+    fitted = [i for i, p in enumerate(prompts) if p not in held]
+    assert held and fitted
+    rej = list(dict.fromkeys((prompts[i], rejected[i]) for i in fitted))
+    cho = [k for k in dict.fromkeys((prompts[i], chosen[i]) for i in fitted) if k not in set(rej)]
+    def token_rows(keys):
+        states, _ = extract.response_token_states(llama, tok, [p for p, _ in keys], [r for _, r in keys], [LAYER],
+                                                  prompt_format="auto", progress=False)
+        return states[LAYER]
+    torch.testing.assert_close(target, token_rows(rej), atol=2e-5, rtol=1e-5)
+    n_prompts = len(set(prompts[i] for i in fitted))
+    conts = len(inputs.benign[:3])
+    rows = result.fit["gate_rows"]
+    assert rows["tokens"] == "response"
+    assert rows["rejected_response_tokens"]["rows"] == target.shape[0]
+    assert rows["chosen_response_tokens"]["rows"] == token_rows(cho).shape[0]
+    assert rows["pair_prompt_last_tokens"]["rows"] == n_prompts
+    assert rows["benign_prompt_last_tokens"]["rows"] == len(inputs.benign)
+    assert conts <= rows["benign_continuation_tokens"]["rows"] <= conts * cfg.continuation_tokens
+    assert benign.shape[0] == sum(rows[k]["rows"] for k in ("chosen_response_tokens", "pair_prompt_last_tokens",
+                                                            "benign_prompt_last_tokens", "benign_continuation_tokens"))
+    torch.testing.assert_close(benign[:rows["chosen_response_tokens"]["rows"]], token_rows(cho), atol=2e-5, rtol=1e-5)
+    assert rows["heldout_rejected_response_tokens"]["rows"] > 0
+    assert all(0.0 <= v["open_share"] <= 1.0 for k, v in rows.items() if k != "tokens")
+    opened = result.truthfulqa["gate_open_on_answer_tokens"]
+    assert set(opened) == {"cast", "scs_mean"} and all(0.0 <= x <= 1.0 for v in opened.values() for x in v.values())
+    assert {r["method"] for r in result.rows} == {"unsteered", "caa", "cast", "scs_mean"}
+    on_tokens = result.sets["benign"]["gate_on_tokens"]
+    assert set(on_tokens) == {"cast", "scs_mean"}
+    assert all(0.0 <= x <= 1.0 for v in on_tokens.values() for x in v.values())
+    md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
+    assert "Gate on response tokens" in md and "| rejected response tokens | %d |" % target.shape[0] in md
+    assert "- benign, scs_mean: prompt tokens" in md
+
+
+def test_response_token_gate_config_errors(files, tmp_path):
+    with pytest.raises(ValueError, match="gate_tokens must be one of"):
+        _config(files, tmp_path, mode="token", gate_tokens="answer")
+    with pytest.raises(ValueError, match="only token mode reads.*set mode='token'"):
+        _config(files, tmp_path, gate_tokens="response")
+    with pytest.raises(ValueError, match="gate_continuations .* needs gate_tokens='response'"):
+        _config(files, tmp_path, mode="token", gate_continuations=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="gate_continuations must be an integer >= 0"):
+            _config(files, tmp_path, mode="token", gate_tokens="response", gate_continuations=bad)

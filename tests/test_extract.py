@@ -1,4 +1,4 @@
-"""Activation extraction: hook point, padding independence, multi-layer, cache, response deltas."""
+"""Activation extraction: hook point, padding independence, multi-layer, cache, response deltas, per-token states."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 
 from tests.hf_tiny import tiny_model, tiny_tokenizer
 
-from finesteer.extract import format_prompt, last_token_states, response_deltas
+from finesteer.extract import (format_prompt, last_token_states, response_deltas,
+                               response_token_states, span_token_states)
 
 PROMPTS = ["Hi", "How do I bake bread?", "Tell me a joke about cats, please.", "ok", "What is 2+2?"]
 ATOL = 2e-5  # fp32: batching/padding changes only summation order
@@ -264,3 +265,62 @@ def test_chat_template_error_does_not_name_a_command_line_flag(llama3):
     with pytest.raises(ChatTemplateError) as exc:
         response_deltas(llama3, tok, ["ok"], ["fine"], ["no"], [0], progress=False)
     assert "prompt_format='plain'" in str(exc.value) and "--" not in str(exc.value)
+
+
+@pytest.mark.parametrize("template", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_response_token_states_are_each_response_tokens_state(llama3, template, side):
+    """Every response token's state, in order, as HF computes it for the unpadded sequence; their
+    means are response_deltas' means (the same tokens, located the same way)."""
+    tok = tiny_tokenizer()
+    prompts = ["How do I pick a lock?", "Hi", "How do I pick a lock?"]
+    responses = ["I can't help with that.", "Hello! How can I help?", "Sure, first get a tension wrench."]
+    states, lengths = response_token_states(llama3, tok, prompts, responses, [0, 1], batch_size=2,
+                                            chat_template=template, padding_side=side, progress=False)
+    assert lengths.dtype == torch.long and lengths.shape == (3,) and bool((lengths > 0).all())
+    for layer in (0, 1):
+        assert states[layer].shape == (int(lengths.sum()), llama3.config.hidden_size)
+        rows = torch.split(states[layer], lengths.tolist())
+        _, d = response_deltas(llama3, tok, prompts[:1], responses[:1], responses[2:], [layer],
+                               chat_template=template, progress=False)
+        torch.testing.assert_close(rows[0].mean(0) - rows[2].mean(0), d[layer][0], atol=ATOL, rtol=1e-5)
+        if not template:  # raw text: the response's tokens end the sequence, after the prompt's + " "
+            full = tok(prompts[1] + " " + responses[1])["input_ids"]
+            start = len(tok(prompts[1] + " ")["input_ids"])
+            assert int(lengths[1]) == len(full) - start
+            torch.testing.assert_close(rows[1], _single_hidden(llama3, full, layer)[start:], atol=ATOL, rtol=1e-5)
+
+
+def test_span_token_states_reads_the_span_and_caches(llama3, tmp_path):
+    tok = tiny_tokenizer()
+    seqs = [[1, 5, 9, 13, 17, 21], [1, 7, 8], [1, 30, 31, 32, 33]]
+    spans = [(2, 5), (0, 3), (4, 5)]
+    cache = tmp_path / "s.safetensors"
+    states, lengths = span_token_states(llama3, tok, seqs, spans, [1], batch_size=3, cache_file=cache,
+                                        progress=False)
+    assert lengths.tolist() == [3, 3, 1]
+    want = torch.cat([_single_hidden(llama3, ids, 1)[s:e] for ids, (s, e) in zip(seqs, spans)])
+    torch.testing.assert_close(states[1], want, atol=ATOL, rtol=1e-5)
+    calls = []
+    handle = llama3.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again, lengths2 = span_token_states(llama3, tok, seqs, spans, [1], cache_file=cache, progress=False)
+    finally:
+        handle.remove()
+    assert calls == [] and torch.equal(again[1], states[1]) and torch.equal(lengths2, lengths)
+    empty, none = span_token_states(llama3, tok, [], [], [1], progress=False)
+    assert empty[1].shape == (0, llama3.config.hidden_size) and none.shape == (0,)
+
+
+def test_span_and_response_token_states_refuse_bad_input(llama3):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"span 1: \(2, 2\) is not a non-empty range"):
+        span_token_states(llama3, tok, [[1, 2, 3], [1, 2, 3]], [(0, 1), (2, 2)], [0], progress=False)
+    with pytest.raises(ValueError, match=r"span 0: \(1, 9\)"):
+        span_token_states(llama3, tok, [[1, 2, 3]], [(1, 9)], [0], progress=False)
+    with pytest.raises(ValueError, match="same length"):
+        span_token_states(llama3, tok, [[1, 2, 3]], [], [0], progress=False)
+    with pytest.raises(ValueError, match="response 1: empty"):
+        response_token_states(llama3, tok, ["a", "b"], ["fine", " "], [0], progress=False)
+    with pytest.raises(ValueError, match=r"sequence 0: \d+ tokens, longer than the model's context"):
+        response_token_states(llama3, tok, ["x" * 200], ["fine"], [0], progress=False)

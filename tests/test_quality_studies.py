@@ -1204,9 +1204,10 @@ def test_truthfulqa_token_gate_benign_token_states_split_prompt_and_continuation
 
     model, tok = tiny_model(layers=3), tiny_tokenizer()
     conts = {"hello there": [31, 11, 25], "is it cold": [15, 26]}
+    asked = []
     run = SimpleNamespace(enc=_Encoder(model, tok, "plain"), cfg=SimpleNamespace(layer=1),
-                          _continuations=lambda ps, ids: [conts[p] for p in ps.prompts])
-    prompts = SimpleNamespace(prompts=list(conts))
+                          _continuations=lambda name, ids: asked.append(name) or list(conts.values()))
+    prompts = SimpleNamespace(name="benign", prompts=list(conts))
     prompt_rows, cont_rows = token_gate.benign_token_states(model, run, prompts)
     ids = run.enc.prompts(prompts.prompts)
     want_p, want_c = [], []
@@ -1217,7 +1218,7 @@ def test_truthfulqa_token_gate_benign_token_states_split_prompt_and_continuation
         want_c.append(h[len(p):])
     torch.testing.assert_close(prompt_rows, torch.cat(want_p), rtol=0, atol=0)
     torch.testing.assert_close(cont_rows, torch.cat(want_c), rtol=0, atol=0)
-    assert cont_rows.shape[0] == 5
+    assert cont_rows.shape[0] == 5 and asked == ["eval-benign"]  # the harness's cache name of the set's continuations
     gate = SimpleNamespace(score=lambda x: x[:, 0], threshold=0.5)
     assert token_gate.gate_open_share(gate, torch.tensor([[0.0], [0.6], [1.0], [0.5]])) == 0.5
 

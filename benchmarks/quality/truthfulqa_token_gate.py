@@ -134,7 +134,7 @@ def benign_token_states(model, run, prompt_set, continuations: Optional[dict] = 
     import bench_quality as bq
 
     prompt_ids = run.enc.prompts(prompt_set.prompts)
-    conts = (run._continuations(prompt_set, prompt_ids) if continuations is None
+    conts = (run._continuations(f"eval-{prompt_set.name}", prompt_ids) if continuations is None
              else [continuations[p] for p in prompt_set.prompts])
     prompt_rows, cont_rows = [], []
     for p, c in zip(prompt_ids, conts):

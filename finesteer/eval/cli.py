@@ -210,6 +210,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--gate-temperature", type=float, default=0.5,
                    help="soft gate T in units of the std of the gate's scores on the benign training prompts "
                         "(default: 0.5)")
+    f.add_argument("--gate-tokens", default="prompt", choices=["prompt", "response"],
+                   help="what the gate of scs_mean and finesteer is fitted on: prompt, the last token of the "
+                        "--target and --benign prompts (default); response (needs --mode token), every token "
+                        "of the training pairs' rejected responses against every token of their chosen ones, "
+                        "their prompts' and the --benign prompts' last tokens, so the gate opens where a "
+                        "response heads the rejected way")
+    f.add_argument("--gate-continuations", type=int, default=0, metavar="N",
+                   help="with --gate-tokens response: also keep the gate closed on every token of the "
+                        "unsteered greedy continuations of the first N --benign prompts (default: 0)")
     add_mose_arguments(f, null_rows_help="add N of the gate's benign training prompts to MoSE's training data "
                        "with a zero response shift, so the experts also learn how much to steer: the vector "
                        "shrinks on queries that resemble benign prompts more than targets (the mean vector of "
@@ -261,7 +270,8 @@ def config_from_args(args):
         eval_start=args.eval_start,
         holdout_fraction=args.holdout_fraction, delta_positions=args.delta_positions, rank=args.rank,
         scs_method=args.scs_method, benign_rank=args.benign_rank, max_benign_fpr=args.max_benign_fpr, calib_fraction=args.calib_fraction,
-        gate_mode=args.gate_mode, gate_temperature=args.gate_temperature,
+        gate_mode=args.gate_mode, gate_temperature=args.gate_temperature, gate_tokens=args.gate_tokens,
+        gate_continuations=args.gate_continuations,
         mose_options=mose, null_rows=args.null_rows, seed=args.seed, mode=args.mode, backend=args.backend, batch_size=args.batch_size,
         prompt_format=args.prompt_format, module_path=args.layers_path,
         cache_dir=args.cache_dir or str(Path(args.output_dir) / "cache"), progress=not args.quiet)

@@ -9,6 +9,8 @@ from .baselines import METHODS
 __all__ = ["EvalConfig", "EvalSetSpec"]
 
 TOWARD = ("refusal", "compliance")
+#: What the SCS gate is fitted on (:attr:`EvalConfig.gate_tokens`).
+GATE_TOKENS = ("prompt", "response")
 
 
 @dataclass
@@ -99,6 +101,18 @@ class EvalConfig:
         gate_temperature: T of the soft gate in units of the standard deviation of the fitted gate's
             scores on the benign training prompts (scores of a probe gate are ~1e-7, so an absolute
             temperature would mean nothing across models).
+    Which states the SCS gate is fitted on (``scs_mean``, ``finesteer``; CAST-style keeps its prompt condition):
+        gate_tokens: ``"prompt"`` (default): the last prompt token of the ``target`` and ``benign``
+            files. ``"response"`` (token mode only, where the operator reads every position, so it
+            can act on what a response says while it is scored or generated): the target side is every
+            token of the training pairs' *rejected* responses; the benign side every token of their
+            chosen responses, the pairs' prompts' last tokens and the ``benign`` files' prompts' last
+            tokens. The held-out pairs (``holdout_fraction``) stay out of the gate too, and the run
+            reports where it opens on their responses' tokens (``fit["gate_rows"]``).
+        gate_continuations: with ``gate_tokens="response"``, N > 0 adds every token of the unsteered
+            greedy continuations (``continuation_tokens`` long) of the first N ``benign`` prompts to
+            the benign side: ordinary text the model writes itself, on which a response-token gate
+            should stay closed. Default 0.
     Fit options: delta_positions, rank, scs_method, benign_rank, max_benign_fpr, calib_fraction, mose_options
     (keyword arguments of :func:`finesteer.fit_mose`), holdout_fraction (pairs held out to measure how
     well each method predicts response shifts; the steerers are fitted on the rest), seed.
@@ -149,6 +163,8 @@ class EvalConfig:
     calib_fraction: float = 0.2
     gate_mode: str = "hard"
     gate_temperature: float = 0.5
+    gate_tokens: str = "prompt"
+    gate_continuations: int = 0
     mose_options: Dict = field(default_factory=dict)
     null_rows: int = 0
     seed: int = 0
@@ -196,6 +212,16 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.gate_temperature must be a finite number > 0, got {self.gate_temperature}")
         if self.mode not in ("prompt", "token"):
             raise ValueError(f"EvalConfig.mode must be 'prompt' or 'token', got {self.mode!r}")
+        if self.gate_tokens not in GATE_TOKENS:
+            raise ValueError(f"EvalConfig.gate_tokens must be one of {GATE_TOKENS}, got {self.gate_tokens!r}")
+        if self.gate_tokens == "response" and self.mode != "token":
+            raise ValueError("EvalConfig.gate_tokens='response' fits the gate on response tokens, which only token "
+                             "mode reads (prompt mode gates on the last prompt token): set mode='token'")
+        if not _is_count(self.gate_continuations, 0):
+            raise ValueError(f"EvalConfig.gate_continuations must be an integer >= 0, got {self.gate_continuations!r}")
+        if self.gate_continuations and self.gate_tokens != "response":
+            raise ValueError("EvalConfig.gate_continuations adds continuation tokens to a response-token gate's "
+                             "benign side: it needs gate_tokens='response'")
         names = [s.name for s in self.eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"EvalConfig.eval_sets: duplicate names in {names}")

@@ -255,6 +255,7 @@ class _Run:
         self.result = EvalResult(config=cfg.to_dict(), model=str(name))
         self.time = _Timer(self.result.timings)
         self.cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+        self._generated: Dict[tuple, list] = {}  # continuations of this run: (name, key) → ids
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
 
@@ -318,15 +319,19 @@ class _Run:
         held_set = {prompts[i] for i in held_p}
         held = torch.tensor([p in held_set for p in inputs.pairs[0]])
         null_fit, null_held = self._null_rows(h_b)
+        gate_t, gate_b, gate_rows = h_t, h_b, None
+        if cfg.gate_tokens == "response":
+            with self.time("extract"):
+                gate_t, gate_b, gate_rows = self._response_gate_rows(inputs, held, q, h_b)
         with self.time("fit"):
-            gate = fit_scs(h_t, h_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=cfg.max_benign_fpr,
+            gate = fit_scs(gate_t, gate_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=cfg.max_benign_fpr,
                            calib_fraction=cfg.calib_fraction, seed=cfg.seed, benign_rank=cfg.benign_rank)
             opts = dict(cfg.mose_options)
             opts.setdefault("seed", cfg.seed)
             opts.setdefault("progress", cfg.progress)
             mose = fit_mose(*append_null_rows(q[~held], d[~held], null_fit), **opts)
             data = FitData(target=h_t, benign=h_b, queries=q[~held], deltas=d[~held])
-            spread = benign_score_spread(gate, h_b)
+            spread = benign_score_spread(gate, gate_b)
             temperature = soft_gate_temperature(spread, cfg.gate_temperature) if cfg.gate_mode == "soft" else None
             methods = build_methods(data, self.cfg.methods, cfg.layer, gate=gate, mose=mose,
                                     max_benign_fpr=cfg.max_benign_fpr, calib_fraction=cfg.calib_fraction,
@@ -357,6 +362,7 @@ class _Run:
                "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": pred["mose"]["n"],
                "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode, "benign_score_std": spread,
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
+               **({"gate_rows": self._gate_row_report(gate, gate_rows)} if gate_rows is not None else {}),
                "mose": dict(mose.fit_stats or {}),  # JSON-serialisable by contract (fit_mose)
                "delta_prediction_heldout": pred,
                **({"delta_prediction_heldout_by_source": pred_by_source} if pred_by_source else {}),
@@ -373,6 +379,80 @@ class _Run:
         for name, st in methods.items():
             if st is not None:
                 self.configs += [(name, lam, with_strength(st, lam)) for lam in cfg.strengths_of(name)]
+
+    def _response_gate_rows(self, inputs: _Inputs, held: torch.Tensor, queries: torch.Tensor,
+                            h_b: torch.Tensor) -> tuple:
+        """``(target [Nt, d], benign [Nb, d], parts)``: the rows of a gate on response tokens
+        (``gate_tokens="response"``, :class:`EvalConfig`). Target: every token of each distinct
+        rejected response of the fitted pairs (not ``held``). Benign: every token of each distinct
+        chosen response of the fitted pairs (a response that is also rejected for the same prompt
+        counts as rejected only), the fitted pairs' prompts' last tokens (from ``queries`` [P, d],
+        the pairs' query states), the benign prompts' last tokens ``h_b``, and with
+        ``gate_continuations`` N every token of the first N benign prompts' greedy continuations.
+        ``parts`` names each block of rows, the held-out pairs' responses' rows included, for
+        :meth:`_gate_row_report`."""
+        cfg = self.cfg
+        prompts, chosen, rejected = inputs.pairs
+        fitted = ~held
+        responses = {}  # (prompt, response) → "rejected"/"chosen" × "fit"/"held", rejected first
+        for side, texts in (("rejected", rejected), ("chosen", chosen)):
+            for i, (p, r) in enumerate(zip(prompts, texts)):
+                responses.setdefault((p, r), (side, "fit" if fitted[i] else "held"))
+        keys = list(responses)
+        states, lengths = extract.response_token_states(
+            self.model, self.tok, [p for p, _ in keys], [r for _, r in keys], [cfg.layer],
+            batch_size=cfg.batch_size, cache_file=self._cache_file("train-pair-tokens"), progress=cfg.progress,
+            module_path=cfg.module_path, prompt_format=self.enc.fmt)
+        blocks = torch.split(states[cfg.layer], lengths.tolist())
+        d = h_b.shape[1]
+
+        def rows(side: str, part: str) -> torch.Tensor:
+            picked = [b for k, b in zip(keys, blocks) if responses[k] == (side, part)]
+            return torch.cat(picked) if picked else h_b.new_zeros(0, d)
+
+        first_of = {}  # each fitted pair prompt's query row, once
+        for i, p in enumerate(prompts):
+            if fitted[i]:
+                first_of.setdefault(p, i)
+        parts = {"rejected_response_tokens": rows("rejected", "fit"), "chosen_response_tokens": rows("chosen", "fit"),
+                 "pair_prompt_last_tokens": queries[list(first_of.values())], "benign_prompt_last_tokens": h_b}
+        if cfg.gate_continuations:
+            parts["benign_continuation_tokens"] = self._prompt_and_continuation_tokens(
+                inputs.benign[:cfg.gate_continuations], "train-benign")[1]
+        held_parts = {"heldout_rejected_response_tokens": rows("rejected", "held"),
+                      "heldout_chosen_response_tokens": rows("chosen", "held")}
+        target = parts["rejected_response_tokens"]
+        if target.shape[0] == 0:
+            raise ValueError("gate_tokens='response': the fitted pairs have no rejected responses of their own "
+                             "(every rejected response is also a chosen one)")
+        benign = torch.cat([v for k, v in parts.items() if k != "rejected_response_tokens"])
+        return target, benign, {**parts, **held_parts}
+
+    def _prompt_and_continuation_tokens(self, prompts: List[str], name: str) -> tuple:
+        """``(prompt_rows [Np, d], continuation_rows [Nc, d])``: h at every token of ``prompts`` and at
+        every token of their unsteered greedy continuations (``continuation_tokens`` long, cached
+        under ``name`` like the benign sets' for the KL): the sequences a token-mode steerer reads
+        while the benign KL is measured."""
+        cfg = self.cfg
+        prompt_ids = self.enc.prompts(prompts)
+        conts = self._continuations(name, prompt_ids)
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, conts)]
+        states, lengths = extract.span_token_states(
+            self.model, self.tok, seqs, [(0, len(ids)) for ids in seqs], [cfg.layer], batch_size=cfg.batch_size,
+            cache_file=self._cache_file(f"{name}-tokens"), progress=cfg.progress, module_path=cfg.module_path)
+        blocks = torch.split(states[cfg.layer], lengths.tolist())
+        return (torch.cat([b[:len(p)] for b, p in zip(blocks, prompt_ids)]),
+                torch.cat([b[len(p):] for b, p in zip(blocks, prompt_ids)]))
+
+    @staticmethod
+    def _gate_row_report(gate, parts: Dict[str, torch.Tensor]) -> dict:
+        """Per block of a response-token gate's rows (:meth:`_response_gate_rows`): how many rows and
+        the share on which the gate opens (score above τ); on the held-out pairs' responses
+        that share is measured on rows the gate never saw."""
+        return {"tokens": "response",
+                **{name: {"rows": int(v.shape[0]),
+                          "open_share": metrics.gate_rates(gate.score(v), gate.threshold) if v.shape[0] else None}
+                   for name, v in parts.items()}}
 
     def _null_rows(self, h_b: torch.Tensor) -> tuple:
         """``(fit, held)`` query states [n, d] of the ``null_rows`` benign training prompts MoSE learns
@@ -418,6 +498,17 @@ class _Run:
                          "histogram": metrics.histogram(s), "scores": s.tolist()}
         return out
 
+    def token_gate_open(self, ps: PromptSet) -> dict:
+        """Token mode: ``{method: {"prompt_tokens": share, "continuation_tokens": share}}``, the share
+        of benign set ``ps``'s prompt tokens and of its greedy continuations' tokens (the sequences
+        the KL is measured on) on which each gated method's gate opens (score above τ). The prompt
+        open rate (:meth:`gate_scores`) reads the last prompt token only; a token-mode gate acts on
+        every token."""
+        prompt_rows, cont_rows = self._prompt_and_continuation_tokens(ps.prompts, f"eval-{ps.name}")
+        return {name: {"prompt_tokens": metrics.gate_rates(st.gate.score(prompt_rows), st.gate.threshold),
+                       "continuation_tokens": metrics.gate_rates(st.gate.score(cont_rows), st.gate.threshold)}
+                for name, st in self.methods.items() if st is not None and st.gate is not None}
+
     def margins(self, ps: PromptSet, configs: list) -> tuple:
         from .openings import SCORE_COMPLIANCES, SCORE_REFUSALS
 
@@ -443,11 +534,15 @@ class _Run:
         base, rest = self._aligned(scores, configs)
         return margin(base), [margin(s) for s in rest]
 
-    def _continuations(self, ps: PromptSet, prompt_ids: list) -> list:
+    def _continuations(self, name: str, prompt_ids: list) -> list:
+        """The unsteered greedy continuations of ``prompt_ids``, cached under ``name`` (on disk with a
+        ``cache_dir``, and for the run in memory)."""
         cfg = self.cfg
         key = hashlib.sha256(json.dumps({"model": extract._fingerprint(self.model), "ids": prompt_ids,
                                          "n": cfg.continuation_tokens}, sort_keys=True).encode()).hexdigest()
-        path = None if self.cache is None else self.cache / f"continuations-{ps.name}-{self.enc.fmt}.json"
+        if (name, key) in self._generated:
+            return self._generated[(name, key)]
+        path = None if self.cache is None else self.cache / f"continuations-{name}-{self.enc.fmt}.json"
         if path is not None and path.is_file():
             doc = json.loads(path.read_text())
             if doc.get("key") == key:
@@ -458,12 +553,13 @@ class _Run:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"key": key, "continuations": conts}))
             tmp.replace(path)
+        self._generated[(name, key)] = conts
         return conts
 
     def utility(self, ps: PromptSet, configs: list) -> tuple:
         prompt_ids = self.enc.prompts(ps.prompts)
         with self.time("continuations"):
-            conts = self._continuations(ps, prompt_ids)
+            conts = self._continuations(f"eval-{ps.name}", prompt_ids)
         seqs = [ScoredSeq(tuple(p) + tuple(c), len(p) - 1) for p, c in zip(prompt_ids, conts)]
         scores = self._score(seqs, self._scored(configs), f"KL {ps.name}", compare=True,
                              prompt_of=list(range(len(seqs))), h_prompts=self._states(ps.prompts, f"eval-{ps.name}"))
@@ -483,6 +579,8 @@ class _Run:
                "pairs_from_file": sum(p is not None for p in ps.pairs)}
         with self.time("gate"):
             out["gate"] = self.gate_scores(ps)
+            if self.cfg.mode == "token" and ps.role == "benign" and out["gate"]:
+                out["gate_on_tokens"] = self.token_gate_open(ps)
         out["results"] = self.score_set(ps, self.configs)
         return out
 
@@ -595,6 +693,7 @@ class _Run:
             return {"mc1": sum(pq["mc1"]) / len(pq["mc1"]), "mc2": sum(pq["mc2"]) / len(pq["mc2"])}
 
         base, rest = self._aligned(scores, self.configs)
+        gate_open = self._answer_gate_open(questions) if self.cfg.gate_tokens == "response" else None
         base_pq = per_question(base)
         pq = {"unsteered": {"0.0": base_pq}}
         for k, (name, lam, _) in enumerate(self.configs):
@@ -608,7 +707,30 @@ class _Run:
                                        for lam, v in per.items()} for name, per in pq.items()}}
         for name, lam, _ in self.configs:
             out["results"].setdefault(name, {})[str(lam)] = summary(pq[name][str(lam)])
+        if gate_open is not None:
+            out["gate_open_on_answer_tokens"] = gate_open
         return out
+
+    def _answer_gate_open(self, questions) -> dict:
+        """``{method: {"incorrect": share, "correct": share}}``: for each gated method, the share of
+        the scored questions' incorrect-answer tokens and of their best/correct-answer tokens on which
+        its gate opens (score above τ): what a gate on response tokens detects on questions it
+        was never fitted on."""
+        cfg = self.cfg
+        texts = {"incorrect": [], "correct": []}
+        for q in questions:
+            incorrect = list(dict.fromkeys(q.incorrect))
+            texts["incorrect"] += [(q.question, a) for a in incorrect]
+            texts["correct"] += [(q.question, a) for a in dict.fromkeys([q.best, *q.correct]) if a not in incorrect]
+        keys = texts["incorrect"] + texts["correct"]
+        states, lengths = extract.response_token_states(
+            self.model, self.tok, [p for p, _ in keys], [a for _, a in keys], [cfg.layer], batch_size=cfg.batch_size,
+            cache_file=self._cache_file("eval-truthfulqa-answer-tokens"), progress=cfg.progress,
+            module_path=cfg.module_path, prompt_format=self.enc.fmt)
+        n_incorrect = int(lengths[:len(texts["incorrect"])].sum())
+        rows = {"incorrect": states[cfg.layer][:n_incorrect], "correct": states[cfg.layer][n_incorrect:]}
+        return {name: {kind: metrics.gate_rates(st.gate.score(r), st.gate.threshold) for kind, r in rows.items()}
+                for name, st in self.methods.items() if st is not None and st.gate is not None}
 
     def generation(self, sets: List[PromptSet]) -> dict:
         from ..generation import generate_ids

@@ -74,6 +74,8 @@ def _markdown(doc: dict) -> str:
     if fit.get("gate_auroc_eval"):
         out.append("Gate AUROC on the evaluation sets (target vs benign): "
                    + ", ".join(f"{k} {v:.3f}" for k, v in fit["gate_auroc_eval"].items()) + ".")
+    out += _response_gate_markdown(fit.get("gate_rows"), (doc.get("truthfulqa") or {}).get("gate_open_on_answer_tokens"))
+    out += _token_gate_markdown(doc.get("sets") or {})
     out += _tradeoff_markdown(doc)
     out += _matching_markdown(doc.get("matched"))
     pred = fit.get("delta_prediction_heldout") or {}
@@ -113,6 +115,30 @@ def _markdown(doc: dict) -> str:
                 + "; ".join(f"{k}: {v['fit']} fit / {v['scored']} scored" for k, v in doc["splits"].items()) + "."]
     out += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in doc["timings"].items()), ""]
     return "\n".join(out)
+
+
+def _response_gate_markdown(rows: Optional[dict], answers: Optional[dict]) -> List[str]:
+    """Where a gate fitted on response tokens (``gate_tokens="response"``) opens: on each block of its
+    own rows, on the held-out pairs' responses, and on the scored TruthfulQA answers' tokens."""
+    if not rows:
+        return []
+    out = ["", "Gate on response tokens (SCS gate of scs_mean / finesteer): rows and the share on which it opens "
+           "(held-out blocks: pairs the gate was not fitted on).", "", "| rows | n | open |", "|---|---|---|"]
+    out += [f"| {name.replace('_', ' ')} | {v['rows']} | {_fmt('{:.3f}', v['open_share'])} |"
+            for name, v in rows.items() if isinstance(v, dict)]
+    if answers:
+        out += ["", "Open on the scored TruthfulQA answers' tokens: "
+                + "; ".join(f"{m}: incorrect {v['incorrect']:.3f}, correct {v['correct']:.3f}" for m, v in answers.items())
+                + "."]
+    return out
+
+
+def _token_gate_markdown(sets: dict) -> List[str]:
+    """Token mode: where each gate opens on the benign sets' prompt and continuation tokens."""
+    lines = [f"- {name}, {m}: prompt tokens {v['prompt_tokens']:.3f}, continuation tokens {v['continuation_tokens']:.3f}"
+             for name, s in sets.items() for m, v in (s.get("gate_on_tokens") or {}).items()]
+    return ["", "Token mode: share of the benign sets' tokens (prompts, and the greedy continuations the KL is "
+            "measured on) where each gate opens:", "", *lines] if lines else []
 
 
 def _set_rows(doc: dict, name: str) -> List[dict]:
