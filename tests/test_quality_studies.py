@@ -303,6 +303,23 @@ def test_bench_quality_limits_are_the_tasks_own_unless_given():
     assert tight[tight.index("--methods") + 1] == "unsteered,cast,finesteer"
     same = [x for x in tight if x not in ("0.02", "--methods", "unsteered,cast,finesteer")]
     assert same == [x for x in task_args("safety") if x != str(bench.DEFAULTS["max_benign_fpr"])]
+    # truthfulness_tokens(_swapped): each truthfulness fold in token mode with the gate on response
+    # tokens at a 20 % budget, on its own λ grid and methods; everything else the fold's
+    for fold in ("truthfulness", "truthfulness_swapped"):
+        tokens = task_args(fold.replace("truthfulness", "truthfulness_tokens"))
+        assert option(fold, "--max-benign-fpr") == "0.05"
+        changed = {"--max-benign-fpr": "0.2", "--strengths": "8,16,32", "--methods": "unsteered,caa,scs_mean,finesteer"}
+        for flag, value in changed.items():
+            assert tokens[tokens.index(flag) + 1] == value
+        plain = task_args(fold)
+        for flag in changed:
+            i = plain.index(flag)
+            plain = plain[:i + 1] + [changed[flag]] + plain[i + 2:]
+        assert tokens == plain + ["--mode", "token", "--gate-tokens", "response", "--gate-continuations", "300"]
+    cfg = bench.task_config("truthfulness_tokens_swapped", "/tmp/unused-cache")
+    assert (cfg.mode, cfg.gate_tokens, cfg.gate_continuations, cfg.max_benign_fpr, cfg.swap_split) == (
+        "token", "response", 300, 0.2, True)
+    assert bench.cache_folder("truthfulness_tokens", "/c") == str(Path("/c") / "truthfulness")
 
 
 def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
@@ -315,6 +332,10 @@ def test_bench_quality_gives_extra_strengths_to_the_gated_methods_it_runs():
         "--extra-strengths", f"finesteer={grid}", "--extra-strengths", f"finesteer={low}"]
     assert bench.gated_extra_args("safety", ["--methods", "unsteered,caa"]) == []
     assert bench.gated_extra_args("truthfulness", []) == []
+    # the token-mode truthfulness runs: CAA below their grid, the gate with the mean vector above it
+    assert bench.gated_extra_args("truthfulness_tokens", []) == bench.gated_extra_args("truthfulness_tokens_swapped", []) == [
+        "--extra-strengths", "caa=2,4", "--extra-strengths", "scs_mean=64"]
+    assert bench.gated_extra_args("truthfulness_tokens", ["--methods", "unsteered,caa"]) == ["--extra-strengths", "caa=2,4"]
     # a task that names its own methods (safety_budget: unsteered, caa, finesteer) gets FineSteer's only
     assert bench.gated_extra_args("safety_budget", []) == bench.gated_extra_args("safety", ["--methods", "finesteer"])
     # what it gives is what `finesteer eval` parses: FineSteer's two lists pooled
@@ -566,6 +587,31 @@ def test_truthfulqa_crossfit_adds_a_finesteer_variant_as_a_method_of_its_own(tmp
     md = out_path.with_suffix(".md").read_text()
     assert "the weakest fs_shrink λ with pooled MC1 and MC2 at least CAA's" in md
     assert "| 8 | 0.500 / 0.400 / 0.500 | 8 | 1.000 / 0.650 / 0.100 | yes |" in md
+
+
+def test_truthfulqa_crossfit_gives_further_methods_the_tradeoff(tmp_path):
+    """--tradeoff-methods scs_mean: the same trade-off against CAA as FineSteer's, in the JSON and the
+    Markdown; a method the pooled results lack (or CAA itself) is refused before anything is written."""
+    cf = _load("truthfulqa_crossfit")
+    cfgs = {("caa", "8.0"): ([True, False], [0.6, 0.2]), ("scs_mean", "16.0"): ([True, True], [0.7, 0.6]),
+            ("finesteer", "16.0"): ([False, False], [0.3, 0.2])}
+    kl = {"caa": 0.8, "scs_mean": 0.05, "finesteer": 0.1}
+    paths = []
+    for swapped in (False, True):
+        paths.append(str(tmp_path / f"{swapped}.json"))
+        Path(paths[-1]).write_text(json.dumps(_fold_with_kl(swapped, cfgs, lambda m, lam, _: kl[m])))
+    out_path = tmp_path / "cf.json"
+    assert cf.main([*paths, "--tradeoff-methods", "scs_mean", "-o", str(out_path)]) == 0
+    doc = json.loads(out_path.read_text())
+    entry, = doc["tradeoff_methods"]["scs_mean"]
+    assert (entry["baseline_strength"], entry["strength"], entry["benign_kl"], entry["kl_lower"]) == (8.0, 16.0, 0.05, True)
+    assert doc["tradeoff"][0]["strength"] is None
+    md = out_path.with_suffix(".md").read_text()
+    assert "the weakest scs_mean λ with pooled MC1 and MC2 at least CAA's" in md
+    assert "| 8 | 0.500 / 0.400 / 0.800 | 16 | 1.000 / 0.650 / 0.050 | yes |" in md
+    for bad in ("mose_nogate", "caa"):
+        gone = tmp_path / f"{bad}.json"
+        assert cf.main([*paths, "--tradeoff-methods", bad, "-o", str(gone)]) == 2 and not gone.exists()
 
 
 def test_truthfulqa_crossfit_extends_a_variant_and_plots_mc_against_benign_kl(tmp_path):

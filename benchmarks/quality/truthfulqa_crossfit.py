@@ -35,6 +35,8 @@ given a trade-off table of its own. ``--extend-variant NAME A B`` adds runs of t
 strengths as ``--extend`` does, their ``finesteer`` configurations joining NAME and their other
 methods (e.g. CAA at the same new strengths) added as they are.
 
+``--tradeoff-methods scs_mean,...`` gives further steered methods the same trade-off against CAA.
+
 ``--plot PNG`` draws pooled MC1 and MC2 against benign KL (log scale, labels λ), one line per
 method: CAA, FineSteer and each variant, or the ``--plot-methods`` given.
 
@@ -274,9 +276,10 @@ def markdown(out: dict) -> str:
 
 
 def _tradeoffs(out: dict) -> list:
-    """[(method, trade-off entries)]: FineSteer's (``tradeoff``), then each variant's (``tradeoff_variants``)."""
+    """[(method, trade-off entries)]: FineSteer's (``tradeoff``), then each further method's
+    (``tradeoff_methods``, ``--tradeoff-methods``), then each variant's (``tradeoff_variants``)."""
     found = [("FineSteer", out["tradeoff"])] if out.get("tradeoff") else []
-    return found + list((out.get("tradeoff_variants") or {}).items())
+    return found + list((out.get("tradeoff_methods") or {}).items()) + list((out.get("tradeoff_variants") or {}).items())
 
 
 def main(argv=None) -> int:
@@ -295,6 +298,8 @@ def main(argv=None) -> int:
                    help="also draw pooled MC1 and MC2 against benign KL, one line per method (--plot-methods)")
     p.add_argument("--plot-methods", default=None, metavar="M1,M2,...",
                    help="methods for --plot (default: caa, finesteer and each --variant)")
+    p.add_argument("--tradeoff-methods", default="", metavar="M1,M2,...",
+                   help="further steered methods given the trade-off against CAA, as FineSteer is (e.g. scs_mean)")
     p.add_argument("-o", "--out", required=True, help="output JSON (a .md table is written beside it)")
     a = p.parse_args(argv)
     variants = list(dict.fromkeys(v for v, *_ in a.variant))
@@ -316,6 +321,13 @@ def main(argv=None) -> int:
         if all(d.get("rows") for d in docs) and "caa" in out["results"]:
             if "finesteer" in out["results"]:
                 out["tradeoff"] = tradeoff(out, *docs)
+            further = [m for m in a.tradeoff_methods.split(",") if m]
+            missing = [m for m in further if m not in out["results"] or m in ("unsteered", "caa", "finesteer")]
+            if missing:
+                raise ValueError(f"--tradeoff-methods: {', '.join(missing)} is not a further steered method of the "
+                                 f"pooled results ({', '.join(m for m in out['results'] if m != 'unsteered')})")
+            if further:
+                out["tradeoff_methods"] = {m: tradeoff(out, *docs, method=m) for m in further}
             if variants:
                 out["tradeoff_variants"] = {v: tradeoff(out, *docs, method=v) for v in variants}
         curves = plot_curves(out, docs, a.plot_methods, variants) if a.plot else None
