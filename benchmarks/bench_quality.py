@@ -101,9 +101,12 @@ TASK_STRENGTHS["truthfulness_tokens_swapped"] = TASK_STRENGTHS["truthfulness_tok
 #: (docs/quality.md). Over-refusal keeps 300: with all 927 CoCoNot records MoSE predicted held-out
 #: δ better but FineSteer moved the development borderline prompts less (+17.93 vs +28.64 at
 #: λ = 16; benchmarks/results/quality/dev_pair_limit/). Safety and truthfulness were not re-checked.
+#: The token-mode truthfulness runs take every pair of the fitted half (404 of 203 questions; 300 is
+#: 151 of them): their gate learns from the answers' tokens, and the answer-token study's gate saw all
+#: of the fitted questions' answers (set before their runs).
 TASK_LIMIT_PAIRS = {"safety": 300, "safety_budget": 300, "safety_tight": 300, "safety_mixed": 1000, "refuse_or_comply": 1000,
                     "refuse_or_comply_openings": 1000, "truthfulness": 300, "truthfulness_swapped": 300,
-                    "truthfulness_tokens": 300, "truthfulness_tokens_swapped": 300, "overrefusal": 300}
+                    "truthfulness_tokens": 1000, "truthfulness_tokens_swapped": 1000, "overrefusal": 300}
 #: Prompts scored per evaluation set (``--limit-eval``), unless --limit-eval is given. Safety scores
 #: 100 per set (it scored 40 before): its comparison with CAA's strongest points turns on the gate's
 #: open rate on the harmful set, and with 40 prompts that rate's standard error is ≈ 8 points (57.5 %

@@ -308,7 +308,8 @@ def test_bench_quality_limits_are_the_tasks_own_unless_given():
     for fold in ("truthfulness", "truthfulness_swapped"):
         tokens = task_args(fold.replace("truthfulness", "truthfulness_tokens"))
         assert option(fold, "--max-benign-fpr") == "0.05"
-        changed = {"--max-benign-fpr": "0.2", "--strengths": "8,16,32", "--methods": "unsteered,caa,scs_mean,finesteer"}
+        changed = {"--max-benign-fpr": "0.2", "--strengths": "8,16,32", "--methods": "unsteered,caa,scs_mean,finesteer",
+                   "--limit-pairs": "1000"}
         for flag, value in changed.items():
             assert tokens[tokens.index(flag) + 1] == value
         plain = task_args(fold)
