@@ -1020,9 +1020,15 @@ def test_response_token_gate_is_fitted_on_the_pairs_response_tokens(llama, files
     from finesteer import extract
     from finesteer.eval.harness import _Inputs
 
-    seen = []
+    seen, gates = [], []
     real_fit_scs = fit_pkg.fit_scs
-    monkeypatch.setattr(fit_pkg, "fit_scs", lambda t, b, **kw: seen.append((t, b)) or real_fit_scs(t, b, **kw))
+
+    def spy(t, b, **kw):
+        seen.append((t, b))
+        gates.append(real_fit_scs(t, b, **kw))
+        return gates[-1]
+
+    monkeypatch.setattr(fit_pkg, "fit_scs", spy)
     tok = tiny_tokenizer()
     tqa = _jsonl(tmp_path / "tqa20.jsonl", [
         {"question": f"is the sky green {i}?", "best_answer": "No, it is blue", "correct_answers": ["No, it is blue", "No"],
@@ -1066,10 +1072,35 @@ def test_response_token_gate_is_fitted_on_the_pairs_response_tokens(llama, files
     assert {r["method"] for r in result.rows} == {"unsteered", "caa", "cast", "scs_mean"}
     on_tokens = result.sets["benign"]["gate_on_tokens"]
     assert set(on_tokens) == {"cast", "scs_mean"}
-    assert all(0.0 <= x <= 1.0 for v in on_tokens.values() for x in v.values())
+    # recounted from HF's own states of each benign prompt + its cached greedy continuation
+    gate, = gates
+    prompts = _Inputs(cfg).sets[1].prompts
+    cached = json.loads((tmp_path / "cache" / "continuations-eval-benign-chat.json").read_text())["continuations"]
+    ids = extract.encode_prompts(tok, prompts, prompt_format="auto")
+    states = [_hidden(llama, list(p) + list(c)) for p, c in zip(ids, cached)]
+    share = lambda rows: float((gate.score(torch.cat(rows)) > gate.threshold).double().mean())
+    assert on_tokens["scs_mean"]["prompt_tokens"] == pytest.approx(share([h[:len(p)] for h, p in zip(states, ids)]))
+    assert on_tokens["scs_mean"]["continuation_tokens"] == pytest.approx(share([h[len(p):] for h, p in zip(states, ids)]))
+    assert 0.0 < on_tokens["scs_mean"]["prompt_tokens"] + on_tokens["scs_mean"]["continuation_tokens"]
     md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
     assert "Gate on response tokens" in md and "| rejected response tokens | %d |" % target.shape[0] in md
     assert "- benign, scs_mean: prompt tokens" in md
+
+
+def _hidden(model, ids):
+    """The output of decoder block ``LAYER`` (a forward hook: HF's last ``hidden_states`` entry is after
+    the final norm) at every token of one unpadded sequence → [S, d]."""
+    from finesteer.models import find_decoder_layers
+
+    got = []
+    handle = find_decoder_layers(model)[LAYER].register_forward_hook(
+        lambda m, a, out: got.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return got[0][0]
 
 
 def test_response_token_gate_config_errors(files, tmp_path):
