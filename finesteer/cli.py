@@ -113,6 +113,8 @@ OPTION_RULES = (
     ("hidden", "--hidden", lambda v: v >= 1, "an integer >= 1"),
     ("epochs", "--epochs", lambda v: v >= 1, "an integer >= 1"),
     ("null_rows", "--null-rows", lambda v: v >= 0, "an integer >= 0"),
+    ("gate_continuations", "--gate-continuations", lambda v: v >= 0, "an integer >= 0"),
+    ("continuation_tokens", "--continuation-tokens", lambda v: v >= 1, "an integer >= 1"),
     ("strength", "--strength", _finite, "a finite number"),
     ("max_new_tokens", "--max-new-tokens", lambda v: v >= 1, "an integer >= 1"),
     ("sampling_temperature", "--sampling-temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
@@ -240,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pairs", required=True,
                      help="preference triples (prompt, chosen, rejected): .jsonl/.json/.csv/.tsv or a datasets "
                           "save_to_disk folder (DIR:SPLIT for a DatasetDict)")
-    fit.add_argument("--target", required=True, help="prompts the gate should open on (same formats)")
+    fit.add_argument("--target", default=None,
+                     help="prompts the gate should open on (same formats); required, except with --gate-tokens "
+                          "response, whose gate opens on the pairs' rejected responses instead")
     fit.add_argument("--benign", required=True, help="prompts the gate should stay closed on (same formats)")
     fit.add_argument("-o", "--output", required=True, help="where to write the steerer (.safetensors)")
     f = fit.add_argument_group("data fields")
@@ -272,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard: steer when score > τ; soft: sigmoid((score−τ)/temperature); off: always "
                         "(default: hard)")
     s.add_argument("--temperature", type=float, default=0.05, help="soft-gate temperature (default: 0.05)")
+    s.add_argument("--gate-tokens", default="prompt", choices=["prompt", "response"],
+                   help="what the gate is fitted on: prompt, the last token of the --target and --benign prompts "
+                        "(default); response, every token of the pairs' rejected responses against every token "
+                        "of their chosen ones, their prompts' and the --benign prompts' last tokens: a gate that "
+                        "opens where a response heads the rejected way, for token mode (finesteer generate "
+                        "--mode token); the artifact records it")
+    s.add_argument("--gate-continuations", type=int, default=0, metavar="N",
+                   help="with --gate-tokens response: also keep the gate closed on every token of the model's own "
+                        "greedy continuations of the first N --benign prompts (default: 0)")
+    s.add_argument("--continuation-tokens", type=int, default=16, metavar="N",
+                   help="length of those continuations in tokens (default: 16)")
     m = fit.add_argument_group("MoSE")
     add_mose_arguments(m, null_rows_help="also fit MoSE on N of the --benign prompts (a seeded choice) with a "
                        "zero response shift, so its vector shrinks on queries that resemble them more than the "
@@ -402,8 +417,8 @@ def _load_inputs(args):
                 load_prompts(args.benign, args.prompt_field, args.limit)
         if args.command == "fit":
             pairs = load_pairs(args.pairs, args.prompt_field, args.chosen_field, args.rejected_field, args.limit)
-            return pairs, load_prompts(args.target, args.prompt_field, args.limit), \
-                load_prompts(args.benign, args.prompt_field, args.limit)
+            target = [] if args.target is None else load_prompts(args.target, args.prompt_field, args.limit)
+            return pairs, target, load_prompts(args.benign, args.prompt_field, args.limit)
         return load_prompts(args.prompts, args.prompt_field, args.limit)
     except MissingFieldError as exc:
         raise CLIError(f"{exc}; choose the field with {flags.get(exc.field, '--prompt-field')}") from None
@@ -418,8 +433,10 @@ def _drop_long(args, model, tok, fmt, pairs, target, benign):
     from .models import model_context_length
 
     context = model_context_length(model)
+    # A gate on response tokens reads every response token, so the whole response must fit.
+    positions = "all" if args.gate_tokens == "response" else args.delta_positions
     found = {"pairs": long_rows(tok, pairs[0], pairs[1], pairs[2], context=context, prompt_format=fmt,
-                                positions=args.delta_positions),
+                                positions=positions),
              "target": long_rows(tok, target, context=context, prompt_format=fmt),
              "benign": long_rows(tok, benign, context=context, prompt_format=fmt)}
     if not args.skip_long:
@@ -441,9 +458,44 @@ def _drop_long(args, model, tok, fmt, pairs, target, benign):
         print(f"skipped (longer than the context of {context} tokens): {skipped['pairs']} pairs, "
               f"{skipped['target']} target prompts, {skipped['benign']} benign prompts")
     for name, rows in (("pairs", pairs[0]), ("target", target), ("benign", benign)):
-        if not rows:
+        if not rows and skipped[name]:
             raise CLIError(f"--{name}: every row is longer than the model's context of {context} tokens")
     return pairs, target, benign, skipped
+
+
+def _check_gate_tokens(args) -> None:
+    """``--target`` goes with a gate on prompts, ``--gate-continuations`` with one on response tokens."""
+    if args.gate_tokens == "prompt":
+        if args.target is None:
+            raise CLIError("--target is required: the prompts the gate should open on (or fit the gate on response "
+                           "tokens with --gate-tokens response)")
+        if args.gate_continuations:
+            raise CLIError("--gate-continuations keeps a gate on response tokens closed on ordinary text: it needs "
+                           "--gate-tokens response")
+    elif args.target is not None:
+        raise CLIError("--target: a gate on response tokens (--gate-tokens response) opens on the pairs' rejected "
+                       "responses, not on prompts; drop --target")
+
+
+def _response_gate_rows(args, model, tok, fmt, pairs, queries, h_b, benign, common):
+    """The rows of ``--gate-tokens response`` (:func:`finesteer.token_gate.response_gate_rows`), with the
+    model's own greedy continuations of the first ``--gate-continuations`` benign prompts."""
+    from .extract import encode_prompts
+    from .token_gate import prompt_and_continuation_states, response_gate_rows
+
+    conts = None
+    if args.gate_continuations:
+        from .eval.scoring import greedy_continuations
+
+        ids = encode_prompts(tok, benign[:args.gate_continuations], prompt_format=fmt)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        generated = greedy_continuations(model, ids, args.continuation_tokens, pad_id, tok.eos_token_id,
+                                         args.batch_size, _progress(args))
+        conts = prompt_and_continuation_states(model, tok, args.layer, ids, generated, batch_size=args.batch_size,
+                                               cache_file=_cache(args, "benign-continuation-tokens"),
+                                               progress=_progress(args), module_path=args.layers_path)[1]
+    return response_gate_rows(model, tok, args.layer, *pairs, queries, h_b, continuation_states=conts,
+                              cache_file=_cache(args, "pair-tokens"), **common)
 
 
 def cmd_fit(args) -> int:
@@ -454,6 +506,7 @@ def cmd_fit(args) -> int:
     # Everything that can be checked without the model is checked first: a typo in a field
     # name, a bad number or an unwritable output should fail in a second, not after the fit.
     check_options(args)
+    _check_gate_tokens(args)
     options = mose_options(args)
     check_output_path(args.output, "-o/--output")
     pairs, target, benign = _load_inputs(args)
@@ -468,15 +521,22 @@ def cmd_fit(args) -> int:
                   module_path=args.layers_path)
     layer = args.layer
     try:
-        h_t = last_token_states(model, tok, target, [layer], cache_file=_cache(args, "target"), **common)[layer]
         h_b = last_token_states(model, tok, benign, [layer], cache_file=_cache(args, "benign"), **common)[layer]
         q, d = response_deltas(model, tok, *pairs, [layer], positions=args.delta_positions,
                                cache_file=_cache(args, "pairs"), **common)
+        if args.gate_tokens == "response":
+            rows = _response_gate_rows(args, model, tok, fmt, pairs, q[layer], h_b, benign, common)
+            h_t, gate_benign = rows.target, rows.benign
+            print("gate rows (response tokens): " + ", ".join(f"{k.replace('_', ' ')} {v.shape[0]}"
+                                                              for k, v in rows.parts.items() if v.shape[0]))
+        else:
+            h_t = last_token_states(model, tok, target, [layer], cache_file=_cache(args, "target"), **common)[layer]
+            gate_benign = h_b
     except ChatTemplateError as exc:
         raise CLIError(f"--pairs: {exc} (on the command line: --prompt-format plain)") from None
-    print(f"activations: layer {layer}, hidden size {h_t.shape[1]}")
+    print(f"activations: layer {layer}, hidden size {h_b.shape[1]}")
 
-    gate = fit_scs(h_t, h_b, rank=args.rank, method=args.scs_method, max_benign_fpr=args.max_benign_fpr,
+    gate = fit_scs(h_t, gate_benign, rank=args.rank, method=args.scs_method, max_benign_fpr=args.max_benign_fpr,
                    calib_fraction=args.calib_fraction, seed=args.seed)
     print(f"SCS gate ({args.scs_method}, rank {gate.rank}): {gate.report}")
     null = h_b[choose_null_rows(h_b.shape[0], args.null_rows, args.seed)]
@@ -484,7 +544,10 @@ def cmd_fit(args) -> int:
     mose = fit_mose(queries, deltas, **{"seed": args.seed, "progress": _progress(args), **options})
     _print_mose(mose)
     meta = {"delta_positions": args.delta_positions, "prompt_format": fmt, "n_pairs": len(pairs[0]),
-            "n_target": len(target), "n_benign": len(benign), "null_rows": args.null_rows}
+            "n_target": len(target), "n_benign": len(benign), "null_rows": args.null_rows,
+            "gate_tokens": args.gate_tokens}
+    if args.gate_tokens == "response":
+        meta["gate_continuations"] = {"prompts": args.gate_continuations, "tokens": args.continuation_tokens}
     if args.skip_long:
         meta["skipped_long"] = skipped
     steerer = Steerer(gate=gate, mose=mose, strength=args.strength, layer=layer, gate_mode=args.gate_mode,
@@ -507,6 +570,10 @@ def cmd_calibrate(args) -> int:
     if steerer.gate is None:
         raise CLIError(f"--steerer {args.steerer}: the artifact has no gate (fitted with the gate off), so it has "
                        f"no threshold to calibrate")
+    if steerer.metadata.get("gate_tokens") == "response":
+        raise CLIError(f"--steerer {args.steerer}: its gate was fitted on response tokens (--gate-tokens response); "
+                       f"calibrating it on prompts would set τ on rows it never reads: refit it with finesteer fit "
+                       f"--max-benign-fpr instead")
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))
     _check_steerer_fits(args, steerer, model)
     layer = steerer.layer
@@ -591,6 +658,9 @@ def cmd_generate(args) -> int:
         check_output_path(args.output, "-o/--output")
     prompts = _load_inputs(args)
     steerer = Steerer.load(args.steerer)  # validates the file before the (slow) model load
+    if steerer.metadata.get("gate_tokens") == "response" and args.mode != "token":
+        raise CLIError(f"--steerer {args.steerer}: its gate was fitted on response tokens (--gate-tokens response) "
+                       f"and reads each generated token: generate with --mode token")
     if args.layer is not None and steerer.layer != args.layer:
         raise CLIError(f"{args.steerer} was fitted for layer {steerer.layer}, not the requested --layer {args.layer}")
     model, tok = load_model(args.model, args.device, args.dtype, args.trust_remote_code, _progress(args))

@@ -471,3 +471,82 @@ def test_library_errors_do_not_name_command_line_flags(tmp_path):
     with pytest.raises(ValueError) as exc:
         load_prompts(path)
     assert "--" not in str(exc.value)
+
+
+def test_fit_gate_on_response_tokens_serves_in_token_mode(work, tmp_path, capsys, monkeypatch):
+    """`finesteer fit --gate-tokens response`: the gate is fitted on the pairs' response tokens (rejected
+    against chosen, the prompts' and the benign prompts' last tokens, and --gate-continuations of the
+    model's own text), recorded in the artifact; `generate` then needs --mode token, `calibrate`
+    refuses it (it calibrates on prompts), and attaching it in prompt mode warns."""
+    import finesteer.fit as fit_pkg
+
+    from finesteer.extract import last_token_states, response_deltas, response_token_states
+    from finesteer.integrations.hf import FusedSteerer
+    from finesteer.models import load_model
+
+    root, files, _ = work
+    out = tmp_path / "response.safetensors"
+    argv = ["fit", "--model", str(root / "model"), "--layer", "1", "--pairs", files["pairs"], "--benign",
+            files["benign"], "-o", str(out), *FIT_SMALL, "--scs-method", "probe", "--rank", "1",
+            "--gate-tokens", "response", "--gate-continuations", "5", "--continuation-tokens", "3"]
+    seen = []
+    real = fit_pkg.fit_scs
+    monkeypatch.setattr(fit_pkg, "fit_scs", lambda t, b, **kw: seen.append((t, b)) or real(t, b, **kw))
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "gate rows (response tokens): rejected response tokens" in text and "benign continuation tokens" in text
+    steerer = Steerer.load(out)
+    assert steerer.metadata["gate_tokens"] == "response"
+    assert steerer.metadata["gate_continuations"] == {"prompts": 5, "tokens": 3}
+    # the gate's rows: every token of the distinct rejected responses; then every token of the chosen
+    # ones, each pair prompt's last token, the benign prompts' last tokens, 5 continuations' tokens
+    model, tok = load_model(str(root / "model"), device="cpu", progress=False)
+    fmt = steerer.metadata["prompt_format"]
+    recs = [json.loads(line) for line in open(files["pairs"])]
+    (target, benign), = seen
+    rej = list(dict.fromkeys((r["prompt"], r["rejected"]) for r in recs))
+    want, _ = response_token_states(model, tok, [p for p, _ in rej], [x for _, x in rej], [1], prompt_format=fmt,
+                                    progress=False)
+    torch.testing.assert_close(target, want[1], atol=2e-5, rtol=1e-5)
+    cho = [k for k in dict.fromkeys((r["prompt"], r["chosen"]) for r in recs) if k not in set(rej)]
+    chosen_rows, _ = response_token_states(model, tok, [p for p, _ in cho], [x for _, x in cho], [1],
+                                           prompt_format=fmt, progress=False)
+    n_prompts = len({r["prompt"] for r in recs})
+    n_cont = benign.shape[0] - chosen_rows[1].shape[0] - n_prompts - 20
+    assert 5 <= n_cont <= 15
+    torch.testing.assert_close(benign[:chosen_rows[1].shape[0]], chosen_rows[1], atol=2e-5, rtol=1e-5)
+    queries, _ = response_deltas(model, tok, [r["prompt"] for r in recs], [r["chosen"] for r in recs],
+                                 [r["rejected"] for r in recs], [1], prompt_format=fmt, progress=False)
+    first = sorted({r["prompt"]: i for i, r in reversed(list(enumerate(recs)))}.values())
+    start = chosen_rows[1].shape[0]
+    torch.testing.assert_close(benign[start:start + n_prompts], queries[1][first], atol=2e-5, rtol=1e-5)
+    h_b = last_token_states(model, tok, [json.loads(x)["prompt"] for x in open(files["benign"])], [1],
+                            prompt_format=fmt, progress=False)[1]
+    torch.testing.assert_close(benign[start + n_prompts:start + n_prompts + 20], h_b, atol=2e-5, rtol=1e-5)
+    # serving: token mode only
+    gen = ["generate", "--model", str(root / "model"), "--steerer", str(out), "--prompts", files["prompts"],
+           "--max-new-tokens", "3", "-o", str(tmp_path / "gen.jsonl"), "--quiet"]
+    assert "generate with --mode token" in _err(capsys, gen)
+    assert main(gen + ["--mode", "token"]) == 0
+    assert len((tmp_path / "gen.jsonl").read_text().splitlines()) == 3
+    capsys.readouterr()
+    err = _err(capsys, ["calibrate", "--model", str(root / "model"), "--steerer", str(out), "--target", files["pairs"],
+                        "--benign", files["benign"], "--max-benign-fpr", "0.1", "-o", str(tmp_path / "c.safetensors"),
+                        "--quiet"])
+    assert "fitted on response tokens" in err and not (tmp_path / "c.safetensors").exists()
+    with pytest.warns(UserWarning, match="fitted on response tokens"):
+        FusedSteerer.attach(model, steerer, mode="prompt").detach()
+
+
+def test_fit_gate_tokens_options_are_checked_before_the_model_load(work, tmp_path, capsys):
+    root, files, _ = work
+    base = ["fit", "--model", NO_MODEL, "--layer", "0", "--pairs", files["pairs"], "--benign", files["benign"],
+            "-o", str(tmp_path / "x.safetensors"), *FIT_SMALL]
+    assert "--target is required" in _err(capsys, base)
+    assert "drop --target" in _err(capsys, base + ["--target", files["target"], "--gate-tokens", "response"])
+    assert "needs --gate-tokens response" in _err(capsys, base + ["--target", files["target"],
+                                                                  "--gate-continuations", "3"])
+    assert "--gate-continuations must be an integer >= 0" in _err(capsys, base + ["--gate-tokens", "response",
+                                                                                 "--gate-continuations", "-1"])
+    assert "--continuation-tokens must be an integer >= 1" in _err(capsys, base + ["--gate-tokens", "response",
+                                                                                  "--continuation-tokens", "0"])

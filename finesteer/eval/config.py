@@ -4,13 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from ..token_gate import GATE_TOKENS
 from .baselines import METHODS
 
 __all__ = ["EvalConfig", "EvalSetSpec"]
 
 TOWARD = ("refusal", "compliance")
-#: What the SCS gate is fitted on (:attr:`EvalConfig.gate_tokens`).
-GATE_TOKENS = ("prompt", "response")
 
 
 @dataclass

@@ -322,7 +322,8 @@ class _Run:
         gate_t, gate_b, gate_rows = h_t, h_b, None
         if cfg.gate_tokens == "response":
             with self.time("extract"):
-                gate_t, gate_b, gate_rows = self._response_gate_rows(inputs, held, q, h_b)
+                gate_rows = self._response_gate_rows(inputs, held, q, h_b)
+            gate_t, gate_b = gate_rows.target, gate_rows.benign
         with self.time("fit"):
             gate = fit_scs(gate_t, gate_b, rank=cfg.rank, method=cfg.scs_method, max_benign_fpr=cfg.max_benign_fpr,
                            calib_fraction=cfg.calib_fraction, seed=cfg.seed, benign_rank=cfg.benign_rank)
@@ -362,7 +363,7 @@ class _Run:
                "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": pred["mose"]["n"],
                "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode, "benign_score_std": spread,
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
-               **({"gate_rows": self._gate_row_report(gate, gate_rows)} if gate_rows is not None else {}),
+               **({"gate_rows": {"tokens": "response", **gate_rows.open_shares(gate)}} if gate_rows is not None else {}),
                "mose": dict(mose.fit_stats or {}),  # JSON-serialisable by contract (fit_mose)
                "delta_prediction_heldout": pred,
                **({"delta_prediction_heldout_by_source": pred_by_source} if pred_by_source else {}),
@@ -381,78 +382,36 @@ class _Run:
                 self.configs += [(name, lam, with_strength(st, lam)) for lam in cfg.strengths_of(name)]
 
     def _response_gate_rows(self, inputs: _Inputs, held: torch.Tensor, queries: torch.Tensor,
-                            h_b: torch.Tensor) -> tuple:
-        """``(target [Nt, d], benign [Nb, d], parts)``: the rows of a gate on response tokens
-        (``gate_tokens="response"``, :class:`EvalConfig`). Target: every token of each distinct
-        rejected response of the fitted pairs (not ``held``). Benign: every token of each distinct
-        chosen response of the fitted pairs (a response that is also rejected for the same prompt
-        counts as rejected only), the fitted pairs' prompts' last tokens (from ``queries`` [P, d],
-        the pairs' query states), the benign prompts' last tokens ``h_b``, and with
-        ``gate_continuations`` N every token of the first N benign prompts' greedy continuations.
-        ``parts`` names each block of rows, the held-out pairs' responses' rows included, for
-        :meth:`_gate_row_report`."""
+                            h_b: torch.Tensor):
+        """The rows of a gate on response tokens (``gate_tokens="response"``;
+        :func:`finesteer.token_gate.response_gate_rows`): the training pairs' responses, the held-out
+        pairs (``held``) as held-out blocks, their prompts' states ``queries`` [N, d], the benign
+        prompts' ``h_b`` and, with ``gate_continuations`` N, every token of the first N benign
+        prompts' greedy continuations."""
+        from ..token_gate import response_gate_rows
+
         cfg = self.cfg
-        prompts, chosen, rejected = inputs.pairs
-        fitted = ~held
-        responses = {}  # (prompt, response) → "rejected"/"chosen" × "fit"/"held", rejected first
-        for side, texts in (("rejected", rejected), ("chosen", chosen)):
-            for i, (p, r) in enumerate(zip(prompts, texts)):
-                responses.setdefault((p, r), (side, "fit" if fitted[i] else "held"))
-        keys = list(responses)
-        states, lengths = extract.response_token_states(
-            self.model, self.tok, [p for p, _ in keys], [r for _, r in keys], [cfg.layer],
-            batch_size=cfg.batch_size, cache_file=self._cache_file("train-pair-tokens"), progress=cfg.progress,
-            module_path=cfg.module_path, prompt_format=self.enc.fmt)
-        blocks = torch.split(states[cfg.layer], lengths.tolist())
-        d = h_b.shape[1]
-
-        def rows(side: str, part: str) -> torch.Tensor:
-            picked = [b for k, b in zip(keys, blocks) if responses[k] == (side, part)]
-            return torch.cat(picked) if picked else h_b.new_zeros(0, d)
-
-        first_of = {}  # each fitted pair prompt's query row, once
-        for i, p in enumerate(prompts):
-            if fitted[i]:
-                first_of.setdefault(p, i)
-        parts = {"rejected_response_tokens": rows("rejected", "fit"), "chosen_response_tokens": rows("chosen", "fit"),
-                 "pair_prompt_last_tokens": queries[list(first_of.values())], "benign_prompt_last_tokens": h_b}
+        conts = None
         if cfg.gate_continuations:
-            parts["benign_continuation_tokens"] = self._prompt_and_continuation_tokens(
-                inputs.benign[:cfg.gate_continuations], "train-benign")[1]
-        held_parts = {"heldout_rejected_response_tokens": rows("rejected", "held"),
-                      "heldout_chosen_response_tokens": rows("chosen", "held")}
-        target = parts["rejected_response_tokens"]
-        if target.shape[0] == 0:
-            raise ValueError("gate_tokens='response': the fitted pairs have no rejected responses of their own "
-                             "(every rejected response is also a chosen one)")
-        benign = torch.cat([v for k, v in parts.items() if k != "rejected_response_tokens"])
-        return target, benign, {**parts, **held_parts}
+            conts = self._prompt_and_continuation_tokens(inputs.benign[:cfg.gate_continuations], "train-benign")[1]
+        return response_gate_rows(self.model, self.tok, cfg.layer, *inputs.pairs, queries, h_b, fitted=~held,
+                                  continuation_states=conts, batch_size=cfg.batch_size,
+                                  cache_file=self._cache_file("train-pair-tokens"), progress=cfg.progress,
+                                  module_path=cfg.module_path, prompt_format=self.enc.fmt)
 
     def _prompt_and_continuation_tokens(self, prompts: List[str], name: str) -> tuple:
         """``(prompt_rows [Np, d], continuation_rows [Nc, d])``: h at every token of ``prompts`` and at
         every token of their unsteered greedy continuations (``continuation_tokens`` long, cached
         under ``name`` like the benign sets' for the KL): the sequences a token-mode steerer reads
-        while the benign KL is measured."""
+        while the benign KL is measured (:func:`finesteer.token_gate.prompt_and_continuation_states`)."""
+        from ..token_gate import prompt_and_continuation_states
+
         cfg = self.cfg
         prompt_ids = self.enc.prompts(prompts)
-        conts = self._continuations(name, prompt_ids)
-        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, conts)]
-        states, lengths = extract.span_token_states(
-            self.model, self.tok, seqs, [(0, len(ids)) for ids in seqs], [cfg.layer], batch_size=cfg.batch_size,
-            cache_file=self._cache_file(f"{name}-tokens"), progress=cfg.progress, module_path=cfg.module_path)
-        blocks = torch.split(states[cfg.layer], lengths.tolist())
-        return (torch.cat([b[:len(p)] for b, p in zip(blocks, prompt_ids)]),
-                torch.cat([b[len(p):] for b, p in zip(blocks, prompt_ids)]))
-
-    @staticmethod
-    def _gate_row_report(gate, parts: Dict[str, torch.Tensor]) -> dict:
-        """Per block of a response-token gate's rows (:meth:`_response_gate_rows`): how many rows and
-        the share on which the gate opens (score above τ); on the held-out pairs' responses
-        that share is measured on rows the gate never saw."""
-        return {"tokens": "response",
-                **{name: {"rows": int(v.shape[0]),
-                          "open_share": metrics.gate_rates(gate.score(v), gate.threshold) if v.shape[0] else None}
-                   for name, v in parts.items()}}
+        return prompt_and_continuation_states(self.model, self.tok, cfg.layer, prompt_ids,
+                                              self._continuations(name, prompt_ids), batch_size=cfg.batch_size,
+                                              cache_file=self._cache_file(f"{name}-tokens"), progress=cfg.progress,
+                                              module_path=cfg.module_path)
 
     def _null_rows(self, h_b: torch.Tensor) -> tuple:
         """``(fit, held)`` query states [n, d] of the ``null_rows`` benign training prompts MoSE learns

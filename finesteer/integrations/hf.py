@@ -13,6 +13,7 @@ states).
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from typing import Mapping, Optional, Sequence, Union
 
@@ -216,6 +217,10 @@ class FusedSteerer:
         steerers = list(steerers)
         if not steerers or not all(isinstance(s, Steerer) for s in steerers):
             raise TypeError("FusedSteerer.attach: steerers must be a Steerer or a non-empty list of Steerers")
+        if mode == "prompt" and any(s.metadata.get("gate_tokens") == "response" for s in steerers):
+            warnings.warn("FusedSteerer.attach: a steerer's gate was fitted on response tokens (gate_tokens="
+                          "'response'), but prompt mode reads it at the last prompt token only; use mode='token'",
+                          stacklevel=2)
         layers = find_decoder_layers(model, module_path)
         cls_name = type(model).__name__
         hidden = model_hidden_size(model)
