@@ -273,9 +273,16 @@ def test_load_and_check_errors(tmp_path):
     junk.write_bytes(b"not a safetensors file")
     arch = ["LlamaForCausalLM"]
 
-    def check(paths, archs=arch, backend="auto"):
-        cfg = fv.parse_config({"finesteer": {"steerers": [str(p) for p in paths], "backend": backend}})
+    response = tmp_path / "response.safetensors"
+    st = random_steerer(D, layer=1)
+    st.metadata["gate_tokens"] = "response"
+    st.save(response)
+
+    def check(paths, archs=arch, backend="auto", mode="token"):
+        cfg = fv.parse_config({"finesteer": {"steerers": [str(p) for p in paths], "backend": backend, "mode": mode}})
         return fv.load_and_check(cfg, archs, D, LAYERS, model_name="model 'tiny'")
+
+    assert check([response])[0].metadata["gate_tokens"] == "response"  # token mode reads every token
 
     (st,) = check([good])
     assert st.layer == 1 and st.hidden_size == D
@@ -288,6 +295,7 @@ def test_load_and_check_errors(tmp_path):
         (([good], ["GPT2LMHeadModel"]), "architecture GPT2LMHeadModel of model 'tiny' is not supported"),
         (([good, good],), "both named 'good' at layer 1"),
         (([good], arch, "nope"), "unknown backend 'nope'"),
+        (([response], arch, "auto", "prompt"), "gate fitted on response tokens .* serve it in mode 'token'"),
     ]
     for args, msg in cases:
         with pytest.raises(fv.FineSteerConfigError, match=msg) as info:

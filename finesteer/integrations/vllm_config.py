@@ -253,7 +253,8 @@ def load_and_check(cfg: VllmSteeringConfig, architectures, hidden_size: int, num
 
     Checks, each failing with one :class:`FineSteerConfigError` line: a supported architecture,
     the artifact exists and is a valid FineSteer file, its hidden size equals the model's, its
-    layer is in ``[0, num_layers)``, names are unique within a layer, and the backend is known.
+    layer is in ``[0, num_layers)``, names are unique within a layer, the backend is known, and a
+    steerer whose gate was fitted on response tokens is served in token mode.
     """
     archs = list(architectures or [])
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
@@ -280,6 +281,10 @@ def load_and_check(cfg: VllmSteeringConfig, architectures, hidden_size: int, num
             raise FineSteerConfigError(f"steerer '{path}' is not usable: {exc}") from None
         except OSError as exc:
             raise FineSteerConfigError(f"steerer file '{path}' is not readable: {exc}") from None
+        if cfg.mode == "prompt" and st.metadata.get("gate_tokens") == "response":
+            raise FineSteerConfigError(f"steerer '{path}' has a gate fitted on response tokens (finesteer fit "
+                                       f"--gate-tokens response), which reads every generated token: serve it in "
+                                       f"mode 'token', not 'prompt'")
         if spec.strength is not None:
             st.strength = spec.strength
         steerers.append(st)
