@@ -5,8 +5,10 @@ are cached under ``cache_dir``, so a rerun skips them):
 
 1. read the inputs; a file that is both fitted on and scored is split by record (seeded);
 2. extract activations at the layer (gate prompts, pair queries and response shifts);
-3. fit the SCS gate and MoSE (MoSE on the pairs minus a held-out part by prompt, which measures
-   how well each method predicts response shifts), build every method (:mod:`.baselines`);
+3. fit the SCS gate (on the target and benign prompts, or with ``gate_tokens="response"`` on the
+   fitted pairs' response tokens: :mod:`finesteer.token_gate`) and MoSE (on the pairs minus a
+   held-out part by prompt, which measures how well each method predicts response shifts), build
+   every method (:mod:`.baselines`);
 4. per evaluation set: gate scores, preference margins, and on benign sets KL / greedy identity over
    the unsteered continuation and reference-answer likelihoods, for every method × strength;
 5. with ``match_targets``: each listed method also at the strengths where it moves the target sets as
