@@ -1082,9 +1082,13 @@ def test_response_token_gate_is_fitted_on_the_pairs_response_tokens(llama, files
     assert on_tokens["scs_mean"]["prompt_tokens"] == pytest.approx(share([h[:len(p)] for h, p in zip(states, ids)]))
     assert on_tokens["scs_mean"]["continuation_tokens"] == pytest.approx(share([h[len(p):] for h, p in zip(states, ids)]))
     assert 0.0 < on_tokens["scs_mean"]["prompt_tokens"] + on_tokens["scs_mean"]["continuation_tokens"]
+    # the table's token-mode column: that share for a gated method, always open for CAA, never unsteered
+    opened_rows = {r["method"]: r["benign_gate_open_tokens"] for r in result.rows}
+    assert opened_rows == {"unsteered": 0.0, "caa": 1.0, "cast": on_tokens["cast"]["continuation_tokens"],
+                           "scs_mean": on_tokens["scs_mean"]["continuation_tokens"]}
     md = write_reports(result, tmp_path / "out") and (tmp_path / "out" / "eval.md").read_text()
     assert "Gate on response tokens" in md and "| rejected response tokens | %d |" % target.shape[0] in md
-    assert "- benign, scs_mean: prompt tokens" in md
+    assert "- benign, scs_mean: prompt tokens" in md and "| benign gate open (continuation tokens) |" in md
 
 
 def _hidden(model, ids):

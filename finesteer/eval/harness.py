@@ -734,6 +734,12 @@ class _Run:
                 opens = [s["gate"][name]["open_rate"] for s in res.sets.values()
                          if s["role"] == role and name in s["gate"]]
                 row[f"{role}_gate_open"] = sum(opens) / len(opens) if opens else (1.0 if name != "unsteered" else 0.0)
+                if role == "benign" and self.cfg.mode == "token":
+                    # token mode: the share of the continuation tokens (where the KL is measured) it opens on
+                    opens = [s["gate_on_tokens"][name]["continuation_tokens"] for s in res.sets.values()
+                             if s["role"] == "benign" and name in s.get("gate_on_tokens", {})]
+                    row["benign_gate_open_tokens"] = (sum(opens) / len(opens) if opens
+                                                      else (1.0 if name != "unsteered" else 0.0))
             if res.truthfulqa is not None:
                 row.update(res.truthfulqa["results"][name][str(lam)])
             rows.append(row)

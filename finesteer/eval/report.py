@@ -34,6 +34,7 @@ COLUMNS = (
     ("benign_kl", "benign KL", "{:.4f}"),
     ("benign_greedy_identical", "benign greedy identical", "{:.1%}"),
     ("benign_gate_open", "benign gate open", "{:.1%}"),
+    ("benign_gate_open_tokens", "benign gate open (continuation tokens)", "{:.1%}"),
     ("mc1", "TQA MC1", "{:.3f}"),
     ("mc2", "TQA MC2", "{:.3f}"),
 )
