@@ -163,6 +163,22 @@ def _mose_option(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_gate_token_arguments(group, whose: str, response_note: str) -> None:
+    """``--gate-tokens`` and ``--gate-continuations``, which ``finesteer fit`` and ``finesteer eval``
+    share (:mod:`finesteer.token_gate`): ``whose`` names the gate, ``response_note`` follows the word
+    "response" in the help."""
+    from .token_gate import GATE_TOKENS
+
+    group.add_argument("--gate-tokens", default="prompt", choices=list(GATE_TOKENS),
+                       help=f"what {whose} is fitted on: prompt, the last token of the --target and --benign "
+                            f"prompts (default); response{response_note}, every token of the pairs' rejected "
+                            f"responses against every token of their chosen ones, their prompts' and the --benign "
+                            f"prompts' last tokens, so it opens where a response heads the rejected way")
+    group.add_argument("--gate-continuations", type=int, default=0, metavar="N",
+                       help="with --gate-tokens response: also keep the gate closed on every token of the model's "
+                            "own greedy continuations of the first N --benign prompts (default: 0)")
+
+
 def add_mose_arguments(group, null_rows_help: str) -> None:
     """The MoSE fit options ``finesteer fit`` and ``finesteer eval`` share (read by :func:`mose_options`)."""
     from .fit.mose import CLUSTER_ON, INITS, SHRINKS, STOPPINGS
@@ -232,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser(
         "fit", help="extract activations, fit the SCS gate and MoSE, save a steerer artifact",
         description="Extract activations of --model at --layer (h after decoder block L), fit the SCS gate on "
-                    "--target vs --benign prompts and the MoSE on the --pairs preference triples, and save "
+                    "--target vs --benign prompts (or, with --gate-tokens response, on the pairs' response tokens) "
+                    "and the MoSE on the --pairs preference triples, and save "
                     "one .safetensors steerer. Prints the gate's calibration report and the MoSE fit statistics. "
                     "Empty prompts or responses are refused; inputs longer than the model's context are refused "
                     "too (never truncated: truncation would move the measured token), or dropped and counted "
@@ -276,15 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard: steer when score > τ; soft: sigmoid((score−τ)/temperature); off: always "
                         "(default: hard)")
     s.add_argument("--temperature", type=float, default=0.05, help="soft-gate temperature (default: 0.05)")
-    s.add_argument("--gate-tokens", default="prompt", choices=["prompt", "response"],
-                   help="what the gate is fitted on: prompt, the last token of the --target and --benign prompts "
-                        "(default); response, every token of the pairs' rejected responses against every token "
-                        "of their chosen ones, their prompts' and the --benign prompts' last tokens: a gate that "
-                        "opens where a response heads the rejected way, for token mode (finesteer generate "
-                        "--mode token); the artifact records it")
-    s.add_argument("--gate-continuations", type=int, default=0, metavar="N",
-                   help="with --gate-tokens response: also keep the gate closed on every token of the model's own "
-                        "greedy continuations of the first N --benign prompts (default: 0)")
+    add_gate_token_arguments(s, "the gate", " (read in token mode: finesteer generate --mode token; the artifact "
+                                            "records it)")
     s.add_argument("--continuation-tokens", type=int, default=16, metavar="N",
                    help="length of those continuations in tokens (default: 16)")
     m = fit.add_argument_group("MoSE")

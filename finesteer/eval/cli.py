@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import add_mose_arguments, mose_options
+from ..cli import add_gate_token_arguments, add_mose_arguments, mose_options
 from ..fit.scs import METHODS as SCS_METHODS
 from .baselines import METHODS
 from .config import TOWARD
@@ -210,15 +210,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--gate-temperature", type=float, default=0.5,
                    help="soft gate T in units of the std of the gate's scores on the benign training prompts "
                         "(default: 0.5)")
-    f.add_argument("--gate-tokens", default="prompt", choices=["prompt", "response"],
-                   help="what the gate of scs_mean and finesteer is fitted on: prompt, the last token of the "
-                        "--target and --benign prompts (default); response (needs --mode token), every token "
-                        "of the training pairs' rejected responses against every token of their chosen ones, "
-                        "their prompts' and the --benign prompts' last tokens, so the gate opens where a "
-                        "response heads the rejected way")
-    f.add_argument("--gate-continuations", type=int, default=0, metavar="N",
-                   help="with --gate-tokens response: also keep the gate closed on every token of the "
-                        "unsteered greedy continuations of the first N --benign prompts (default: 0)")
+    add_gate_token_arguments(f, "the gate of scs_mean and finesteer", " (needs --mode token; the held-out pairs "
+                                                                     "stay out of it)")
     add_mose_arguments(f, null_rows_help="add N of the gate's benign training prompts to MoSE's training data "
                        "with a zero response shift, so the experts also learn how much to steer: the vector "
                        "shrinks on queries that resemble benign prompts more than targets (the mean vector of "
