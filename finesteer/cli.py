@@ -490,7 +490,7 @@ def _check_gate_tokens(args) -> None:
 def _response_gate_rows(args, model, tok, fmt, pairs, queries, h_b, benign, common):
     """The rows of ``--gate-tokens response`` (:func:`finesteer.token_gate.response_gate_rows`), with the
     model's own greedy continuations of the first ``--gate-continuations`` benign prompts."""
-    from .extract import encode_prompts
+    from .extract import encode_prompts, pad_token_id
     from .token_gate import prompt_and_continuation_states, response_gate_rows
 
     conts = None
@@ -498,8 +498,7 @@ def _response_gate_rows(args, model, tok, fmt, pairs, queries, h_b, benign, comm
         from .eval.scoring import greedy_continuations
 
         ids = encode_prompts(tok, benign[:args.gate_continuations], prompt_format=fmt)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        generated = greedy_continuations(model, ids, args.continuation_tokens, pad_id, tok.eos_token_id,
+        generated = greedy_continuations(model, ids, args.continuation_tokens, pad_token_id(tok), tok.eos_token_id,
                                          args.batch_size, _progress(args))
         conts = prompt_and_continuation_states(model, tok, args.layer, ids, generated, batch_size=args.batch_size,
                                                cache_file=_cache(args, "benign-continuation-tokens"),

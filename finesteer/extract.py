@@ -47,7 +47,7 @@ import torch
 from .models import find_decoder_layers, full_forward_kwargs, model_context_length, model_device, model_hidden_size
 
 __all__ = ["PLAIN_TEMPLATE", "PROMPT_FORMATS", "ChatTemplateError", "encode_prompts", "format_prompt",
-           "last_token_states", "long_rows", "pad_batch", "resolve_prompt_format", "response_deltas",
+           "last_token_states", "long_rows", "pad_batch", "pad_token_id", "resolve_prompt_format", "response_deltas",
            "response_token_states", "span_token_states"]
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,14 @@ class _Stop(Exception):
     """Raised from the hook of the deepest requested layer: later blocks need not run."""
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id padding is filled with: the tokenizer's pad token, else its EOS token, else 0 (the
+    attention mask hides padding, so any id will do where the tokenizer has neither)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device):
     """Pad token-id lists into one batch → ``(input_ids, attention_mask, position_ids, offsets)``.
 
@@ -320,9 +328,7 @@ def _run_batches(model, tokenizer, seqs: list, layers: list, batch_size: int, re
     side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     device = model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     results: dict = {layer: [None] * len(seqs) for layer in layers}

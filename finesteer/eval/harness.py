@@ -229,7 +229,7 @@ class _Encoder:
     def __init__(self, model, tokenizer, prompt_format: Optional[str]):
         self.tok = tokenizer
         self.fmt = extract.resolve_prompt_format(tokenizer, prompt_format)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = extract.pad_token_id(tokenizer)
         self.context = model_context_length(model)
 
     def prompts(self, prompts: List[str]) -> list:
@@ -466,8 +466,12 @@ class _Run:
         open rate (:meth:`gate_scores`) reads the last prompt token only; a token-mode gate acts on
         every token."""
         prompt_rows, cont_rows = self._prompt_and_continuation_tokens(ps.prompts, f"eval-{ps.name}")
-        return {name: {"prompt_tokens": metrics.gate_rates(st.gate.score(prompt_rows), st.gate.threshold),
-                       "continuation_tokens": metrics.gate_rates(st.gate.score(cont_rows), st.gate.threshold)}
+        return self._open_shares({"prompt_tokens": prompt_rows, "continuation_tokens": cont_rows})
+
+    def _open_shares(self, rows: Dict[str, torch.Tensor]) -> dict:
+        """``{method: {kind: share}}``: for each gated method, the share of the states ``rows[kind]``
+        [n, d] on which its gate opens (score above τ)."""
+        return {name: {kind: metrics.gate_rates(st.gate.score(r), st.gate.threshold) for kind, r in rows.items()}
                 for name, st in self.methods.items() if st is not None and st.gate is not None}
 
     def margins(self, ps: PromptSet, configs: list) -> tuple:
@@ -689,9 +693,8 @@ class _Run:
             cache_file=self._cache_file("eval-truthfulqa-answer-tokens"), progress=cfg.progress,
             module_path=cfg.module_path, prompt_format=self.enc.fmt)
         n_incorrect = int(lengths[:len(texts["incorrect"])].sum())
-        rows = {"incorrect": states[cfg.layer][:n_incorrect], "correct": states[cfg.layer][n_incorrect:]}
-        return {name: {kind: metrics.gate_rates(st.gate.score(r), st.gate.threshold) for kind, r in rows.items()}
-                for name, st in self.methods.items() if st is not None and st.gate is not None}
+        return self._open_shares({"incorrect": states[cfg.layer][:n_incorrect],
+                                  "correct": states[cfg.layer][n_incorrect:]})
 
     def generation(self, sets: List[PromptSet]) -> dict:
         from ..generation import generate_ids
