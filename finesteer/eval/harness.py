@@ -365,7 +365,8 @@ class _Run:
                "n_pairs_heldout": int(held.sum()), "n_prompts_heldout": pred["mose"]["n"],
                "gate": {**gate.report.to_dict(), "mode": cfg.gate_mode, "benign_score_std": spread,
                         **({"temperature": temperature} if cfg.gate_mode == "soft" else {})},
-               **({"gate_rows": {"tokens": "response", **gate_rows.open_shares(gate)}} if gate_rows is not None else {}),
+               **({"gate_rows": {"tokens": "response", **gate_rows.open_shares(gate)}}
+                  if gate_rows is not None else {}),
                "mose": dict(mose.fit_stats or {}),  # JSON-serialisable by contract (fit_mose)
                "delta_prediction_heldout": pred,
                **({"delta_prediction_heldout_by_source": pred_by_source} if pred_by_source else {}),
