@@ -1,4 +1,5 @@
-"""TruthfulQA steered in token mode by a gate fitted on answer tokens (a study; not in `finesteer eval`).
+"""TruthfulQA steered in token mode by a gate fitted on answer tokens (a study; the gate is now also
+``finesteer eval --gate-tokens response``, run by ``bench_quality.py --task truthfulness_tokens``).
 
 In prompt mode the steerer reads only the question, and the oracle study
 (``truthfulqa_oracle.py``) found that the question's state predicts next to nothing of the
