@@ -579,7 +579,7 @@ def cmd_calibrate(args) -> int:
     if steerer.gate is None:
         raise CLIError(f"--steerer {args.steerer}: the artifact has no gate (fitted with the gate off), so it has "
                        f"no threshold to calibrate")
-    if steerer.metadata.get("gate_tokens") == "response":
+    if steerer.reads_response_tokens:
         raise CLIError(f"--steerer {args.steerer}: its gate was fitted on response tokens (--gate-tokens response); "
                        f"calibrating it on prompts would set τ on rows it never reads: refit it with finesteer fit "
                        f"--max-benign-fpr instead")
@@ -667,7 +667,7 @@ def cmd_generate(args) -> int:
         check_output_path(args.output, "-o/--output")
     prompts = _load_inputs(args)
     steerer = Steerer.load(args.steerer)  # validates the file before the (slow) model load
-    if steerer.metadata.get("gate_tokens") == "response" and args.mode != "token":
+    if steerer.reads_response_tokens and args.mode != "token":
         raise CLIError(f"--steerer {args.steerer}: its gate was fitted on response tokens (--gate-tokens response) "
                        f"and reads each generated token: generate with --mode token")
     if args.layer is not None and steerer.layer != args.layer:

@@ -79,6 +79,13 @@ class Steerer:
     def hidden_size(self) -> int:
         return self.mose.hidden_size
 
+    @property
+    def reads_response_tokens(self) -> bool:
+        """Whether the gate was fitted on response tokens (``finesteer fit --gate-tokens response``,
+        recorded in the metadata as ``gate_tokens``): such a gate belongs in token mode, which reads
+        every generated token, not in prompt mode, which reads the last prompt token only."""
+        return self.metadata.get("gate_tokens") == "response"
+
     def score(self, h: torch.Tensor) -> torch.Tensor:
         """SCS score of every row of ``h`` [..., d] → fp32 [...] (ones when there is no gate)."""
         if self.gate is None:

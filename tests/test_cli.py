@@ -496,7 +496,8 @@ def test_fit_gate_on_response_tokens_serves_in_token_mode(work, tmp_path, capsys
     text = capsys.readouterr().out
     assert "gate rows (response tokens): rejected response tokens" in text and "benign continuation tokens" in text
     steerer = Steerer.load(out)
-    assert steerer.metadata["gate_tokens"] == "response"
+    assert steerer.metadata["gate_tokens"] == "response" and steerer.reads_response_tokens
+    assert not Steerer.load(work[2]).reads_response_tokens
     assert steerer.metadata["gate_continuations"] == {"prompts": 5, "tokens": 3}
     # the gate's rows: every token of the distinct rejected responses; then every token of the chosen
     # ones, each pair prompt's last token, the benign prompts' last tokens, 5 continuations' tokens

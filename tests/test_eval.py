@@ -1018,6 +1018,7 @@ def test_response_token_gate_is_fitted_on_the_pairs_response_tokens(llama, files
     CAST-style keeps its prompt condition."""
     import finesteer.fit as fit_pkg
     from finesteer import extract
+    from finesteer.eval.data import disjoint_split
     from finesteer.eval.harness import _Inputs
 
     seen, gates = [], []
@@ -1042,8 +1043,8 @@ def test_response_token_gate_is_fitted_on_the_pairs_response_tokens(llama, files
 
     inputs = _Inputs(cfg)
     prompts, chosen, rejected = inputs.pairs
-    held = set(sorted(set(prompts))[i] for i in __import__("finesteer.eval.data", fromlist=["x"])
-               .disjoint_split(len(set(prompts)), 1 - cfg.holdout_fraction, cfg.seed + 1)[1])
+    held = {sorted(set(prompts))[i]
+            for i in disjoint_split(len(set(prompts)), 1 - cfg.holdout_fraction, cfg.seed + 1)[1]}
     fitted = [i for i, p in enumerate(prompts) if p not in held]
     assert held and fitted
     rej = list(dict.fromkeys((prompts[i], rejected[i]) for i in fitted))

@@ -217,7 +217,7 @@ class FusedSteerer:
         steerers = list(steerers)
         if not steerers or not all(isinstance(s, Steerer) for s in steerers):
             raise TypeError("FusedSteerer.attach: steerers must be a Steerer or a non-empty list of Steerers")
-        if mode == "prompt" and any(s.metadata.get("gate_tokens") == "response" for s in steerers):
+        if mode == "prompt" and any(s.reads_response_tokens for s in steerers):
             warnings.warn("FusedSteerer.attach: a steerer's gate was fitted on response tokens (gate_tokens="
                           "'response'), but prompt mode reads it at the last prompt token only; use mode='token'",
                           stacklevel=2)

@@ -281,7 +281,7 @@ def load_and_check(cfg: VllmSteeringConfig, architectures, hidden_size: int, num
             raise FineSteerConfigError(f"steerer '{path}' is not usable: {exc}") from None
         except OSError as exc:
             raise FineSteerConfigError(f"steerer file '{path}' is not readable: {exc}") from None
-        if cfg.mode == "prompt" and st.metadata.get("gate_tokens") == "response":
+        if cfg.mode == "prompt" and st.reads_response_tokens:
             raise FineSteerConfigError(f"steerer '{path}' has a gate fitted on response tokens (finesteer fit "
                                        f"--gate-tokens response), which reads every generated token: serve it in "
                                        f"mode 'token', not 'prompt'")
